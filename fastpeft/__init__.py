@@ -1,0 +1,19 @@
+"""fastpeft: fused kernels for parameter-efficient fine-tuning.
+
+    import fastpeft
+    from fastpeft.nn import LoRALinear
+    layer = LoRALinear.from_linear(torch.nn.Linear(4096, 4096), r=16, lora_alpha=32)
+    fastpeft.ops.lora_linear(x, W, bias, A, B, scaling)
+    with fastpeft.use_backend("torch"): ...   # force the pure-PyTorch reference
+
+See :mod:`fastpeft.backends` for the backends and how one is chosen.
+"""
+
+__version__ = "0.1.0"
+
+from . import backends, nn, ops
+from .backends import BackendUnavailable, use_backend
+
+ops._registry.load_cpp_faces()
+
+__all__ = ["ops", "nn", "backends", "use_backend", "BackendUnavailable", "__version__"]

@@ -1,0 +1,12 @@
+"""Functional ops of fastpeft; each is also a registered ``torch.ops.fastpeft.*`` operator.
+
+The op objects (``lora_linear_fwd``...) are the single dispatch point: calling one validates its
+inputs and runs the best usable face (see :mod:`fastpeft.backends`).
+"""
+
+from . import _registry
+from .lora_linear import lora_linear, lora_linear_bwd, lora_linear_fwd
+
+all_ops = _registry.all_ops
+
+__all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "all_ops"]

@@ -1,0 +1,222 @@
+"""Fused LoRA linear: ``y = x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
+
+Faces (one op, one place):
+  reference   this file (``lora_linear_fwd_reference`` / ``lora_linear_bwd_reference``)
+  triton      ``kernels/lora_linear.py``
+  cpu         ``csrc/cpu/lora_linear.cpp``
+  cuda        ``csrc/cuda/lora_linear.cu``
+
+Two registered ops carry the work, both on 2-D inputs (the public function flattens leading dims):
+
+``lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, x_lora) -> (y, s)``
+    x ``[M, K]``, weight ``[N, K]`` (frozen), bias ``[N]`` or None, lora_a ``[r, K]``,
+    lora_b ``[N, r]``, x_lora ``[M, K]`` (x after dropout) or None meaning x itself.
+    Returns y ``[M, N]`` and s = x_lora·Aᵀ ``[M, r]`` (kept for the backward).
+
+``lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora) -> (grad_x, grad_x_lora, grad_a, grad_b)``
+    With x_lora None: grad_x = dy·W + scaling·(dy·B)·A in one fused GEMM and grad_x_lora is empty.
+    With x_lora given (dropout on): grad_x = dy·W and grad_x_lora = scaling·(dy·B)·A; autograd then
+    takes grad_x_lora back through the dropout mask that ``F.dropout`` stored, so it is never wrong.
+    grad_a = scaling·(dy·B)ᵀ·x_lora ``[r, K]``, grad_b = scaling·dyᵀ·s ``[N, r]``. No grad for W.
+
+All tensors share one dtype (float32, float16 or bfloat16) and one device; ``scaling`` is a float.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from . import _registry
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _shape(t):
+    return list(t.shape)
+
+
+def check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora=None, op="lora_linear"):
+    """Validate a LoRA linear call; raises ValueError/TypeError naming the problem.
+
+    Uses ``torch._check*`` so the same checks run on fake tensors under torch.compile.
+    """
+    named = [("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
+    if bias is not None:
+        named.append(("bias", bias))
+    if x_lora is not None:
+        named.append(("x_lora", x_lora))
+    for n, t in named:
+        torch._check_type(isinstance(t, torch.Tensor), lambda n=n, t=t: f"{op}: {n} must be a Tensor, got {type(t).__name__}")
+    torch._check_type(x.dtype in SUPPORTED_DTYPES,
+                      lambda: f"{op}: x has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
+    for n, t in named[1:]:
+        torch._check_type(t.dtype == x.dtype, lambda n=n, t=t: f"{op}: {n} has dtype {t.dtype} but x has {x.dtype}; "
+                          "all tensors must share one dtype (cast the adapter or the input)")
+    for n, t in named[1:]:
+        torch._check_value(t.device == x.device, lambda n=n, t=t: f"{op}: {n} is on {t.device} but x is on {x.device}; "
+                           "all tensors must be on one device")
+    torch._check_value(x.dim() == 2, lambda: f"{op}: x must be 2-D [tokens, in_features] at the op level; got shape {_shape(x)}")
+    torch._check_value(weight.dim() == 2, lambda: f"{op}: weight must be 2-D [out_features, in_features]; got {_shape(weight)}")
+    M, K = x.shape
+    N = weight.shape[0]
+    torch._check_value(weight.shape[1] == K, lambda: f"{op}: x has {K} features but weight is {_shape(weight)} "
+                       f"(expected [out_features, {K}])")
+    torch._check_value(lora_a.dim() == 2 and lora_a.shape[1] == K,
+                       lambda: f"{op}: lora_a must be [r, in_features] = [r, {K}]; got {_shape(lora_a)}")
+    r = lora_a.shape[0]
+    torch._check_value(r >= 1, lambda: f"{op}: LoRA rank r must be >= 1; lora_a has shape {_shape(lora_a)} (r = 0)")
+    torch._check_value(lora_b.dim() == 2 and lora_b.shape[0] == N and lora_b.shape[1] == r,
+                       lambda: f"{op}: lora_b must be [out_features, r] = [{N}, {r}]; got {_shape(lora_b)}")
+    if bias is not None:
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == N,
+                           lambda: f"{op}: bias must be [out_features] = [{N}]; got {_shape(bias)}")
+    torch._check_value(x.stride(1) == 1, lambda: f"{op}: x must be contiguous in its last dimension; got strides "
+                       f"{list(x.stride())} (call .contiguous())")
+    if x_lora is not None:
+        torch._check_value(x_lora.shape == x.shape, lambda: f"{op}: x_lora must have x's shape {_shape(x)}; got {_shape(x_lora)}")
+        torch._check_value(x_lora.stride(1) == 1, lambda: f"{op}: x_lora must be contiguous in its last dimension")
+
+
+# ---------------------------------------------------------------- forward
+
+def _check_fwd(x, weight, bias, lora_a, lora_b, scaling, x_lora=None):
+    check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora, op="lora_linear_fwd")
+
+
+def _fake_fwd(x, weight, bias, lora_a, lora_b, scaling, x_lora=None):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+def lora_linear_fwd_reference(x, weight, bias, lora_a, lora_b, scaling, x_lora=None):
+    """The definition: PEFT's unfused sequence, in the inputs' dtype."""
+    s = F.linear(x if x_lora is None else x_lora, lora_a)
+    y = F.linear(x, weight, bias) + scaling * F.linear(s, lora_b)
+    return y, s
+
+
+def _choose_fwd(device, x, *args):
+    if device.type == "cuda":
+        # The CUDA face is a fused GEMV for decode; prefill-sized M goes to the fused Triton GEMM.
+        return ("cuda", "triton", "torch") if x.shape[0] <= 16 else ("triton", "cuda", "torch")
+    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
+
+
+lora_linear_fwd = _registry.define(
+    "lora_linear_fwd",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor? x_lora=None)"
+    " -> (Tensor, Tensor)",
+    check=_check_fwd, fake=_fake_fwd, reference=lora_linear_fwd_reference, choose=_choose_fwd)
+
+
+# ---------------------------------------------------------------- backward
+
+def _check_bwd(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora=None):
+    check_lora_linear_args(x, weight, None, lora_a, lora_b, x_lora, op="lora_linear_bwd")
+    M, N, r = x.shape[0], weight.shape[0], lora_a.shape[0]
+    torch._check_value(grad_y.shape == (M, N), lambda: f"lora_linear_bwd: grad_y must be [{M}, {N}]; got {_shape(grad_y)}")
+    torch._check_value(s.shape == (M, r), lambda: f"lora_linear_bwd: s must be [{M}, {r}]; got {_shape(s)}")
+    for n, t in (("grad_y", grad_y), ("s", s)):
+        torch._check_type(t.dtype == x.dtype, lambda n=n, t=t: f"lora_linear_bwd: {n} has dtype {t.dtype}, x has {x.dtype}")
+        torch._check_value(t.device == x.device, lambda n=n, t=t: f"lora_linear_bwd: {n} is on {t.device}, x on {x.device}")
+        torch._check_value(t.stride(1) == 1, lambda n=n: f"lora_linear_bwd: {n} must be contiguous in its last dimension")
+
+
+def _fake_bwd(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora=None):
+    grad_x_lora = x.new_empty(0) if x_lora is None else torch.empty_like(x)
+    return torch.empty_like(x), grad_x_lora, torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def lora_linear_bwd_reference(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora=None):
+    t = grad_y @ lora_b                       # [M, r]
+    grad_lora_in = scaling * (t @ lora_a)     # [M, K]: what reaches x through the LoRA branch
+    grad_x = grad_y @ weight
+    if x_lora is None:
+        grad_x = grad_x + grad_lora_in
+        grad_x_lora = x.new_empty(0)
+    else:
+        grad_x_lora = grad_lora_in
+    grad_a = scaling * (t.t() @ (x if x_lora is None else x_lora))
+    grad_b = scaling * (grad_y.t() @ s)
+    return grad_x, grad_x_lora, grad_a, grad_b
+
+
+lora_linear_bwd = _registry.define(
+    "lora_linear_bwd",
+    "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor s, float scaling, Tensor? x_lora=None)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    check=_check_bwd, fake=_fake_bwd, reference=lora_linear_bwd_reference)
+
+
+# ---------------------------------------------------------------- Triton face
+
+def _register_triton_faces():
+    try:
+        from ..kernels import lora_linear as triton_lora
+    except ImportError:  # no triton: the package still works on its other faces
+        return
+    lora_linear_fwd.register_triton(triton_lora.lora_linear_fwd)
+    lora_linear_bwd.register_triton(triton_lora.lora_linear_bwd)
+
+
+_register_triton_faces()
+
+
+# ---------------------------------------------------------------- autograd and public entry
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd around the two ops; W (and bias) get gradients only if they require them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, x_lora):
+        y, s = lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, x_lora)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, s, x_lora)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_a, lora_b, s, x_lora = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_x, grad_x_lora, grad_a, grad_b = lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, x_lora)
+        need = ctx.needs_input_grad
+        grad_w = grad_y.t() @ x if need[1] else None           # only when W is not frozen
+        grad_bias = grad_y.sum(0) if need[2] else None
+        return (grad_x if need[0] else None, grad_w, grad_bias, grad_a if need[3] else None,
+                grad_b if need[4] else None, None, grad_x_lora if x_lora is not None else None)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """``x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ`` on the fastest face available, with autograd.
+
+    Args:
+        x: ``[..., in_features]``, contiguous in its last dimension; float32, float16 or bfloat16.
+        weight: ``[out_features, in_features]`` base weight (any strides; usually frozen).
+        bias: ``[out_features]`` or None.
+        lora_a: ``[r, in_features]``; lora_b: ``[out_features, r]``; r >= 1.
+        scaling: the LoRA scale (``lora_alpha / r``, or ``/ sqrt(r)`` for rsLoRA).
+        dropout_p: dropout on the LoRA branch's input; applied only when > 0.
+    Returns:
+        ``[..., out_features]`` in x's dtype.
+    """
+    if not torch.compiler.is_compiling():  # compiled: the op's fake kernel checks instead
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"lora_linear: x must be a Tensor, got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError("lora_linear: x must have at least one dimension")
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"lora_linear: dropout_p must be in [0, 1); got {dropout_p}")
+        if x.stride(-1) != 1 and x.shape[-1] != 1:
+            raise ValueError(f"lora_linear: x must be contiguous in its last dimension; got strides {list(x.stride())}"
+                             " (call .contiguous())")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    x_lora = F.dropout(x2, dropout_p, training=True) if dropout_p > 0 else None
+    y = LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scaling), x_lora)
+    return y.reshape(*lead, weight.shape[0])
+
+
+__all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "lora_linear_fwd_reference",
+           "lora_linear_bwd_reference", "check_lora_linear_args", "LoRALinearFunction", "backends"]

@@ -1,0 +1,269 @@
+"""Triton face of ``lora_linear``: a shrink GEMM and a GEMM whose accumulator also takes the LoRA delta.
+
+Forward, for x ``[M, K]``, W ``[N, K]``, A ``[r, K]``, B ``[N, r]``:
+  1. ``s = x_lora·Aᵀ`` (``_shrink_kernel``; [M, r] is small: r ≤ 128 in practice);
+  2. ``y = x·Wᵀ + bias + (scaling·s)·Bᵀ`` (``_fused_matmul_kernel``): the main K loop accumulates x·Wᵀ
+     and then the same fp32 accumulator takes ``tl.dot(scaling·s, Bᵀ)``, so y is written once and
+     x and W are read once. No ``W + ΔW`` is ever formed.
+
+Backward reuses both kernels through transposed views (no kernel is written twice):
+  ``t = dy·B`` is the shrink of dy by Bᵀ; ``dx = dy·W + (scaling·t)·A`` is the fused GEMM with
+  W → Wᵀ and B → Aᵀ. ``dA = scaling·tᵀ·x_lora`` and ``dB = scaling·dyᵀ·s`` are skinny GEMMs
+  (r rows or columns, reduced over M) left to ``torch.mm``: cuBLAS splits their long reduction
+  across SMs, which a plain tiled Triton GEMM with a grid of ⌈r/BLOCK⌉ tiles cannot.
+
+Kernels take arbitrary strides, so transposed views and Conv1D-style weights cost no copy.
+Matmul tiles come from a fixed table (``_matmul_config``) rather than autotuning, so every
+configuration launched is known ahead of time (CI compiles them all) and no call pays for tuning.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr):
+    """``acc + a·b``. BF16_VIA_FP32 is set only under the CPU interpreter, whose bf16 ``tl.dot``
+    returns garbage (Triton 3.8: values ~1e10 for O(1) inputs). Upcasting is exact (a product of
+    two bf16 values fits in fp32), so the interpreter computes what the GPU's bf16 MMA computes."""
+    if BF16_VIA_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, s_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
+):
+    """s[M, R] = x[M, K] · a[R, K]ᵀ, fp32 accumulation; grid (⌈M/BLOCK_M⌉, ⌈R/BLOCK_R⌉)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + k[:, None] * stride_ak,
+                      mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = _dot(x, a_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+    tl.store(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr,
+             acc.to(s_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _fused_matmul_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, R, scaling,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
+):
+    """y[M, N] = x[M, K]·w[N, K]ᵀ + bias[N] + (scaling·s[M, R])·b[N, R]ᵀ in one fp32 accumulator."""
+    # Grouped tile order: GROUP_M row-tiles share each column strip of w while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        x = tl.load(x_rows + k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_t = tl.load(w_cols + k[:, None] * stride_wk, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = _dot(x, w_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+
+    if HAS_LORA:
+        # The LoRA delta joins the same accumulator: scaling is folded into the small s tile
+        # (one extra rounding of an [M, r] value, as PEFT's own `delta * scaling` has).
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + offs_r
+            r_mask = r < R
+            s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :] * stride_sr,
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            s = (s.to(tl.float32) * scaling).to(x_ptr.dtype.element_ty)
+            b_t = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + r[:, None] * stride_br,
+                          mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+            acc = _dot(s, b_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ---------------------------------------------------------------- launch configuration
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Half precision tiles follow the Triton
+# matmul tutorial's best Hopper/Ampere entries; not yet re-measured on our kernels (no GPU in the
+# session that wrote them: see benchmarks/results/ for the first measured run).
+_MATMUL_TILES = {
+    "small_m": (32, 128, 64, 4, 4),    # M <= 64: decode and short prompts
+    "large": (128, 256, 64, 8, 3),     # 147 KiB of shared memory in 3 stages: fits sm_80 and sm_90
+    "fp32": (64, 128, 32, 4, 3),
+    "interpret": (32, 32, 32, 4, 1),   # the CPU interpreter: small tiles keep tests fast, ragged edges hit
+}
+_SHRINK_TILES = {"gpu": (64, 128), "interpret": (32, 32)}  # (BLOCK_M, BLOCK_K)
+_BLOCK_R_CHOICES = (16, 32, 64)  # tl.dot needs >= 16; ranks above 64 loop over 64-wide chunks
+GROUP_M = 8
+
+
+def _matmul_tile(M: int, dtype: torch.dtype) -> str:
+    if _interpreting():
+        return "interpret"
+    if dtype == torch.float32:
+        return "fp32"
+    return "small_m" if M <= 64 else "large"
+
+
+def _block_r(R: int) -> int:
+    return min(max(16, triton.next_power_of_2(R)), _BLOCK_R_CHOICES[-1])
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own switch: full-precision products unless the user allowed TF32.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _bf16_via_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and _interpreting()
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x[M, K] · a[R, K]ᵀ`` → ``[M, R]`` in x's dtype (any strides)."""
+    M, K = x.shape
+    R = a.shape[0]
+    s = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    block_m, block_k = _SHRINK_TILES["interpret" if _interpreting() else "gpu"]
+    block_r = _block_r(R)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
+    wrap_triton(_shrink_kernel)[grid](
+        x, a, s, M, K, R,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, INPUT_PRECISION=_input_precision(x.dtype),
+        BF16_VIA_FP32=_bf16_via_fp32(x.dtype),
+        num_warps=4,
+    )
+    return s
+
+
+def fused_matmul(x, w, bias, s, b, scaling: float) -> torch.Tensor:
+    """``x[M, K]·w[N, K]ᵀ + bias[N] + (scaling·s[M, R])·b[N, R]ᵀ`` → ``[M, N]``; s/b None: no delta."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    has_lora = s is not None
+    R = s.shape[1] if has_lora else 0
+    block_m, block_n, block_k, warps, stages = _MATMUL_TILES[_matmul_tile(M, x.dtype)]
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    # Unused pointer arguments get y, a valid tensor of the right dtype, never dereferenced.
+    s_, b_ = (s, b) if has_lora else (y, y)
+    wrap_triton(_fused_matmul_kernel)[grid](
+        x, w, y if bias is None else bias, s_, b_, y,
+        M, N, K, R, scaling,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        s_.stride(0), s_.stride(1), b_.stride(0), b_.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(R), GROUP_M=GROUP_M,
+        INPUT_PRECISION=_input_precision(x.dtype), BF16_VIA_FP32=_bf16_via_fp32(x.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+# ---------------------------------------------------------------- the op's Triton face
+
+def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scaling: float,
+                    x_lora: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton face of ``fastpeft::lora_linear_fwd`` (shapes and dtypes: fastpeft/ops/lora_linear.py)."""
+    s = shrink(x if x_lora is None else x_lora, lora_a)
+    return fused_matmul(x, weight, bias, s, lora_b, scaling), s
+
+
+def lora_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, s: torch.Tensor, scaling: float, x_lora: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton face of ``fastpeft::lora_linear_bwd``."""
+    t = shrink(grad_y, lora_b.t())                                   # dy·B: [M, r]
+    if x_lora is None:
+        grad_x = fused_matmul(grad_y, weight.t(), None, t, lora_a.t(), scaling)   # dy·W + scaling·t·A
+        grad_x_lora = x.new_empty(0)
+    else:  # dropout: the two branches reach x through different paths
+        grad_x = fused_matmul(grad_y, weight.t(), None, None, None, 0.0)
+        grad_x_lora = torch.mm(t, lora_a).mul_(scaling)
+    ts = t.t() * scaling
+    grad_a = torch.mm(ts, x if x_lora is None else x_lora)
+    grad_b = torch.mm(grad_y.t(), s).mul_(scaling)
+    return grad_x, grad_x_lora, grad_a, grad_b
+
+
+# ---------------------------------------------------------------- ahead-of-time compile list
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def aot_configs():
+    """Yield (kernel, signature, constexprs, options) for every launch configuration above."""
+    for tname, dtype in _DTYPES.items():
+        ptr = f"*{tname}"
+        prec = ["ieee", "tf32"] if dtype == torch.float32 else ["tf32"]
+        for precision in prec:
+            for block_r in _BLOCK_R_CHOICES:
+                sig = {"x_ptr": ptr, "a_ptr": ptr, "s_ptr": ptr, "M": "i32", "K": "i32", "R": "i32",
+                       **{f: "i32" for f in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_sm", "stride_sr")}}
+                bm, bk = _SHRINK_TILES["gpu"]
+                yield _shrink_kernel, sig, dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, INPUT_PRECISION=precision,
+                                                  BF16_VIA_FP32=False), \
+                    dict(num_warps=4, num_stages=3)
+            tiles = ["fp32"] if dtype == torch.float32 else ["small_m", "large"]
+            for tile in tiles:
+                bm, bn, bk, warps, stages = _MATMUL_TILES[tile]
+                for has_bias in (False, True):
+                    for has_lora in (False, True):
+                        for block_r in (_BLOCK_R_CHOICES if has_lora else (16,)):
+                            sig = {"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "s_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
+                                   "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scaling": "fp32",
+                                   **{f: "i32" for f in ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_sm",
+                                                         "stride_sr", "stride_bn", "stride_br", "stride_ym", "stride_yn")}}
+                            yield _fused_matmul_kernel, sig, dict(
+                                HAS_BIAS=has_bias, HAS_LORA=has_lora, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                BLOCK_R=block_r, GROUP_M=GROUP_M, INPUT_PRECISION=precision, BF16_VIA_FP32=False), \
+                                dict(num_warps=warps, num_stages=stages)
