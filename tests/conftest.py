@@ -1,0 +1,72 @@
+"""Test set-up: devices, faces, and the dtype-keyed tolerance table.
+
+Without a GPU the Triton kernels run through Triton's CPU interpreter: TRITON_INTERPRET must be set
+before triton is first imported (``@triton.jit`` reads it at decoration), hence here, at the top.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastpeft  # noqa: E402
+from fastpeft import backends  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (rtol, atol) against the reference, atol relative to the largest magnitude of the expected
+# tensor (rounding error grows with it). fp32 allows TF32-free accumulation-order differences;
+# half types allow a few units in the last place of their 10- and 7-bit mantissas.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    dtype = dtype or expected.dtype
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * scale, msg=msg or None)
+
+
+def device_params():
+    return [pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in DEVICES]
+
+
+def face_params():
+    """(device, backend) for every fast face that can run here; the reference is what they are tested against."""
+    params = []
+    for device in DEVICES:
+        for backend in ("cpu", "triton", "cuda"):
+            avail = backends.availability(backend, torch.device(device))
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            if not avail.usable:
+                marks.append(pytest.mark.skip(reason=avail.reason))
+            if backend == "cpu" and device != "cpu" or backend == "cuda" and device != "cuda":
+                continue
+            params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return params
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _automatic_backend():
+    """Every test starts with automatic backend selection, whatever FASTPEFT_BACKEND says."""
+    with fastpeft.use_backend(None):
+        yield

@@ -1,0 +1,164 @@
+"""lora_linear: the reference against float64, and every face against the reference."""
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.ops import lora_linear
+from fastpeft.ops.lora_linear import (lora_linear_bwd, lora_linear_bwd_reference, lora_linear_fwd,
+                                      lora_linear_fwd_reference)
+
+from conftest import DTYPES, assert_close, device_params, face_params
+
+# (M, K, N, r): one token; sizes that are not multiples of any block (32, 64, 128); r = 1 and r = 128
+# (128 > the 64-wide rank chunk: the rank loop runs twice); K smaller than r.
+SHAPES = [(1, 16, 16, 1), (37, 45, 70, 5), (64, 64, 96, 16), (130, 96, 40, 128), (5, 300, 17, 3), (3, 24, 33, 64)]
+
+
+def make_inputs(M, K, N, r, dtype, device, bias=True, seed=None):
+    """Fresh random inputs scaled so every output is O(1) (never zeros: B is random too)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+    x = rnd(M, K)
+    w = rnd(N, K, scale=K ** -0.5)
+    b = rnd(N) if bias else None
+    a = rnd(r, K, scale=K ** -0.5)
+    bb = rnd(N, r, scale=r ** -0.5)
+    return x, w, b, a, bb
+
+
+def run_op(x, w, b, a, bb, scaling, backend, dropout_p=0.0, seed=0):
+    """Forward and backward through the public op on one backend; returns y and all grads."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, bb)]
+    bias = None if b is None else b.detach().clone().requires_grad_()
+    xx, aa, bbb = leaves
+    torch.manual_seed(seed)
+    with fastpeft.use_backend(backend):
+        y = lora_linear(xx, w, bias, aa, bbb, scaling, dropout_p=dropout_p)
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+        y.backward(grad_y)
+    grads = [xx.grad, aa.grad, bbb.grad] + ([] if bias is None else [bias.grad])
+    return [y] + grads
+
+
+# ---------------------------------------------------------------- the reference itself
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("M,K,N,r", SHAPES[:3])
+def test_reference_matches_float64_formula(M, K, N, r, dtype):
+    x, w, b, a, bb = make_inputs(M, K, N, r, torch.float64, "cpu")
+    scaling = 1.7
+    y, s = lora_linear_fwd_reference(*(t.to(dtype) for t in (x, w, b, a, bb)), scaling)
+    # Written out independently, in float64: base + scaling·B·A applied to x.
+    truth = x @ (w + scaling * bb @ a).T + b
+    assert_close(y, truth, torch.float32)
+    assert_close(s, x @ a.T, torch.float32)
+
+    dy = torch.randn(M, N, dtype=torch.float64)
+    gx, gxl, ga, gb = lora_linear_bwd_reference(*(t.to(dtype) for t in (dy, x, w, a, bb, s.double())), scaling)
+    assert gxl.numel() == 0
+    assert_close(gx, dy @ (w + scaling * bb @ a), torch.float32)
+    assert_close(ga, scaling * (dy @ bb).T @ x, torch.float32)
+    assert_close(gb, scaling * dy.T @ (x @ a.T), torch.float32)
+
+
+def test_autograd_of_reference_matches_torch_autograd():
+    """The hand-written backward equals what autograd derives from the plain expression."""
+    x, w, b, a, bb = make_inputs(9, 20, 11, 4, torch.float32, "cpu")
+    got = run_op(x, w, b, a, bb, 0.5, "torch")
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb, b)]
+    xx, aa, bbb, bias = leaves
+    y = xx @ w.T + bias + 0.5 * (xx @ aa.T) @ bbb.T
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    for g, e in zip(got, [y, xx.grad, aa.grad, bbb.grad, bias.grad]):
+        assert_close(g, e)
+
+
+# ---------------------------------------------------------------- every face against the reference
+
+@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,r", SHAPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_face_matches_reference(device, backend, dtype, M, K, N, r, bias):
+    x, w, b, a, bb = make_inputs(M, K, N, r, dtype, device, bias=bias)
+    scaling = 2.0
+    expected = run_op(x, w, b, a, bb, scaling, "torch")
+    actual = run_op(x, w, b, a, bb, scaling, backend)
+    for name, got, exp in zip(["y", "grad_x", "grad_lora_a", "grad_lora_b", "grad_bias"], actual, expected):
+        assert got.dtype == exp.dtype and got.shape == exp.shape, name
+        assert_close(got, exp, dtype, msg=f"{name} ({backend} vs reference)")
+
+
+@pytest.mark.parametrize("device,backend", face_params())
+def test_face_selected_is_the_face_that_runs(device, backend):
+    x, w, b, a, bb = make_inputs(4, 8, 8, 2, torch.float32, device)
+    with fastpeft.use_backend(backend):
+        assert lora_linear_fwd.select(x.device, x, w, b, a, bb, 1.0, None) == backend
+
+
+@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_face_with_dropout_matches_reference_under_same_mask(device, backend, dtype):
+    """With dropout the LoRA branch sees a masked x: same seed, same mask, same results on every face."""
+    x, w, b, a, bb = make_inputs(33, 40, 19, 4, dtype, device)
+    expected = run_op(x, w, b, a, bb, 1.5, "torch", dropout_p=0.3, seed=7)
+    actual = run_op(x, w, b, a, bb, 1.5, backend, dropout_p=0.3, seed=7)
+    without = run_op(x, w, b, a, bb, 1.5, "torch", dropout_p=0.0)
+    assert not torch.allclose(expected[0].float(), without[0].float()), "dropout changed nothing"
+    for got, exp in zip(actual, expected):
+        assert_close(got, exp, dtype)
+
+
+@pytest.mark.parametrize("device,backend", face_params())
+def test_face_accepts_transposed_weight_views(device, backend):
+    """Conv1D-style weights arrive as Wᵀ views: no copy, same result."""
+    x, w, b, a, bb = make_inputs(17, 36, 50, 8, torch.float32, device)
+    w_view = w.t().contiguous().t()
+    assert not w_view.is_contiguous()
+    with fastpeft.use_backend(backend):
+        y_view, _ = lora_linear_fwd(x, w_view, b, a, bb, 0.5)
+    assert_close(y_view, lora_linear_fwd_reference(x, w, b, a, bb, 0.5)[0])
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_leading_dimensions_are_flattened_and_restored(device):
+    x, w, b, a, bb = make_inputs(24, 16, 12, 4, torch.float32, device)
+    y = lora_linear(x.view(2, 3, 4, 16), w, b, a, bb, 1.0)
+    assert y.shape == (2, 3, 4, 12)
+    assert_close(y.reshape(24, 12), lora_linear_fwd_reference(x, w, b, a, bb, 1.0)[0])
+
+
+def test_frozen_weight_gets_no_gradient_but_a_trainable_one_does():
+    x, w, b, a, bb = make_inputs(6, 10, 7, 2, torch.float32, "cpu")
+    wt = w.clone().requires_grad_()
+    y = lora_linear(x, wt, b, a, bb, 1.0)
+    y.sum().backward()
+    assert_close(wt.grad, torch.ones(6, 7).T @ x)
+    w_frozen = w.clone()
+    lora_linear(x, w_frozen, b, a.requires_grad_(), bb, 1.0).sum().backward()
+    assert w_frozen.grad is None and a.grad is not None
+
+
+# ---------------------------------------------------------------- op registration
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("with_x_lora", [False, True])
+def test_opcheck(device, with_x_lora):
+    x, w, b, a, bb = make_inputs(9, 24, 20, 4, torch.float32, device)
+    x_lora = torch.nn.functional.dropout(x, 0.5) if with_x_lora else None
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear_fwd.default, (x, w, b, a, bb, 0.5, x_lora))
+    _, s = lora_linear_fwd_reference(x, w, b, a, bb, 0.5, x_lora)
+    dy = torch.randn(9, 20, device=device)
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear_bwd.default, (dy, x, w, a, bb, s, 0.5, x_lora))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_triton_face(dtype):
+    x, w, b, a, bb = make_inputs(70, 64, 96, 16, dtype, "cuda")
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear_fwd_triton.default, (x, w, b, a, bb, 0.5, None))
+    _, s = lora_linear_fwd_reference(x, w, b, a, bb, 0.5)
+    dy = torch.randn(70, 96, device="cuda", dtype=dtype)
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear_bwd_triton.default, (dy, x, w, a, bb, s, 0.5, None))
