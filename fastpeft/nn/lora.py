@@ -135,19 +135,23 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._disabled or self.merged:
             return self.base_layer(x)
-        weight, bias = self._weight_out_in(), self.bias
-        lora_a, lora_b = self.lora_A, self.lora_B
+        weight = self.weight.t() if self.fan_in_fan_out else self.weight
+        bias, lora_a, lora_b = self.bias, self.lora_A, self.lora_B
+        # The op runs in one dtype: autocast's when it is on, else the base weight's. Adapters kept in
+        # float32 over a bf16 base are cast for the product (as PEFT does); their grads stay float32.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
-        # The op runs in one dtype: under autocast that is autocast's; otherwise the base weight's
-        # (adapters kept in float32 over a bf16 base are cast for the product, as PEFT does).
-        x, weight, lora_a, lora_b = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_a, lora_b))
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
+        if lora_a.dtype != dtype:
+            lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
         if x.stride(-1) != 1:
             x = x.contiguous()  # a drop-in layer accepts what nn.Linear accepts; the op needs unit stride
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(x, weight, bias, lora_a, lora_b, self.scaling,
-                               dropout_p=self.lora_dropout if self.training else 0.0)
+        return lora_linear(x, weight, bias, lora_a, lora_b, self.scaling,
+                           dropout_p=self.lora_dropout if self.training else 0.0)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

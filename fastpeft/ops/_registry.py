@@ -57,11 +57,12 @@ class Op:
 
         _LIB.impl(name, _reference_kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(self.qualname, _fake_kernel, lib=_LIB)
+        self._overload = getattr(torch.ops.fastpeft, name).default
 
     @property
     def dispatcher_op(self):
         """``torch.ops.fastpeft.<name>.default``: C++ kernel for its device if built, else the reference."""
-        return getattr(torch.ops.fastpeft, self.name).default
+        return self._overload
 
     def register_triton(self, launcher: Callable) -> None:
         """Add the Triton face: `launcher` (from ``kernels/<op>.py``) launches its kernels through
@@ -117,8 +118,7 @@ class Op:
         return self.dispatcher_op(*args)
 
     def __call__(self, *args):
-        # Under torch.compile the registered fake kernel runs the same checks on fake tensors;
-        # Dynamo cannot trace message closures that capture tensors, so eager mode checks here.
+        # Under torch.compile the registered fake kernel runs the same checks on fake tensors.
         if not torch.compiler.is_compiling():
             self.check(*args)
         device = args[0].device  # every op's first argument is a tensor

@@ -38,45 +38,49 @@ def _shape(t):
 
 
 def check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora=None, op="lora_linear"):
-    """Validate a LoRA linear call; raises ValueError/TypeError naming the problem.
+    """Validate a LoRA linear call; raises TypeError/ValueError naming the problem.
 
-    Uses ``torch._check*`` so the same checks run on fake tensors under torch.compile.
+    Plain comparisons (about 3 µs) rather than ``torch._check`` with message closures (about 30 µs):
+    this runs on every eager call, and the fake kernel runs it under torch.compile.
     """
-    named = [("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
-    if bias is not None:
-        named.append(("bias", bias))
-    if x_lora is not None:
-        named.append(("x_lora", x_lora))
+    named = (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias), ("x_lora", x_lora))
     for n, t in named:
-        torch._check_type(isinstance(t, torch.Tensor), lambda n=n, t=t: f"{op}: {n} must be a Tensor, got {type(t).__name__}")
-    torch._check_type(x.dtype in SUPPORTED_DTYPES,
-                      lambda: f"{op}: x has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
+        if not isinstance(t, torch.Tensor) and not (t is None and n in ("bias", "x_lora")):
+            raise TypeError(f"{op}: {n} must be a Tensor, got {type(t).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: x has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
     for n, t in named[1:]:
-        torch._check_type(t.dtype == x.dtype, lambda n=n, t=t: f"{op}: {n} has dtype {t.dtype} but x has {x.dtype}; "
-                          "all tensors must share one dtype (cast the adapter or the input)")
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: {n} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype "
+                            "(cast the adapter or the input)")
     for n, t in named[1:]:
-        torch._check_value(t.device == x.device, lambda n=n, t=t: f"{op}: {n} is on {t.device} but x is on {x.device}; "
-                           "all tensors must be on one device")
-    torch._check_value(x.dim() == 2, lambda: f"{op}: x must be 2-D [tokens, in_features] at the op level; got shape {_shape(x)}")
-    torch._check_value(weight.dim() == 2, lambda: f"{op}: weight must be 2-D [out_features, in_features]; got {_shape(weight)}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {n} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [tokens, in_features] at the op level; got shape {_shape(x)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [out_features, in_features]; got {_shape(weight)}")
     M, K = x.shape
     N = weight.shape[0]
-    torch._check_value(weight.shape[1] == K, lambda: f"{op}: x has {K} features but weight is {_shape(weight)} "
-                       f"(expected [out_features, {K}])")
-    torch._check_value(lora_a.dim() == 2 and lora_a.shape[1] == K,
-                       lambda: f"{op}: lora_a must be [r, in_features] = [r, {K}]; got {_shape(lora_a)}")
+    if weight.shape[1] != K:
+        raise ValueError(f"{op}: x has {K} features but weight is {_shape(weight)} (expected [out_features, {K}])")
+    if lora_a.dim() != 2 or lora_a.shape[1] != K:
+        raise ValueError(f"{op}: lora_a must be [r, in_features] = [r, {K}]; got {_shape(lora_a)}")
     r = lora_a.shape[0]
-    torch._check_value(r >= 1, lambda: f"{op}: LoRA rank r must be >= 1; lora_a has shape {_shape(lora_a)} (r = 0)")
-    torch._check_value(lora_b.dim() == 2 and lora_b.shape[0] == N and lora_b.shape[1] == r,
-                       lambda: f"{op}: lora_b must be [out_features, r] = [{N}, {r}]; got {_shape(lora_b)}")
-    if bias is not None:
-        torch._check_value(bias.dim() == 1 and bias.shape[0] == N,
-                           lambda: f"{op}: bias must be [out_features] = [{N}]; got {_shape(bias)}")
-    torch._check_value(x.stride(1) == 1, lambda: f"{op}: x must be contiguous in its last dimension; got strides "
-                       f"{list(x.stride())} (call .contiguous())")
+    if r < 1:
+        raise ValueError(f"{op}: LoRA rank r must be >= 1; lora_a has shape {_shape(lora_a)} (r = 0)")
+    if lora_b.dim() != 2 or lora_b.shape[0] != N or lora_b.shape[1] != r:
+        raise ValueError(f"{op}: lora_b must be [out_features, r] = [{N}, {r}]; got {_shape(lora_b)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        raise ValueError(f"{op}: bias must be [out_features] = [{N}]; got {_shape(bias)}")
+    if x.stride(1) != 1 and K != 1:
+        raise ValueError(f"{op}: x must be contiguous in its last dimension; got strides {list(x.stride())} "
+                         "(call .contiguous())")
     if x_lora is not None:
-        torch._check_value(x_lora.shape == x.shape, lambda: f"{op}: x_lora must have x's shape {_shape(x)}; got {_shape(x_lora)}")
-        torch._check_value(x_lora.stride(1) == 1, lambda: f"{op}: x_lora must be contiguous in its last dimension")
+        if x_lora.shape != x.shape:
+            raise ValueError(f"{op}: x_lora must have x's shape {_shape(x)}; got {_shape(x_lora)}")
+        if x_lora.stride(1) != 1 and K != 1:
+            raise ValueError(f"{op}: x_lora must be contiguous in its last dimension")
 
 
 # ---------------------------------------------------------------- forward
@@ -115,12 +119,17 @@ lora_linear_fwd = _registry.define(
 def _check_bwd(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora=None):
     check_lora_linear_args(x, weight, None, lora_a, lora_b, x_lora, op="lora_linear_bwd")
     M, N, r = x.shape[0], weight.shape[0], lora_a.shape[0]
-    torch._check_value(grad_y.shape == (M, N), lambda: f"lora_linear_bwd: grad_y must be [{M}, {N}]; got {_shape(grad_y)}")
-    torch._check_value(s.shape == (M, r), lambda: f"lora_linear_bwd: s must be [{M}, {r}]; got {_shape(s)}")
-    for n, t in (("grad_y", grad_y), ("s", s)):
-        torch._check_type(t.dtype == x.dtype, lambda n=n, t=t: f"lora_linear_bwd: {n} has dtype {t.dtype}, x has {x.dtype}")
-        torch._check_value(t.device == x.device, lambda n=n, t=t: f"lora_linear_bwd: {n} is on {t.device}, x on {x.device}")
-        torch._check_value(t.stride(1) == 1, lambda n=n: f"lora_linear_bwd: {n} must be contiguous in its last dimension")
+    for n, t, shape in (("grad_y", grad_y, (M, N)), ("s", s, (M, r))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"lora_linear_bwd: {n} must be a Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"lora_linear_bwd: {n} must be {list(shape)}; got {_shape(t)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"lora_linear_bwd: {n} has dtype {t.dtype}, x has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"lora_linear_bwd: {n} is on {t.device}, x on {x.device}")
+        if t.stride(1) != 1 and shape[1] != 1:
+            raise ValueError(f"lora_linear_bwd: {n} must be contiguous in its last dimension")
 
 
 def _fake_bwd(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora=None):
@@ -214,7 +223,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     x_lora = F.dropout(x2, dropout_p, training=True) if dropout_p > 0 else None
-    y = LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scaling), x_lora)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
+        y = LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scaling), x_lora)
+    else:  # inference: no autograd node to build (saves ~15 µs a call, which decode feels)
+        y = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), x_lora)[0]
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -1,0 +1,263 @@
+"""Kernel microbenchmarks: each fastpeft face beside the base op, the reference and the peer.
+
+Used by ``fastpeft bench`` (table, JSON, optional plot) and by the pytest-benchmark harness in
+``benchmarks/``. Every row times all variants of one case in the same run, so the ratios compare
+like with like.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import __version__, backends
+from .nn import LoRALinear
+
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoRACase:
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: str
+    mode: str  # "fwd" (inference, no autograd) or "fwd+bwd" (training step of one layer)
+    label: str = ""
+    # (numerator, denominator, limit): the brief's targets, checked and reported, never asserted.
+    targets: list = field(default_factory=list)
+
+    @property
+    def shape(self) -> str:
+        return f"M={self.M} K={self.K} N={self.N} r={self.r}"
+
+
+def lora_cases(device: str, quick: bool) -> list[LoRACase]:
+    if quick:
+        return [LoRACase(64, 256, 256, 8, "fp32" if device == "cpu" else "bf16", mode, "quick")
+                for mode in ("fwd", "fwd+bwd")]
+    if device == "cuda":
+        return [
+            LoRACase(4096, 4096, 4096, 16, "bf16", "fwd", "prefill",
+                     [("fastpeft", "base", 1.05), ("fastpeft", "peft", 1 / 1.3)]),
+            LoRACase(4096, 4096, 4096, 16, "bf16", "fwd+bwd", "training",
+                     [("fastpeft", "base", 1.10), ("fastpeft", "peft", 1 / 1.3)]),
+            LoRACase(1, 4096, 4096, 16, "bf16", "fwd", "decode", [("fastpeft", "peft", 1 / 1.3)]),
+            LoRACase(16, 4096, 4096, 16, "bf16", "fwd", "decode", [("fastpeft", "peft", 1 / 1.3)]),
+        ]
+    # CPU: the GPU's square 4096³ shape scaled to 1024³ (64× less work: a 4096³ step takes seconds
+    # here), and a wider layer with fewer tokens; the fp32 targets are the brief's.
+    return [
+        LoRACase(1024, 1024, 1024, 16, "fp32", "fwd", "prefill", [("fastpeft", "peft", 0.95)]),
+        LoRACase(1024, 1024, 1024, 16, "fp32", "fwd+bwd", "training", [("fastpeft", "peft", 0.95)]),
+        LoRACase(512, 2048, 2048, 16, "fp32", "fwd", "prefill-wide"),
+        LoRACase(512, 2048, 2048, 16, "fp32", "fwd+bwd", "training-wide"),
+        LoRACase(1, 4096, 4096, 16, "fp32", "fwd", "decode"),
+    ]
+
+
+def _peft_layer(base: nn.Linear, r: int):
+    try:
+        import peft
+    except ImportError:
+        return None
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], init_lora_weights=False)
+    return peft.get_peft_model(Holder(), cfg).base_model.model.proj
+
+
+def lora_variants(case: LoRACase, device: str) -> dict[str, Callable[[], None]]:
+    """One callable per variant, each running one iteration of the case on shared weights."""
+    dtype = DTYPE_NAMES[case.dtype]
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(case.K, case.N, bias=False)
+    peft_layer = _peft_layer(base, case.r)  # wraps the same base module: weights shared
+    base = base.to(device=device, dtype=dtype).requires_grad_(False)
+    layer = LoRALinear.from_linear(base, r=case.r, lora_alpha=2 * case.r, init_lora_weights=False).to(device, dtype)
+    if peft_layer is not None:
+        peft_layer = peft_layer.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    x = torch.randn(case.M, case.K, generator=gen).to(device, dtype)
+    dy = torch.randn(case.M, case.N, generator=gen).to(device, dtype)
+    train = case.mode == "fwd+bwd"
+    if train:
+        x.requires_grad_(True)
+
+    def step(fn, face=None):
+        def run():
+            with backends.use_backend(face) if face else _nullcontext():
+                if train:
+                    fn(x).backward(dy)
+                else:
+                    with torch.no_grad():
+                        fn(x)
+        return run
+
+    variants = {"base": step(lambda t: F.linear(t, base.weight))}
+    variants["fastpeft"] = step(layer)
+    for face in ("triton", "cuda", "cpu"):
+        if backends.availability(face, torch.device(device)).usable and not (face == "triton" and device == "cpu"):
+            variants[f"fastpeft[{face}]"] = step(layer, face)
+    variants["reference"] = step(layer, "torch")
+    if peft_layer is not None:
+        variants["peft"] = step(peft_layer)
+    return variants
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _time_once_ms(fn: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_variants_ms(variants: dict[str, Callable[[], None]], device: str, warmup: int, rounds: int) -> dict[str, float]:
+    """Median milliseconds per call of each variant (CUDA events on the GPU).
+
+    Variants run interleaved, one call each per round in a rotating order, so clock and cache
+    drift over the run hits them all alike (timing them one after another gave ±20 % swings
+    between identical variants on the 2-core CPU)."""
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    samples = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            samples[name].append(_time_once_ms(variants[name], device))
+    return {name: statistics.median(samples[name]) for name in names}
+
+
+def auto_face(case: LoRACase, device: str) -> str:
+    from .ops.lora_linear import lora_linear_fwd
+
+    t = torch.empty(case.M, case.K, device="meta")
+    return lora_linear_fwd.select(torch.device(device), t, t.new_empty(case.N, case.K), None,
+                                  t.new_empty(case.r, case.K), t.new_empty(case.N, case.r), 1.0, None)
+
+
+def run_lora(device: str, quick: bool, progress=None) -> list[dict]:
+    rows = []
+    warmup, rounds = (1, 3) if quick else ((10, 100) if device == "cuda" else (2, 15))
+    for case in lora_cases(device, quick):
+        variants = lora_variants(case, device)
+        if progress is not None:
+            progress.set_postfix_str(f"lora_linear {case.label} {case.mode}")
+        times = time_variants_ms(variants, device, warmup, rounds)
+        if progress is not None:
+            progress.update(len(variants))
+        ratios = {f"{a}/{b}": times[a] / times[b] for a, b in
+                  [("fastpeft", "base"), ("fastpeft", "peft"), ("fastpeft", "reference")] if a in times and b in times}
+        targets = [dict(ratio=f"{a}/{b}", limit=limit, value=ratios.get(f"{a}/{b}"),
+                        met=None if f"{a}/{b}" not in ratios else ratios[f"{a}/{b}"] <= limit)
+                   for a, b, limit in case.targets]
+        rows.append(dict(op="lora_linear", **{k: v for k, v in asdict(case).items() if k != "targets"},
+                         shape=case.shape, auto_face=auto_face(case, device), times_ms=times, ratios=ratios,
+                         targets=targets))
+    return rows
+
+
+def count_steps(device: str, quick: bool) -> int:
+    return sum(len(lora_variants(c, device)) for c in lora_cases(device, quick))
+
+
+def environment(device: str) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device,
+               fastpeft=__version__, torch=torch.__version__, triton=version("triton"), peft=version("peft"),
+               python=platform.python_version(), cpu=platform.processor() or platform.machine(),
+               cpu_threads=torch.get_num_threads())
+    if device == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                   capability=".".join(map(str, torch.cuda.get_device_capability())))
+    return env
+
+
+def format_table(rows: list[dict]) -> str:
+    names = []
+    for row in rows:
+        names += [n for n in row["times_ms"] if n not in names]
+    header = ["op", "case", "shape", "dtype", "mode", "auto"] + [f"{n} ms" for n in names] + \
+        ["fastpeft/base", "fastpeft/peft", "fastpeft/reference"]
+    lines = [header]
+    for row in rows:
+        t, q = row["times_ms"], row["ratios"]
+        lines.append([row["op"], row["label"], row["shape"], row["dtype"], row["mode"], row["auto_face"]] +
+                     [f"{t[n]:.3f}" if n in t else "-" for n in names] +
+                     [f"{q[k]:.3f}" if k in q else "-" for k in ("fastpeft/base", "fastpeft/peft", "fastpeft/reference")])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    for row in rows:
+        for tgt in row["targets"]:
+            if tgt["value"] is not None:
+                out.append(f"target {row['label']} {row['mode']}: {tgt['ratio']} = {tgt['value']:.3f} "
+                           f"(limit {tgt['limit']:.3f}) {'met' if tgt['met'] else 'NOT met'}")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 4), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        names = list(row["times_ms"])
+        ax.bar(range(len(names)), [row["times_ms"][n] for n in names],
+               color=["#999999" if n == "base" else "#1f77b4" if n.startswith("fastpeft") else "#ff7f0e" for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{row['op']} {row['label']} {row['mode']}\n{row['shape']} {row['dtype']}", fontsize=9)
+        ax.set_ylabel("ms (median)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_json(rows: list[dict], env: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(dict(environment=env, results=rows), f, indent=2)
+        f.write("\n")
