@@ -95,8 +95,8 @@ def lora_variants(case: LoRACase, device: str) -> dict[str, Callable[[], None]]:
     if peft_layer is not None:
         peft_layer = peft_layer.to(device=device, dtype=dtype)
         with torch.no_grad():
-            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
-            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A["default"].weight)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
     x = torch.randn(case.M, case.K, generator=gen).to(device, dtype)
     dy = torch.randn(case.M, case.N, generator=gen).to(device, dtype)
     train = case.mode == "fwd+bwd"

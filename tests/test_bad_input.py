@@ -65,7 +65,7 @@ def test_direct_op_call_checks_too():
         torch.ops.fastpeft.lora_linear_fwd(a["x"], a["weight"], a["bias"], torch.randn(3, 11), a["lora_b"], 1.0)
 
 
-@pytest.mark.parametrize("r", [0, -1, 2.5])
+@pytest.mark.parametrize("r", [0, -1, 2.5, None])
 def test_module_rejects_bad_rank(r):
     with pytest.raises(ValueError, match="rank r must be an integer >= 1"):
         LoRALinear.from_linear(torch.nn.Linear(4, 4), r=r)
@@ -81,3 +81,5 @@ def test_module_rejects_bad_dropout_and_init():
         LoRALinear.from_linear(torch.nn.Linear(4, 4), r=2, lora_dropout=1.5)
     with pytest.raises(ValueError, match="init_lora_weights"):
         LoRALinear.from_linear(torch.nn.Linear(4, 4), r=2, init_lora_weights="orthogonal-ish")
+    with pytest.raises(ValueError, match="rank r must be an integer >= 1, got True"):
+        LoRALinear.from_linear(torch.nn.Linear(4, 4), r=True)

@@ -21,8 +21,7 @@ def test_from_linear_shares_the_weight_and_freezes_the_base():
     base, layer = make_layer()
     assert layer.weight is base.weight and layer.base_layer is base
     assert not base.weight.requires_grad and not base.bias.requires_grad
-    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.default.weight", "lora_B.default.weight"]
     with torch.no_grad():
         base.weight[0, 0] = 123.0
     assert layer.weight[0, 0] == 123.0
@@ -31,7 +30,8 @@ def test_from_linear_shares_the_weight_and_freezes_the_base():
 @pytest.mark.parametrize("init", [True, "gaussian"])
 def test_default_inits_start_at_the_base_layer(init):
     base, layer = make_layer(init=init)
-    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    assert torch.count_nonzero(layer.lora_A["default"].weight) > 0
     x = torch.randn(7, 24)
     assert_close(layer(x), base(x))
 
@@ -40,15 +40,16 @@ def test_inits_follow_peft():
     torch.manual_seed(0)
     _, kaiming = make_layer(in_f=400, r=64, init=True)
     bound = 1 / math.sqrt(400)  # kaiming_uniform_(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in))
-    assert kaiming.lora_A.abs().max() <= bound and kaiming.lora_A.abs().max() > 0.95 * bound
+    a = kaiming.lora_A["default"].weight
+    assert a.abs().max() <= bound and a.abs().max() > 0.95 * bound
     _, gauss = make_layer(in_f=400, r=64, init="gaussian")
-    assert abs(gauss.lora_A.std().item() - 1 / 64) < 0.05 / 64
+    assert abs(gauss.lora_A["default"].weight.std().item() - 1 / 64) < 0.05 / 64
 
 
 @pytest.mark.parametrize("use_rslora,expected", [(False, 16 / 4), (True, 16 / 2)])
 def test_scaling(use_rslora, expected):
     _, layer = make_layer(r=4, alpha=16, use_rslora=use_rslora)
-    assert layer.scaling == expected
+    assert layer.scaling["default"] == expected
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -70,16 +71,16 @@ def test_matches_peft_lora_layer(device, dtype):
     peft_layer = ref.base_model.model.proj
     ours = LoRALinear.from_linear(peft_layer.base_layer, r=8, lora_alpha=16)
     with torch.no_grad():
-        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
-        ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
+        ours.lora_A["default"].weight.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B["default"].weight.copy_(peft_layer.lora_B["default"].weight)
     x = torch.randn(2, 9, 40, device=device, dtype=dtype)
     y_ref, y = ref(x), ours(x)
     assert_close(y, y_ref, dtype)
     g = torch.randn_like(y)
     y_ref.backward(g)
     y.backward(g)
-    assert_close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad, dtype)
-    assert_close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad, dtype)
+    for name in ("lora_A", "lora_B"):
+        assert_close(getattr(ours, name)["default"].weight.grad, getattr(peft_layer, name)["default"].weight.grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -125,7 +126,7 @@ def test_conv1d_fan_in_fan_out():
     layer = LoRALinear.from_linear(conv, r=3, lora_alpha=6, init_lora_weights=False)
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (24, 18)
     x = torch.randn(2, 5, 24)
-    expected = conv(x) + 2.0 * (x @ layer.lora_A.T) @ layer.lora_B.T
+    expected = conv(x) + 2.0 * (x @ layer.lora_A["default"].weight.T) @ layer.lora_B["default"].weight.T
     assert_close(layer(x), expected)
     y = layer(x)
     layer.merge()
@@ -158,7 +159,7 @@ def test_training_reduces_loss():
     torch.manual_seed(0)
     _, layer = make_layer(in_f=16, out_f=8, r=4, init=True)
     target = nn.Linear(16, 8)
-    opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=1e-2)
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randn(256, 16)
     losses = []
     for _ in range(60):
@@ -187,7 +188,8 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def test_state_dict_holds_base_and_adapter():
     _, layer = make_layer()
-    assert set(layer.state_dict()) == {"base_layer.weight", "base_layer.bias", "lora_A", "lora_B"}
+    assert set(layer.state_dict()) == {"base_layer.weight", "base_layer.bias", "lora_A.default.weight",
+                                       "lora_B.default.weight"}
 
 
 def test_forced_backends_agree_in_a_module():
@@ -196,3 +198,21 @@ def test_forced_backends_agree_in_a_module():
     with fastpeft.use_backend("torch"):
         expected = layer(x)
     assert_close(layer(x), expected)
+
+
+def test_named_adapters():
+    base, layer = make_layer()
+    x = torch.randn(5, 24)
+    y_default = layer(x)
+    layer.add_adapter("other", r=2, lora_alpha=4, init_lora_weights=False)
+    assert layer.active_adapter == "default" and torch.equal(layer(x), y_default)
+    layer.set_adapter("other")
+    expected = base(x) + 2.0 * (x @ layer.lora_A["other"].weight.T) @ layer.lora_B["other"].weight.T
+    assert_close(layer(x), expected)
+    with pytest.raises(ValueError, match="adapter 'other' already exists"):
+        layer.add_adapter("other", r=2, lora_alpha=4)
+    with pytest.raises(KeyError, match="no adapter named 'missing'"):
+        layer.set_adapter("missing")
+    layer.delete_adapter("other")
+    assert layer.adapter_names == ["default"] and layer.active_adapter == "default"
+    assert_close(layer(x), y_default)

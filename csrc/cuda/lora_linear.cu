@@ -55,7 +55,7 @@ __global__ void lora_gemv_kernel(const T* __restrict__ x, const T* __restrict__ 
   const T* w_row = w + static_cast<int64_t>(n) * ldw;
   const int k_vec_end = (K / kVec) * kVec;
   for (int k = lane * kVec; k < k_vec_end; k += kWarpSize * kVec) {
-    T wv[kVec];
+    alignas(16) T wv[kVec];
     if constexpr (kVec > 1) {
       *reinterpret_cast<uint4*>(wv) = __ldg(reinterpret_cast<const uint4*>(w_row + k));
     } else {
@@ -65,7 +65,7 @@ __global__ void lora_gemv_kernel(const T* __restrict__ x, const T* __restrict__ 
     for (int i = 0; i < kRowsPerPass; ++i) {
       if (i < rows) {
         const T* x_row = x + static_cast<int64_t>(m0 + i) * ldx + k;
-        T xv[kVec];
+        alignas(16) T xv[kVec];
         if constexpr (kVec > 1) {
           *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row));
         } else {

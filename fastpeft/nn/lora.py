@@ -1,4 +1,4 @@
-"""LoRALinear: a drop-in replacement for ``nn.Linear`` (and transformers' ``Conv1D``) with a LoRA adapter."""
+"""LoRALinear: a drop-in replacement for ``nn.Linear`` (and transformers' ``Conv1D``) with LoRA adapters."""
 
 from __future__ import annotations
 
@@ -7,77 +7,121 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops.lora_linear import lora_linear
+
+DEFAULT_ADAPTER = "default"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 style: weight ``[in, out]``), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 class LoRALinear(nn.Module):
     """``y = base(x) + scaling·dropout(x)·Aᵀ·Bᵀ`` computed by the fused ``lora_linear`` op.
 
-    The base layer is kept as ``self.base_layer`` (the same module object, weight shared, never
-    copied) and frozen. ``lora_A`` is ``[r, in_features]``, ``lora_B`` is ``[out_features, r]``.
+    The layout is PEFT's, so its checkpoints and tensors map one to one: ``base_layer`` is the
+    wrapped module (weight shared, never copied; frozen); each named adapter has
+    ``lora_A[name]`` (``nn.Linear(in, r)``, weight ``[r, in]``) and ``lora_B[name]``
+    (``nn.Linear(r, out)``, weight ``[out, r]``), and ``r``, ``lora_alpha``, ``scaling``,
+    ``lora_dropout`` are dicts by adapter name. One adapter is active at a time.
 
     Args:
-        base_layer: an ``nn.Linear``, or a transformers ``Conv1D``-style layer whose weight is
-            ``[in_features, out_features]`` (pass ``fan_in_fan_out=True``).
+        base_layer: an ``nn.Linear``, or a ``Conv1D``-style layer with weight ``[in, out]``
+            (``fan_in_fan_out=True``; detected for transformers' ``Conv1D``).
         r: rank, >= 1.
-        lora_alpha: scaling numerator: ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+        lora_alpha: ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
         lora_dropout: dropout probability on the LoRA branch's input (training only).
-        init_lora_weights: True for PEFT's default (A Kaiming-uniform, B zeros, so the layer starts
-            equal to its base), ``"gaussian"`` (A ~ N(0, 1/r), B zeros), or False (both random,
-            for tests: the adapter is not a no-op).
+        init_lora_weights: True for PEFT's default (A Kaiming-uniform, B zeros: the layer starts
+            equal to its base), ``"gaussian"`` (A ~ N(0, 1/r), B zeros), or False (both random).
+        adapter_name: name of this first adapter.
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, init_lora_weights: bool | str = True, fan_in_fan_out: bool = False):
+                 use_rslora: bool = False, init_lora_weights: bool | str = True, fan_in_fan_out: bool | None = None,
+                 adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRALinear: rank r must be an integer >= 1, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
         weight = getattr(base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(f"LoRALinear: base layer {type(base_layer).__name__} has no 2-D weight")
         self.base_layer = base_layer
-        self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else \
+        self.fan_in_fan_out = is_conv1d(base_layer) if fan_in_fan_out is None else fan_in_fan_out
+        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.fan_in_fan_out else \
             (weight.shape[1], weight.shape[0])
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.use_rslora = use_rslora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_dropout = lora_dropout
-        factory = dict(device=weight.device, dtype=weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        self.merged = False
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
         self._disabled = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.reset_lora_parameters(init_lora_weights)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
     @classmethod
     def from_linear(cls, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
                     **kwargs) -> "LoRALinear":
-        """Wrap an existing layer; its weight is shared, not copied. Conv1D-style layers (transformers'
-        ``Conv1D``, weight ``[in, out]``) are detected by type name unless ``fan_in_fan_out`` is given."""
-        kwargs.setdefault("fan_in_fan_out", type(base_layer).__name__ == "Conv1D")
+        """Wrap an existing ``nn.Linear`` or ``Conv1D``; its weight is shared, not copied."""
         return cls(base_layer, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **kwargs)
 
-    @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear, as PEFT
-            nn.init.zeros_(self.lora_B)
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            nn.init.zeros_(self.lora_B)
-        elif init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
+    # ------------------------------------------------------------ adapters
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
+                    init_lora_weights: bool | str = True) -> None:
+        """Add adapter `name` (it does not become active: see :meth:`set_adapter`)."""
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"LoRALinear: rank r must be an integer >= 1, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
+        if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"LoRALinear: init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        if name in self.lora_A:
+            raise ValueError(f"LoRALinear: adapter {name!r} already exists")
+        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[name] = float(lora_dropout)
+        self.reset_lora_parameters(name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1.0 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear, as PEFT
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+    def set_adapter(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise KeyError(f"LoRALinear: no adapter named {name!r}; adapters: {sorted(self.lora_A)}")
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise KeyError(f"LoRALinear: no adapter named {name!r}; adapters: {sorted(self.lora_A)}")
+        if name in self.merged_adapters:
+            self.unmerge()
+        for table in (self.lora_A, self.lora_B):
+            del table[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
+            del table[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.lora_A), None)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
 
     # ------------------------------------------------------------ weights
 
@@ -89,54 +133,54 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    def _weight_out_in(self) -> torch.Tensor:
-        """The base weight as ``[out_features, in_features]`` (a view for Conv1D-style layers)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """``scaling·B·A`` of adapter `name` (default: the active one), ``[out, in]``, in float32."""
+        name = name or self.active_adapter
+        return (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` as ``[out_features, in_features]``, computed in float32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into the base weight (in place, in float32, then back to its dtype)."""
-        if self.merged:
-            return
-        self._add_to_weight(self.delta_weight())
-        self.merged = True
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active one) into the base weight, in float32, then back to its dtype."""
+        for name in adapter_names or [self.active_adapter]:
+            if name not in self.merged_adapters:
+                self._add_to_weight(self.delta_weight(name))
+                self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact up to one rounding to the weight's dtype)."""
-        if not self.merged:
-            return
-        self._add_to_weight(-self.delta_weight())
-        self.merged = False
+        """Undo :meth:`merge` (exact up to one rounding to the weight's dtype per adapter)."""
+        while self.merged_adapters:
+            self._add_to_weight(-self.delta_weight(self.merged_adapters.pop()))
 
     def _add_to_weight(self, delta_out_in: torch.Tensor) -> None:
-        w = self._weight_out_in()
+        w = self.weight.t() if self.fan_in_fan_out else self.weight
         w.copy_((w.float() + delta_out_in).to(w.dtype))
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Inside the block the layer computes its base layer alone (a merged adapter is unmerged first)."""
-        was_merged, was_disabled = self.merged, self._disabled
+        """Inside the block the layer computes its base layer alone (merged adapters are unmerged first)."""
+        merged, was_disabled = list(self.merged_adapters), self._disabled
         self.unmerge()
         self._disabled = True
         try:
             yield self
         finally:
             self._disabled = was_disabled
-            if was_merged:
-                self.merge()
+            self.merge(merged)
 
     # ------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._disabled or self.merged:
+        name = self.active_adapter
+        if self._disabled or self.merged_adapters or name is None:
             return self.base_layer(x)
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
-        bias, lora_a, lora_b = self.bias, self.lora_A, self.lora_B
+        bias = self.bias
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         # The op runs in one dtype: autocast's when it is on, else the base weight's. Adapters kept in
         # float32 over a bf16 base are cast for the product (as PEFT does); their grads stay float32.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
@@ -150,10 +194,11 @@ class LoRALinear(nn.Module):
             lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
         if x.stride(-1) != 1:
             x = x.contiguous()  # a drop-in layer accepts what nn.Linear accepts; the op needs unit stride
-        return lora_linear(x, weight, bias, lora_a, lora_b, self.scaling,
-                           dropout_p=self.lora_dropout if self.training else 0.0)
+        return lora_linear(x, weight, bias, lora_a, lora_b, self.scaling[name],
+                           dropout_p=self.lora_dropout[name] if self.training else 0.0)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")
+        name = self.active_adapter
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}, "
+                f"active={name!r}, r={self.r.get(name)}, scaling={self.scaling.get(name)}, "
+                f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged_adapters}")

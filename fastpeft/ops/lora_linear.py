@@ -103,7 +103,14 @@ def lora_linear_fwd_reference(x, weight, bias, lora_a, lora_b, scaling, x_lora=N
 def _choose_fwd(device, x, *args):
     if device.type == "cuda":
         # The CUDA face is a fused GEMV for decode; prefill-sized M goes to the fused Triton GEMM.
+        # By design, not yet by measurement: the first GPU run of `fastpeft bench` decides.
         return ("cuda", "triton", "torch") if x.shape[0] <= 16 else ("triton", "cuda", "torch")
+    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
+
+
+def _choose_bwd(device, *args):
+    if device.type == "cuda":  # the fused dx GEMM (Triton) first; cuBLAS + addmm_ (C++) after
+        return ("triton", "cuda", "torch")
     return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
 
 
@@ -155,7 +162,7 @@ lora_linear_bwd = _registry.define(
     "lora_linear_bwd",
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor s, float scaling, Tensor? x_lora=None)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
-    check=_check_bwd, fake=_fake_bwd, reference=lora_linear_bwd_reference)
+    check=_check_bwd, fake=_fake_bwd, reference=lora_linear_bwd_reference, choose=_choose_bwd)
 
 
 # ---------------------------------------------------------------- Triton face
