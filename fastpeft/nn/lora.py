@@ -35,12 +35,13 @@ class LoRALinear(nn.Module):
         lora_dropout: dropout probability on the LoRA branch's input (training only).
         init_lora_weights: True for PEFT's default (A Kaiming-uniform, B zeros: the layer starts
             equal to its base), ``"gaussian"`` (A ~ N(0, 1/r), B zeros), or False (both random).
-        adapter_name: name of this first adapter.
+        adapter_name: name of this first adapter (None: start with none; add them with
+            :meth:`add_adapter`).
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True, fan_in_fan_out: bool | None = None,
-                 adapter_name: str = DEFAULT_ADAPTER):
+                 adapter_name: str | None = DEFAULT_ADAPTER):
         super().__init__()
         weight = getattr(base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -60,7 +61,8 @@ class LoRALinear(nn.Module):
         self._disabled = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        if adapter_name is not None:
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
     @classmethod
     def from_linear(cls, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
@@ -145,8 +147,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Fold adapters (default: the active one) into the base weight, in float32, then back to its dtype."""
-        for name in adapter_names or [self.active_adapter]:
-            if name not in self.merged_adapters:
+        for name in [self.active_adapter] if adapter_names is None else adapter_names:
+            if name in self.lora_A and name not in self.merged_adapters:
                 self._add_to_weight(self.delta_weight(name))
                 self.merged_adapters.append(name)
 
@@ -176,8 +178,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
-        if self._disabled or self.merged_adapters or name is None:
-            return self.base_layer(x)
+        if self._disabled or self.merged_adapters or name not in self.lora_A:
+            return self.base_layer(x)  # (a model's active adapter may not cover this layer)
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
         bias = self.bias
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight

@@ -1,0 +1,188 @@
+"""Adapter checkpoints in PEFT's on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are PEFT's: ``base_model.model.<module>.lora_A.weight`` (the adapter name removed), the
+weights of modules_to_save under ``base_model.model.<module>.<param>``, and biases when the config
+trains them. Loading never runs code from a file (safetensors, or a legacy ``adapter_model.bin``
+through ``torch.load(weights_only=True)``), checks every key and shape before touching the model,
+and saving is atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.nn as nn
+
+from .config import CONFIG_NAME, LoraConfig
+from .nn.lora import LoRALinear
+from .peft_model import (ModulesToSaveWrapper, _own_modules, add_adapter, adapters_of, find_modules_to_save,
+                         find_targets, layer_features, set_adapter)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model, or cannot be read; nothing was changed."""
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of one adapter under PEFT's checkpoint keys."""
+    configs = adapters_of(model)
+    if adapter_name not in configs:
+        raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
+    config = configs[adapter_name]
+    state = {}
+    for name, module in _own_modules(model):
+        if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
+            state[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A[adapter_name].weight
+            state[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B[adapter_name].weight
+            if config.bias == "lora_only" and module.bias is not None:
+                state[f"{PREFIX}{name}.base_layer.bias"] = module.bias
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for k, v in module.modules_to_save[adapter_name].state_dict().items():
+                state[f"{PREFIX}{name}.{k}"] = v
+    if config.bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
+                state[PREFIX + name] = param
+    return state
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> None:
+    """Write adapter `adapter_name` to `directory` in PEFT's format, atomically.
+
+    Files are written to a fresh folder beside `directory`, synced, and the folder swapped in by
+    rename; other files already in `directory` (a tokenizer, say) are carried over. A crash leaves
+    either the old checkpoint or the new one (or, between the two renames, none), never a mix.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.saving-", dir=parent)
+    try:
+        save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        adapters_of(model)[adapter_name].save(staging)
+        for f in (WEIGHTS_NAME, CONFIG_NAME):
+            _fsync(os.path.join(staging, f))
+        if os.path.isdir(directory):
+            for entry in os.listdir(directory):  # keep what else lives there
+                if entry not in (WEIGHTS_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME):
+                    src = os.path.join(directory, entry)
+                    (os.link if os.path.isfile(src) else shutil.copytree)(src, os.path.join(staging, entry))
+            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+            os.rename(directory, os.path.join(retired, "old"))
+            os.rename(staging, directory)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, directory)
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+    st_path = os.path.join(directory, WEIGHTS_NAME)
+    bin_path = os.path.join(directory, LEGACY_WEIGHTS_NAME)
+    if os.path.exists(st_path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st_path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{st_path} is corrupt or truncated ({e})") from None
+    if os.path.exists(bin_path):
+        try:
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)  # never unpickles code
+        except Exception as e:
+            raise CheckpointError(f"{bin_path} cannot be read as plain tensors ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{bin_path} does not hold a flat dict of tensors")
+        return state
+    raise CheckpointError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}")
+
+
+def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tuple], dict[str, str]]:
+    """What a checkpoint of `config` must hold for this model: key -> shape, and key -> what it is."""
+    targets, config = find_targets(model, config)
+    shapes, what = {}, {}
+    for t in targets:
+        in_f, out_f, _ = layer_features(t.module, config)
+        shapes[f"{PREFIX}{t.name}.lora_A.weight"] = (t.r, in_f)
+        shapes[f"{PREFIX}{t.name}.lora_B.weight"] = (out_f, t.r)
+        what[f"{PREFIX}{t.name}.lora_A.weight"] = what[f"{PREFIX}{t.name}.lora_B.weight"] = f"rank {t.r}"
+        bias = getattr(t.module, "bias", None)
+        if config.bias == "lora_only" and bias is not None:
+            shapes[f"{PREFIX}{t.name}.base_layer.bias"] = tuple(bias.shape)
+    for name, module in find_modules_to_save(model, config):
+        source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        for k, v in source.state_dict().items():
+            shapes[f"{PREFIX}{name}.{k}"] = tuple(v.shape)
+    if config.bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
+                shapes[PREFIX + name] = tuple(param.shape)
+    return shapes, what
+
+
+def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False
+                 ) -> nn.Module:
+    """Load a LoRA adapter written by PEFT or fastpeft into `model` as `adapter_name`.
+
+    Everything is checked first (config, file integrity, every key and shape); on any problem a
+    :class:`CheckpointError` names the first bad key and what was expected, and the model is left
+    exactly as it was. The adapter becomes active if the model had none; its parameters are
+    trainable only with ``is_trainable=True`` (as in PEFT).
+    """
+    if adapter_name in adapters_of(model):
+        raise CheckpointError(f"adapter {adapter_name!r} already exists in the model; pick another adapter_name")
+    try:
+        config = LoraConfig.load(directory)
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(str(e)) from None
+    state = _read_weights(directory)
+    try:
+        expected, what = _expected_shapes(model, config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{os.path.join(directory, CONFIG_NAME)} does not fit this model: {e}") from None
+    for key in sorted(expected):
+        if key not in state:
+            raise CheckpointError(f"checkpoint is missing key {key!r} (expected shape {list(expected[key])})")
+    for key in sorted(state):
+        if key not in expected:
+            raise CheckpointError(f"checkpoint has unexpected key {key!r}: no such adapter tensor in this model "
+                                  "for its adapter_config.json")
+        if tuple(state[key].shape) != expected[key]:
+            extra = f" ({what[key]} in adapter_config.json)" if key in what else ""
+            raise CheckpointError(f"checkpoint key {key!r} has shape {list(state[key].shape)} but the model expects "
+                                  f"{list(expected[key])}{extra}")
+        if not state[key].is_floating_point():
+            raise CheckpointError(f"checkpoint key {key!r} has dtype {state[key].dtype}; expected floating point")
+    previous_active = getattr(model, "fastpeft_active_adapter", None)
+    add_adapter(model, config, adapter_name)
+    own = adapter_state_dict(model, adapter_name)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            own[key].copy_(tensor)
+    set_adapter(model, previous_active or adapter_name)
+    if not is_trainable:
+        for p in own.values():
+            p.requires_grad_(False)
+    return model

@@ -1,0 +1,121 @@
+"""Adapter configs, with PEFT's field names, meanings and ``adapter_config.json`` format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+BIAS_CHOICES = ("none", "all", "lora_only")
+# PEFT LoraConfig fields whose non-default values change what an adapter computes; a checkpoint
+# using one is refused rather than loaded into something that computes otherwise.
+_UNSUPPORTED_PEFT_FEATURES = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "target_parameters",
+                              "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config",
+                              "megatron_config")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings; every field means what it means in ``peft.LoraConfig``.
+
+    target_modules: a string is a regex that must match a module's full name
+        (``re.fullmatch``); a list matches exact names or name suffixes after a dot
+        (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``); ``"all-linear"`` is every
+        ``nn.Linear``/``Conv1D`` but the output layer. None: the model's usual attention
+        projections are looked up by name (see ``fastpeft.peft_model.DEFAULT_TARGETS``).
+    exclude_modules: the same matching rules; matches are never adapted.
+    rank_pattern / alpha_pattern: ``{regex: r}`` / ``{regex: alpha}`` overrides, a key matching
+        the end of a module name (PEFT's ``(.*\\.)?(key)$``).
+    layers_to_transform / layers_pattern: adapt only these layer indices (list targets only).
+    bias: "none", "all" (train every bias) or "lora_only" (biases of adapted layers).
+    modules_to_save: modules (name suffixes) trained fully and saved with the adapter.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    init_lora_weights: bool | str = True
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    peft_type: str = field(default="LORA", init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"LoraConfig: r must be an integer >= 1, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"LoraConfig: bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"LoraConfig: init_lora_weights {self.init_lora_weights!r} is not supported "
+                             "(True, False or 'gaussian')")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict):
+                raise ValueError(f"LoraConfig: {name} must be a dict of regex -> value, got {type(pattern).__name__}")
+        for key, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r < 1:
+                raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be an integer >= 1, got {r!r}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content: PEFT's keys, readable by ``peft.PeftConfig``."""
+        d = dataclasses.asdict(self)
+        d["lora_bias"] = False
+        d["use_dora"] = False
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        """From PEFT's or our ``adapter_config.json``; fields fastpeft does not implement must be at
+        their neutral values (DoRA, LoRA bias, other init schemes are refused, never ignored)."""
+        peft_type = d.get("peft_type")
+        if peft_type != "LORA":
+            raise ValueError(f"adapter config: peft_type {peft_type!r} is not supported here (expected 'LORA')")
+        for key in _UNSUPPORTED_PEFT_FEATURES:
+            if d.get(key) not in (None, False, [], {}):
+                raise ValueError(f"adapter config: {key}={d[key]!r} is a PEFT feature fastpeft does not support")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs = {k: v for k, v in d.items() if k in names and v is not None or k in ("target_modules",)}
+        for k in ("rank_pattern", "alpha_pattern"):
+            kwargs[k] = kwargs.get(k) or {}
+        if kwargs.get("init_lora_weights") not in (True, False, "gaussian"):
+            kwargs["init_lora_weights"] = True  # how PEFT initialised does not matter: weights are loaded
+        return cls(**kwargs)
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str) -> "LoraConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(d)
