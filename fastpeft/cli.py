@@ -45,7 +45,7 @@ def info() -> int:
     for name in backends.BACKENDS:
         a = backends.availability(name)
         print(f"  {name:<7} {'usable' if a.usable else 'unusable':<9} {a.reason}")
-    print("\nops (faces; * = chosen automatically for a 4096-token input on that device):")
+    print("\nops and their faces per device:")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for name, op in all_ops().items():
         for dev in devices:
@@ -75,6 +75,19 @@ def bench(args) -> int:
     return 0
 
 
+def finetune(args) -> int:
+    from .finetune import FinetuneSettings, run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    settings = FinetuneSettings(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
+                                lr=args.lr, r=args.r, lora_alpha=args.lora_alpha, target_modules=targets,
+                                seed=args.seed, dtype=args.dtype, device=device, log_every=args.log_every,
+                                save=args.save, progress=not args.no_progress)
+    run(settings, compare=args.compare, json_path=args.json)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastpeft", description="fused kernels for parameter-efficient fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,8 +98,25 @@ def main(argv=None) -> int:
     b.add_argument("--json", metavar="FILE", help="where to write results (default bench-<date>-<device>.json)")
     b.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f = sub.add_parser("finetune", help="fine-tune a causal LM with a PEFT method; loss, tokens/s, peak memory")
+    f.add_argument("--method", choices=["lora"], default="lora")
+    f.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: a tiny random Llama)")
+    f.add_argument("--compare", choices=["peft"], help="also train with the peft package, same data and seed")
+    f.add_argument("--steps", type=int, default=300)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--lr", type=float, default=5e-3)
+    f.add_argument("--r", type=int, default=16)
+    f.add_argument("--lora-alpha", type=float, default=32)
+    f.add_argument("--target-modules", default="all-linear", help='"all-linear" or comma-separated names')
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    f.add_argument("--device", choices=["cpu", "cuda"])
+    f.add_argument("--log-every", type=int, default=50, metavar="N", help="print a line every N steps")
+    f.add_argument("--save", metavar="DIR", help="write the trained adapter here (PEFT format)")
+    f.add_argument("--json", metavar="FILE", help="write per-step losses and the summary")
+    f.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    return info() if args.command == "info" else bench(args)
+    return {"info": info, "bench": bench, "finetune": finetune}[args.command](*(() if args.command == "info" else (args,)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""`fastpeft finetune`: it learns, it compares with PEFT, it saves a PEFT-format adapter."""
+
+import json
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import cli
+from fastpeft.finetune import FinetuneSettings, default_model, train
+
+from conftest import assert_close
+
+
+def test_default_run_learns_the_copy_task():
+    result = train(FinetuneSettings(steps=150, progress=False, log_every=0), "fastpeft")
+    first, last = result.loss_at(0, 10), result.loss_at(-10, None)
+    assert first > 3.5  # about ln(60): the copy is unknown at the start
+    assert last < 0.7 * first, (first, last)
+    assert result.tokens_per_s > 0 and result.trainable_params > 0 and result.peak_memory_mb > 0
+
+
+def test_cli_compare_and_save(tmp_path, capsys):
+    pytest.importorskip("peft")
+    adapter, report = tmp_path / "adapter", tmp_path / "run.json"
+    cli.main(["finetune", "--steps", "12", "--compare", "peft", "--save", str(adapter), "--json", str(report),
+              "--no-progress", "--log-every", "6"])
+    out = capsys.readouterr().out
+    assert "fastpeft  lora" in out and "peft      lora" in out and "tokens/s" in out
+    data = json.loads(report.read_text())
+    assert [r["library"] for r in data["results"]] == ["fastpeft", "peft"]
+    assert all(len(r["losses"]) == 12 and r["tokens_per_s"] > 0 for r in data["results"])
+
+    import peft
+
+    ids = torch.randint(4, 64, (2, 10))
+    ours = fastpeft.load_adapter(default_model(seed=0), str(adapter))
+    theirs = peft.PeftModel.from_pretrained(default_model(seed=0), str(adapter))
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    # the saved adapter is the trained one, not the initial (B = 0) one
+    with fastpeft.disable_adapters(ours):
+        assert not torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-3)
+
+
+def test_cli_info_and_quick_bench(tmp_path, capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backends:" in out and "lora_linear_fwd" in out
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--no-progress", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r["times_ms"]["fastpeft"] > 0 and "fastpeft/base" in r["ratios"] for r in rows)
