@@ -136,9 +136,12 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
         for k, v in source.state_dict().items():
             shapes[f"{PREFIX}{name}.{k}"] = tuple(v.shape)
     if config.bias == "all":
+        to_wrap = {t.name for t in targets if not isinstance(t.module, LoRALinear)}
         for name, param in model.named_parameters():
             if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
-                shapes[PREFIX + name] = tuple(param.shape)
+                owner = name[: -len(".bias")]
+                # once wrapped, an adapted layer's bias lives at <layer>.base_layer.bias (PEFT's key too)
+                shapes[PREFIX + (f"{owner}.base_layer.bias" if owner in to_wrap else name)] = tuple(param.shape)
     return shapes, what
 
 

@@ -58,15 +58,17 @@ def _shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     r_mask = offs_r < R
+    # int64 offsets, advanced by pointer: transposed views have strides up to the other dimension.
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    a_ptrs = a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < K
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        a_t = tl.load(a_ptr + offs_r[None, :] * stride_ar + k[:, None] * stride_ak,
-                      mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        k_mask = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a_t = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
         acc = _dot(x, a_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
     tl.store(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr,
              acc.to(s_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
@@ -76,6 +78,7 @@ def _fused_matmul_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, R, scaling,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_bias,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
@@ -96,16 +99,19 @@ def _fused_matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
+    # int64 offsets, advanced by pointer: in the backward W arrives as Wᵀ, whose K stride is the
+    # original K, so k·stride reaches N·K (past 2³¹ for a large vocabulary projection).
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < K
-        x = tl.load(x_rows + k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_t = tl.load(w_cols + k[:, None] * stride_wk, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        k_mask = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_t = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
         acc = _dot(x, w_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
 
     if HAS_LORA:
         # The LoRA delta joins the same accumulator: scaling is folded into the small s tile
@@ -114,16 +120,16 @@ def _fused_matmul_kernel(
         for r0 in range(0, R, BLOCK_R):
             r = r0 + offs_r
             r_mask = r < R
-            s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :] * stride_sr,
+            s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :].to(tl.int64) * stride_sr,
                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             s = (s.to(tl.float32) * scaling).to(x_ptr.dtype.element_ty)
-            b_t = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + r[:, None] * stride_br,
+            b_t = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + r[:, None].to(tl.int64) * stride_br,
                           mask=n_mask[None, :] & r_mask[:, None], other=0.0)
             acc = _dot(s, b_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn,
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -156,10 +162,14 @@ def _block_r(R: int) -> int:
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own switch: full-precision products unless the user allowed TF32.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """fp32 follows torch's own switch: full-precision products unless the user allowed TF32."""
+    if dtype != torch.float32:
+        return "tf32"  # not used for half types
+    try:
+        allow = torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # the user set the newer fp32_precision API; reading the legacy flag then raises
+        allow = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    return "tf32" if allow else "ieee"
 
 
 def _bf16_via_fp32(dtype: torch.dtype) -> bool:
@@ -171,6 +181,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     R = a.shape[0]
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    if s.numel() == 0:
+        return s.zero_()  # an empty grid is not a valid launch
     block_m, block_k = _SHRINK_TILES["interpret" if _interpreting() else "gpu"]
     block_r = _block_r(R)
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
@@ -189,6 +201,8 @@ def fused_matmul(x, w, bias, s, b, scaling: float) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return y
     has_lora = s is not None
     R = s.shape[1] if has_lora else 0
     block_m, block_n, block_k, warps, stages = _MATMUL_TILES[_matmul_tile(M, x.dtype)]
@@ -200,6 +214,7 @@ def fused_matmul(x, w, bias, s, b, scaling: float) -> torch.Tensor:
         M, N, K, R, scaling,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         s_.stride(0), s_.stride(1), b_.stride(0), b_.stride(1), y.stride(0), y.stride(1),
+        1 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(R), GROUP_M=GROUP_M,
         INPUT_PRECISION=_input_precision(x.dtype), BF16_VIA_FP32=_bf16_via_fp32(x.dtype),
@@ -262,7 +277,8 @@ def aot_configs():
                             sig = {"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "s_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
                                    "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scaling": "fp32",
                                    **{f: "i32" for f in ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_sm",
-                                                         "stride_sr", "stride_bn", "stride_br", "stride_ym", "stride_yn")}}
+                                                         "stride_sr", "stride_bn", "stride_br", "stride_ym", "stride_yn",
+                                                         "stride_bias")}}
                             yield _fused_matmul_kernel, sig, dict(
                                 HAS_BIAS=has_bias, HAS_LORA=has_lora, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                 BLOCK_R=block_r, GROUP_M=GROUP_M, INPUT_PRECISION=precision, BF16_VIA_FP32=False), \

@@ -51,3 +51,14 @@ def test_cli_info_and_quick_bench(tmp_path, capsys):
     rows = json.loads(path.read_text())["results"]
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     assert all(r["times_ms"]["fastpeft"] > 0 and "fastpeft/base" in r["ratios"] for r in rows)
+
+
+def test_cli_takes_a_local_model_directory(tmp_path, capsys):
+    from models import tiny_model
+
+    model_dir = tmp_path / "tiny-gpt2"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    cli.main(["finetune", "--model", str(model_dir), "--steps", "5", "--batch-size", "4", "--target-modules",
+              "c_attn,c_proj", "--no-progress", "--log-every", "0", "--save", str(tmp_path / "a")])
+    assert "fastpeft  lora    5" in capsys.readouterr().out
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()

@@ -162,3 +162,34 @@ def test_opcheck_triton_face(dtype):
     _, s = lora_linear_fwd_reference(x, w, b, a, bb, 0.5)
     dy = torch.randn(70, 96, device="cuda", dtype=dtype)
     torch.library.opcheck(torch.ops.fastpeft.lora_linear_bwd_triton.default, (dy, x, w, a, bb, s, 0.5, None))
+
+
+@pytest.mark.parametrize("device,backend", face_params())
+def test_face_accepts_a_strided_bias(device, backend):
+    """A bias that is a strided view (a column of a matrix) is read through its stride."""
+    x, w, _, a, bb = make_inputs(19, 24, 30, 4, torch.float32, device)
+    bias = torch.randn(30, 3, device=device)[:, 1]
+    assert bias.stride(0) == 3
+    with fastpeft.use_backend(backend):
+        y, _ = lora_linear_fwd(x, w, bias, a, bb, 0.5)
+    assert_close(y, lora_linear_fwd_reference(x, w, bias.contiguous(), a, bb, 0.5)[0])
+
+
+def test_triton_face_under_the_new_fp32_precision_api():
+    """torch's newer fp32_precision switch makes reading the legacy allow_tf32 flag raise."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, fastpeft
+        from fastpeft.kernels.lora_linear import _input_precision
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert _input_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert _input_precision(torch.float32) == "tf32"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

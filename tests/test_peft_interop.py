@@ -200,3 +200,20 @@ def test_config_validation():
         fastpeft.LoraConfig.from_dict({"peft_type": "IA3"})
     with pytest.raises(ValueError, match="use_dora=True is a PEFT feature fastpeft does not support"):
         fastpeft.LoraConfig.from_dict({"peft_type": "LORA", "use_dora": True})
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_round_trip_with_peft(bias, tmp_path):
+    ref = peft.get_peft_model(tiny_model("qwen2"), peft.LoraConfig(r=2, target_modules=["q_proj"], bias=bias,
+                                                                   init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if p.requires_grad and n.endswith("bias"):
+                p.add_(0.5)  # trained biases differ from the base model's
+    ref.save_pretrained(tmp_path / "peft")
+    ours = fastpeft.load_adapter(tiny_model("qwen2"), str(tmp_path / "peft"))
+    inputs = model_inputs("qwen2")
+    assert_close(output_of(ours, inputs), output_of(ref, inputs))
+    fastpeft.save_adapter(ours, str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(tiny_model("qwen2"), str(tmp_path / "ours"))
+    assert_close(output_of(back, inputs), output_of(ref, inputs))

@@ -4,6 +4,8 @@
 
 #include <torch/library.h>
 
+#include <vector>
+
 namespace fastpeft {
 
 void check_lora_linear_shapes(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -19,7 +21,10 @@ void check_lora_linear_shapes(const at::Tensor& x, const at::Tensor& weight, con
               lora_b.sizes());
   if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "lora_linear: bias must be [", N, "]");
   if (x_lora) TORCH_CHECK(x_lora->sizes() == x.sizes(), "lora_linear: x_lora must have x's shape");
-  for (const auto* t : {&weight, &lora_a, &lora_b}) {
+  std::vector<const at::Tensor*> others{&weight, &lora_a, &lora_b};
+  if (bias) others.push_back(&*bias);
+  if (x_lora) others.push_back(&*x_lora);
+  for (const auto* t : others) {
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "lora_linear: all tensors must share x's dtype ",
                 x.scalar_type());
     TORCH_CHECK(t->device() == x.device(), "lora_linear: all tensors must be on x's device ", x.device());

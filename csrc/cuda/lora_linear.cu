@@ -129,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, con
                                                         const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                         double scaling, const std::optional<at::Tensor>& x_lora) {
   check_lora_linear_shapes(x, weight, bias, lora_a, lora_b, x_lora);
-  const bool gemv = x.size(0) <= kMaxGemvRows && x.size(0) > 0 && x.stride(1) == 1 && weight.stride(1) == 1 &&
+  const bool gemv = x.size(0) <= kMaxGemvRows && x.size(0) > 0 && weight.size(0) > 0 && x.stride(1) == 1 &&
+                    weight.stride(1) == 1 &&
                     (!bias || bias->is_contiguous()) && x.size(1) < (int64_t{1} << 31) &&
                     weight.size(0) < (int64_t{1} << 31);
   if (!gemv) return lora_linear_fwd_aten(x, weight, bias, lora_a, lora_b, scaling, x_lora);
