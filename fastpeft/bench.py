@@ -181,20 +181,26 @@ def run_lora(device: str, quick: bool, progress=None) -> list[dict]:
             progress.set_postfix_str(f"lora_linear {case.label} {case.mode}")
         times = time_variants_ms(variants, device, warmup, rounds)
         if progress is not None:
-            progress.update(len(variants))
-        ratios = {f"{a}/{b}": times[a] / times[b] for a, b in
-                  [("fastpeft", "base"), ("fastpeft", "peft"), ("fastpeft", "reference")] if a in times and b in times}
-        targets = [dict(ratio=f"{a}/{b}", limit=limit, value=ratios.get(f"{a}/{b}"),
-                        met=None if f"{a}/{b}" not in ratios else ratios[f"{a}/{b}"] <= limit)
-                   for a, b, limit in case.targets]
+            progress.update(1)
+        ratios = _ratios(times, [("fastpeft", "base"), ("fastpeft", "peft"), ("fastpeft", "reference")])
         rows.append(dict(op="lora_linear", **{k: v for k, v in asdict(case).items() if k != "targets"},
                          shape=case.shape, auto_face=auto_face(case, device), times_ms=times, ratios=ratios,
-                         targets=targets))
+                         targets=_targets(ratios, case.targets)))
     return rows
 
 
-def count_steps(device: str, quick: bool) -> int:
-    return sum(len(lora_variants(c, device)) for c in lora_cases(device, quick))
+def _ratios(times: dict, pairs) -> dict:
+    return {f"{a}/{b}": times[a] / times[b] for a, b in pairs if a in times and b in times}
+
+
+def _targets(ratios: dict, wanted) -> list[dict]:
+    """[(numerator, denominator, limit)] -> records of the measured ratio against its limit."""
+    return [dict(ratio=f"{a}/{b}", limit=limit, value=ratios.get(f"{a}/{b}"),
+                 met=None if f"{a}/{b}" not in ratios else ratios[f"{a}/{b}"] <= limit) for a, b, limit in wanted]
+
+
+def count_cases(device: str, quick: bool) -> int:
+    return len(lora_cases(device, quick)) + len(multi_lora_cases(device, quick))
 
 
 def environment(device: str) -> dict:
@@ -217,24 +223,24 @@ def environment(device: str) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    names = []
+    names, ratio_keys = [], []
     for row in rows:
         names += [n for n in row["times_ms"] if n not in names]
-    header = ["op", "case", "shape", "dtype", "mode", "auto"] + [f"{n} ms" for n in names] + \
-        ["fastpeft/base", "fastpeft/peft", "fastpeft/reference"]
+        ratio_keys += [k for k in row["ratios"] if k not in ratio_keys]
+    header = ["op", "case", "shape", "dtype", "mode", "auto"] + [f"{n} ms" for n in names] + ratio_keys
     lines = [header]
     for row in rows:
         t, q = row["times_ms"], row["ratios"]
         lines.append([row["op"], row["label"], row["shape"], row["dtype"], row["mode"], row["auto_face"]] +
                      [f"{t[n]:.3f}" if n in t else "-" for n in names] +
-                     [f"{q[k]:.3f}" if k in q else "-" for k in ("fastpeft/base", "fastpeft/peft", "fastpeft/reference")])
+                     [f"{q[k]:.3f}" if k in q else "-" for k in ratio_keys])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     for row in rows:
         for tgt in row["targets"]:
             if tgt["value"] is not None:
-                out.append(f"target {row['label']} {row['mode']}: {tgt['ratio']} = {tgt['value']:.3f} "
+                out.append(f"target {row['op']} {row['label']} {row['mode']}: {tgt['ratio']} = {tgt['value']:.3f} "
                            f"(limit {tgt['limit']:.3f}) {'met' if tgt['met'] else 'NOT met'}")
     return "\n".join(out)
 
@@ -261,3 +267,134 @@ def write_json(rows: list[dict], env: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(dict(environment=env, results=rows), f, indent=2)
         f.write("\n")
+
+
+# ---------------------------------------------------------------- mixed-adapter batches
+
+@dataclass
+class MultiLoRACase:
+    T: int          # tokens (decode: one per request)
+    K: int
+    N: int
+    r: int
+    U: int          # distinct adapters in the batch
+    dtype: str
+    label: str = ""
+    mode: str = "fwd"
+    targets: list = field(default_factory=list)
+
+    @property
+    def shape(self) -> str:
+        return f"T={self.T} K={self.K} N={self.N} r={self.r} U={self.U}"
+
+
+def multi_lora_cases(device: str, quick: bool) -> list[MultiLoRACase]:
+    if quick:
+        return [MultiLoRACase(16, 128, 128, 8, 4, "fp32" if device == "cpu" else "bf16", "quick")]
+    if device == "cuda":
+        return [MultiLoRACase(64, 4096, 4096, 16, u, "bf16", "decode",
+                              [("fastpeft", "peft", 1 / 5)] if u >= 8 else []) for u in (1, 8, 64)]
+    return [MultiLoRACase(64, 4096, 4096, 16, 32, "fp32", "decode", [("fastpeft", "peft", 1 / 3), ("fastpeft", "base", 1.10)])]
+
+
+def _peft_multi_layer(base: nn.Linear, r: int, U: int):
+    try:
+        import peft
+    except ImportError:
+        return None
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = peft.get_peft_model(Holder(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
+                                                          init_lora_weights=False), adapter_name="a0")
+    for u in range(1, U):
+        model.add_adapter(f"a{u}", peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
+                                                   init_lora_weights=False))
+    return model.base_model.model.proj
+
+
+def multi_lora_variants(case: MultiLoRACase, device: str) -> dict[str, Callable[[], None]]:
+    from .nn import MultiLoRALinear
+
+    dtype = DTYPE_NAMES[case.dtype]
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(case.K, case.N, bias=False)
+    peft_layer = _peft_multi_layer(base, case.r, case.U)
+    base = base.to(device=device, dtype=dtype).requires_grad_(False)
+    layer = MultiLoRALinear(base, max_adapters=max(case.U, 1), max_rank=case.r).to(device)
+    separate = LoRALinear(base, adapter_name=None)  # one adapter at a time, the fused single-adapter layer
+    for u in range(case.U):
+        a = torch.randn(case.r, case.K, generator=gen) / case.K ** 0.5
+        b = torch.randn(case.N, case.r, generator=gen) / case.r ** 0.5
+        layer.set_adapter(u, a, b, 2.0)
+        separate.add_adapter(f"a{u}", case.r, 2 * case.r, init_lora_weights=False)
+        with torch.no_grad():
+            separate.lora_A[f"a{u}"].weight.copy_(a)
+            separate.lora_B[f"a{u}"].weight.copy_(b)
+            if peft_layer is not None:
+                peft_layer.lora_A[f"a{u}"].weight.copy_(a)
+                peft_layer.lora_B[f"a{u}"].weight.copy_(b)
+    separate.to(device=device, dtype=dtype)
+    if peft_layer is not None:
+        peft_layer.to(device=device, dtype=dtype)
+    x = torch.randn(case.T, case.K, generator=gen).to(device, dtype)
+    slots = torch.arange(case.T) % case.U
+    ids = slots.to(device)
+    names = [f"a{u}" for u in slots.tolist()]
+    groups = [(f"a{u}", torch.nonzero(slots == u).flatten().to(device)) for u in range(case.U)]
+
+    def run_separately():
+        out = torch.empty(case.T, case.N, device=device, dtype=dtype)
+        for name, rows in groups:
+            separate.set_adapter(name)
+            out[rows] = separate(x[rows])
+
+    variants = {"base": lambda: F.linear(x, base.weight), "fastpeft": lambda: layer(x, ids)}
+    for face in ("triton", "cuda", "cpu"):
+        if backends.availability(face, torch.device(device)).usable and not (face == "triton" and device == "cpu"):
+            def run_face(face=face):
+                with backends.use_backend(face):
+                    layer(x, ids)
+            variants[f"fastpeft[{face}]"] = run_face
+    variants["separately"] = run_separately
+    if peft_layer is not None:
+        variants["peft"] = lambda: peft_layer(x, adapter_names=names)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    return {name: no_grad(fn) for name, fn in variants.items()}
+
+
+def run_multi_lora(device: str, quick: bool, progress=None) -> list[dict]:
+    rows = []
+    warmup, rounds = (1, 3) if quick else ((10, 100) if device == "cuda" else (2, 15))
+    for case in multi_lora_cases(device, quick):
+        variants = multi_lora_variants(case, device)
+        if progress is not None:
+            progress.set_postfix_str(f"multi_lora {case.label} U={case.U}")
+        times = time_variants_ms(variants, device, warmup, rounds)
+        if progress is not None:
+            progress.update(1)
+        ratios = _ratios(times, [("fastpeft", "base"), ("fastpeft", "peft"), ("fastpeft", "separately")])
+        rows.append(dict(op="multi_lora", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
+                         T=case.T, K=case.K, N=case.N, r=case.r, U=case.U, auto_face="bgmv/sgmv", times_ms=times,
+                         ratios=ratios, targets=_targets(ratios, case.targets)))
+    # GPU targets across cases: time with U adapters over time with one (same shape)
+    one = next((r for r in rows if r["U"] == 1), None)
+    for row in rows:
+        if one is not None and row is not one:
+            limit = 1.15 if row["U"] <= 8 else 1.6
+            value = row["times_ms"]["fastpeft"] / one["times_ms"]["fastpeft"]
+            row["ratios"]["fastpeft/fastpeft@U=1"] = value
+            row["targets"].append(dict(ratio="fastpeft/fastpeft@U=1", limit=limit, value=value, met=value <= limit))
+    return rows

@@ -19,27 +19,12 @@ configuration launched is known ahead of time (CI compiles them all) and no call
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr):
-    """``acc + a·b``. BF16_VIA_FP32 is set only under the CPU interpreter, whose bf16 ``tl.dot``
-    returns garbage (Triton 3.8: values ~1e10 for O(1) inputs). Upcasting is exact (a product of
-    two bf16 values fits in fp32), so the interpreter computes what the GPU's bf16 MMA computes."""
-    if BF16_VIA_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, interpreting
 
 
 @triton.jit
@@ -66,7 +51,7 @@ def _shrink_kernel(
         k_mask = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         a_t = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _dot(x, a_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+        acc = dot(x, a_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     tl.store(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr,
@@ -109,7 +94,7 @@ def _fused_matmul_kernel(
         k_mask = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_t = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _dot(x, w_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+        acc = dot(x, w_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -125,7 +110,7 @@ def _fused_matmul_kernel(
             s = (s.to(tl.float32) * scaling).to(x_ptr.dtype.element_ty)
             b_t = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + r[:, None].to(tl.int64) * stride_br,
                           mask=n_mask[None, :] & r_mask[:, None], other=0.0)
-            acc = _dot(s, b_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+            acc = dot(s, b_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -145,35 +130,15 @@ _MATMUL_TILES = {
     "interpret": (32, 32, 32, 4, 1),   # the CPU interpreter: small tiles keep tests fast, ragged edges hit
 }
 _SHRINK_TILES = {"gpu": (64, 128), "interpret": (32, 32)}  # (BLOCK_M, BLOCK_K)
-_BLOCK_R_CHOICES = (16, 32, 64)  # tl.dot needs >= 16; ranks above 64 loop over 64-wide chunks
 GROUP_M = 8
 
 
 def _matmul_tile(M: int, dtype: torch.dtype) -> str:
-    if _interpreting():
+    if interpreting():
         return "interpret"
     if dtype == torch.float32:
         return "fp32"
     return "small_m" if M <= 64 else "large"
-
-
-def _block_r(R: int) -> int:
-    return min(max(16, triton.next_power_of_2(R)), _BLOCK_R_CHOICES[-1])
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's own switch: full-precision products unless the user allowed TF32."""
-    if dtype != torch.float32:
-        return "tf32"  # not used for half types
-    try:
-        allow = torch.backends.cuda.matmul.allow_tf32
-    except RuntimeError:  # the user set the newer fp32_precision API; reading the legacy flag then raises
-        allow = torch.backends.cuda.matmul.fp32_precision == "tf32"
-    return "tf32" if allow else "ieee"
-
-
-def _bf16_via_fp32(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _interpreting()
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -183,14 +148,14 @@ def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if s.numel() == 0:
         return s.zero_()  # an empty grid is not a valid launch
-    block_m, block_k = _SHRINK_TILES["interpret" if _interpreting() else "gpu"]
-    block_r = _block_r(R)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
+    block_m, block_k = _SHRINK_TILES["interpret" if interpreting() else "gpu"]
+    rank_block = block_r(R)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(R, rank_block))
     wrap_triton(_shrink_kernel)[grid](
         x, a, s, M, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, INPUT_PRECISION=_input_precision(x.dtype),
-        BF16_VIA_FP32=_bf16_via_fp32(x.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block, INPUT_PRECISION=input_precision(x.dtype),
+        BF16_VIA_FP32=bf16_via_fp32(x.dtype),
         num_warps=4,
     )
     return s
@@ -216,8 +181,8 @@ def fused_matmul(x, w, bias, s, b, scaling: float) -> torch.Tensor:
         s_.stride(0), s_.stride(1), b_.stride(0), b_.stride(1), y.stride(0), y.stride(1),
         1 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(R), GROUP_M=GROUP_M,
-        INPUT_PRECISION=_input_precision(x.dtype), BF16_VIA_FP32=_bf16_via_fp32(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r(R), GROUP_M=GROUP_M,
+        INPUT_PRECISION=input_precision(x.dtype), BF16_VIA_FP32=bf16_via_fp32(x.dtype),
         num_warps=warps, num_stages=stages,
     )
     return y
@@ -252,20 +217,17 @@ def lora_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 # ---------------------------------------------------------------- ahead-of-time compile list
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def aot_configs():
     """Yield (kernel, signature, constexprs, options) for every launch configuration above."""
-    for tname, dtype in _DTYPES.items():
+    for tname, dtype in TRITON_DTYPES.items():
         ptr = f"*{tname}"
         prec = ["ieee", "tf32"] if dtype == torch.float32 else ["tf32"]
         for precision in prec:
-            for block_r in _BLOCK_R_CHOICES:
+            for rb in BLOCK_R_CHOICES:
                 sig = {"x_ptr": ptr, "a_ptr": ptr, "s_ptr": ptr, "M": "i32", "K": "i32", "R": "i32",
                        **{f: "i32" for f in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_sm", "stride_sr")}}
                 bm, bk = _SHRINK_TILES["gpu"]
-                yield _shrink_kernel, sig, dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, INPUT_PRECISION=precision,
+                yield _shrink_kernel, sig, dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=rb, INPUT_PRECISION=precision,
                                                   BF16_VIA_FP32=False), \
                     dict(num_warps=4, num_stages=3)
             tiles = ["fp32"] if dtype == torch.float32 else ["small_m", "large"]
@@ -273,7 +235,7 @@ def aot_configs():
                 bm, bn, bk, warps, stages = _MATMUL_TILES[tile]
                 for has_bias in (False, True):
                     for has_lora in (False, True):
-                        for block_r in (_BLOCK_R_CHOICES if has_lora else (16,)):
+                        for rb in (BLOCK_R_CHOICES if has_lora else (16,)):
                             sig = {"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "s_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
                                    "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scaling": "fp32",
                                    **{f: "i32" for f in ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_sm",
@@ -281,5 +243,5 @@ def aot_configs():
                                                          "stride_bias")}}
                             yield _fused_matmul_kernel, sig, dict(
                                 HAS_BIAS=has_bias, HAS_LORA=has_lora, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                BLOCK_R=block_r, GROUP_M=GROUP_M, INPUT_PRECISION=precision, BF16_VIA_FP32=False), \
+                                BLOCK_R=rb, GROUP_M=GROUP_M, INPUT_PRECISION=precision, BF16_VIA_FP32=False), \
                                 dict(num_warps=warps, num_stages=stages)

@@ -183,11 +183,11 @@ def test_triton_face_under_the_new_fp32_precision_api():
 
     code = textwrap.dedent("""
         import torch, fastpeft
-        from fastpeft.kernels.lora_linear import _input_precision
+        from fastpeft.kernels._common import input_precision
         torch.backends.cuda.matmul.fp32_precision = "ieee"
-        assert _input_precision(torch.float32) == "ieee"
+        assert input_precision(torch.float32) == "ieee"
         torch.backends.cuda.matmul.fp32_precision = "tf32"
-        assert _input_precision(torch.float32) == "tf32"
+        assert input_precision(torch.float32) == "tf32"
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

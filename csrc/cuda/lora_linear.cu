@@ -7,6 +7,7 @@
 // Larger M, non-contiguous W and the backward use the device-generic ATen composition
 // (csrc/cpu/lora_linear.cpp), i.e. cuBLAS with the delta accumulated in place.
 #include "../lora_linear.h"
+#include "common.cuh"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,21 +18,11 @@
 namespace fastpeft {
 namespace {
 
+using cuda::kWarpSize;
+using cuda::to_float;
 constexpr int kMaxGemvRows = 16;     // largest M the fused GEMV is used for
 constexpr int kRowsPerPass = 8;      // x rows one block accumulates at a time (fp32 registers per lane)
 constexpr int kWarps = 8;            // warps per block, one output feature n per warp
-constexpr int kWarpSize = 32;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  return static_cast<float>(v);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // y[m, n] = sum_k x[m, k]·W[n, k] + bias[n] + scaling·sum_r s[m, r]·B[n, r]
 // grid: (ceil(N / kWarps), ceil(M / kRowsPerPass)); block: kWarps warps. W rows are contiguous.
@@ -93,12 +84,10 @@ __global__ void lora_gemv_kernel(const T* __restrict__ x, const T* __restrict__ 
   const float bias_n = bias ? to_float(bias[n]) : 0.f;
 #pragma unroll
   for (int i = 0; i < kRowsPerPass; ++i) {
-    const float total = warp_sum(acc[i]);
+    const float total = cuda::warp_sum(acc[i]);
     if (lane == 0 && i < rows) y[static_cast<int64_t>(m0 + i) * ldy + n] = static_cast<T>(total + bias_n);
   }
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 template <typename T>
 void launch_lora_gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -109,7 +98,7 @@ void launch_lora_gemv(const at::Tensor& x, const at::Tensor& w, const std::optio
   auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int kVec = 16 / sizeof(T);
   const T* bias_ptr = bias ? bias->data_ptr<T>() : nullptr;
-  const bool vec_ok = aligned16(x.data_ptr()) && aligned16(w.data_ptr()) && x.stride(0) % kVec == 0 &&
+  const bool vec_ok = cuda::aligned16(x.data_ptr()) && cuda::aligned16(w.data_ptr()) && x.stride(0) % kVec == 0 &&
                       w.stride(0) % kVec == 0;
   auto run = [&](auto kernel) {
     kernel<<<grid, block, 0, stream>>>(x.data_ptr<T>(), w.data_ptr<T>(), bias_ptr, s.data_ptr<T>(),

@@ -1,0 +1,125 @@
+// CUDA face of fastpeft::bgmv_shrink / bgmv_expand, for decode: every token its own adapter.
+// One warp per output element slice: shrink gives a warp one (token, rank) pair and streams the
+// factor row A[slot, r, :] against x[t, :] with 16-byte loads; expand gives a warp one (token,
+// feature) pair, its lanes splitting the rank. The slot is read per token; a slot outside [0, S)
+// (including -1) means "no adapter": s = 0, out = base, nothing of the factors is read.
+#include "../lora_gather.h"
+#include "common.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace fastpeft {
+namespace {
+
+using cuda::kWarpSize;
+constexpr int kWarps = 8;
+
+template <typename T, int kVec>
+__global__ void bgmv_shrink_kernel(const T* __restrict__ x, const T* __restrict__ a, const int32_t* __restrict__ ids,
+                                   T* __restrict__ s, int K, int R, int S, int64_t ldx, int64_t a_slot, int64_t a_row,
+                                   int64_t lds) {
+  const int t = blockIdx.x;
+  const int r = blockIdx.y * kWarps + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (r >= R) return;  // whole warp
+  const int slot = ids[t];
+  float acc = 0.f;
+  if (slot >= 0 && slot < S) {  // uniform across the warp
+    acc = cuda::warp_sum(cuda::lane_dot<T, kVec>(a + slot * a_slot + r * a_row, x + t * ldx, K, lane));
+  }
+  if (lane == 0) s[t * lds + r] = static_cast<T>(acc);
+}
+
+template <typename T>
+__global__ void bgmv_expand_kernel(const T* __restrict__ base, const T* __restrict__ s, const T* __restrict__ b,
+                                   const float* __restrict__ scalings, const int32_t* __restrict__ ids,
+                                   T* __restrict__ out, int N, int R, int S, int64_t ldbase, int64_t lds,
+                                   int64_t b_slot, int64_t b_row, int64_t b_col, int64_t ldout) {
+  const int t = blockIdx.x;
+  const int n = blockIdx.y * kWarps + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (n >= N) return;  // whole warp
+  const int slot = ids[t];
+  float acc = 0.f;
+  if (slot >= 0 && slot < S) {
+    const T* b_n = b + slot * b_slot + n * b_row;
+    for (int r = lane; r < R; r += kWarpSize) acc += cuda::to_float(b_n[r * b_col]) * cuda::to_float(s[t * lds + r]);
+    acc = cuda::warp_sum(acc) * scalings[slot];
+  }
+  if (lane == 0) out[t * ldout + n] = static_cast<T>(cuda::to_float(base[t * ldbase + n]) + acc);
+}
+
+void check_cuda_inputs(const char* op, const at::Tensor& first, std::initializer_list<const at::Tensor*> rest) {
+  TORCH_CHECK(first.is_cuda(), op, ": tensors must be on a CUDA device");
+  for (const auto* t : rest) TORCH_CHECK(t->device() == first.device(), op, ": all tensors must be on one device");
+}
+
+at::Tensor bgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& adapter_ids) {
+  check_cuda_inputs("bgmv_shrink", x, {&lora_a, &adapter_ids});
+  TORCH_CHECK(x.dim() == 2 && lora_a.dim() == 3 && lora_a.size(2) == x.size(1), "bgmv_shrink: x [T, K], lora_a [S, R, K]");
+  TORCH_CHECK(adapter_ids.dim() == 1 && adapter_ids.size(0) == x.size(0) && adapter_ids.scalar_type() == at::kInt,
+              "bgmv_shrink: adapter_ids must be int32 [T]");
+  TORCH_CHECK(lora_a.scalar_type() == x.scalar_type(), "bgmv_shrink: lora_a must have x's dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  // The kernel walks rows with unit stride; other layouts (a transposed view) are made contiguous.
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor ac = lora_a.stride(2) == 1 ? lora_a : lora_a.contiguous();
+  const at::Tensor ids = adapter_ids.contiguous();
+  const int T = x.size(0), K = x.size(1), S = lora_a.size(0), R = lora_a.size(1);
+  at::Tensor s = at::empty({T, R}, x.options());
+  if (s.numel() == 0) return s;
+  const dim3 grid(T, (R + kWarps - 1) / kWarps), block(kWarps * kWarpSize);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bgmv_shrink", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec_ok = cuda::aligned16(xc.data_ptr()) && cuda::aligned16(ac.data_ptr()) && xc.stride(0) % kVec == 0 &&
+                        ac.stride(0) % kVec == 0 && ac.stride(1) % kVec == 0;
+    auto kernel = vec_ok ? bgmv_shrink_kernel<scalar_t, kVec> : bgmv_shrink_kernel<scalar_t, 1>;
+    kernel<<<grid, block, 0, stream>>>(xc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(), ids.data_ptr<int32_t>(),
+                                       s.data_ptr<scalar_t>(), K, R, S, xc.stride(0), ac.stride(0), ac.stride(1),
+                                       s.stride(0));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return s;
+}
+
+at::Tensor bgmv_expand_cuda(const at::Tensor& base, const at::Tensor& s, const at::Tensor& lora_b,
+                            const at::Tensor& scalings, const at::Tensor& adapter_ids) {
+  check_cuda_inputs("bgmv_expand", base, {&s, &lora_b, &scalings, &adapter_ids});
+  TORCH_CHECK(base.dim() == 2 && s.dim() == 2 && lora_b.dim() == 3 && s.size(0) == base.size(0) &&
+                  lora_b.size(1) == base.size(1) && lora_b.size(2) == s.size(1),
+              "bgmv_expand: base [T, N], s [T, R], lora_b [S, N, R]");
+  TORCH_CHECK(adapter_ids.dim() == 1 && adapter_ids.size(0) == base.size(0) && adapter_ids.scalar_type() == at::kInt,
+              "bgmv_expand: adapter_ids must be int32 [T]");
+  TORCH_CHECK(scalings.dim() == 1 && scalings.size(0) == lora_b.size(0) && scalings.scalar_type() == at::kFloat,
+              "bgmv_expand: scalings must be float32 [S]");
+  TORCH_CHECK(s.scalar_type() == base.scalar_type() && lora_b.scalar_type() == base.scalar_type(),
+              "bgmv_expand: s and lora_b must have base's dtype");
+  const c10::cuda::CUDAGuard guard(base.device());
+  const at::Tensor ids = adapter_ids.contiguous(), sc = scalings.contiguous();
+  const at::Tensor bc = base.stride(1) == 1 ? base : base.contiguous();  // rows read with unit stride
+  const at::Tensor sc_rows = s.stride(1) == 1 ? s : s.contiguous();
+  const int T = base.size(0), N = base.size(1), S = lora_b.size(0), R = lora_b.size(2);
+  at::Tensor out = at::empty_like(base, at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  const dim3 grid(T, (N + kWarps - 1) / kWarps), block(kWarps * kWarpSize);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "bgmv_expand", [&] {
+    bgmv_expand_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        bc.data_ptr<scalar_t>(), sc_rows.data_ptr<scalar_t>(), lora_b.data_ptr<scalar_t>(), sc.data_ptr<float>(),
+        ids.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), N, R, S, bc.stride(0), sc_rows.stride(0), lora_b.stride(0),
+        lora_b.stride(1), lora_b.stride(2), out.stride(0));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace fastpeft
+
+TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
+  m.impl("bgmv_shrink", &fastpeft::bgmv_shrink_cuda);
+  m.impl("bgmv_expand", &fastpeft::bgmv_expand_cuda);
+}

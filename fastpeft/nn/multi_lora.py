@@ -1,0 +1,181 @@
+"""MultiLoRALinear: one base linear layer serving many LoRA adapters in one batch."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.adapter_batch import AdapterBatch
+from ..ops.bgmv import bgmv_expand, bgmv_shrink
+from ..ops.sgmv import sgmv_expand, sgmv_shrink
+from .lora import is_conv1d
+
+_current = threading.local()  # the AdapterBatch of the forward running on this thread
+
+
+@contextlib.contextmanager
+def use_adapter_batch(batch: AdapterBatch):
+    """Every MultiLoRALinear called without adapter_ids inside the block routes by `batch`: the
+    metadata is built once per forward and shared by every layer (per thread)."""
+    previous = getattr(_current, "batch", None)
+    _current.batch = batch
+    try:
+        yield batch
+    finally:
+        _current.batch = previous
+
+
+def current_adapter_batch() -> AdapterBatch | None:
+    return getattr(_current, "batch", None)
+
+
+def _shrink(x, stack, batch: AdapterBatch):
+    if batch.prefers_segments():
+        return sgmv_shrink(x, stack, *batch.routing)
+    return bgmv_shrink(x, stack, batch.adapter_ids)
+
+
+def _expand(base, s, stack, scalings, batch: AdapterBatch):
+    if batch.prefers_segments():
+        return sgmv_expand(base, s, stack, scalings, *batch.routing)
+    return bgmv_expand(base, s, stack, scalings, batch.adapter_ids)
+
+
+class MultiLoRAFunction(torch.autograd.Function):
+    """out = y_base + scaling[slot]·B[slot]·A[slot]·x per token, with gradients for every slot
+    present in the batch (absent slots get exactly zero)."""
+
+    @staticmethod
+    def forward(ctx, x, y_base, lora_a, lora_b, scalings, batch):
+        s = _shrink(x, lora_a, batch)
+        ctx.save_for_backward(x, s, lora_a, lora_b, scalings)
+        ctx.batch = batch
+        return _expand(y_base, s, lora_b, scalings, batch)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, s, lora_a, lora_b, scalings = ctx.saved_tensors
+        batch = ctx.batch
+        grad_out = grad_out.contiguous()
+        # ds[t] = scaling[slot]·B[slot]ᵀ·dout[t]: a shrink by the transposed B stack, rows scaled.
+        ids = batch.adapter_ids.long()
+        row_scale = torch.where(ids >= 0, scalings[ids.clamp(min=0)], 0.0).to(grad_out.dtype)
+        ds = _shrink(grad_out, lora_b.transpose(1, 2), batch) * row_scale[:, None]
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # dx[t] = A[slot]ᵀ·ds[t]: an expand by the transposed A stack
+            ones = torch.ones_like(scalings)
+            grad_x = _expand(torch.zeros_like(x), ds, lora_a.transpose(1, 2), ones, batch)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grad_a, grad_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+            tokens = batch.sorted_tokens.long()
+            for start, length, slot in batch.segments:  # one GEMM pair per adapter present
+                idx = tokens[start:start + length]
+                ds_seg = ds.index_select(0, idx)
+                grad_a[slot] = ds_seg.t() @ x.index_select(0, idx)
+                grad_b[slot] = (grad_out.index_select(0, idx).t() @ s.index_select(0, idx)) * scalings[slot].item()
+        return grad_x, grad_out, grad_a, grad_b, None, None
+
+
+class MultiLoRALinear(nn.Module):
+    """A linear layer with up to `max_adapters` LoRA adapters (ranks up to `max_rank`) in stacked,
+    preallocated storage; each token (or sequence) of a batch picks its own.
+
+    ``lora_a`` is ``[max_adapters, max_rank, in]`` and ``lora_b`` ``[max_adapters, out, max_rank]``
+    (an adapter of lower rank is zero-padded); ``scalings`` is ``[max_adapters]`` float32. Loading
+    an adapter writes its slot in place: nothing is reallocated, nothing recompiled.
+
+    ``forward(x, adapter_ids)``: x ``[..., in]``; adapter_ids int ``[tokens]`` (one per row of x
+    flattened) or ``[batch]`` (one per sequence of x ``[batch, seq, in]``), -1 for the base model
+    alone. Without adapter_ids the batch of :func:`use_adapter_batch` is used.
+    """
+
+    def __init__(self, base_layer: nn.Module, max_adapters: int, max_rank: int, fan_in_fan_out: bool | None = None):
+        super().__init__()
+        weight = getattr(base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"MultiLoRALinear: base layer {type(base_layer).__name__} has no 2-D weight")
+        for name, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"MultiLoRALinear: {name} must be an integer >= 1, got {v!r}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer) if fan_in_fan_out is None else fan_in_fan_out
+        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.fan_in_fan_out else \
+            (weight.shape[1], weight.shape[0])
+        self.max_adapters, self.max_rank = max_adapters, max_rank
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, self.in_features, **factory))
+        self.lora_b = nn.Parameter(torch.zeros(max_adapters, self.out_features, max_rank, **factory))
+        self.register_buffer("scalings", torch.zeros(max_adapters, device=weight.device, dtype=torch.float32))
+        self.ranks = [0] * max_adapters
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def loaded(self) -> list[bool]:
+        return [r > 0 for r in self.ranks]
+
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
+            raise ValueError(f"MultiLoRALinear: slot {slot!r} is out of range [0, {self.max_adapters})")
+
+    @torch.no_grad()
+    def set_adapter(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Write one adapter (A ``[r, in]``, B ``[out, r]``, r <= max_rank) into `slot`, in place."""
+        self._check_slot(slot)
+        r = lora_a.shape[0]
+        if not 1 <= r <= self.max_rank:
+            raise ValueError(f"MultiLoRALinear: adapter rank {r} exceeds max_rank {self.max_rank}" if r > self.max_rank
+                             else "MultiLoRALinear: adapter rank must be >= 1")
+        if tuple(lora_a.shape) != (r, self.in_features) or tuple(lora_b.shape) != (self.out_features, r):
+            raise ValueError(f"MultiLoRALinear: expected lora_a [r, {self.in_features}] and lora_b "
+                             f"[{self.out_features}, r]; got {list(lora_a.shape)} and {list(lora_b.shape)}")
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.lora_a[slot, :r].copy_(lora_a)
+        self.lora_b[slot, :, :r].copy_(lora_b)
+        self.scalings[slot] = float(scaling)
+        self.ranks[slot] = r
+
+    @torch.no_grad()
+    def clear_adapter(self, slot: int) -> None:
+        self._check_slot(slot)
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.scalings[slot] = 0.0
+        self.ranks[slot] = 0
+
+    def batch_for(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> AdapterBatch:
+        tokens = x.numel() // x.shape[-1]
+        n = adapter_ids.shape[0] if isinstance(adapter_ids, torch.Tensor) and adapter_ids.dim() == 1 else None
+        per_row = None
+        if n is not None and n != tokens:
+            if x.dim() < 3 or x.shape[0] != n:
+                raise ValueError(f"MultiLoRALinear: adapter_ids has {n} entries; expected one per token ({tokens}) "
+                                 f"or one per sequence ({x.shape[0] if x.dim() >= 3 else 'x is not [batch, seq, in]'})")
+            per_row = tokens // n
+        return AdapterBatch.build(adapter_ids, self.max_adapters, self.loaded, tokens_per_row=per_row, device=x.device)
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        batch = self.batch_for(x, adapter_ids) if adapter_ids is not None else current_adapter_batch()
+        if batch is None:
+            raise ValueError("MultiLoRALinear: no adapter_ids given and no adapter batch is active "
+                             "(use fastpeft.nn.use_adapter_batch or pass adapter_ids)")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if batch.num_tokens != x2.shape[0]:
+            raise ValueError(f"MultiLoRALinear: the active adapter batch routes {batch.num_tokens} tokens but x has "
+                             f"{x2.shape[0]}")
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = self.base_layer(x2)
+        out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, max_adapters={self.max_adapters}, "
+                f"max_rank={self.max_rank}, loaded={sum(self.loaded)}")

@@ -1,0 +1,92 @@
+"""SGMV: segmented gathered LoRA products for mixed-adapter prefill and training.
+
+Tokens are grouped by adapter once per batch (:class:`AdapterBatch`); each segment of tokens
+sharing a slot is one small GEMM against that slot's factors. Same math as BGMV
+(``fastpeft/ops/bgmv.py``), a different work split: many tokens per adapter.
+
+Faces: reference (this file: the per-row loop of BGMV's reference), Triton ``kernels/sgmv.py``,
+C++ CPU ``csrc/cpu/sgmv.cpp``.
+
+``sgmv_shrink(x, lora_a, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len) -> s``
+``sgmv_expand(base, s, lora_b, scalings, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len) -> out``
+    Shapes as in BGMV; the routing tensors are ``AdapterBatch``'s (int32). Tokens in no segment
+    get s = 0 and out = base. Kernels mask token indices outside ``[0, T)`` and slots outside
+    ``[0, S)``, so no routing can make them read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _registry
+from .bgmv import bgmv_expand_reference, bgmv_shrink_reference, check_expand, check_index, check_shrink
+
+ROUTING = "Tensor sorted_tokens, Tensor seg_starts, Tensor seg_lens, Tensor seg_adapters, int max_seg_len"
+
+
+def _check_routing(op, T, device, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len):
+    check_index(op, "sorted_tokens", sorted_tokens, T, device)
+    check_index(op, "seg_starts", seg_starts, None, device)
+    U = seg_starts.shape[0]
+    check_index(op, "seg_lens", seg_lens, U, device)
+    check_index(op, "seg_adapters", seg_adapters, U, device)
+    if not isinstance(max_seg_len, int) or max_seg_len < 0:
+        raise ValueError(f"{op}: max_seg_len must be an int >= 0, got {max_seg_len!r}")
+
+
+def _check_sgmv_shrink(x, lora_a, *routing):
+    check_shrink("sgmv_shrink", x, lora_a)
+    _check_routing("sgmv_shrink", x.shape[0], x.device, *routing)
+
+
+def _check_sgmv_expand(base, s, lora_b, scalings, *routing):
+    check_expand("sgmv_expand", base, s, lora_b, scalings)
+    _check_routing("sgmv_expand", base.shape[0], base.device, *routing)
+
+
+def token_slots(T, num_slots, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len):
+    """Per-token slot ids (-1 where no segment covers the token), from the routing tensors."""
+    ids = torch.full((T,), -1, dtype=torch.int32)
+    tokens = sorted_tokens.tolist()
+    for start, length, slot in zip(seg_starts.tolist(), seg_lens.tolist(), seg_adapters.tolist()):
+        for t in tokens[start:start + length]:
+            if 0 <= t < T and 0 <= slot < num_slots:
+                ids[t] = slot
+    return ids
+
+
+def sgmv_shrink_reference(x, lora_a, *routing):
+    return bgmv_shrink_reference(x, lora_a, token_slots(x.shape[0], lora_a.shape[0], *routing))
+
+
+def sgmv_expand_reference(base, s, lora_b, scalings, *routing):
+    return bgmv_expand_reference(base, s, lora_b, scalings, token_slots(base.shape[0], lora_b.shape[0], *routing))
+
+
+def _choose(device, *args):
+    if device.type == "cuda":
+        return ("triton", "cuda", "torch")
+    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
+
+
+sgmv_shrink = _registry.define(
+    "sgmv_shrink", f"(Tensor x, Tensor lora_a, {ROUTING}) -> Tensor",
+    check=_check_sgmv_shrink, fake=lambda x, a, *routing: x.new_empty(x.shape[0], a.shape[1]),
+    reference=sgmv_shrink_reference, choose=_choose)
+
+sgmv_expand = _registry.define(
+    "sgmv_expand", f"(Tensor base, Tensor s, Tensor lora_b, Tensor scalings, {ROUTING}) -> Tensor",
+    check=_check_sgmv_expand, fake=lambda base, *rest: torch.empty_like(base),
+    reference=sgmv_expand_reference, choose=_choose)
+
+
+def _register_triton_faces():
+    try:
+        from ..kernels import sgmv as triton_sgmv
+    except ImportError:
+        return
+    sgmv_shrink.register_triton(triton_sgmv.sgmv_shrink)
+    sgmv_expand.register_triton(triton_sgmv.sgmv_expand)
+
+
+_register_triton_faces()

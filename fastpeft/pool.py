@@ -1,0 +1,198 @@
+"""AdapterPool: one base model in memory serving many LoRA adapters in one batch.
+
+The pool swaps the model's linear layers (chosen by rules, as ``get_peft_model`` does) for
+:class:`~fastpeft.nn.MultiLoRALinear` layers with preallocated slots. ``pool.load`` writes a
+PEFT-format checkpoint into a free slot in place (no reallocation, no recompilation); calling
+the model with ``adapter_names=[...]`` (one per sequence, None for the base model) or
+``adapter_ids=`` builds the batch routing once and every layer shares it.
+
+Thread safety: a slot is written while it is invisible (reserved, not yet named) and published
+under the lock; ``unload`` hides the name at once, then waits until no forward pass that was
+routed to the slot is still running before clearing it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import PREFIX, CheckpointError, _read_weights
+from .config import LoraConfig
+from .nn.multi_lora import MultiLoRALinear, _current
+from .ops.adapter_batch import AdapterBatch
+from .peft_model import _parent, _pattern_value, find_targets
+
+
+class AdapterPool:
+    """Up to `max_adapters` LoRA adapters of rank up to `max_rank` on `model` (changed in place).
+
+    Args:
+        model: any ``nn.Module`` (a transformers model: its input_ids ``[batch, seq]`` sets the
+            tokens per sequence).
+        target_modules: the layers that can hold adapters (PEFT's matching rules; default
+            "all-linear"). A checkpoint touching another layer is refused.
+    """
+
+    def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, target_modules="all-linear"):
+        targets, _ = find_targets(model, LoraConfig(r=1, target_modules=target_modules))
+        self.model = model
+        self.max_adapters, self.max_rank = max_adapters, max_rank
+        self.layers: dict[str, MultiLoRALinear] = {}
+        for t in targets:
+            layer = MultiLoRALinear(t.module, max_adapters, max_rank)
+            parent, child = _parent(model, t.name)
+            setattr(parent, child, layer)
+            self.layers[t.name] = layer
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._slots: dict[str, int] = {}
+        self._free = list(range(max_adapters))
+        self._in_flight = [0] * max_adapters
+        self._lock = threading.Condition()
+        model.register_forward_pre_hook(self._enter, with_kwargs=True)
+        model.register_forward_hook(self._exit, with_kwargs=True, always_call=True)
+
+    # ------------------------------------------------------------ adapters
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._slots)
+
+    def slot_of(self, name: str) -> int:
+        with self._lock:
+            if name not in self._slots:
+                raise KeyError(f"no adapter named {name!r} in the pool; loaded: {sorted(self._slots)}")
+            return self._slots[name]
+
+    def _plan(self, directory: str):
+        """(layer, A, B, scaling) for every layer the checkpoint adapts; raises before any write."""
+        try:
+            config = LoraConfig.load(directory)
+        except (ValueError, FileNotFoundError) as e:
+            raise CheckpointError(str(e)) from None
+        if config.modules_to_save or config.bias != "none":
+            raise CheckpointError("adapter pools hold LoRA factors only: modules_to_save and trained biases "
+                                  f"are not supported (adapter_config.json of {directory})")
+        state = _read_weights(directory)
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            for part in ("lora_A", "lora_B"):
+                suffix = f".{part}.weight"
+                if key.startswith(PREFIX) and key.endswith(suffix):
+                    pairs.setdefault(key[len(PREFIX):-len(suffix)], {})[part] = tensor
+                    break
+            else:
+                raise CheckpointError(f"checkpoint key {key!r} is not a LoRA factor (pools hold LoRA factors only)")
+        plan = []
+        for module in sorted(pairs):
+            if module not in self.layers:
+                raise CheckpointError(f"checkpoint adapts {module!r}, which this pool does not hold "
+                                      f"(pool layers are like {sorted(self.layers)[:3]})")
+            a, b = pairs[module].get("lora_A"), pairs[module].get("lora_B")
+            if a is None or b is None:
+                raise CheckpointError(f"checkpoint has only one of lora_A/lora_B for {module!r}")
+            layer = self.layers[module]
+            r = a.shape[0]
+            if r > self.max_rank:
+                raise CheckpointError(f"checkpoint rank {r} for {module!r} exceeds the pool's max_rank {self.max_rank}")
+            if tuple(a.shape) != (r, layer.in_features) or tuple(b.shape) != (layer.out_features, r):
+                raise CheckpointError(f"checkpoint factors for {module!r} have shapes {list(a.shape)} and "
+                                      f"{list(b.shape)}; the layer expects [r, {layer.in_features}] and "
+                                      f"[{layer.out_features}, r]")
+            alpha = _pattern_value(config.alpha_pattern, module, config.lora_alpha)
+            scaling = alpha / (r ** 0.5 if config.use_rslora else r)
+            plan.append((layer, a, b, scaling))
+        if not plan:
+            raise CheckpointError(f"checkpoint in {directory} holds no LoRA factors")
+        return plan
+
+    def load(self, name: str, directory: str) -> int:
+        """Load a PEFT-format LoRA checkpoint into a free slot; returns the slot."""
+        plan = self._plan(directory)  # every check first: a refused checkpoint changes nothing
+        with self._lock:
+            if name in self._slots:
+                raise ValueError(f"an adapter named {name!r} is already loaded (slot {self._slots[name]})")
+            if not self._free:
+                raise RuntimeError(f"the adapter pool is full ({self.max_adapters} adapters); unload one first")
+            slot = self._free.pop(0)  # reserved: not routable until published below
+        try:
+            for layer in self.layers.values():
+                layer.clear_adapter(slot)  # layers the checkpoint does not adapt act as the base
+            for layer, a, b, scaling in plan:
+                layer.set_adapter(slot, a.to(layer.lora_a.dtype), b.to(layer.lora_b.dtype), scaling)
+        except BaseException:
+            with self._lock:
+                self._free.insert(0, slot)
+            raise
+        with self._lock:
+            self._slots[name] = slot
+        return slot
+
+    def unload(self, name: str) -> None:
+        """Remove an adapter; waits for forward passes already routed to it to finish."""
+        with self._lock:
+            if name not in self._slots:
+                raise KeyError(f"no adapter named {name!r} in the pool; loaded: {sorted(self._slots)}")
+            slot = self._slots.pop(name)
+            self._lock.wait_for(lambda: self._in_flight[slot] == 0)
+        for layer in self.layers.values():
+            layer.clear_adapter(slot)
+        with self._lock:
+            self._free.append(slot)
+
+    # ------------------------------------------------------------ routing
+
+    def _tokens_per_sequence(self, args, kwargs) -> tuple[int, int, torch.device]:
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError("AdapterPool: call the model with input_ids [batch, seq] (or inputs_embeds) to route "
+                             "adapters per sequence")
+        return x.shape[0], x.shape[1], x.device
+
+    def _enter(self, module, args, kwargs):
+        # Pushed first: if routing fails below, the always-called exit hook still pops exactly this.
+        _current.stack = getattr(_current, "stack", [])
+        _current.stack.append((getattr(_current, "batch", None), []))
+        names = kwargs.pop("adapter_names", None)
+        ids = kwargs.pop("adapter_ids", None)
+        if names is not None and ids is not None:
+            raise ValueError("pass adapter_names or adapter_ids, not both")
+        batch_size, seq, device = self._tokens_per_sequence(args, kwargs)
+        with self._lock:
+            if names is not None:
+                if len(names) != batch_size:
+                    raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size} sequences")
+                unknown = [n for n in names if n is not None and n not in self._slots]
+                if unknown:
+                    raise KeyError(f"no adapter named {unknown[0]!r} in the pool; loaded: {sorted(self._slots)}")
+                ids = torch.tensor([-1 if n is None else self._slots[n] for n in names], dtype=torch.int64)
+            elif ids is None:
+                ids = torch.full((batch_size,), -1, dtype=torch.int64)
+            loaded = [False] * self.max_adapters
+            for slot in self._slots.values():
+                loaded[slot] = True
+            per_token = isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.shape[0] == batch_size * seq \
+                and batch_size * seq != batch_size
+            batch = AdapterBatch.build(ids, self.max_adapters, loaded, tokens_per_row=None if per_token else seq,
+                                       device=device)
+            used = sorted({slot for _, _, slot in batch.segments})
+            for slot in used:
+                self._in_flight[slot] += 1
+        _current.stack[-1] = (_current.stack[-1][0], used)
+        _current.batch = batch
+        return args, kwargs
+
+    def _exit(self, module, args, kwargs, output):
+        previous, used = _current.stack.pop()
+        _current.batch = previous
+        with self._lock:
+            for slot in used:
+                self._in_flight[slot] -= 1
+            self._lock.notify_all()
+        return output
+

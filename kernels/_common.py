@@ -1,0 +1,49 @@
+"""Helpers shared by the Triton kernels of fastpeft."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def dot(a, b, acc, INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr):
+    """``acc + a·b``. BF16_VIA_FP32 is set only under the CPU interpreter, whose bf16 ``tl.dot``
+    returns garbage (Triton 3.8: values ~1e10 for O(1) inputs). Upcasting is exact (a product of
+    two bf16 values fits in fp32), so the interpreter computes what the GPU's bf16 MMA computes."""
+    if BF16_VIA_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+def bf16_via_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch's own switch: full-precision products unless the user allowed TF32."""
+    if dtype != torch.float32:
+        return "tf32"  # not used for half types
+    try:
+        allow = torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # the user set the newer fp32_precision API; reading the legacy flag then raises
+        allow = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    return "tf32" if allow else "ieee"
+
+
+BLOCK_R_CHOICES = (16, 32, 64)  # tl.dot needs >= 16; ranks above 64 loop over 64-wide chunks
+
+
+def block_r(R: int) -> int:
+    return min(max(16, triton.next_power_of_2(max(R, 1))), BLOCK_R_CHOICES[-1])
+
+
+TRITON_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

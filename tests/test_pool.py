@@ -1,0 +1,134 @@
+"""AdapterPool: PEFT checkpoints in slots, mixed batches through a whole model, thread safety."""
+
+import threading
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.checkpoint import CheckpointError
+
+from conftest import assert_close
+from models import model_inputs, tiny_model
+
+peft = pytest.importorskip("peft")
+
+ADAPTERS = {"a": dict(r=2, lora_alpha=4), "b": dict(r=8, lora_alpha=8, use_rslora=True), "c": dict(r=4, lora_alpha=16)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Three LoRA adapters of a tiny Llama with different ranks and targets, written by peft."""
+    root = tmp_path_factory.mktemp("adapters")
+    targets = {"a": ["q_proj", "v_proj"], "b": "all-linear", "c": ["o_proj", "down_proj"]}
+    for seed, (name, kw) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(seed)
+        m = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(target_modules=targets[name],
+                                                                     init_lora_weights=False, **kw))
+        m.save_pretrained(root / name)
+    return root
+
+
+def peft_alone(checkpoints, name, ids):
+    model = peft.PeftModel.from_pretrained(tiny_model("llama"), str(checkpoints / name))
+    return model(input_ids=ids).logits
+
+
+def test_mixed_batch_equals_each_request_alone_through_peft(checkpoints):
+    model = tiny_model("llama")
+    pool = fastpeft.AdapterPool(model, max_adapters=4, max_rank=8)
+    for name in ADAPTERS:
+        pool.load(name, str(checkpoints / name))
+    assert pool.names() == ["a", "b", "c"]
+    ids = model_inputs("llama", batch=5, seq=6)["input_ids"]
+    names = ["c", None, "a", "b", "a"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            alone = tiny_model("llama")(input_ids=ids[row:row + 1]).logits if name is None else \
+                peft_alone(checkpoints, name, ids[row:row + 1])
+            assert_close(mixed[row:row + 1], alone, msg=f"row {row} ({name})")
+        by_ids = model(input_ids=ids, adapter_ids=torch.tensor([pool.slot_of(n) if n else -1 for n in names])).logits
+    assert_close(by_ids, mixed)
+
+
+def test_pool_errors_leave_it_unchanged(checkpoints, tmp_path):
+    model = tiny_model("llama")
+    pool = fastpeft.AdapterPool(model, max_adapters=2, max_rank=4)
+    with pytest.raises(CheckpointError, match="checkpoint rank 8 .* exceeds the pool's max_rank 4"):
+        pool.load("b", str(checkpoints / "b"))
+    assert pool.names() == []
+    pool.load("a", str(checkpoints / "a"))
+    pool.load("c", str(checkpoints / "c"))
+    with pytest.raises(RuntimeError, match=r"the adapter pool is full \(2 adapters\)"):
+        pool.load("a2", str(checkpoints / "a"))
+    pool.unload("c")
+    with pytest.raises(ValueError, match="an adapter named 'a' is already loaded"):
+        pool.load("a", str(checkpoints / "a"))
+    ids = model_inputs("llama", batch=2)["input_ids"]
+    with pytest.raises(KeyError, match="no adapter named 'zzz' in the pool"):
+        model(input_ids=ids, adapter_names=["a", "zzz"])
+    with pytest.raises(ValueError, match="adapter_names has 1 entries for a batch of 2 sequences"):
+        model(input_ids=ids, adapter_names=["a"])
+    with pytest.raises(ValueError, match="points at an empty slot"):
+        model(input_ids=ids, adapter_ids=torch.tensor([0, 1]))  # c was unloaded from slot 1
+    # after the refusals the pool still serves
+    out = model(input_ids=ids, adapter_names=["a", None]).logits
+    assert_close(out[:1], peft_alone(checkpoints, "a", ids[:1]))
+
+
+def test_load_and_unload_while_other_threads_run_forward(checkpoints):
+    model = tiny_model("llama")
+    pool = fastpeft.AdapterPool(model, max_adapters=3, max_rank=8)
+    pool.load("a", str(checkpoints / "a"))
+    ids = model_inputs("llama", batch=2, seq=5)["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=["a", None]).logits
+    pool.load("b", str(checkpoints / "b"))
+    with torch.no_grad():
+        expected_b = model(input_ids=ids, adapter_names=["b", None]).logits
+    pool.unload("b")
+    errors, done, served_b = [], threading.Event(), []
+
+    def serve_b():
+        """Requests for "b" while it comes and goes: refused by name, or served whole, never half."""
+        try:
+            with torch.no_grad():
+                while not done.is_set():
+                    try:
+                        out = model(input_ids=ids, adapter_names=["b", None]).logits
+                    except KeyError:
+                        continue
+                    assert_close(out, expected_b)
+                    served_b.append(1)
+        except BaseException as e:
+            errors.append(e)
+
+    def serve():
+        try:
+            with torch.no_grad():
+                while not done.is_set():
+                    assert_close(model(input_ids=ids, adapter_names=["a", None]).logits, expected)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    def churn():
+        try:
+            for _ in range(15):
+                pool.load("b", str(checkpoints / "b"))
+                with torch.no_grad():
+                    model(input_ids=ids, adapter_names=["b", "a"])
+                pool.unload("b")
+        except BaseException as e:
+            errors.append(e)
+
+    servers = [threading.Thread(target=serve), threading.Thread(target=serve_b)]
+    churner = threading.Thread(target=churn)
+    for t in servers + [churner]:
+        t.start()
+    churner.join(timeout=240)
+    done.set()
+    for t in servers:
+        t.join(timeout=60)
+    assert not errors, errors[0]
+    assert pool.names() == ["a"] and served_b  # "b" was really served while loading and unloading went on
