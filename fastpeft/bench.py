@@ -293,11 +293,11 @@ def multi_lora_cases(device: str, quick: bool) -> list[MultiLoRACase]:
         return [MultiLoRACase(16, 128, 128, 8, 4, "fp32" if device == "cpu" else "bf16", "quick")]
     if device == "cuda":
         return [MultiLoRACase(64, 4096, 4096, 16, u, "bf16", "decode",
-                              [("fastpeft", "peft", 1 / 5)] if u >= 8 else []) for u in (1, 8, 64)]
+                              targets=[("fastpeft", "peft", 1 / 5)] if u >= 8 else []) for u in (1, 8, 64)]
     # The brief's CPU targets: what the adapters add to the base layer at most a third of what they
     # add in PEFT (whose layer took 1.3-1.45x the base alone here), and at most 10 % of the base.
     return [MultiLoRACase(64, 4096, 4096, 16, 32, "fp32", "decode",
-                          [("overhead fastpeft", "peft", 1 / 3), ("fastpeft", "base", 1.10)])]
+                          targets=[("overhead fastpeft", "peft", 1 / 3), ("fastpeft", "base", 1.10)])]
 
 
 def _peft_multi_layer(base: nn.Linear, r: int, U: int):
