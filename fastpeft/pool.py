@@ -2,7 +2,7 @@
 
 The pool swaps the model's linear layers (chosen by rules, as ``get_peft_model`` does) for
 :class:`~fastpeft.nn.MultiLoRALinear` layers with preallocated slots. ``pool.load`` writes a
-PEFT-format checkpoint into a free slot in place (no reallocation, no recompilation); calling
+PEFT-format LoRA or (IA)³ checkpoint into a free slot in place (no reallocation, no recompilation); calling
 the model with ``adapter_names=[...]`` (one per sequence, None for the base model) or
 ``adapter_ids=`` builds the batch routing once and every layer shares it.
 
@@ -13,6 +13,7 @@ routed to the slot is still running before clearing it.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -67,8 +68,36 @@ class AdapterPool:
                 raise KeyError(f"no adapter named {name!r} in the pool; loaded: {sorted(self._slots)}")
             return self._slots[name]
 
+    def _plan_ia3(self, directory: str):
+        """(write, layer, args) for every layer a PEFT (IA)³ checkpoint scales."""
+        state = _read_weights(directory)
+        plan = []
+        for key, vector in sorted(state.items()):
+            if not (key.startswith(PREFIX) and key.endswith(".ia3_l")):
+                raise CheckpointError(f"checkpoint key {key!r} is not an (IA)3 vector")
+            module = key[len(PREFIX):-len(".ia3_l")]
+            if module not in self.layers:
+                raise CheckpointError(f"checkpoint scales {module!r}, which this pool does not hold")
+            layer = self.layers[module]
+            feedforward = vector.shape[0] == 1  # PEFT stores [1, in] for feed-forward layers, [out, 1] otherwise
+            size = layer.in_features if feedforward else layer.out_features
+            if vector.numel() != size:
+                raise CheckpointError(f"checkpoint key {key!r} has shape {list(vector.shape)}; the layer expects "
+                                      f"{[1, size] if feedforward else [size, 1]}")
+            plan.append((layer.set_ia3, (vector.to(layer.ia3_in.dtype), feedforward)))
+        if not plan:
+            raise CheckpointError(f"checkpoint in {directory} holds no (IA)3 vectors")
+        return plan
+
     def _plan(self, directory: str):
-        """(layer, A, B, scaling) for every layer the checkpoint adapts; raises before any write."""
+        """(write, args) for every layer the checkpoint adapts; raises before any write."""
+        try:
+            with open(os.path.join(directory, "adapter_config.json")) as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read adapter_config.json in {directory} ({e})") from None
+        if isinstance(raw, dict) and raw.get("peft_type") == "IA3":
+            return self._plan_ia3(directory)
         try:
             config = LoraConfig.load(directory)
         except (ValueError, FileNotFoundError) as e:
@@ -104,13 +133,13 @@ class AdapterPool:
                                       f"[{layer.out_features}, r]")
             alpha = _pattern_value(config.alpha_pattern, module, config.lora_alpha)
             scaling = alpha / (r ** 0.5 if config.use_rslora else r)
-            plan.append((layer, a, b, scaling))
+            plan.append((layer.set_adapter, (a.to(layer.lora_a.dtype), b.to(layer.lora_b.dtype), scaling)))
         if not plan:
             raise CheckpointError(f"checkpoint in {directory} holds no LoRA factors")
         return plan
 
     def load(self, name: str, directory: str) -> int:
-        """Load a PEFT-format LoRA checkpoint into a free slot; returns the slot."""
+        """Load a PEFT-format LoRA or (IA)³ checkpoint into a free slot; returns the slot."""
         plan = self._plan(directory)  # every check first: a refused checkpoint changes nothing
         with self._lock:
             if name in self._slots:
@@ -121,8 +150,8 @@ class AdapterPool:
         try:
             for layer in self.layers.values():
                 layer.clear_adapter(slot)  # layers the checkpoint does not adapt act as the base
-            for layer, a, b, scaling in plan:
-                layer.set_adapter(slot, a.to(layer.lora_a.dtype), b.to(layer.lora_b.dtype), scaling)
+            for write, args in plan:
+                write(slot, *args)
         except BaseException:
             with self._lock:
                 self._free.insert(0, slot)

@@ -132,3 +132,29 @@ def test_load_and_unload_while_other_threads_run_forward(checkpoints):
         t.join(timeout=60)
     assert not errors, errors[0]
     assert pool.names() == ["a"] and served_b  # "b" was really served while loading and unloading went on
+
+
+def test_ia3_and_lora_adapters_in_one_mixed_batch(checkpoints, tmp_path):
+    torch.manual_seed(7)
+    ia3 = peft.get_peft_model(tiny_model("llama"), peft.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False))
+    with torch.no_grad():
+        for n, p in ia3.named_parameters():
+            if "ia3_l" in n:
+                p.uniform_(0.5, 1.5)  # not the identity
+    ia3.save_pretrained(tmp_path / "ia3")
+    model = tiny_model("llama")
+    pool = fastpeft.AdapterPool(model, max_adapters=3, max_rank=8)
+    pool.load("ia3", str(tmp_path / "ia3"))
+    pool.load("a", str(checkpoints / "a"))
+    ids = model_inputs("llama", batch=3, seq=5)["input_ids"]
+    names = ["ia3", "a", None]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        alone_ia3 = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "ia3"))(input_ids=ids[:1]).logits
+        assert_close(mixed[:1], alone_ia3)
+        assert_close(mixed[1:2], peft_alone(checkpoints, "a", ids[1:2]))
+        assert_close(mixed[2:], tiny_model("llama")(input_ids=ids[2:]).logits)
+    pool.unload("ia3")
+    with torch.no_grad():
+        assert_close(model(input_ids=ids, adapter_names=[None, "a", None]).logits[2:], mixed[2:])

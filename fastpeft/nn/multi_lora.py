@@ -111,13 +111,17 @@ class MultiLoRALinear(nn.Module):
         self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, self.in_features, **factory))
         self.lora_b = nn.Parameter(torch.zeros(max_adapters, self.out_features, max_rank, **factory))
         self.register_buffer("scalings", torch.zeros(max_adapters, device=weight.device, dtype=torch.float32))
+        # (IA)³ vectors per slot, gathered per token; the extra last row (ones) serves id -1.
+        self.register_buffer("ia3_in", torch.ones(max_adapters + 1, self.in_features, **factory))
+        self.register_buffer("ia3_out", torch.ones(max_adapters + 1, self.out_features, **factory))
         self.ranks = [0] * max_adapters
+        self.ia3_slots: set[int] = set()
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
     @property
     def loaded(self) -> list[bool]:
-        return [r > 0 for r in self.ranks]
+        return [r > 0 or i in self.ia3_slots for i, r in enumerate(self.ranks)]
 
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
@@ -142,12 +146,27 @@ class MultiLoRALinear(nn.Module):
         self.ranks[slot] = r
 
     @torch.no_grad()
+    def set_ia3(self, slot: int, vector: torch.Tensor, feedforward: bool) -> None:
+        """Write an (IA)³ vector into `slot`: it scales this layer's input (feed-forward layers,
+        ``[in]``) or its output (``[out]``), as PEFT's IA3 does."""
+        self._check_slot(slot)
+        table, size = (self.ia3_in, self.in_features) if feedforward else (self.ia3_out, self.out_features)
+        if vector.numel() != size:
+            raise ValueError(f"MultiLoRALinear: (IA)3 vector has {vector.numel()} entries; this layer's "
+                             f"{'input' if feedforward else 'output'} has {size}")
+        table[slot].copy_(vector.flatten())
+        self.ia3_slots.add(slot)
+
+    @torch.no_grad()
     def clear_adapter(self, slot: int) -> None:
         self._check_slot(slot)
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.scalings[slot] = 0.0
+        self.ia3_in[slot].fill_(1.0)
+        self.ia3_out[slot].fill_(1.0)
         self.ranks[slot] = 0
+        self.ia3_slots.discard(slot)
 
     def batch_for(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> AdapterBatch:
         tokens = x.numel() // x.shape[-1]
@@ -172,7 +191,14 @@ class MultiLoRALinear(nn.Module):
                              f"{x2.shape[0]}")
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
+        rows = None
+        if self.ia3_slots:  # (IA)³ in the pool: per-token vectors, gathered (id -1 -> the row of ones)
+            ids = batch.adapter_ids.long()
+            rows = torch.where(ids >= 0, ids, self.max_adapters)
+            x2 = x2 * self.ia3_in[rows]
         y = self.base_layer(x2)
+        if rows is not None:
+            y = y * self.ia3_out[rows]
         out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch)
         return out.reshape(*lead, self.out_features)
 
