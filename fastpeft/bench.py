@@ -66,7 +66,8 @@ def lora_cases(device: str, quick: bool) -> list[LoRACase]:
     ]
 
 
-def _peft_layer(base: nn.Linear, r: int):
+def _peft_layer(base: nn.Linear, r: int, adapter_names=("default",)):
+    """PEFT's LoRA layer around `base` (shared, not copied) with one adapter per name; None without peft."""
     try:
         import peft
     except ImportError:
@@ -80,8 +81,13 @@ def _peft_layer(base: nn.Linear, r: int):
         def forward(self, x):
             return self.proj(x)
 
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], init_lora_weights=False)
-    return peft.get_peft_model(Holder(), cfg).base_model.model.proj
+    def config():
+        return peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], init_lora_weights=False)
+
+    model = peft.get_peft_model(Holder(), config(), adapter_name=adapter_names[0])
+    for name in adapter_names[1:]:
+        model.add_adapter(name, config())
+    return model.base_model.model.proj
 
 
 def lora_variants(case: LoRACase, device: str) -> dict[str, Callable[[], None]]:
@@ -300,35 +306,13 @@ def multi_lora_cases(device: str, quick: bool) -> list[MultiLoRACase]:
                           targets=[("overhead fastpeft", "peft", 1 / 3), ("fastpeft", "base", 1.10)])]
 
 
-def _peft_multi_layer(base: nn.Linear, r: int, U: int):
-    try:
-        import peft
-    except ImportError:
-        return None
-
-    class Holder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = base
-
-        def forward(self, x):
-            return self.proj(x)
-
-    model = peft.get_peft_model(Holder(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
-                                                          init_lora_weights=False), adapter_name="a0")
-    for u in range(1, U):
-        model.add_adapter(f"a{u}", peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
-                                                   init_lora_weights=False))
-    return model.base_model.model.proj
-
-
 def multi_lora_variants(case: MultiLoRACase, device: str) -> dict[str, Callable[[], None]]:
     from .nn import MultiLoRALinear
 
     dtype = DTYPE_NAMES[case.dtype]
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(case.K, case.N, bias=False)
-    peft_layer = _peft_multi_layer(base, case.r, case.U)
+    peft_layer = _peft_layer(base, case.r, [f"a{u}" for u in range(case.U)])
     base = base.to(device=device, dtype=dtype).requires_grad_(False)
     layer = MultiLoRALinear(base, max_adapters=max(case.U, 1), max_rank=case.r).to(device)
     separate = LoRALinear(base, adapter_name=None)  # one adapter at a time, the fused single-adapter layer
