@@ -1,0 +1,109 @@
+"""NF4 weights in bitsandbytes' format: the same bytes, the same values, clear refusals."""
+
+import pytest
+import torch
+
+from fastpeft.quant import dequantize_nf4, dynamic_map, nf4_code, nf4_from_state_dict, quantize_nf4
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as BF  # noqa: E402
+
+SHAPES = [(64, 96), (33, 7), (5, 13), (1, 1), (128, 300)]  # odd element counts, a short last block
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def test_tables_equal_bitsandbytes():
+    assert torch.equal(dynamic_map(), BF.create_dynamic_map(signed=True))
+    assert torch.equal(nf4_code(), BF.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", [64, 128, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16-storage"])
+def test_quantiser_writes_bitsandbytes_bytes(shape, blocksize, dtype, storage):
+    w = torch.randn(*shape).to(dtype)
+    if storage != torch.uint8 and ((w.numel() + 1) // 2) % 2:
+        with pytest.raises(ValueError, match="cannot be stored as torch.bfloat16"):
+            quantize_nf4(w, blocksize, quant_storage=storage)
+        return
+    q = quantize_nf4(w, blocksize, quant_storage=storage)
+    packed, state = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", quant_storage=storage)
+    assert q.packed.dtype == packed.dtype and q.packed.shape == packed.shape
+    assert torch.equal(q.packed.view(torch.uint8), packed.view(torch.uint8))  # bytes, not values: bf16 NaNs
+    assert torch.equal(q.absmax, state.absmax)
+    assert torch.equal(dequantize_nf4(q), BF.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantiser_reads_a_bitsandbytes_linear4bit_state_dict(compress, blocksize, dtype):
+    w = torch.randn(70, 96).to(dtype)
+    layer = bnb.nn.Linear4bit(96, 70, bias=False, quant_type="nf4", compress_statistics=compress)
+    layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=compress,
+                                     blocksize=blocksize)
+    layer = layer.to("cpu")
+    q = nf4_from_state_dict(layer.state_dict())
+    assert q.double_quant == compress and q.blocksize == blocksize and q.shape == w.shape and q.dtype == dtype
+    assert torch.equal(dequantize_nf4(q), BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["single", "double"])
+def test_state_dict_round_trip(compress):
+    w = torch.randn(33, 64)
+    q = quantize_nf4(w, 64, double_quant=compress)
+    back = nf4_from_state_dict(q.state_dict())
+    assert torch.equal(dequantize_nf4(back), dequantize_nf4(q))
+
+
+def test_quantisation_error_is_nf4s():
+    w = torch.randn(256, 256)
+    for compress in (False, True):
+        d = dequantize_nf4(quantize_nf4(w, 64, double_quant=compress))
+        rel = (d - w).norm() / w.norm()
+        assert 0.05 < rel < 0.12, rel  # 4 bits: about 10 % relative error, never exact, never garbage
+
+
+def test_double_quant_stores_uint8_absmax_close_to_the_float_one():
+    w = torch.randn(64, 512)
+    single, double = quantize_nf4(w, 64), quantize_nf4(w, 64, double_quant=True)
+    assert double.absmax.dtype == torch.uint8 and double.nested_absmax.dtype == torch.float32
+    assert double.nested_absmax.numel() == 2  # 512 blocks of 64, absmax in blocks of 256
+    assert torch.equal(double.packed, single.packed)
+    torch.testing.assert_close(double.block_absmax(), single.absmax, rtol=2e-2, atol=0)
+
+
+def corrupt(state, **changes):
+    out = dict(state)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key)
+        else:
+            out[key] = value
+    return out
+
+
+def test_bad_quantiser_input():
+    with pytest.raises(ValueError, match="blocksize 48 is not supported"):
+        quantize_nf4(torch.randn(4, 4), 48)
+    with pytest.raises(TypeError, match="expected a floating-point tensor"):
+        quantize_nf4(torch.ones(4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="the weight is empty"):
+        quantize_nf4(torch.randn(0, 4))
+
+
+def test_bad_state_dicts_are_refused():
+    state = quantize_nf4(torch.randn(64, 96), 64, double_quant=True).state_dict()
+    with pytest.raises(ValueError, match=r"missing 'weight.nested_absmax' \(its quant state says double"):
+        nf4_from_state_dict(corrupt(state, **{"weight.nested_absmax": None}))
+    with pytest.raises(ValueError, match=r"weight.absmax has 95 entries; a \[64, 96\] weight in blocks of 64 has 96"):
+        nf4_from_state_dict(corrupt(state, **{"weight.absmax": state["weight.absmax"][:95]}))
+    with pytest.raises(ValueError, match=r"3071 packed bytes for a \[64, 96\] weight; expected 3072"):
+        nf4_from_state_dict(corrupt(state, weight=state["weight"][:3071]))
+    fp4 = corrupt(state, **{"weight.quant_state.bitsandbytes__nf4": None,
+                            "weight.quant_state.bitsandbytes__fp4": state["weight.quant_state.bitsandbytes__nf4"]})
+    with pytest.raises(ValueError, match="quant_type 'fp4' is not supported"):
+        nf4_from_state_dict(fp4)
+    with pytest.raises(ValueError, match="not a bitsandbytes 4-bit weight"):
+        nf4_from_state_dict({"weight": torch.zeros(3)})
