@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch.nn as nn
 
 from .config import LoraConfig
+from .nn.linear4bit import Linear4bit
 from .nn.lora import LoRALinear, is_conv1d
 
 # Used when target_modules is None: the attention query/value projections under the names common
@@ -104,15 +105,15 @@ def _layer_index_ok(name: str, config: LoraConfig) -> bool:
 
 def layer_features(module: nn.Module, config: LoraConfig) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a module LoRA can adapt."""
-    if isinstance(module, LoRALinear):
-        return module.in_features, module.out_features, module.fan_in_fan_out
+    if isinstance(module, (LoRALinear, Linear4bit)):
+        return module.in_features, module.out_features, getattr(module, "fan_in_fan_out", False)
     fan_in_fan_out = config.fan_in_fan_out or is_conv1d(module)
     rows, cols = module.weight.shape
     return (rows, cols, True) if fan_in_fan_out else (cols, rows, False)
 
 
 def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, LoRALinear, Linear4bit)) or is_conv1d(module)
 
 
 def _own_modules(model: nn.Module):
@@ -162,8 +163,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> tuple[list[_Target], L
         if not isinstance(config.target_modules, str) and not _layer_index_ok(name, config):
             continue
         if not _adaptable(module):
-            raise TypeError(f"target module {name!r} is a {type(module).__name__}; fastpeft adapts nn.Linear and "
-                            "transformers' Conv1D only (narrow target_modules)")
+            raise TypeError(f"target module {name!r} is a {type(module).__name__}; fastpeft adapts nn.Linear, "
+                            "transformers' Conv1D and fastpeft's Linear4bit only (narrow target_modules)")
         found.append(_Target(name, module, _pattern_value(config.rank_pattern, name, config.r),
                              _pattern_value(config.alpha_pattern, name, config.lora_alpha)))
     if not found:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops.lora_linear import lora_linear
+from ..quant.nf4 import quantize_nf4
+from .linear4bit import Linear4bit
 
 DEFAULT_ADAPTER = "default"
 
@@ -43,13 +47,18 @@ class LoRALinear(nn.Module):
                  use_rslora: bool = False, init_lora_weights: bool | str = True, fan_in_fan_out: bool | None = None,
                  adapter_name: str | None = DEFAULT_ADAPTER):
         super().__init__()
-        weight = getattr(base_layer, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise TypeError(f"LoRALinear: base layer {type(base_layer).__name__} has no 2-D weight")
         self.base_layer = base_layer
-        self.fan_in_fan_out = is_conv1d(base_layer) if fan_in_fan_out is None else fan_in_fan_out
-        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.fan_in_fan_out else \
-            (weight.shape[1], weight.shape[0])
+        self.quantized = isinstance(base_layer, Linear4bit)  # QLoRA: an NF4 base
+        if self.quantized:
+            self.fan_in_fan_out = False
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            weight = getattr(base_layer, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise TypeError(f"LoRALinear: base layer {type(base_layer).__name__} has no 2-D weight")
+            self.fan_in_fan_out = is_conv1d(base_layer) if fan_in_fan_out is None else fan_in_fan_out
+            self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.fan_in_fan_out else \
+                (weight.shape[1], weight.shape[0])
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -83,7 +92,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         if name in self.lora_A:
             raise ValueError(f"LoRALinear: adapter {name!r} already exists")
-        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        factory = (dict(device=self.base_layer.q.packed.device, dtype=self.base_layer.weight_dtype) if self.quantized
+                   else dict(device=self.weight.device, dtype=self.weight.dtype))
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.r[name] = r
@@ -159,6 +169,14 @@ class LoRALinear(nn.Module):
             self._add_to_weight(-self.delta_weight(self.merged_adapters.pop()))
 
     def _add_to_weight(self, delta_out_in: torch.Tensor) -> None:
+        if self.quantized:
+            warnings.warn("merging a LoRA adapter into a 4-bit (NF4) base: it is added to the dequantised weight and "
+                          "the sum requantised to NF4, which rounds (unmerge does not restore the exact bytes)")
+            base = self.base_layer
+            merged = base.dequantized_weight().float() + delta_out_in.to(base.q.packed.device)
+            base.q = quantize_nf4(merged.to(base.weight_dtype), base.q.blocksize, base.q.double_quant,
+                                  base.q.packed.dtype)
+            return
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         w.copy_((w.float() + delta_out_in).to(w.dtype))
 
@@ -180,6 +198,12 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         if self._disabled or self.merged_adapters or name not in self.lora_A:
             return self.base_layer(x)  # (a model's active adapter may not cover this layer)
+        if self.quantized:  # QLoRA: the NF4 base op, then the delta (the fused NF4 LoRA kernel is to come)
+            y = self.base_layer(x)
+            lora_in = F.dropout(x, self.lora_dropout[name], self.training) if self.lora_dropout[name] else x
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            delta = F.linear(F.linear(lora_in.to(a.dtype), a), b) * self.scaling[name]
+            return y + delta.to(y.dtype)
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
         bias = self.bias
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight

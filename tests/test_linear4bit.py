@@ -1,0 +1,122 @@
+"""Linear4bit (NF4 base weights) and QLoRA through the public API."""
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.nn import Linear4bit, LoRALinear
+from fastpeft.ops.nf4_matmul import nf4_matmul_reference
+
+from conftest import DTYPES, assert_close
+from models import model_inputs, tiny_model
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N", [(1, 96, 70), (3, 45, 33), (17, 128, 64)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_forward_and_backward_match_dequantise_then_matmul(dtype, M, K, N, double_quant):
+    lin = torch.nn.Linear(K, N).to(dtype)
+    layer = Linear4bit.from_linear(lin, blocksize=64, double_quant=double_quant)
+    w = layer.dequantized_weight()
+    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    expected = torch.nn.functional.linear(x.detach(), w, lin.bias.detach())
+    assert y.dtype == dtype
+    assert_close(y, expected, dtype)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert_close(x.grad, g @ w, dtype)
+
+
+def test_reads_a_bitsandbytes_layer_and_computes_what_it_computes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 72)
+    ref = bnb.nn.Linear4bit(128, 72, quant_type="nf4", compress_statistics=True)
+    ref.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                   compress_statistics=True, blocksize=64)
+    ref.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    ref = ref.to("cpu")
+    ours = Linear4bit.from_bnb(ref)
+    x = torch.randn(5, 128)
+    assert_close(ours(x), ref(x))
+    assert set(ours.state_dict()) == set(ref.state_dict())
+
+
+def test_bytes_per_weight():
+    lin = torch.nn.Linear(512, 512, bias=False)
+    for double_quant, limit in ((False, 0.57), (True, 0.52)):
+        layer = Linear4bit.from_linear(lin, 64, double_quant)
+        stored = sum(t.numel() * t.element_size() for k, t in layer.state_dict().items()
+                     if k != "weight.quant_state.bitsandbytes__nf4" and k != "weight.quant_map"
+                     and k != "weight.nested_quant_map")
+        assert stored / lin.weight.numel() <= limit, (double_quant, stored / lin.weight.numel())
+        assert not any(t.is_floating_point() and t.numel() >= lin.weight.numel() for t in layer.state_dict().values())
+
+
+def test_state_dict_round_trip_and_bad_loads():
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32), double_quant=True)
+    other = Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    other.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 64)
+    assert torch.equal(other(x), layer(x))
+    wrong = Linear4bit.from_linear(torch.nn.Linear(32, 64))
+    with pytest.raises(RuntimeError, match=r"weight: shape \[32, 64\] does not match \[64, 32\]"):
+        wrong.load_state_dict(layer.state_dict())
+    broken = dict(layer.state_dict())
+    broken.pop("weight.nested_absmax")
+    with pytest.raises(RuntimeError, match="missing 'weight.nested_absmax'"):
+        other.load_state_dict(broken)
+
+
+def test_torch_compile_fullgraph():
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 48))
+    x = torch.randn(7, 64)
+    assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_quantize_model_and_qlora_training():
+    model = fastpeft.quantize_model(tiny_model("llama"), double_quant=True)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the output layer stays in full precision
+    fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.quantized
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if ".lora_" in n}
+    ids = model_inputs("llama", batch=8, seq=12)["input_ids"]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(25):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    with pytest.warns(UserWarning, match="requantised to NF4"):
+        fastpeft.merge_and_unload(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_merge_into_nf4_is_the_requantised_sum():
+    from fastpeft.quant import quantize_nf4
+
+    base = Linear4bit.from_linear(torch.nn.Linear(64, 48), double_quant=True)
+    layer = LoRALinear.from_linear(base, r=4, lora_alpha=8, init_lora_weights=False)
+    expected = quantize_nf4(base.dequantized_weight().float() + layer.delta_weight(), 64, True)
+    with pytest.warns(UserWarning, match="added to the dequantised weight"):
+        layer.merge()
+    assert torch.equal(base.q.packed, expected.packed) and torch.equal(base.q.absmax, expected.absmax)
+
+
+def test_reference_op_rejects_inconsistent_inputs():
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    q = layer.q
+    with pytest.raises(ValueError, match=r"packed bytes do not hold a \[32, 63\] weight"):
+        fastpeft.ops.nf4_matmul(torch.randn(2, 63), q.packed, q.absmax, q.quant_map, 64, 32, None, False)
+    with pytest.raises(ValueError, match="absmax must be float32 with 32 entries"):
+        fastpeft.ops.nf4_matmul(torch.randn(2, 64), q.packed, q.absmax[:31], q.quant_map, 64, 32, None, False)
+    assert nf4_matmul_reference(torch.randn(2, 64), q.packed, q.absmax, q.quant_map, 64, 32).shape == (2, 32)
