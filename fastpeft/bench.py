@@ -178,16 +178,23 @@ def auto_face(case: LoRACase, device: str) -> str:
                                   t.new_empty(case.r, case.K), t.new_empty(case.N, case.r), 1.0, None)
 
 
-def run_lora(device: str, quick: bool, progress=None) -> list[dict]:
-    rows = []
+def _timed(cases, make_variants, device: str, quick: bool, progress, describe):
+    """(case, {variant: ms}) for each case, its variants timed together; the progress bar follows."""
     warmup, rounds = (1, 3) if quick else ((10, 100) if device == "cuda" else (2, 15))
-    for case in lora_cases(device, quick):
-        variants = lora_variants(case, device)
+    for case in cases:
+        variants = make_variants(case, device)
         if progress is not None:
-            progress.set_postfix_str(f"lora_linear {case.label} {case.mode}")
+            progress.set_postfix_str(describe(case))
         times = time_variants_ms(variants, device, warmup, rounds)
         if progress is not None:
             progress.update(1)
+        yield case, times
+
+
+def run_lora(device: str, quick: bool, progress=None) -> list[dict]:
+    rows = []
+    for case, times in _timed(lora_cases(device, quick), lora_variants, device, quick, progress,
+                              lambda c: f"lora_linear {c.label} {c.mode}"):
         ratios = _ratios(times, [("fastpeft", "base"), ("fastpeft", "peft"), ("fastpeft", "reference")])
         rows.append(dict(op="lora_linear", **{k: v for k, v in asdict(case).items() if k != "targets"},
                          shape=case.shape, auto_face=auto_face(case, device), times_ms=times, ratios=ratios,
@@ -364,14 +371,8 @@ def multi_lora_variants(case: MultiLoRACase, device: str) -> dict[str, Callable[
 
 def run_multi_lora(device: str, quick: bool, progress=None) -> list[dict]:
     rows = []
-    warmup, rounds = (1, 3) if quick else ((10, 100) if device == "cuda" else (2, 15))
-    for case in multi_lora_cases(device, quick):
-        variants = multi_lora_variants(case, device)
-        if progress is not None:
-            progress.set_postfix_str(f"multi_lora {case.label} U={case.U}")
-        times = time_variants_ms(variants, device, warmup, rounds)
-        if progress is not None:
-            progress.update(1)
+    for case, times in _timed(multi_lora_cases(device, quick), multi_lora_variants, device, quick, progress,
+                              lambda c: f"multi_lora {c.label} U={c.U}"):
         ratios = _ratios(times, [("fastpeft", "base"), ("fastpeft", "peft"), ("fastpeft", "separately")])
         if {"base", "peft", "fastpeft"} <= times.keys() and times["peft"] > times["base"]:
             # what the adapters add on top of the base GEMM: ours over PEFT's
