@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     b.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     f = sub.add_parser("finetune", help="fine-tune a causal LM with a PEFT method; loss, tokens/s, peak memory")
-    f.add_argument("--method", choices=["lora"], default="lora")
+    f.add_argument("--method", choices=["lora", "qlora"], default="lora")
     f.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: a tiny random Llama)")
     f.add_argument("--compare", choices=["peft"], help="also train with the peft package, same data and seed")
     f.add_argument("--steps", type=int, default=300)

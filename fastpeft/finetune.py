@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-METHODS = ("lora",)
+METHODS = ("lora", "qlora")  # qlora: NF4 base (double-quantised), LoRA on top
 BOS, SEP, FIRST_TOKEN = 1, 2, 4
 
 
@@ -90,16 +90,40 @@ def copy_task_batches(s: FinetuneSettings, vocab_size: int):
         yield ids, labels
 
 
+def _bnb_quantize(model, compute_dtype):
+    """QLoRA's base as bitsandbytes makes it: every linear but the output layer in NF4, double-quantised."""
+    import bitsandbytes as bnb
+
+    from .peft_model import _output_layer_names, _parent
+
+    skip = _output_layer_names(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name not in skip:
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, blocksize=64)
+            if module.bias is not None:
+                q.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)
+            parent, child = _parent(model, name)
+            setattr(parent, child, q.to(module.weight.device))
+    return model
+
+
 def apply_method(model, s: FinetuneSettings, library: str):
-    if s.method != "lora":
+    if s.method not in METHODS:
         raise ValueError(f"unknown method {s.method!r}; choose from {METHODS}")
     kwargs = dict(r=s.r, lora_alpha=s.lora_alpha, target_modules=s.target_modules)
     if library == "fastpeft":
         import fastpeft
 
+        if s.method == "qlora":
+            fastpeft.quantize_model(model, double_quant=True)
         return fastpeft.get_peft_model(model, fastpeft.LoraConfig(**kwargs))
     import peft
 
+    if s.method == "qlora":
+        _bnb_quantize(model, next(model.parameters()).dtype)
     return peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
 
 
@@ -116,7 +140,7 @@ def train(s: FinetuneSettings, library: str) -> RunResult:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.dtype]
     model = load_model(s).to(device=s.device, dtype=dtype)
-    model = apply_method(model, s, library)
+    model = apply_method(model, s, library)  # (qlora: quantised here, so the peak includes the 4-bit base)
     model.train()
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]

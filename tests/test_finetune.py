@@ -62,3 +62,15 @@ def test_cli_takes_a_local_model_directory(tmp_path, capsys):
               "c_attn,c_proj", "--no-progress", "--log-every", "0", "--save", str(tmp_path / "a")])
     assert "fastpeft  lora    5" in capsys.readouterr().out
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()
+
+
+def test_qlora_method_learns_on_an_nf4_base():
+    from fastpeft.nn import Linear4bit
+
+    result = train(FinetuneSettings(method="qlora", steps=50, progress=False, log_every=0), "fastpeft")
+    assert result.loss_at(-10, None) < 0.8 * result.loss_at(0, 10)
+    model = default_model(seed=0)
+    from fastpeft.finetune import apply_method
+
+    apply_method(model, FinetuneSettings(method="qlora"), "fastpeft")
+    assert isinstance(model.model.layers[0].mlp.up_proj.base_layer, Linear4bit)
