@@ -7,7 +7,7 @@ import fastpeft
 from fastpeft.nn import Linear4bit, LoRALinear
 from fastpeft.ops.nf4_matmul import nf4_matmul_reference
 
-from conftest import DTYPES, assert_close
+from conftest import DTYPES, assert_close, face_params
 from models import model_inputs, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -120,3 +120,25 @@ def test_reference_op_rejects_inconsistent_inputs():
     with pytest.raises(ValueError, match="absmax must be float32 with 32 entries"):
         fastpeft.ops.nf4_matmul(torch.randn(2, 64), q.packed, q.absmax[:31], q.quant_map, 64, 32, None, False)
     assert nf4_matmul_reference(torch.randn(2, 64), q.packed, q.absmax, q.quant_map, 64, 32).shape == (2, 32)
+
+
+@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N", [(1, 96, 70), (17, 45, 33), (40, 128, 64)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_faces_match_the_reference(device, backend, dtype, M, K, N, double_quant):
+    op = fastpeft.ops.nf4_matmul
+    if not op.has_face(backend, device):
+        pytest.skip(f"nf4_matmul has no {backend} face yet")
+    lin = torch.nn.Linear(K, N).to(dtype)
+    q = Linear4bit.from_linear(lin, 64, double_quant).to(device).q
+    absmax = q.block_absmax()
+    x, dy = torch.randn(M, K, dtype=dtype, device=device), torch.randn(M, N, dtype=dtype, device=device)
+    bias = lin.bias.detach().to(device)
+    expected = [nf4_matmul_reference(x, q.packed, absmax, q.quant_map, 64, N, bias, False),
+                nf4_matmul_reference(dy, q.packed, absmax, q.quant_map, 64, N, None, True)]
+    with fastpeft.use_backend(backend):
+        got = [op(x, q.packed, absmax, q.quant_map, 64, N, bias, False),
+               op(dy, q.packed, absmax, q.quant_map, 64, N, None, True)]
+    for g, e in zip(got, expected):
+        assert_close(g, e, dtype)

@@ -1,8 +1,8 @@
 """NF4 dequant-matmul: ``y = x·dequant(W)ᵀ + bias`` (or ``x·dequant(W)`` for the backward's dx).
 
-Faces: the pure-PyTorch reference here (dequantise, then matmul). The fused faces that never
-write a full-precision weight (Triton dequant-GEMM for M > 16, CUDA GEMV for decode, C++ CPU
-GEMV) are the QLoRA issue's remaining work; they register here.
+Faces: the pure-PyTorch reference here (dequantise, then matmul), and Triton
+``kernels/nf4_matmul.py`` (tiles dequantised in registers; no float weight is written). The CUDA
+decode GEMV and the C++ CPU GEMV are the QLoRA issue's remaining work; they register here.
 
 ``nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, transposed) -> y``
     x ``[M, K]`` (``[M, N]`` when transposed), packed: NF4 bytes of the ``[N, K]`` weight in
@@ -96,3 +96,14 @@ class NF4LinearFunction(torch.autograd.Function):
                                 None, True)
         grad_bias = grad_y.sum(0) if ctx.needs_input_grad[6] else None
         return grad_x, None, None, None, None, None, grad_bias
+
+
+def _register_triton_faces():
+    try:
+        from ..kernels import nf4_matmul as triton_nf4
+    except ImportError:
+        return
+    nf4_matmul.register_triton(triton_nf4.nf4_matmul)
+
+
+_register_triton_faces()

@@ -1,0 +1,105 @@
+"""Triton face of ``nf4_matmul``: a tiled GEMM that dequantises NF4 weight tiles in registers.
+
+Each W tile is read as packed bytes (two 4-bit codes per byte, the first in the high nibble),
+looked up in the 16-entry NF4 table, scaled by its block's float32 absmax, cast to x's dtype and
+fed to ``tl.dot``: no full-precision weight is ever written to memory. ``TRANSPOSED`` computes
+``x·W`` instead of ``x·Wᵀ`` (the backward's dx), from the same bytes.
+
+Element (n, k) of the ``[N, K]`` weight is number ``e = n·K + k`` of the row-major flattening:
+byte ``e // 2``, high nibble when e is even, absmax ``e // blocksize``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision, interpreting
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    x_ptr, packed_ptr, absmax_ptr, qmap_ptr, bias_ptr, y_ptr,
+    M, N_OUT, K_RED, W_COLS,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    BLOCKSIZE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
+):
+    """y[M, N_OUT] = x[M, K_RED] · Wᵀ (W is [N_OUT, K_RED]) or x · W (W is [K_RED, N_OUT]);
+    W_COLS is the number of columns of the stored weight."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N_OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_RED, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K_RED
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + k[None, :].to(tl.int64) * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if TRANSPOSED:  # tile [BLOCK_K, BLOCK_N] of W itself: row k, column n
+            e = k[:, None].to(tl.int64) * W_COLS + offs_n[None, :]
+        else:           # tile of Wᵀ: row n of W, column k
+            e = offs_n[None, :].to(tl.int64) * W_COLS + k[:, None]
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        byte = tl.load(packed_ptr + e // 2, mask=w_mask, other=0).to(tl.int32)
+        code = tl.where(e % 2 == 0, byte >> 4, byte & 15)
+        level = tl.load(qmap_ptr + code, mask=w_mask, other=0.0)
+        scale = tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_mask, other=0.0)
+        w = (level * scale).to(x_ptr.dtype.element_ty)  # the reference rounds W to x's dtype too
+        acc = dot(x, w, acc, INPUT_PRECISION, BF16_VIA_FP32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a first guess, not measured (no GPU yet).
+_TILES = {"gpu": (64, 64, 64, 4, 3), "interpret": (16, 32, 32, 4, 1)}
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
+               blocksize: int, out_features: int, bias: torch.Tensor | None = None,
+               transposed: bool = False) -> torch.Tensor:
+    """Triton face of ``fastpeft::nf4_matmul`` (shapes: fastpeft/ops/nf4_matmul.py)."""
+    M, K_red = x.shape
+    nbytes = packed.numel() * packed.element_size()
+    if transposed:  # x [M, out]; W [out, in]; y = x·W [M, in]
+        in_features = (2 * nbytes) // out_features
+        n_out, w_cols = in_features, in_features
+    else:
+        n_out, w_cols = out_features, K_red
+    y = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    raw = packed.reshape(-1).view(torch.uint8)
+    bm, bn, bk, warps, stages = _TILES["interpret" if interpreting() else "gpu"]
+    wrap_triton(_nf4_matmul_kernel)[(triton.cdiv(M, bm), triton.cdiv(n_out, bn))](
+        x, raw, absmax, quant_map, y if bias is None else bias, y,
+        M, n_out, K_red, w_cols, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=input_precision(x.dtype),
+        BF16_VIA_FP32=bf16_via_fp32(x.dtype), num_warps=warps, num_stages=stages)
+    return y
+
+
+def aot_configs():
+    bm, bn, bk, warps, stages = _TILES["gpu"]
+    for tname, dtype in TRITON_DTYPES.items():
+        ptr = f"*{tname}"
+        for blocksize in (64, 128):  # the blocksizes QLoRA uses; others compile the same way
+            for transposed in (False, True):
+                for has_bias in ((False, True) if not transposed else (False,)):
+                    yield _nf4_matmul_kernel, {
+                        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*fp32", "qmap_ptr": "*fp32", "bias_ptr": ptr,
+                        "y_ptr": ptr, "M": "i32", "N_OUT": "i32", "K_RED": "i32", "W_COLS": "i32",
+                        "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32", "stride_yn": "i32"}, \
+                        dict(BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn,
+                             BLOCK_K=bk, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                             BF16_VIA_FP32=False), dict(num_warps=warps, num_stages=stages)
