@@ -5,7 +5,7 @@ import torch
 
 import fastpeft
 from fastpeft.ops import lora_linear
-from fastpeft.ops.lora_linear import (lora_linear_bwd, lora_linear_bwd_reference, lora_linear_fwd,
+from fastpeft.ops.lora_linear import (lora_linear_bwd_reference, lora_linear_fwd,
                                       lora_linear_fwd_reference)
 
 from conftest import DTYPES, assert_close, device_params, face_params

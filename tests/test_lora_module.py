@@ -118,7 +118,7 @@ def test_disable_adapter():
 
 
 def test_conv1d_fan_in_fan_out():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     conv = Conv1D(nf=18, nx=24)  # weight [in=24, out=18]

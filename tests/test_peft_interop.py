@@ -1,8 +1,5 @@
 """Injection into transformers models, equality with PEFT, checkpoints both ways, merging, compile."""
 
-import copy
-import json
-import os
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ import threading
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops.adapter_batch import AdapterBatch
 from ..ops.bgmv import bgmv_expand, bgmv_shrink
