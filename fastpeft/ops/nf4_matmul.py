@@ -1,8 +1,9 @@
 """NF4 dequant-matmul: ``y = x·dequant(W)ᵀ + bias`` (or ``x·dequant(W)`` for the backward's dx).
 
-Faces: the pure-PyTorch reference here (dequantise, then matmul), and Triton
-``kernels/nf4_matmul.py`` (tiles dequantised in registers; no float weight is written). The CUDA
-decode GEMV and the C++ CPU GEMV are the QLoRA issue's remaining work; they register here.
+Faces: the pure-PyTorch reference here (dequantise, then matmul); Triton ``kernels/nf4_matmul.py``
+(tiles dequantised in registers; no float weight is written); C++ CPU ``csrc/cpu/nf4_matmul.cpp``
+(a row-decoding GEMV for M <= 16, a tiled dequant-matmul above; portable loops, no SIMD decode
+yet). The CUDA decode GEMV is the QLoRA issue's remaining work.
 
 ``nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, transposed) -> y``
     x ``[M, K]`` (``[M, N]`` when transposed), packed: NF4 bytes of the ``[N, K]`` weight in
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.nf4 import _per_block
+from ..quant.nf4 import BLOCKSIZES, _per_block
 from . import _registry
 from .lora_linear import SUPPORTED_DTYPES
 
@@ -28,7 +29,7 @@ def dequantize_packed(packed, absmax, quant_map, blocksize, out_features, in_fea
     return _per_block(quant_map[codes], absmax, blocksize).reshape(out_features, in_features).to(dtype)
 
 
-def _check(x, packed, absmax, quant_map, blocksize, out_features, bias, transposed):
+def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False):
     op = "nf4_matmul"
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{op}: x must be a 2-D tensor [tokens, features]")
@@ -36,6 +37,8 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias, transpos
         raise TypeError(f"{op}: x has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
     if out_features < 1:
         raise ValueError(f"{op}: out_features must be >= 1, got {out_features}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"{op}: blocksize {blocksize} is not an NF4 blocksize {BLOCKSIZES}")
     nbytes = packed.numel() * packed.element_size()
     in_features = x.shape[1] if not transposed else None
     if transposed:
