@@ -213,7 +213,7 @@ def _targets(ratios: dict, wanted) -> list[dict]:
 
 
 def count_cases(device: str, quick: bool) -> int:
-    return len(lora_cases(device, quick)) + len(multi_lora_cases(device, quick))
+    return len(lora_cases(device, quick)) + len(multi_lora_cases(device, quick)) + len(nf4_cases(device, quick))
 
 
 def environment(device: str) -> dict:
@@ -389,3 +389,86 @@ def run_multi_lora(device: str, quick: bool, progress=None) -> list[dict]:
             row["ratios"]["fastpeft/fastpeft@U=1"] = value
             row["targets"].append(dict(ratio="fastpeft/fastpeft@U=1", limit=limit, value=value, met=value <= limit))
     return rows
+
+
+# ---------------------------------------------------------------- NF4 base weights (QLoRA)
+
+@dataclass
+class NF4Case:
+    M: int
+    K: int
+    N: int
+    dtype: str
+    label: str = ""
+    mode: str = "fwd"
+    targets: list = field(default_factory=list)
+
+    @property
+    def shape(self) -> str:
+        return f"M={self.M} K={self.K} N={self.N}"
+
+
+def nf4_cases(device: str, quick: bool) -> list[NF4Case]:
+    if quick:
+        return [NF4Case(1, 256, 256, "fp32" if device == "cpu" else "bf16", "quick")]
+    if device == "cuda":  # the brief's shapes; ratios read "fastpeft/linear": the bf16 cuBLAS layer
+        return [NF4Case(1, 4096, 14336, "bf16", "decode", targets=[("fastpeft", "linear", 1 / 3.2),
+                                                                   ("fastpeft", "bitsandbytes", 0.8)]),
+                NF4Case(16, 4096, 14336, "bf16", "decode", targets=[("fastpeft", "linear", 1 / 3.0)]),
+                NF4Case(512, 4096, 14336, "bf16", "prefill", targets=[("fastpeft", "linear", 1.10)])]
+    return [NF4Case(1, 4096, 4096, "fp32", "decode", targets=[("fastpeft", "linear", 0.5),
+                                                              ("fastpeft", "bitsandbytes", 0.1)])]
+
+
+def nf4_variants(case: NF4Case, device: str) -> dict[str, Callable[[], None]]:
+    from .nn.linear4bit import Linear4bit
+
+    dtype = DTYPE_NAMES[case.dtype]
+    lin = nn.Linear(case.K, case.N, bias=False)
+    # The brief compares with a bf16 nn.Linear on the CPU too (what a 16-bit model would run).
+    linear = nn.Linear(case.K, case.N, bias=False).to(device=device, dtype=torch.bfloat16)
+    ours = Linear4bit.from_linear(lin, 64, double_quant=True).to(device)
+    x = torch.randn(case.M, case.K, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    variants = {"linear": lambda: linear(x.to(torch.bfloat16)), "fastpeft": lambda: ours(x)}
+    for face in ("triton", "cuda", "cpu"):
+        if backends.availability(face, torch.device(device)).usable and not (face == "triton" and device == "cpu"):
+            def run_face(face=face):
+                with backends.use_backend(face):
+                    ours(x)
+            variants[f"fastpeft[{face}]"] = run_face
+    try:
+        import bitsandbytes as bnb
+
+        ref = bnb.nn.Linear4bit(case.K, case.N, bias=False, compute_dtype=dtype, quant_type="nf4",
+                                compress_statistics=True)
+        ref.weight = bnb.nn.Params4bit(lin.weight.data.clone().to(dtype), requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True, blocksize=64)
+        ref = ref.to(device)
+        variants["bitsandbytes"] = lambda: ref(x)
+    except Exception:  # bitsandbytes absent or without a backend for this device: no peer column
+        pass
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    return {name: no_grad(fn) for name, fn in variants.items()}
+
+
+def run_nf4(device: str, quick: bool, progress=None) -> list[dict]:
+    rows = []
+    for case, times in _timed(nf4_cases(device, quick), nf4_variants, device, quick, progress,
+                              lambda c: f"nf4_matmul {c.label} M={c.M}"):
+        ratios = _ratios(times, [("fastpeft", "linear"), ("fastpeft", "bitsandbytes")])
+        rows.append(dict(op="nf4_matmul", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
+                         M=case.M, K=case.K, N=case.N, auto_face=auto_nf4_face(device), times_ms=times,
+                         ratios=ratios, targets=_targets(ratios, case.targets)))
+    return rows
+
+
+def auto_nf4_face(device: str) -> str:
+    from .ops.nf4_matmul import nf4_matmul
+
+    return nf4_matmul.select(torch.device(device))  # no shape rule: the device's preference order
