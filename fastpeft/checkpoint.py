@@ -30,6 +30,11 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model, or cannot be read; nothing was changed."""
 
 
+def _base_bias(name: str) -> bool:
+    """A bias of the model itself (what bias="all" trains), not one inside a modules_to_save copy."""
+    return name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of one adapter under PEFT's checkpoint keys."""
     configs = adapters_of(model)
@@ -48,7 +53,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
                 state[f"{PREFIX}{name}.{k}"] = v
     if config.bias == "all":
         for name, param in model.named_parameters():
-            if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
+            if _base_bias(name):
                 state[PREFIX + name] = param
     return state
 
@@ -138,7 +143,7 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
     if config.bias == "all":
         to_wrap = {t.name for t in targets if not isinstance(t.module, LoRALinear)}
         for name, param in model.named_parameters():
-            if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
+            if _base_bias(name):
                 owner = name[: -len(".bias")]
                 # once wrapped, an adapted layer's bias lives at <layer>.base_layer.bias (PEFT's key too)
                 shapes[PREFIX + (f"{owner}.base_layer.bias" if owner in to_wrap else name)] = tuple(param.shape)
