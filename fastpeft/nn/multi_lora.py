@@ -72,11 +72,12 @@ class MultiLoRAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             grad_a, grad_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
             tokens = batch.sorted_tokens.long()
+            scales = scalings.tolist()  # one host read for all segments, not one per segment
             for start, length, slot in batch.segments:  # one GEMM pair per adapter present
                 idx = tokens[start:start + length]
                 ds_seg = ds.index_select(0, idx)
                 grad_a[slot] = ds_seg.t() @ x.index_select(0, idx)
-                grad_b[slot] = (grad_out.index_select(0, idx).t() @ s.index_select(0, idx)) * scalings[slot].item()
+                grad_b[slot] = (grad_out.index_select(0, idx).t() @ s.index_select(0, idx)) * scales[slot]
         return grad_x, grad_out, grad_a, grad_b, None, None
 
 
