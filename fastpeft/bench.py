@@ -90,6 +90,29 @@ def _peft_layer(base: nn.Linear, r: int, adapter_names=("default",)):
     return model.base_model.model.proj
 
 
+def _speed_faces(device: str) -> list[str]:
+    """The fast faces worth timing on `device` (the Triton interpreter is a test tool, not a speed)."""
+    return [f for f in ("triton", "cuda", "cpu")
+            if backends.availability(f, torch.device(device)).usable and not (f == "triton" and device == "cpu")]
+
+
+def _on_backend(face: str, fn: Callable[[], None]) -> Callable[[], None]:
+    def run():
+        with backends.use_backend(face):
+            fn()
+    return run
+
+
+def _inference(variants: dict[str, Callable[[], None]]) -> dict[str, Callable[[], None]]:
+    """The same variants, each run under torch.no_grad() (serving: no autograd graph is built)."""
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+    return {name: no_grad(fn) for name, fn in variants.items()}
+
+
 def lora_variants(case: LoRACase, device: str) -> dict[str, Callable[[], None]]:
     """One callable per variant, each running one iteration of the case on shared weights."""
     dtype = DTYPE_NAMES[case.dtype]
@@ -109,33 +132,21 @@ def lora_variants(case: LoRACase, device: str) -> dict[str, Callable[[], None]]:
     if train:
         x.requires_grad_(True)
 
-    def step(fn, face=None):
+    def step(fn):
         def run():
-            with backends.use_backend(face) if face else _nullcontext():
-                if train:
-                    fn(x).backward(dy)
-                else:
-                    with torch.no_grad():
-                        fn(x)
+            if train:
+                fn(x).backward(dy)
+            else:
+                with torch.no_grad():
+                    fn(x)
         return run
 
-    variants = {"base": step(lambda t: F.linear(t, base.weight))}
-    variants["fastpeft"] = step(layer)
-    for face in ("triton", "cuda", "cpu"):
-        if backends.availability(face, torch.device(device)).usable and not (face == "triton" and device == "cpu"):
-            variants[f"fastpeft[{face}]"] = step(layer, face)
-    variants["reference"] = step(layer, "torch")
+    variants = {"base": step(lambda t: F.linear(t, base.weight)), "fastpeft": step(layer)}
+    variants.update({f"fastpeft[{f}]": _on_backend(f, variants["fastpeft"]) for f in _speed_faces(device)})
+    variants["reference"] = _on_backend("torch", variants["fastpeft"])
     if peft_layer is not None:
         variants["peft"] = step(peft_layer)
     return variants
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _time_once_ms(fn: Callable[[], None], device: str) -> float:
@@ -350,23 +361,11 @@ def multi_lora_variants(case: MultiLoRACase, device: str) -> dict[str, Callable[
             out[rows] = separate(x[rows])
 
     variants = {"base": lambda: F.linear(x, base.weight), "fastpeft": lambda: layer(x, ids)}
-    for face in ("triton", "cuda", "cpu"):
-        if backends.availability(face, torch.device(device)).usable and not (face == "triton" and device == "cpu"):
-            def run_face(face=face):
-                with backends.use_backend(face):
-                    layer(x, ids)
-            variants[f"fastpeft[{face}]"] = run_face
+    variants.update({f"fastpeft[{f}]": _on_backend(f, variants["fastpeft"]) for f in _speed_faces(device)})
     variants["separately"] = run_separately
     if peft_layer is not None:
         variants["peft"] = lambda: peft_layer(x, adapter_names=names)
-
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-
-    return {name: no_grad(fn) for name, fn in variants.items()}
+    return _inference(variants)
 
 
 def run_multi_lora(device: str, quick: bool, progress=None) -> list[dict]:
@@ -430,12 +429,7 @@ def nf4_variants(case: NF4Case, device: str) -> dict[str, Callable[[], None]]:
     ours = Linear4bit.from_linear(lin, 64, double_quant=True).to(device)
     x = torch.randn(case.M, case.K, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     variants = {"linear": lambda: linear(x.to(torch.bfloat16)), "fastpeft": lambda: ours(x)}
-    for face in ("triton", "cuda", "cpu"):
-        if backends.availability(face, torch.device(device)).usable and not (face == "triton" and device == "cpu"):
-            def run_face(face=face):
-                with backends.use_backend(face):
-                    ours(x)
-            variants[f"fastpeft[{face}]"] = run_face
+    variants.update({f"fastpeft[{f}]": _on_backend(f, variants["fastpeft"]) for f in _speed_faces(device)})
     try:
         import bitsandbytes as bnb
 
@@ -447,14 +441,7 @@ def nf4_variants(case: NF4Case, device: str) -> dict[str, Callable[[], None]]:
         variants["bitsandbytes"] = lambda: ref(x)
     except Exception:  # bitsandbytes absent or without a backend for this device: no peer column
         pass
-
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-
-    return {name: no_grad(fn) for name, fn in variants.items()}
+    return _inference(variants)
 
 
 def run_nf4(device: str, quick: bool, progress=None) -> list[dict]:
