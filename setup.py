@@ -71,7 +71,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastpeft", "fastpeft.ops", "fastpeft.nn", "fastpeft.quant", "fastpeft.kernels"],
+    packages=["fastpeft", "fastpeft.ops", "fastpeft.nn", "fastpeft.quant", "fastpeft.methods", "fastpeft.kernels"],
     package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import CONFIG_NAME, LoraConfig
+from .methods import load_config, method_for
 from .nn.lora import LoRALinear
 from .peft_model import (ModulesToSaveWrapper, _own_modules, add_adapter, adapters_of, find_modules_to_save,
                          find_targets, layer_features, set_adapter)
@@ -41,6 +42,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     if adapter_name not in configs:
         raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
     config = configs[adapter_name]
+    if not isinstance(config, LoraConfig):
+        return method_for(config).state_dict(model, adapter_name)
     state = {}
     for name, module in _own_modules(model):
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
@@ -150,26 +153,8 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
     return shapes, what
 
 
-def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False
-                 ) -> nn.Module:
-    """Load a LoRA adapter written by PEFT or fastpeft into `model` as `adapter_name`.
-
-    Everything is checked first (config, file integrity, every key and shape); on any problem a
-    :class:`CheckpointError` names the first bad key and what was expected, and the model is left
-    exactly as it was. The adapter becomes active if the model had none; its parameters are
-    trainable only with ``is_trainable=True`` (as in PEFT).
-    """
-    if adapter_name in adapters_of(model):
-        raise CheckpointError(f"adapter {adapter_name!r} already exists in the model; pick another adapter_name")
-    try:
-        config = LoraConfig.load(directory)
-    except (ValueError, FileNotFoundError) as e:
-        raise CheckpointError(str(e)) from None
-    state = _read_weights(directory)
-    try:
-        expected, what = _expected_shapes(model, config)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{os.path.join(directory, CONFIG_NAME)} does not fit this model: {e}") from None
+def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple], what: dict[str, str]) -> None:
+    """Every expected key present with its shape and a floating dtype, and no other key."""
     for key in sorted(expected):
         if key not in state:
             raise CheckpointError(f"checkpoint is missing key {key!r} (expected shape {list(expected[key])})")
@@ -177,12 +162,64 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         if key not in expected:
             raise CheckpointError(f"checkpoint has unexpected key {key!r}: no such adapter tensor in this model "
                                   "for its adapter_config.json")
-        if tuple(state[key].shape) != expected[key]:
+        if tuple(state[key].shape) != tuple(expected[key]):
             extra = f" ({what[key]} in adapter_config.json)" if key in what else ""
             raise CheckpointError(f"checkpoint key {key!r} has shape {list(state[key].shape)} but the model expects "
                                   f"{list(expected[key])}{extra}")
         if not state[key].is_floating_point():
             raise CheckpointError(f"checkpoint key {key!r} has dtype {state[key].dtype}; expected floating point")
+
+
+def _load_method_adapter(model: nn.Module, directory: str, config, adapter_name: str, is_trainable: bool
+                         ) -> nn.Module:
+    """load_adapter for a method of :mod:`fastpeft.methods` (one adapter per model)."""
+    if adapters_of(model):
+        raise CheckpointError(f"the model already has adapters {sorted(adapters_of(model))}; a "
+                              f"{type(config).__name__} adapter must be the model's only one")
+    method = method_for(config)
+    state = _read_weights(directory)
+    try:
+        expected = method.expected_shapes(model, config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{os.path.join(directory, CONFIG_NAME)} does not fit this model: {e}") from None
+    _check_state(state, expected, {})
+    from .peft_model import get_peft_model
+
+    model = get_peft_model(model, config, adapter_name)
+    own = method.state_dict(model, adapter_name)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            own[key].copy_(tensor)
+    if not is_trainable:
+        for p in own.values():
+            p.requires_grad_(False)
+    return model
+
+
+def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False
+                 ) -> nn.Module:
+    """Load an adapter written by PEFT or fastpeft into `model` as `adapter_name`; return the model.
+
+    Everything is checked first (config, file integrity, every key and shape); on any problem a
+    :class:`CheckpointError` names the first bad key and what was expected, and the model is left
+    exactly as it was. A LoRA adapter becomes active if the model had none; an adapter of another
+    method (:mod:`fastpeft.methods`) must be the model's only one. Parameters are trainable only
+    with ``is_trainable=True`` (as in PEFT).
+    """
+    if adapter_name in adapters_of(model):
+        raise CheckpointError(f"adapter {adapter_name!r} already exists in the model; pick another adapter_name")
+    try:
+        config = load_config(directory)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(config, LoraConfig):
+        return _load_method_adapter(model, directory, config, adapter_name, is_trainable)
+    state = _read_weights(directory)
+    try:
+        expected, what = _expected_shapes(model, config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{os.path.join(directory, CONFIG_NAME)} does not fit this model: {e}") from None
+    _check_state(state, expected, what)
     previous_active = getattr(model, "fastpeft_active_adapter", None)
     add_adapter(model, config, adapter_name)
     own = adapter_state_dict(model, adapter_name)

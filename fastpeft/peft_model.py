@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch.nn as nn
 
 from .config import LoraConfig
+from .methods import method_for
 from .nn.linear4bit import Linear4bit
 from .nn.lora import LoRALinear, is_conv1d
 
@@ -226,9 +227,23 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     return model
 
 
-def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Replace the layers `config` targets with fastpeft LoRA layers, in place; freeze everything but
-    the adapter (and the biases / modules_to_save it names); make it the active adapter."""
+def get_peft_model(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
+    """Apply a PEFT method to `model`, in place, and return it.
+
+    LoRA (:class:`LoraConfig`): replace the layers `config` targets with fastpeft LoRA layers;
+    freeze everything but the adapter (and the biases / modules_to_save it names); make it the
+    active adapter. Any other config (see :mod:`fastpeft.methods`): its method applies it; such a
+    model holds that one adapter.
+    """
+    if not isinstance(config, LoraConfig):
+        method = method_for(config)
+        if adapters_of(model):
+            raise ValueError(f"the model already has adapters {sorted(adapters_of(model))}; a {type(config).__name__} "
+                             "adapter must be the model's only one")
+        model = method.apply(model, config, adapter_name)
+        model.fastpeft_config = {adapter_name: config}
+        model.fastpeft_active_adapter = adapter_name
+        return model
     add_adapter(model, config, adapter_name)
     set_adapter(model, adapter_name)
     return model

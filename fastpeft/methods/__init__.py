@@ -1,0 +1,127 @@
+"""PEFT methods besides LoRA, each a config class plus a :class:`Method` that applies it.
+
+LoRA keeps its own path (``fastpeft.peft_model``: several named adapters per model, merging,
+conversion from ``peft``). Every other method is one module here defining
+
+* a config dataclass deriving from :class:`MethodConfig`, with a ``peft_type`` class attribute
+  (PEFT's string where PEFT has the method, so ``adapter_config.json`` files are interchangeable);
+* a :class:`Method` subclass, decorated with :func:`register`, that applies the config to a model
+  and names the tensors its checkpoint holds.
+
+``fastpeft.get_peft_model``, ``save_adapter`` and ``load_adapter`` dispatch on ``peft_type``. A model
+holds at most one adapter of such a method (``model.fastpeft_config == {name: config}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class MethodConfig:
+    """Mixin for a method's config dataclass: ``adapter_config.json`` reading and writing.
+
+    Subclasses are ``@dataclass`` classes with a ``peft_type: ClassVar[str]``; their fields are
+    what ``to_dict`` writes, and ``from_dict`` ignores keys it does not know (PEFT writes many
+    bookkeeping keys) but refuses another ``peft_type``.
+    """
+
+    peft_type: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["peft_type"] = self.peft_type
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        if d.get("peft_type") != cls.peft_type:
+            raise ValueError(f"adapter config: peft_type {d.get('peft_type')!r} is not {cls.peft_type!r}")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        return path
+
+
+class Method:
+    """How one PEFT method changes a model. Subclasses set ``config_cls`` and implement the three
+    methods below; ``fastpeft.get_peft_model`` calls ``apply``, checkpoints use the other two."""
+
+    config_cls: ClassVar[type]
+
+    def apply(self, model: nn.Module, config, adapter_name: str) -> nn.Module:
+        """Change `model` in place (inject modules, hooks), freeze everything but what the method
+        trains, and return the model. Raise, changing nothing, when the config does not fit."""
+        raise NotImplementedError
+
+    def state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The live tensors (parameters or buffers, not copies) a checkpoint of the adapter holds,
+        under the keys written to ``adapter_model.safetensors`` (PEFT's keys where PEFT has the method)."""
+        raise NotImplementedError
+
+    def expected_shapes(self, model: nn.Module, config) -> dict[str, tuple[int, ...]]:
+        """key -> shape that a checkpoint of `config` must hold for `model` (the model unchanged)."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` the method for ``cls.config_cls.peft_type``."""
+    peft_type = cls.config_cls.peft_type
+    if not peft_type or peft_type == "LORA":
+        raise ValueError(f"{cls.__name__}: config_cls needs its own peft_type")
+    METHODS[peft_type] = cls()
+    return cls
+
+
+def method_for(config) -> Method:
+    method = METHODS.get(getattr(config, "peft_type", None))
+    if method is None or not isinstance(config, method.config_cls):
+        raise TypeError(f"{type(config).__name__} is not a fastpeft adapter config (expected LoraConfig or one of "
+                        f"{sorted(m.config_cls.__name__ for m in METHODS.values())})")
+    return method
+
+
+def config_from_dict(d: dict[str, Any]):
+    """The config object an ``adapter_config.json`` describes, by its ``peft_type``."""
+    from ..config import LoraConfig
+
+    peft_type = d.get("peft_type")
+    if peft_type == "LORA":
+        return LoraConfig.from_dict(d)
+    if peft_type not in METHODS:
+        raise ValueError(f"adapter config: peft_type {peft_type!r} is not supported "
+                         f"(fastpeft has LORA, {', '.join(sorted(METHODS))})")
+    return METHODS[peft_type].config_cls.from_dict(d)
+
+
+def load_config(directory: str):
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return config_from_dict(d)
+
+
+# Each method module registers itself on import; add one line per module.
+# from . import <module>  # noqa: E402,F401
