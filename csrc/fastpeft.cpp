@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "cpu_features.h"
+
 namespace {
 
 bool built_with_cuda() {
@@ -38,5 +40,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastpeft C++/CUDA kernels (registered as torch.ops.fastpeft.*)";
   m.def("built_with_cuda", &built_with_cuda, "True if the CUDA kernels were compiled in");
   m.def("cuda_archs", &cuda_archs, "The CUDA architectures compiled for, e.g. '8.0;9.0'");
+  m.def("nf4_gemv_isa", &fastpeft::nf4_gemv_isa, "The instruction set nf4_matmul's CPU GEMV uses here");
   m.def("built_with_openmp", &built_with_openmp, "True if the CPU kernels use OpenMP");
 }

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastpeft
+from fastpeft import backends
 from fastpeft.nn import Linear4bit, LoRALinear
 from fastpeft.ops.nf4_matmul import nf4_matmul_reference
 
@@ -142,3 +143,40 @@ def test_faces_match_the_reference(device, backend, dtype, M, K, N, double_quant
                op(dy, q.packed, absmax, q.quant_map, 64, N, None, True)]
     for g, e in zip(got, expected):
         assert_close(g, e, dtype)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
+def test_cpu_gemv_isa_follows_the_cpu_and_the_override(monkeypatch):
+    ext = backends.extension()
+    flags = _cpu_flags()
+    if flags:
+        assert ext.nf4_gemv_isa() == ("avx2" if {"avx2", "fma"} <= flags else "portable")
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", "portable")
+    assert ext.nf4_gemv_isa() == "portable"
+
+
+@pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
+@pytest.mark.parametrize("isa", ["auto", "portable"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,blocksize", [(1, 32, 1, 32), (3, 160, 33, 32), (5, 96, 17, 64), (16, 256, 9, 128),
+                                             (4, 45, 6, 64), (2, 4096 + 64, 3, 4096)])
+def test_cpu_gemv_paths_match_the_reference(monkeypatch, isa, dtype, M, K, N, blocksize):
+    """M <= 16 takes the GEMV: SIMD where the CPU has it and K % 32 == 0 (4 rows per decoded chunk,
+    then 3, 2, 1), the portable loop otherwise or when forced."""
+    if isa == "portable":
+        monkeypatch.setenv("FASTPEFT_CPU_ISA", "portable")
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=True).q
+    absmax = q.block_absmax()
+    x, bias = torch.randn(M, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    expected = nf4_matmul_reference(x, q.packed, absmax, q.quant_map, blocksize, N, bias, False)
+    with fastpeft.use_backend("cpu"):
+        got = fastpeft.ops.nf4_matmul(x, q.packed, absmax, q.quant_map, blocksize, N, bias, False)
+    assert_close(got, expected, dtype)

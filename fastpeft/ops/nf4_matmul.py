@@ -2,8 +2,8 @@
 
 Faces: the pure-PyTorch reference here (dequantise, then matmul); Triton ``kernels/nf4_matmul.py``
 (tiles dequantised in registers; no float weight is written); C++ CPU ``csrc/cpu/nf4_matmul.cpp``
-(a row-decoding GEMV for M <= 16, a tiled dequant-matmul above; portable loops, no SIMD decode
-yet). The CUDA decode GEMV is the QLoRA issue's remaining work.
+(an AVX2 GEMV for M <= 16 with a portable fallback chosen at run time, a tiled dequant-matmul
+above). The CUDA decode GEMV is the QLoRA issue's remaining work.
 
 ``nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, transposed) -> y``
     x ``[M, K]`` (``[M, N]`` when transposed), packed: NF4 bytes of the ``[N, K]`` weight in
