@@ -13,8 +13,8 @@ mean as ``offset``.
 
 The arithmetic below follows bitsandbytes (CPU) step for step: for the 4-bit codes, multiplication
 by the reciprocal of a full block's absmax, division for the short last block, float32 midpoints;
-for the nested 8-bit codes, division and a nearest-level search. The goal is the same bytes, not
-merely the same values to within rounding.
+for the nested 8-bit codes, the reciprocal again and a lookup on a 65536-point grid. The goal is
+the same bytes, not merely the same values to within rounding.
 """
 
 from __future__ import annotations
@@ -74,22 +74,31 @@ def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True)
 
 
+# bitsandbytes' CPU 8-bit quantiser does not search the code: it maps a normalised value v to one
+# of 65536 grid points, trunc((v + 1) * 0.5 * 65535 + 0.5) in float32, and takes that grid point's
+# nearest code. Near a midpoint between two codes this can pick the farther one; we copy it to
+# write the same bytes (checked on 204,800 random values against the installed bitsandbytes).
+_GRID_POINTS = 65536
+
+
+def _grid_codes(code: torch.Tensor) -> torch.Tensor:
+    """The code index nearest to each of the 65536 grid points in [-1, 1] (ties to the lower)."""
+    grid = torch.arange(_GRID_POINTS, dtype=torch.float64, device=code.device) / (_GRID_POINTS - 1) * 2 - 1
+    midpoints = (code[:-1].double() + code[1:].double()) / 2
+    return torch.bucketize(grid, midpoints, right=False)
+
+
 def _nested_codes(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit dynamic codes of `values` blockwise, as bitsandbytes' CPU quantiser makes them: divide
-    by the block's absmax, take the largest level not above the value (the search treats the
-    lowest level as -1), step right only if the next level is strictly closer."""
+    """8-bit dynamic codes of `values` blockwise, as bitsandbytes' CPU quantiser makes them:
+    multiply by the reciprocal of the block's absmax, clamp to [-1, 1], look the grid point up."""
     n = values.numel()
     blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(values, (0, blocks * blocksize - n)).reshape(blocks, blocksize)
     absmax = padded.abs().max(dim=-1).values
-    normed = (padded / absmax.view(-1, 1)).reshape(-1)[:n]  # 0/0 = NaN in an all-zero block: code 0, as bnb
-    search = code.clone()
-    search[0] = -1.0
-    left = (torch.searchsorted(search, normed, right=True) - 1).clamp(0, code.numel() - 1)
-    right = (left + 1).clamp(max=code.numel() - 1)
-    step = (left < code.numel() - 1) & ((normed - code[right]).abs() < (normed - code[left]).abs())
-    codes = torch.where(step, right, left)
-    return torch.where(normed.isnan(), 0, codes).to(torch.uint8), absmax
+    normed = torch.clamp(padded * (1.0 / absmax).view(-1, 1), -1, 1).reshape(-1)[:n]
+    grid_index = (((normed + 1) * 0.5) * (_GRID_POINTS - 1) + 0.5).long().clamp(0, _GRID_POINTS - 1)
+    codes = _grid_codes(code)[grid_index]
+    return torch.where(normed.isnan(), 0, codes).to(torch.uint8), absmax  # 0/0 in an all-zero block: code 0
 
 
 def _per_block(values: torch.Tensor, scale: torch.Tensor, blocksize: int) -> torch.Tensor:
