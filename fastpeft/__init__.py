@@ -18,7 +18,9 @@ ops._registry.load_cpp_faces()
 
 from .checkpoint import CheckpointError, load_adapter, save_adapter  # noqa: E402
 from .config import LoraConfig  # noqa: E402
-from .nn.linear4bit import quantize_model  # noqa: E402
+from .methods.bottleneck import BottleneckConfig  # noqa: E402
+from .methods.compacter import CompacterConfig  # noqa: E402
+from .nn.linear4bit import load_quantized_model, quantize_model, save_quantized_model  # noqa: E402
 from .pool import AdapterPool  # noqa: E402
 from .peft_model import (add_adapter, delete_adapter, disable_adapters, from_peft, get_peft_model,  # noqa: E402
                          merge_and_unload, print_trainable_parameters, set_adapter)
@@ -26,4 +28,4 @@ from .peft_model import (add_adapter, delete_adapter, disable_adapters, from_pef
 __all__ = ["ops", "nn", "backends", "use_backend", "BackendUnavailable", "__version__", "LoraConfig",
            "get_peft_model", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_and_unload",
            "from_peft", "print_trainable_parameters", "save_adapter", "load_adapter", "CheckpointError", "AdapterPool",
-           "quantize_model"]
+           "quantize_model", "load_quantized_model", "save_quantized_model", "BottleneckConfig", "CompacterConfig"]

@@ -224,7 +224,8 @@ def _targets(ratios: dict, wanted) -> list[dict]:
 
 
 def count_cases(device: str, quick: bool) -> int:
-    return len(lora_cases(device, quick)) + len(multi_lora_cases(device, quick)) + len(nf4_cases(device, quick))
+    return (len(lora_cases(device, quick)) + len(multi_lora_cases(device, quick)) + len(nf4_cases(device, quick)) +
+            len(phm_cases(device, quick)))
 
 
 def environment(device: str) -> dict:
@@ -450,12 +451,77 @@ def run_nf4(device: str, quick: bool, progress=None) -> list[dict]:
                               lambda c: f"nf4_matmul {c.label} M={c.M}"):
         ratios = _ratios(times, [("fastpeft", "linear"), ("fastpeft", "bitsandbytes")])
         rows.append(dict(op="nf4_matmul", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
-                         M=case.M, K=case.K, N=case.N, auto_face=auto_nf4_face(device), times_ms=times,
+                         M=case.M, K=case.K, N=case.N, auto_face=auto_nf4_face(case, device), times_ms=times,
                          ratios=ratios, targets=_targets(ratios, case.targets)))
     return rows
 
 
-def auto_nf4_face(device: str) -> str:
+def auto_nf4_face(case: NF4Case, device: str) -> str:
     from .ops.nf4_matmul import nf4_matmul
 
-    return nf4_matmul.select(torch.device(device))  # no shape rule: the device's preference order
+    x = torch.empty(case.M, case.K, device="meta")  # the rule reads shapes only
+    return nf4_matmul.select(torch.device(device), x, None, None, None, 64, case.N)
+
+
+# ---------------------------------------------------------------- PHM linear (Compacter)
+
+@dataclass
+class PHMCase:
+    M: int
+    K: int          # in_features
+    N: int          # out_features
+    n: int          # phm_dim
+    rank: int | None  # phm_rank; None: full Bᵢ
+    dtype: str
+    label: str = ""
+    mode: str = "fwd+bwd"
+    targets: list = field(default_factory=list)
+
+    @property
+    def shape(self) -> str:
+        return f"M={self.M} K={self.K} N={self.N} n={self.n} r={self.rank or 'full'}"
+
+
+def phm_cases(device: str, quick: bool) -> list[PHMCase]:
+    # The brief's targets: ≥ 3× faster than materialising W, and no slower than a same-shape nn.Linear.
+    targets = [("fastpeft", "reference", 1 / 3), ("fastpeft", "linear", 1.0)]
+    if quick:
+        return [PHMCase(64, 256, 256, 4, 1, "fp32" if device == "cpu" else "bf16", "quick")]
+    if device == "cuda":
+        return [PHMCase(4096, 4096, 4096, n, rank, "bf16", "compacter" if rank else "full-B", targets=targets)
+                for n, rank in ((4, 1), (8, 1), (8, None))]
+    return [PHMCase(512, k, k, n, rank, "fp32", "compacter++" if rank else "full-B", targets=targets)
+            for k, n, rank in ((1024, 4, 1), (1024, 8, 1), (2048, 8, 1), (1024, 4, None), (2048, 8, None))]
+
+
+def phm_variants(case: PHMCase, device: str) -> dict[str, Callable[[], None]]:
+    """One training step of one layer each: PHMLinear (factored), the materialised reference, and a
+    trainable nn.Linear of the same shape (what a dense projection costs)."""
+    from .nn import PHMLinear
+
+    dtype = DTYPE_NAMES[case.dtype]
+    gen = torch.Generator().manual_seed(0)
+    layer = PHMLinear(case.K, case.N, case.n, phm_rank=case.rank).to(device, dtype)
+    linear = nn.Linear(case.K, case.N).to(device, dtype)
+    x = torch.randn(case.M, case.K, generator=gen).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(case.M, case.N, generator=gen).to(device, dtype)
+    variants = {"linear": lambda: linear(x).backward(dy), "fastpeft": lambda: layer(x).backward(dy)}
+    variants.update({f"fastpeft[{f}]": _on_backend(f, variants["fastpeft"]) for f in _speed_faces(device)})
+    variants["reference"] = _on_backend("torch", variants["fastpeft"])
+    return variants
+
+
+def run_phm(device: str, quick: bool, progress=None) -> list[dict]:
+    from .ops.phm_linear import phm_linear_fwd
+
+    rows = []
+    for case, times in _timed(phm_cases(device, quick), phm_variants, device, quick, progress,
+                              lambda c: f"phm_linear {c.label} n={c.n}"):
+        ratios = _ratios(times, [("fastpeft", "reference"), ("fastpeft", "linear")])
+        t = torch.empty(case.M, case.K, device="meta")
+        face = phm_linear_fwd.select(torch.device(device), t, t.new_empty(case.n, case.n, case.n),
+                                     None if case.rank else t.new_empty(case.n, case.N // case.n, case.K // case.n))
+        rows.append(dict(op="phm_linear", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
+                         M=case.M, K=case.K, N=case.N, n=case.n, rank=case.rank, auto_face=face, times_ms=times,
+                         ratios=ratios, targets=_targets(ratios, case.targets)))
+    return rows

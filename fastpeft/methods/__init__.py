@@ -125,3 +125,5 @@ def load_config(directory: str):
 
 # Each method module registers itself on import; add one line per module.
 # from . import <module>  # noqa: E402,F401
+from . import bottleneck  # noqa: E402,F401
+from . import compacter  # noqa: E402,F401

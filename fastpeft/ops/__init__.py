@@ -9,9 +9,10 @@ from .adapter_batch import AdapterBatch
 from .bgmv import bgmv_expand, bgmv_shrink
 from .lora_linear import lora_linear, lora_linear_bwd, lora_linear_fwd
 from .nf4_matmul import nf4_matmul
+from .phm_linear import phm_linear, phm_linear_bwd, phm_linear_fwd
 from .sgmv import sgmv_expand, sgmv_shrink
 
 all_ops = _registry.all_ops
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "bgmv_shrink", "bgmv_expand", "sgmv_shrink",
-           "sgmv_expand", "nf4_matmul", "AdapterBatch", "all_ops"]
+           "sgmv_expand", "nf4_matmul", "phm_linear", "phm_linear_fwd", "phm_linear_bwd", "AdapterBatch", "all_ops"]
