@@ -125,5 +125,8 @@ def load_config(directory: str):
 
 # Each method module registers itself on import; add one line per module.
 # from . import <module>  # noqa: E402,F401
+from . import prompt_tuning  # noqa: E402,F401
+from . import prefix_tuning  # noqa: E402,F401
+from . import ia3  # noqa: E402,F401
 from . import bottleneck  # noqa: E402,F401
 from . import compacter  # noqa: E402,F401

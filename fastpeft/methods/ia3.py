@@ -1,0 +1,183 @@
+"""(IA)³: learned vectors that rescale the attention keys and values and the feed-forward
+intermediate activation (Liu et al., 2022), in PEFT's form.
+
+A targeted layer's output is scaled elementwise (``y * l``, l ``[out, 1]``: the key and value
+projections), or, for a feed-forward layer, its input (``layer(x * l)``, l ``[1, in]``: the input of
+the down projection is the intermediate activation). A fused query/key/value projection (GPT-2's
+``c_attn``) is scaled whole, as PEFT does. Vectors start at ones: the model computes as its base.
+Checkpoints are PEFT's: ``base_model.model.<module>.ia3_l``; :class:`fastpeft.AdapterPool` loads
+them to serve many (IA)³ and LoRA adapters in one batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..config import LoraConfig
+from ..nn.lora import is_conv1d
+from ..peft_model import _matches, _own_modules, _parent, find_targets, layer_features
+from . import Method, MethodConfig, register
+
+# Used when target_modules is None: the key and value projections (or a fused qkv projection) and
+# the feed-forward down projection under the names transformers families give them; only names
+# present in the model are used. For Llama (k_proj, v_proj, down_proj) and GPT-2 (c_attn,
+# mlp.c_proj) this is PEFT's per-model table.
+PREFIX = "base_model.model."  # PEFT's key prefix (fastpeft.checkpoint.PREFIX; not imported: it imports us)
+DEFAULT_TARGETS = ("k_proj", "v_proj", "key", "value", "k", "v", "c_attn", "query_key_value", "Wqkv", "qkv_proj")
+# Used when feedforward_modules is None: the down projections among the targets.
+DEFAULT_FEEDFORWARD = ("down_proj", "mlp.c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2", "wo", "output.dense")
+
+
+def _as_list(value):
+    return sorted(value) if isinstance(value, (set, tuple, list)) else value
+
+
+@dataclass
+class IA3Config(MethodConfig):
+    """(IA)³ settings; fields mean what they mean in ``peft.IA3Config``.
+
+    target_modules: the layers to rescale: a regex (``re.fullmatch`` on the full name), a list of
+        names or name suffixes, or "all-linear"; None: the key/value and down projections found by
+        name (:data:`DEFAULT_TARGETS`, :data:`DEFAULT_FEEDFORWARD`). Resolved in place by
+        ``get_peft_model`` (as PEFT does), so the saved config names what was adapted.
+    exclude_modules: never adapted (same rules).
+    feedforward_modules: which targets scale their input rather than their output: a regex, or a
+        list whose entries match name endings (PEFT's rule); must be a subset of target_modules
+        when both are lists. None: the targets matching :data:`DEFAULT_FEEDFORWARD`.
+    init_ia3_weights: True starts the vectors at ones (False: N(0, 1), for tests).
+    fan_in_fan_out: recorded as PEFT records it (True when the targets are transformers' Conv1D).
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    init_ia3_weights: bool = True
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self):
+        self.target_modules = _as_list(self.target_modules)
+        self.exclude_modules = _as_list(self.exclude_modules)
+        self.feedforward_modules = _as_list(self.feedforward_modules)
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) or all(isinstance(v, str) for v in value)):
+                raise ValueError(f"IA3Config: {name} must be a regex string or a list of names, got {value!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("IA3Config: target_modules is an empty list; name the layers to adapt (or None)")
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"IA3Config: feedforward_modules {extra} are not in target_modules "
+                                 f"{self.target_modules} (they must be a subset)")
+        if self.modules_to_save:
+            raise ValueError("IA3Config: modules_to_save is not supported by fastpeft's (IA)3")
+
+
+class IA3Linear(nn.Module):
+    """A linear layer (``nn.Linear``, transformers' ``Conv1D``, fastpeft's ``Linear4bit``) whose
+    output (``ia3_l`` ``[out, 1]``) or, if `is_feedforward`, input (``ia3_l`` ``[1, in]``) is
+    rescaled elementwise. Inputs ``[..., in]`` of any float dtype; the vector is cast to it."""
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool, in_features: int, out_features: int,
+                 init_ones: bool = True):
+        super().__init__()
+        self.base_layer = base_layer
+        self.is_feedforward = is_feedforward
+        self.in_features, self.out_features = in_features, out_features
+        weight = getattr(base_layer, "weight", None)
+        factory = dict(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32) \
+            if isinstance(weight, torch.Tensor) else {}
+        shape = (1, in_features) if is_feedforward else (out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, **factory) if init_ones else torch.randn(shape, **factory))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        scale = self.ia3_l.flatten()
+        if self.is_feedforward:
+            return self.base_layer(x * scale.to(x.dtype), *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        return y * scale.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, is_feedforward={self.is_feedforward}"
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str
+    module: nn.Module
+    is_feedforward: bool
+    in_features: int
+    out_features: int
+
+
+def _is_feedforward(name: str, feedforward) -> bool:
+    if isinstance(feedforward, str):
+        return re.fullmatch(feedforward, name) is not None
+    return any(name.endswith(f) for f in feedforward)  # PEFT's rule: a plain suffix, no dot needed
+
+
+def _resolve(model: nn.Module, config: IA3Config) -> tuple[list[_Target], dict[str, Any]]:
+    """The layers `config` adapts and the config fields as resolved for this model; raises (changing
+    nothing) when a target is not a linear layer or nothing matches."""
+    if any(isinstance(m, IA3Linear) for m in model.modules()):
+        raise ValueError("the model already has (IA)3 layers")
+    targets = config.target_modules
+    if targets is None:
+        names = [n for n, _ in _own_modules(model) if n]
+        targets = [t for t in DEFAULT_TARGETS + DEFAULT_FEEDFORWARD if any(_matches(n, [t]) for n in names)]
+        if not any(t in DEFAULT_TARGETS for t in targets):
+            raise ValueError("IA3Config.target_modules is None and none of the usual key/value projections "
+                             f"{list(DEFAULT_TARGETS)} is in the model; name the modules to adapt")
+    found, lora_view = find_targets(model, LoraConfig(r=1, target_modules=targets,
+                                                      exclude_modules=config.exclude_modules))
+    if isinstance(targets, list):  # stricter than PEFT: a misspelt name is an error, not a silent no-op
+        names = [n for n, _ in _own_modules(model) if n]
+        for wanted in targets:
+            if not any(_matches(n, [wanted]) for n in names):
+                raise ValueError(f"IA3Config: target_modules entry {wanted!r} matches no module of the model")
+    feedforward = config.feedforward_modules
+    if feedforward is None:
+        feedforward = sorted({f for f in DEFAULT_FEEDFORWARD if any(_is_feedforward(t.name, [f]) for t in found)})
+    result = []
+    for t in found:
+        in_features, out_features, _ = layer_features(t.module, lora_view)
+        result.append(_Target(t.name, t.module, _is_feedforward(t.name, feedforward), in_features, out_features))
+    resolved = dict(target_modules=lora_view.target_modules, feedforward_modules=feedforward,
+                    fan_in_fan_out=config.fan_in_fan_out or any(is_conv1d(t.module) for t in found))
+    return result, resolved
+
+
+@register
+class IA3(Method):
+    config_cls = IA3Config
+
+    def apply(self, model: nn.Module, config: IA3Config, adapter_name: str) -> nn.Module:
+        targets, resolved = _resolve(model, config)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in targets:
+            layer = IA3Linear(t.module, t.is_feedforward, t.in_features, t.out_features, config.init_ia3_weights)
+            parent, child = _parent(model, t.name)
+            setattr(parent, child, layer)
+        for name, value in resolved.items():
+            setattr(config, name, value)
+        return model
+
+    def state_dict(self, model, adapter_name):
+        return {f"{PREFIX}{name}.ia3_l": m.ia3_l for name, m in model.named_modules() if isinstance(m, IA3Linear)}
+
+    def expected_shapes(self, model, config):
+        targets, _ = _resolve(model, config)
+        return {f"{PREFIX}{t.name}.ia3_l": (1, t.in_features) if t.is_feedforward else (t.out_features, 1)
+                for t in targets}
