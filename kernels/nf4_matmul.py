@@ -3,7 +3,9 @@
 Each W tile is read as packed bytes (two 4-bit codes per byte, the first in the high nibble),
 looked up in the 16-entry NF4 table, scaled by its block's float32 absmax, cast to x's dtype and
 fed to ``tl.dot``: no full-precision weight is ever written to memory. ``TRANSPOSED`` computes
-``x·W`` instead of ``x·Wᵀ`` (the backward's dx), from the same bytes.
+``x·W`` instead of ``x·Wᵀ`` (the backward's dx), from the same bytes. ``HAS_LORA`` adds a LoRA
+term ``scaling·s·L`` (s ``[M, r]``, L ``[r, n_out]``) to the same fp32 accumulator before the one
+store: QLoRA's forward (s = x·Aᵀ, L = Bᵀ) and its dx (s = dy·B, L = A) each write y once.
 
 Element (n, k) of the ``[N, K]`` weight is number ``e = n·K + k`` of the row-major flattening:
 byte ``e // 2``, high nibble when e is even, absmax ``e // blocksize``.
@@ -16,20 +18,20 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision, interpreting
+from ._common import TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, interpreting
 
 
 @triton.jit
 def _nf4_matmul_kernel(
-    x_ptr, packed_ptr, absmax_ptr, qmap_ptr, bias_ptr, y_ptr,
-    M, N_OUT, K_RED, W_COLS,
-    stride_xm, stride_xk, stride_ym, stride_yn,
-    BLOCKSIZE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, packed_ptr, absmax_ptr, qmap_ptr, bias_ptr, s_ptr, l_ptr, y_ptr,
+    M, N_OUT, K_RED, W_COLS, R, lora_scaling,
+    stride_xm, stride_xk, stride_ym, stride_yn, stride_sm, stride_sr, stride_lr, stride_ln,
+    BLOCKSIZE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
 ):
-    """y[M, N_OUT] = x[M, K_RED] · Wᵀ (W is [N_OUT, K_RED]) or x · W (W is [K_RED, N_OUT]);
-    W_COLS is the number of columns of the stored weight."""
+    """y[M, N_OUT] = x[M, K_RED] · Wᵀ (W is [N_OUT, K_RED]) or x · W (W is [K_RED, N_OUT]),
+    plus lora_scaling·s[M, R]·L[R, N_OUT] with HAS_LORA; W_COLS: columns of the stored weight."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -54,6 +56,17 @@ def _nf4_matmul_kernel(
         scale = tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_mask, other=0.0)
         w = (level * scale).to(x_ptr.dtype.element_ty)  # the reference rounds W to x's dtype too
         acc = dot(x, w, acc, INPUT_PRECISION, BF16_VIA_FP32)
+    if HAS_LORA:  # the LoRA term in its own accumulator, scaled once
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = r < R
+            s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :] * stride_sr,
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            low = tl.load(l_ptr + r[:, None] * stride_lr + offs_n[None, :].to(tl.int64) * stride_ln,
+                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            lora = dot(s, low, lora, INPUT_PRECISION, BF16_VIA_FP32)
+        acc += lora * lora_scaling
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
@@ -66,7 +79,8 @@ _TILES = {"gpu": (64, 64, 64, 4, 3), "interpret": (16, 32, 32, 4, 1)}
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
                blocksize: int, out_features: int, bias: torch.Tensor | None = None,
-               transposed: bool = False) -> torch.Tensor:
+               transposed: bool = False, lora_s: torch.Tensor | None = None, lora_l: torch.Tensor | None = None,
+               lora_scaling: float = 1.0) -> torch.Tensor:
     """Triton face of ``fastpeft::nf4_matmul`` (shapes: fastpeft/ops/nf4_matmul.py)."""
     M, K_red = x.shape
     nbytes = packed.numel() * packed.element_size()
@@ -80,11 +94,15 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quan
         return y
     raw = packed.reshape(-1).view(torch.uint8)
     bm, bn, bk, warps, stages = _TILES["interpret" if interpreting() else "gpu"]
+    has_lora = lora_s is not None
+    s, low = (lora_s, lora_l) if has_lora else (y, y)  # unused pointers when there is no LoRA term
+    R = lora_s.shape[1] if has_lora else 0
     wrap_triton(_nf4_matmul_kernel)[(triton.cdiv(M, bm), triton.cdiv(n_out, bn))](
-        x, raw, absmax, quant_map, y if bias is None else bias, y,
-        M, n_out, K_red, w_cols, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=input_precision(x.dtype),
+        x, raw, absmax, quant_map, y if bias is None else bias, s, low, y,
+        M, n_out, K_red, w_cols, R, float(lora_scaling), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        s.stride(0), s.stride(1), low.stride(0), low.stride(1),
+        BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r(R), INPUT_PRECISION=input_precision(x.dtype),
         BF16_VIA_FP32=bf16_via_fp32(x.dtype), num_warps=warps, num_stages=stages)
     return y
 
@@ -96,10 +114,16 @@ def aot_configs():
         for blocksize in (64, 128):  # the blocksizes QLoRA uses; others compile the same way
             for transposed in (False, True):
                 for has_bias in ((False, True) if not transposed else (False,)):
-                    yield _nf4_matmul_kernel, {
-                        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*fp32", "qmap_ptr": "*fp32", "bias_ptr": ptr,
-                        "y_ptr": ptr, "M": "i32", "N_OUT": "i32", "K_RED": "i32", "W_COLS": "i32",
-                        "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32", "stride_yn": "i32"}, \
-                        dict(BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn,
-                             BLOCK_K=bk, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                             BF16_VIA_FP32=False), dict(num_warps=warps, num_stages=stages)
+                    # the LoRA variants at blocksize 64 only (QLoRA's): R > 64 loops over 64-wide chunks
+                    loras = ((False, 16), (True, 16), (True, 64)) if blocksize == 64 else ((False, 16),)
+                    for has_lora, rank_block in loras:
+                        yield _nf4_matmul_kernel, {
+                            "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*fp32", "qmap_ptr": "*fp32",
+                            "bias_ptr": ptr, "s_ptr": ptr, "l_ptr": ptr, "y_ptr": ptr, "M": "i32", "N_OUT": "i32",
+                            "K_RED": "i32", "W_COLS": "i32", "R": "i32", "lora_scaling": "fp32",
+                            "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32", "stride_yn": "i32",
+                            "stride_sm": "i32", "stride_sr": "i32", "stride_lr": "i32", "stride_ln": "i32"}, \
+                            dict(BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=has_bias, HAS_LORA=has_lora,
+                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=rank_block,
+                                 INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BF16_VIA_FP32=False), \
+                            dict(num_warps=warps, num_stages=stages)

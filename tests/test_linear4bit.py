@@ -234,3 +234,51 @@ def test_cpu_gemv_paths_match_the_reference(monkeypatch, isa, dtype, M, K, N, bl
     with fastpeft.use_backend("cpu"):
         got = fastpeft.ops.nf4_matmul(x, q.packed, absmax, q.quant_map, blocksize, N, bias, False)
     assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,r", [(1, 96, 70, 1), (3, 64, 33, 16), (17, 45, 33, 5), (40, 128, 64, 70)])
+def test_faces_add_the_fused_lora_term(device, backend, dtype, M, K, N, r):
+    """The LoRA term in the NF4 GEMM's accumulator: forward (s·Bᵀ) and transposed (t·A), ranks 1
+    to 70 (above one 64-wide rank chunk), the GEMV rows (M <= 16) and the tiled ones."""
+    op = fastpeft.ops.nf4_matmul
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, double_quant=True).to(device).q
+    absmax = q.block_absmax()
+    x, dy = torch.randn(M, K, dtype=dtype, device=device), torch.randn(M, N, dtype=dtype, device=device)
+    s, t = torch.randn(M, r, dtype=dtype, device=device), torch.randn(M, r, dtype=dtype, device=device)
+    b_t, a = torch.randn(r, N, dtype=dtype, device=device), torch.randn(r, K, dtype=dtype, device=device)
+    cases = [(x, None, False, s, b_t.t().contiguous().t()), (dy, None, True, t, a)]  # B as a transposed view
+    for inp, bias, transposed, ls, ll in cases:
+        expected = nf4_matmul_reference(inp, q.packed, absmax, q.quant_map, 64, N, bias, transposed, ls, ll, 0.5)
+        with fastpeft.use_backend(backend):
+            got = op(inp, q.packed, absmax, q.quant_map, 64, N, bias, transposed, ls, ll, 0.5)
+        assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_qlora_layer_forward_and_gradients_match_the_reference(dtype, dropout):
+    """The fused QLoRA layer against dequantise-then-LoRA in plain PyTorch: output, dx, dA, dB."""
+    K, N, r = 80, 48, 6
+    base = Linear4bit.from_linear(torch.nn.Linear(K, N).to(dtype), 64, double_quant=True)
+    layer = LoRALinear(base, r=r, lora_alpha=12, lora_dropout=dropout, init_lora_weights="gaussian")
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # B = 0 at init would hide its gradient path
+    layer.to(dtype).train()
+    x = torch.randn(2, 9, K, dtype=dtype, requires_grad=True)
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)  # the same dropout mask
+    x_lora = torch.nn.functional.dropout(x_ref, dropout, training=True) if dropout else x_ref
+    w = base.dequantized_weight()
+    y_ref = torch.nn.functional.linear(x_ref, w, base.bias) + layer.scaling["default"] * (x_lora @ a_ref.t()) @ b_ref.t()
+    y_ref.backward(g)
+    assert_close(y, y_ref, dtype)
+    for got, ref in ((x.grad, x_ref.grad), (a.grad, a_ref.grad), (b.grad, b_ref.grad)):
+        assert_close(got, ref, dtype)

@@ -25,6 +25,7 @@
 #endif
 
 #include "cpu_features.h"
+#include "nf4_matmul.h"
 
 namespace fastpeft {
 namespace {
@@ -209,28 +210,14 @@ bool try_gemv_simd(const scalar_t* x, const uint8_t* raw, const float* absmax, c
 
 at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax_in,
                           const at::Tensor& quant_map, int64_t blocksize, int64_t out_features,
-                          const std::optional<at::Tensor>& bias, bool transposed) {
-  TORCH_CHECK(x_in.dim() == 2, "nf4_matmul: x must be 2-D");
-  TORCH_CHECK(blocksize >= 2 && (blocksize & (blocksize - 1)) == 0 && out_features > 0,
-              "nf4_matmul: blocksize must be a power of two >= 2 and out_features positive");
-  int shift = 0;
-  while ((int64_t{1} << shift) < blocksize) ++shift;
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor raw = packed.contiguous().view(at::kByte).reshape({-1});
-  const at::Tensor absmax = absmax_in.contiguous();
-  const at::Tensor qmap = quant_map.contiguous();
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && qmap.scalar_type() == at::kFloat && qmap.numel() == 16,
-              "nf4_matmul: absmax and quant_map must be float32 (quant_map: 16 levels)");
-  const int64_t M = x.size(0), N = out_features;
-  const int64_t K = transposed ? (2 * raw.numel()) / N : x.size(1);
-  TORCH_CHECK((N * K + 1) / 2 == raw.numel(), "nf4_matmul: ", raw.numel(), " packed bytes do not hold a [", N, ", ",
-              K, "] weight");
-  TORCH_CHECK(absmax.numel() == (N * K + blocksize - 1) / blocksize, "nf4_matmul: absmax has ", absmax.numel(),
-              " entries; expected one per block of ", blocksize);
-  TORCH_CHECK(x.size(1) == (transposed ? N : K), "nf4_matmul: x has ", x.size(1), " columns; expected ",
-              transposed ? N : K);
-  if (bias) TORCH_CHECK(!transposed && bias->numel() == N && bias->scalar_type() == x.scalar_type(),
-                        "nf4_matmul: bias must be [out_features] in x's dtype (and only without transposed)");
+                          const std::optional<at::Tensor>& bias, bool transposed,
+                          const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_l,
+                          double lora_scaling) {
+  const Nf4Args a = check_nf4_matmul_args(x_in, packed, absmax_in, quant_map, blocksize, out_features, bias,
+                                          transposed, lora_s, lora_l);
+  const at::Tensor &x = a.x, &raw = a.raw, &absmax = a.absmax, &qmap = a.qmap;
+  const int64_t M = a.M, N = a.N, K = a.K;
+  const int shift = a.shift;
   at::Tensor y = transposed ? at::zeros({M, K}, x.options()) : at::empty({M, N}, x.options());
   if (M == 0) return y;
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
@@ -260,6 +247,7 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, cons
     }
     if (bias && !transposed) y.add_(bias_c);
   });
+  add_nf4_lora_term(y, lora_s, lora_l, lora_scaling);
   return y;
 }
 

@@ -8,9 +8,9 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops.lora_linear import lora_linear
+from ..ops.nf4_matmul import qlora_linear
 from ..quant.nf4 import quantize_nf4
 from .linear4bit import Linear4bit
 
@@ -198,12 +198,8 @@ class LoRALinear(nn.Module):
         name = self.active_adapter
         if self._disabled or self.merged_adapters or name not in self.lora_A:
             return self.base_layer(x)  # (a model's active adapter may not cover this layer)
-        if self.quantized:  # QLoRA: the NF4 base op, then the delta (the fused NF4 LoRA kernel is to come)
-            y = self.base_layer(x)
-            lora_in = F.dropout(x, self.lora_dropout[name], self.training) if self.lora_dropout[name] else x
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            delta = F.linear(F.linear(lora_in.to(a.dtype), a), b) * self.scaling[name]
-            return y + delta.to(y.dtype)
+        if self.quantized:  # QLoRA: the delta fused into the NF4 GEMMs, forward and backward
+            return self._qlora_forward(x, name)
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
         bias = self.bias
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -222,6 +218,21 @@ class LoRALinear(nn.Module):
             x = x.contiguous()  # a drop-in layer accepts what nn.Linear accepts; the op needs unit stride
         return lora_linear(x, weight, bias, lora_a, lora_b, self.scaling[name],
                            dropout_p=self.lora_dropout[name] if self.training else 0.0)
+
+    def _qlora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else base.q.dtype
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        bias = None if base.bias is None else base.bias.to(dtype)
+        # adapters kept in float32 over a bf16 base are cast for the product (as PEFT does)
+        a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
+        q = base.q
+        y = qlora_linear(x2, q.packed, base.block_absmax(), q.quant_map, q.blocksize, self.out_features, bias, a, b,
+                         self.scaling[name], self.lora_dropout[name] if self.training else 0.0)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         name = self.active_adapter

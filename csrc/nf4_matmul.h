@@ -1,0 +1,67 @@
+// Argument checks of fastpeft::nf4_matmul shared by its CPU and CUDA faces (the Python op
+// checks first with friendlier messages; these guard direct torch.ops calls).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fastpeft {
+
+struct Nf4Args {
+  at::Tensor x, raw, absmax, qmap;  // contiguous; raw: the packed weight as flat bytes
+  int64_t M, N, K;                   // x [M, K] (or [M, N] transposed), weight [N, K]
+  int shift;                         // log2(blocksize): element e belongs to block e >> shift
+};
+
+inline Nf4Args check_nf4_matmul_args(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax_in,
+                                     const at::Tensor& quant_map, int64_t blocksize, int64_t out_features,
+                                     const std::optional<at::Tensor>& bias, bool transposed,
+                                     const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_l) {
+  TORCH_CHECK(x_in.dim() == 2, "nf4_matmul: x must be 2-D");
+  TORCH_CHECK(blocksize >= 2 && (blocksize & (blocksize - 1)) == 0 && out_features > 0,
+              "nf4_matmul: blocksize must be a power of two >= 2 and out_features positive");
+  Nf4Args a;
+  a.shift = 0;
+  while ((int64_t{1} << a.shift) < blocksize) ++a.shift;
+  a.x = x_in.contiguous();
+  a.raw = packed.contiguous().view(at::kByte).reshape({-1});
+  a.absmax = absmax_in.contiguous();
+  a.qmap = quant_map.contiguous();
+  TORCH_CHECK(a.absmax.scalar_type() == at::kFloat && a.qmap.scalar_type() == at::kFloat && a.qmap.numel() == 16,
+              "nf4_matmul: absmax and quant_map must be float32 (quant_map: 16 levels)");
+  for (const at::Tensor* t : {&a.raw, &a.absmax, &a.qmap})
+    TORCH_CHECK(t->device() == a.x.device(), "nf4_matmul: every tensor must be on x's device ", a.x.device());
+  a.M = a.x.size(0);
+  a.N = out_features;
+  a.K = transposed ? (2 * a.raw.numel()) / a.N : a.x.size(1);
+  TORCH_CHECK((a.N * a.K + 1) / 2 == a.raw.numel(), "nf4_matmul: ", a.raw.numel(), " packed bytes do not hold a [",
+              a.N, ", ", a.K, "] weight");
+  TORCH_CHECK(a.absmax.numel() == (a.N * a.K + blocksize - 1) / blocksize, "nf4_matmul: absmax has ",
+              a.absmax.numel(), " entries; expected one per block of ", blocksize);
+  TORCH_CHECK(a.x.size(1) == (transposed ? a.N : a.K), "nf4_matmul: x has ", a.x.size(1), " columns; expected ",
+              transposed ? a.N : a.K);
+  if (bias)
+    TORCH_CHECK(!transposed && bias->numel() == a.N && bias->scalar_type() == a.x.scalar_type() &&
+                    bias->device() == a.x.device(),
+                "nf4_matmul: bias must be [out_features] in x's dtype on x's device (and only without transposed)");
+  TORCH_CHECK(lora_s.has_value() == lora_l.has_value(), "nf4_matmul: lora_s and lora_l come together");
+  if (lora_s) {
+    const int64_t n_out = transposed ? a.K : a.N;
+    TORCH_CHECK(lora_s->dim() == 2 && lora_s->size(0) == a.M && lora_l->dim() == 2 &&
+                    lora_l->size(0) == lora_s->size(1) && lora_l->size(1) == n_out,
+                "nf4_matmul: lora_s must be [M, r] and lora_l [r, ", n_out, "]");
+    for (const at::Tensor* t : {&*lora_s, &*lora_l})
+      TORCH_CHECK(t->scalar_type() == a.x.scalar_type() && t->device() == a.x.device(),
+                  "nf4_matmul: lora_s and lora_l must have x's dtype and device");
+  }
+  return a;
+}
+
+// y += lora_scaling·lora_s·lora_l (the faces without a fused LoRA term add it with one GEMM).
+inline void add_nf4_lora_term(at::Tensor& y, const std::optional<at::Tensor>& lora_s,
+                              const std::optional<at::Tensor>& lora_l, double lora_scaling) {
+  if (lora_s && y.numel() > 0) y.addmm_(*lora_s, *lora_l, 1.0, lora_scaling);
+}
+
+}  // namespace fastpeft
