@@ -282,3 +282,17 @@ def test_qlora_layer_forward_and_gradients_match_the_reference(dtype, dropout):
     assert_close(y, y_ref, dtype)
     for got, ref in ((x.grad, x_ref.grad), (a.grad, a_ref.grad), (b.grad, b_ref.grad)):
         assert_close(got, ref, dtype)
+
+
+def test_qlora_linear_quantises_and_trains_like_lora_over_linear4bit():
+    lin = torch.nn.Linear(96, 40)
+    layer = fastpeft.nn.QLoRALinear.from_linear(lin, r=4, lora_alpha=8, init_lora_weights="gaussian")
+    assert isinstance(layer.base_layer, Linear4bit) and layer.base_layer.q.double_quant and layer.quantized
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A.default.weight",
+                                                                           "lora_B.default.weight"}
+    x = torch.randn(5, 96)
+    assert_close(layer(x), layer.base_layer(x))  # B = 0 at init
+    layer(x).sum().backward()
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="needs a fastpeft Linear4bit base"):
+        fastpeft.nn.QLoRALinear(lin)

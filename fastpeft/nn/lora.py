@@ -239,3 +239,26 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}, "
                 f"active={name!r}, r={self.r.get(name)}, scaling={self.scaling.get(name)}, "
                 f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged_adapters}")
+
+
+class QLoRALinear(LoRALinear):
+    """QLoRA: LoRA over a frozen NF4 base (:class:`Linear4bit`), the delta fused into the NF4 GEMMs
+    forward and backward (``fastpeft.ops.nf4_matmul.qlora_linear``). A ``LoRALinear`` whose base is
+    a ``Linear4bit`` computes the same way; this class names it and quantises for you::
+
+        layer = QLoRALinear.from_linear(nn.Linear(4096, 4096), r=16, lora_alpha=32, double_quant=True)
+    """
+
+    def __init__(self, base_layer: Linear4bit, **kwargs):
+        if not isinstance(base_layer, Linear4bit):
+            raise TypeError(f"QLoRALinear needs a fastpeft Linear4bit base, got {type(base_layer).__name__}; "
+                            "use QLoRALinear.from_linear to quantise an nn.Linear")
+        super().__init__(base_layer, **kwargs)
+
+    @classmethod
+    def from_linear(cls, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
+                    blocksize: int = 64, double_quant: bool = True, **kwargs) -> "QLoRALinear":
+        """Quantise an ``nn.Linear`` to NF4 (bitsandbytes' format) and add a LoRA adapter."""
+        if isinstance(base_layer, nn.Linear):
+            base_layer = Linear4bit.from_linear(base_layer, blocksize, double_quant)
+        return cls(base_layer, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **kwargs)
