@@ -6,18 +6,58 @@
 
 #include <optional>
 
+#ifdef __CUDACC__
+#define FASTPEFT_HOST_DEVICE __host__ __device__
+#else
+#define FASTPEFT_HOST_DEVICE
+#endif
+
 namespace fastpeft {
 
+constexpr int kNestedShift = 8;  // double quantisation: one nested absmax per 256 blocks
+
+// The float absmax of block b: stored, or decoded from double quantisation's 8-bit codes
+// (bitsandbytes' order of operations: level times nested absmax, then the offset).
+struct Nf4Scales {
+  const float* absmax = nullptr;         // single quantisation
+  const uint8_t* codes = nullptr;        // double: one code per block
+  const float* nested_absmax = nullptr;  // double: one per 256 blocks
+  const float* nested_map = nullptr;     // double: the 256 levels
+  float offset = 0.f;
+
+  FASTPEFT_HOST_DEVICE inline float operator()(int64_t b) const {
+    if (codes == nullptr) return absmax[b];
+    return nested_map[codes[b]] * nested_absmax[b >> kNestedShift] + offset;
+  }
+};
+
 struct Nf4Args {
-  at::Tensor x, raw, absmax, qmap;  // contiguous; raw: the packed weight as flat bytes
+  at::Tensor x, raw, absmax, qmap;   // contiguous; raw: the packed weight as flat bytes
+  at::Tensor nested_absmax, nested_map;  // defined when double-quantised (absmax then holds codes)
+  double offset = 0.0;
   int64_t M, N, K;                   // x [M, K] (or [M, N] transposed), weight [N, K]
   int shift;                         // log2(blocksize): element e belongs to block e >> shift
+
+  Nf4Scales scales() const {  // pointers valid while this Nf4Args lives
+    Nf4Scales s;
+    if (nested_absmax.defined()) {
+      s.codes = absmax.data_ptr<uint8_t>();
+      s.nested_absmax = nested_absmax.data_ptr<float>();
+      s.nested_map = nested_map.data_ptr<float>();
+      s.offset = static_cast<float>(offset);
+    } else {
+      s.absmax = absmax.data_ptr<float>();
+    }
+    return s;
+  }
 };
 
 inline Nf4Args check_nf4_matmul_args(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax_in,
                                      const at::Tensor& quant_map, int64_t blocksize, int64_t out_features,
                                      const std::optional<at::Tensor>& bias, bool transposed,
-                                     const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_l) {
+                                     const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_l,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_map, double offset) {
   TORCH_CHECK(x_in.dim() == 2, "nf4_matmul: x must be 2-D");
   TORCH_CHECK(blocksize >= 2 && (blocksize & (blocksize - 1)) == 0 && out_features > 0,
               "nf4_matmul: blocksize must be a power of two >= 2 and out_features positive");
@@ -28,8 +68,22 @@ inline Nf4Args check_nf4_matmul_args(const at::Tensor& x_in, const at::Tensor& p
   a.raw = packed.contiguous().view(at::kByte).reshape({-1});
   a.absmax = absmax_in.contiguous();
   a.qmap = quant_map.contiguous();
-  TORCH_CHECK(a.absmax.scalar_type() == at::kFloat && a.qmap.scalar_type() == at::kFloat && a.qmap.numel() == 16,
-              "nf4_matmul: absmax and quant_map must be float32 (quant_map: 16 levels)");
+  TORCH_CHECK(nested_absmax.has_value() == nested_map.has_value(),
+              "nf4_matmul: nested_absmax and nested_quant_map come together");
+  TORCH_CHECK(a.absmax.scalar_type() == (nested_absmax ? at::kByte : at::kFloat) && a.qmap.scalar_type() == at::kFloat &&
+                  a.qmap.numel() == 16,
+              "nf4_matmul: absmax must be float32 (uint8 codes when double-quantised), quant_map 16 float32 levels");
+  if (nested_absmax) {
+    a.nested_absmax = nested_absmax->contiguous();
+    a.nested_map = nested_map->contiguous();
+    a.offset = offset;
+    TORCH_CHECK(a.nested_absmax.scalar_type() == at::kFloat && a.nested_map.scalar_type() == at::kFloat &&
+                    a.nested_map.numel() == 256 &&
+                    a.nested_absmax.numel() == ((a.absmax.numel() + (1 << kNestedShift) - 1) >> kNestedShift),
+                "nf4_matmul: nested_absmax must be float32, one per 256 blocks; nested_quant_map 256 float32 levels");
+    TORCH_CHECK(a.nested_absmax.device() == x_in.device() && a.nested_map.device() == x_in.device(),
+                "nf4_matmul: every tensor must be on x's device ", x_in.device());
+  }
   for (const at::Tensor* t : {&a.raw, &a.absmax, &a.qmap})
     TORCH_CHECK(t->device() == a.x.device(), "nf4_matmul: every tensor must be on x's device ", a.x.device());
   a.M = a.x.size(0);

@@ -23,15 +23,17 @@ from ._common import TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision
 
 @triton.jit
 def _nf4_matmul_kernel(
-    x_ptr, packed_ptr, absmax_ptr, qmap_ptr, bias_ptr, s_ptr, l_ptr, y_ptr,
-    M, N_OUT, K_RED, W_COLS, R, lora_scaling,
+    x_ptr, packed_ptr, absmax_ptr, qmap_ptr, bias_ptr, s_ptr, l_ptr, y_ptr, nested_absmax_ptr, nested_map_ptr,
+    M, N_OUT, K_RED, W_COLS, R, lora_scaling, absmax_offset,
     stride_xm, stride_xk, stride_ym, stride_yn, stride_sm, stride_sr, stride_lr, stride_ln,
     BLOCKSIZE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    NESTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
 ):
     """y[M, N_OUT] = x[M, K_RED] · Wᵀ (W is [N_OUT, K_RED]) or x · W (W is [K_RED, N_OUT]),
-    plus lora_scaling·s[M, R]·L[R, N_OUT] with HAS_LORA; W_COLS: columns of the stored weight."""
+    plus lora_scaling·s[M, R]·L[R, N_OUT] with HAS_LORA; W_COLS: columns of the stored weight.
+    NESTED: absmax holds double quantisation's uint8 codes, decoded here (one per 256 blocks)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -53,7 +55,13 @@ def _nf4_matmul_kernel(
         byte = tl.load(packed_ptr + e // 2, mask=w_mask, other=0).to(tl.int32)
         code = tl.where(e % 2 == 0, byte >> 4, byte & 15)
         level = tl.load(qmap_ptr + code, mask=w_mask, other=0.0)
-        scale = tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_mask, other=0.0)
+        if NESTED:
+            block = e // BLOCKSIZE
+            code8 = tl.load(absmax_ptr + block, mask=w_mask, other=0).to(tl.int32)
+            scale = tl.load(nested_map_ptr + code8, mask=w_mask, other=0.0) * \
+                tl.load(nested_absmax_ptr + block // 256, mask=w_mask, other=0.0) + absmax_offset
+        else:
+            scale = tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_mask, other=0.0)
         w = (level * scale).to(x_ptr.dtype.element_ty)  # the reference rounds W to x's dtype too
         acc = dot(x, w, acc, INPUT_PRECISION, BF16_VIA_FP32)
     if HAS_LORA:  # the LoRA term in its own accumulator, scaled once
@@ -80,7 +88,8 @@ _TILES = {"gpu": (64, 64, 64, 4, 3), "interpret": (16, 32, 32, 4, 1)}
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
                blocksize: int, out_features: int, bias: torch.Tensor | None = None,
                transposed: bool = False, lora_s: torch.Tensor | None = None, lora_l: torch.Tensor | None = None,
-               lora_scaling: float = 1.0) -> torch.Tensor:
+               lora_scaling: float = 1.0, nested_absmax: torch.Tensor | None = None,
+               nested_quant_map: torch.Tensor | None = None, absmax_offset: float = 0.0) -> torch.Tensor:
     """Triton face of ``fastpeft::nf4_matmul`` (shapes: fastpeft/ops/nf4_matmul.py)."""
     M, K_red = x.shape
     nbytes = packed.numel() * packed.element_size()
@@ -97,11 +106,14 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quan
     has_lora = lora_s is not None
     s, low = (lora_s, lora_l) if has_lora else (y, y)  # unused pointers when there is no LoRA term
     R = lora_s.shape[1] if has_lora else 0
+    nested = nested_absmax is not None
+    nested_args = (nested_absmax, nested_quant_map) if nested else (absmax, quant_map)  # unused when not nested
     wrap_triton(_nf4_matmul_kernel)[(triton.cdiv(M, bm), triton.cdiv(n_out, bn))](
-        x, raw, absmax, quant_map, y if bias is None else bias, s, low, y,
-        M, n_out, K_red, w_cols, R, float(lora_scaling), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        x, raw, absmax, quant_map, y if bias is None else bias, s, low, y, *nested_args,
+        M, n_out, K_red, w_cols, R, float(lora_scaling), float(absmax_offset),
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         s.stride(0), s.stride(1), low.stride(0), low.stride(1),
-        BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=bias is not None, HAS_LORA=has_lora, NESTED=nested,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r(R), INPUT_PRECISION=input_precision(x.dtype),
         BF16_VIA_FP32=bf16_via_fp32(x.dtype), num_warps=warps, num_stages=stages)
     return y
@@ -114,16 +126,21 @@ def aot_configs():
         for blocksize in (64, 128):  # the blocksizes QLoRA uses; others compile the same way
             for transposed in (False, True):
                 for has_bias in ((False, True) if not transposed else (False,)):
-                    # the LoRA variants at blocksize 64 only (QLoRA's): R > 64 loops over 64-wide chunks
-                    loras = ((False, 16), (True, 16), (True, 64)) if blocksize == 64 else ((False, 16),)
-                    for has_lora, rank_block in loras:
-                        yield _nf4_matmul_kernel, {
-                            "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*fp32", "qmap_ptr": "*fp32",
-                            "bias_ptr": ptr, "s_ptr": ptr, "l_ptr": ptr, "y_ptr": ptr, "M": "i32", "N_OUT": "i32",
-                            "K_RED": "i32", "W_COLS": "i32", "R": "i32", "lora_scaling": "fp32",
-                            "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32", "stride_yn": "i32",
-                            "stride_sm": "i32", "stride_sr": "i32", "stride_lr": "i32", "stride_ln": "i32"}, \
-                            dict(BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=has_bias, HAS_LORA=has_lora,
-                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=rank_block,
-                                 INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BF16_VIA_FP32=False), \
-                            dict(num_warps=warps, num_stages=stages)
+                    # LoRA and double-quant variants at blocksize 64 only (QLoRA's); other rank blocks
+                    # compile the same code with other constants
+                    variants = (False, True) if blocksize == 64 else (False,)
+                    for has_lora, rank_block in ((v, 16) for v in variants):
+                        for nested in variants:
+                            yield _nf4_matmul_kernel, {
+                                "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32",
+                                "qmap_ptr": "*fp32", "bias_ptr": ptr, "s_ptr": ptr, "l_ptr": ptr, "y_ptr": ptr,
+                                "nested_absmax_ptr": "*fp32", "nested_map_ptr": "*fp32",
+                                "M": "i32", "N_OUT": "i32", "K_RED": "i32", "W_COLS": "i32", "R": "i32",
+                                "lora_scaling": "fp32", "absmax_offset": "fp32",
+                                "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32", "stride_yn": "i32",
+                                "stride_sm": "i32", "stride_sr": "i32", "stride_lr": "i32", "stride_ln": "i32"}, \
+                                dict(BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=has_bias, HAS_LORA=has_lora,
+                                     NESTED=nested, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=rank_block,
+                                     INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                                     BF16_VIA_FP32=False), \
+                                dict(num_warps=warps, num_stages=stages)

@@ -172,8 +172,18 @@ def test_reference_op_rejects_inconsistent_inputs():
     q = layer.q
     with pytest.raises(ValueError, match=r"packed bytes do not hold a \[32, 63\] weight"):
         fastpeft.ops.nf4_matmul(torch.randn(2, 63), q.packed, q.absmax, q.quant_map, 64, 32, None, False)
-    with pytest.raises(ValueError, match="absmax must be float32 with 32 entries"):
+    with pytest.raises(ValueError, match="absmax must be torch.float32 with 32 entries"):
         fastpeft.ops.nf4_matmul(torch.randn(2, 64), q.packed, q.absmax[:31], q.quant_map, 64, 32, None, False)
+    dq = Linear4bit.from_linear(torch.nn.Linear(64, 32), double_quant=True).q
+    with pytest.raises(ValueError, match="absmax must be torch.uint8 with 32 entries"):
+        fastpeft.ops.nf4_matmul(torch.randn(2, 64), dq.packed, dq.block_absmax(), dq.quant_map, 64, 32, None, False,
+                                nested_absmax=dq.nested_absmax, nested_quant_map=dq.nested_quant_map)
+    with pytest.raises(ValueError, match="nested_absmax and nested_quant_map come together"):
+        fastpeft.ops.nf4_matmul(torch.randn(2, 64), dq.packed, dq.absmax, dq.quant_map, 64, 32, None, False,
+                                nested_absmax=dq.nested_absmax)
+    with pytest.raises(ValueError, match="nested_absmax must be float32 with 1 entries"):
+        fastpeft.ops.nf4_matmul(torch.randn(2, 64), dq.packed, dq.absmax, dq.quant_map, 64, 32, None, False,
+                                nested_absmax=torch.ones(2), nested_quant_map=dq.nested_quant_map)
     assert nf4_matmul_reference(torch.randn(2, 64), q.packed, q.absmax, q.quant_map, 64, 32).shape == (2, 32)
 
 
@@ -187,16 +197,19 @@ def test_faces_match_the_reference(device, backend, dtype, M, K, N, double_quant
         pytest.skip(f"nf4_matmul has no {backend} face yet")
     lin = torch.nn.Linear(K, N).to(dtype)
     q = Linear4bit.from_linear(lin, 64, double_quant).to(device).q
-    absmax = q.block_absmax()
     x, dy = torch.randn(M, K, dtype=dtype, device=device), torch.randn(M, N, dtype=dtype, device=device)
     bias = lin.bias.detach().to(device)
-    expected = [nf4_matmul_reference(x, q.packed, absmax, q.quant_map, 64, N, bias, False),
-                nf4_matmul_reference(dy, q.packed, absmax, q.quant_map, 64, N, None, True)]
-    with fastpeft.use_backend(backend):
-        got = [op(x, q.packed, absmax, q.quant_map, 64, N, bias, False),
-               op(dy, q.packed, absmax, q.quant_map, 64, N, None, True)]
-    for g, e in zip(got, expected):
-        assert_close(g, e, dtype)
+    # double quantisation in both forms: codes decoded in the kernel, and absmax decoded beforehand
+    nested = {"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
+    forms = [(q.absmax, nested), (q.block_absmax(), {})] if double_quant else [(q.absmax, {})]
+    expected = [nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, 64, N, bias, False),
+                nf4_matmul_reference(dy, q.packed, q.block_absmax(), q.quant_map, 64, N, None, True)]
+    for absmax, extra in forms:
+        with fastpeft.use_backend(backend):
+            got = [op(x, q.packed, absmax, q.quant_map, 64, N, bias, False, **extra),
+                   op(dy, q.packed, absmax, q.quant_map, 64, N, None, True, **extra)]
+        for g, e in zip(got, expected):
+            assert_close(g, e, dtype)
 
 
 def _cpu_flags() -> set[str]:
@@ -228,11 +241,12 @@ def test_cpu_gemv_paths_match_the_reference(monkeypatch, isa, dtype, M, K, N, bl
     if isa == "portable":
         monkeypatch.setenv("FASTPEFT_CPU_ISA", "portable")
     q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=True).q
-    absmax = q.block_absmax()
     x, bias = torch.randn(M, K, dtype=dtype), torch.randn(N, dtype=dtype)
-    expected = nf4_matmul_reference(x, q.packed, absmax, q.quant_map, blocksize, N, bias, False)
+    expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False)
     with fastpeft.use_backend("cpu"):
-        got = fastpeft.ops.nf4_matmul(x, q.packed, absmax, q.quant_map, blocksize, N, bias, False)
+        got = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, False,
+                                      nested_absmax=q.nested_absmax, nested_quant_map=q.nested_quant_map,
+                                      absmax_offset=q.offset)
     assert_close(got, expected, dtype)
 
 
@@ -245,6 +259,7 @@ def test_faces_add_the_fused_lora_term(device, backend, dtype, M, K, N, r):
     op = fastpeft.ops.nf4_matmul
     q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, double_quant=True).to(device).q
     absmax = q.block_absmax()
+    nested = {"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
     x, dy = torch.randn(M, K, dtype=dtype, device=device), torch.randn(M, N, dtype=dtype, device=device)
     s, t = torch.randn(M, r, dtype=dtype, device=device), torch.randn(M, r, dtype=dtype, device=device)
     b_t, a = torch.randn(r, N, dtype=dtype, device=device), torch.randn(r, K, dtype=dtype, device=device)
@@ -252,7 +267,7 @@ def test_faces_add_the_fused_lora_term(device, backend, dtype, M, K, N, r):
     for inp, bias, transposed, ls, ll in cases:
         expected = nf4_matmul_reference(inp, q.packed, absmax, q.quant_map, 64, N, bias, transposed, ls, ll, 0.5)
         with fastpeft.use_backend(backend):
-            got = op(inp, q.packed, absmax, q.quant_map, 64, N, bias, transposed, ls, ll, 0.5)
+            got = op(inp, q.packed, q.absmax, q.quant_map, 64, N, bias, transposed, ls, ll, 0.5, **nested)
         assert_close(got, expected, dtype)
 
 

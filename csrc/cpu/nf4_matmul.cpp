@@ -38,25 +38,25 @@ constexpr int64_t kChunkMinBlock = 32;  // the SIMD GEMV needs whole 32-weight c
 // One weight row decoded into w[0..K) as fp32 values rounded to scalar_t (the reference's rounding).
 // blocksize is a power of two (the format allows 32..4096), so the block of element e is e >> shift.
 template <typename scalar_t>
-inline void decode_row(const uint8_t* raw, const float* absmax, const float* qmap, int shift, int64_t n, int64_t K,
-                       float* w) {
+inline void decode_row(const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift, int64_t n,
+                       int64_t K, float* w) {
   int64_t e = n * K;
   int64_t k = 0;
   if (e & 1) {  // the row starts in a low nibble
-    w[k++] = static_cast<float>(static_cast<scalar_t>(qmap[raw[e >> 1] & 0xF] * absmax[e >> shift]));
+    w[k++] = static_cast<float>(static_cast<scalar_t>(qmap[raw[e >> 1] & 0xF] * absmax(e >> shift)));
     ++e;
   }
   for (; k + 1 < K; k += 2, e += 2) {  // whole bytes: two codes, one block (blocks are even-sized)
     const uint8_t byte = raw[e >> 1];
-    const float scale = absmax[e >> shift];
+    const float scale = absmax(e >> shift);
     w[k] = static_cast<float>(static_cast<scalar_t>(qmap[byte >> 4] * scale));
     w[k + 1] = static_cast<float>(static_cast<scalar_t>(qmap[byte & 0xF] * scale));
   }
-  if (k < K) w[k] = static_cast<float>(static_cast<scalar_t>(qmap[raw[e >> 1] >> 4] * absmax[e >> shift]));
+  if (k < K) w[k] = static_cast<float>(static_cast<scalar_t>(qmap[raw[e >> 1] >> 4] * absmax(e >> shift)));
 }
 
 template <typename scalar_t>
-void dequantize_rows(const uint8_t* raw, const float* absmax, const float* qmap, int shift, int64_t K, int64_t n0,
+void dequantize_rows(const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift, int64_t K, int64_t n0,
                      int64_t n1, scalar_t* out) {
   at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
     std::vector<float> w(K);
@@ -69,7 +69,7 @@ void dequantize_rows(const uint8_t* raw, const float* absmax, const float* qmap,
 }
 
 template <typename scalar_t>
-void gemv(const scalar_t* x, const uint8_t* raw, const float* absmax, const float* qmap, const scalar_t* bias,
+void gemv(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, const scalar_t* bias,
           scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> w(K);
@@ -120,7 +120,8 @@ __attribute__((target("avx2,fma"))) inline void decode_chunk_avx2(const uint8_t*
 // template argument so their accumulators stay in registers (a runtime-indexed accumulator array
 // lives on the stack, and the store-to-load round trip per chunk made the loop 2x slower).
 template <int MT, typename scalar_t>
-__attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* xs, const uint8_t* raw, const float* absmax,
+__attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* xs, const uint8_t* raw,
+                                                        const Nf4Scales& absmax,
                                                         const __m256i* level_bytes, const scalar_t* bias, scalar_t* y,
                                                         int64_t m0, int64_t N, int64_t K, int shift, int64_t n0,
                                                         int64_t n1) {
@@ -131,7 +132,7 @@ __attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* xs, const u
     for (int64_t k = 0; k < K; k += kChunk) {
       __m256 w[4];
       decode_chunk_avx2(raw + ((e0 + k) >> 1), level_bytes, w);
-      const __m256 scale = _mm256_set1_ps(absmax[(e0 + k) >> shift]);
+      const __m256 scale = _mm256_set1_ps(absmax((e0 + k) >> shift));
       for (int m = 0; m < MT; ++m) {
         const float* xk = xs + (m0 + m) * K + k;
         __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xk));
@@ -155,7 +156,8 @@ __attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* xs, const u
 // All M rows, MT = 4 at a time (the rest 1..3): the packed weight is read ceil(M / 4) times, from
 // cache after the first when the row range is small.
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void gemv_avx2(const float* xs, const uint8_t* raw, const float* absmax,
+__attribute__((target("avx2,fma"))) void gemv_avx2(const float* xs, const uint8_t* raw,
+                                                   const Nf4Scales& absmax,
                                                    const float* qmap, const scalar_t* bias, scalar_t* y, int64_t M,
                                                    int64_t N, int64_t K, int shift, int64_t n0, int64_t n1) {
   alignas(32) uint8_t table[4][32];  // byte j of level c, twice (one copy per 128-bit lane)
@@ -191,7 +193,7 @@ bool use_avx2() {
 // The SIMD GEMV: x rows converted to fp32 once, in decode order ([M, K]: M·K·4 bytes, at most
 // 256 KiB for M = 16, K = 4096), then the weight streamed once.
 template <typename scalar_t>
-bool try_gemv_simd(const scalar_t* x, const uint8_t* raw, const float* absmax, const float* qmap,
+bool try_gemv_simd(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
                    const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
 #ifdef FASTPEFT_X86
   if (K % kChunk != 0 || !use_avx2()) return false;
@@ -212,10 +214,12 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, cons
                           const at::Tensor& quant_map, int64_t blocksize, int64_t out_features,
                           const std::optional<at::Tensor>& bias, bool transposed,
                           const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_l,
-                          double lora_scaling) {
+                          double lora_scaling, const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_map, double absmax_offset) {
   const Nf4Args a = check_nf4_matmul_args(x_in, packed, absmax_in, quant_map, blocksize, out_features, bias,
-                                          transposed, lora_s, lora_l);
-  const at::Tensor &x = a.x, &raw = a.raw, &absmax = a.absmax, &qmap = a.qmap;
+                                          transposed, lora_s, lora_l, nested_absmax, nested_map, absmax_offset);
+  const at::Tensor &x = a.x, &raw = a.raw, &qmap = a.qmap;
+  const Nf4Scales scales = a.scales();
   const int64_t M = a.M, N = a.N, K = a.K;
   const int shift = a.shift;
   at::Tensor y = transposed ? at::zeros({M, K}, x.options()) : at::empty({M, N}, x.options());
@@ -223,14 +227,13 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, cons
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nf4_matmul_cpu", [&] {
     const uint8_t* rp = raw.data_ptr<uint8_t>();
-    const float* ap = absmax.data_ptr<float>();
     const float* qp = qmap.data_ptr<float>();
     if (!transposed && M <= kGemvRows) {
       if (blocksize >= kChunkMinBlock &&
-          try_gemv_simd<scalar_t>(x.data_ptr<scalar_t>(), rp, ap, qp, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
+          try_gemv_simd<scalar_t>(x.data_ptr<scalar_t>(), rp, scales, qp, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
                                   y.data_ptr<scalar_t>(), M, N, K, shift))
         return;
-      gemv<scalar_t>(x.data_ptr<scalar_t>(), rp, ap, qp, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
+      gemv<scalar_t>(x.data_ptr<scalar_t>(), rp, scales, qp, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
                      y.data_ptr<scalar_t>(), M, N, K, shift);
       return;
     }
@@ -238,7 +241,7 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, cons
     for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
       const int64_t n1 = std::min(N, n0 + kTileRows);
       at::Tensor w = tile.narrow(0, 0, n1 - n0);
-      dequantize_rows<scalar_t>(rp, ap, qp, shift, K, n0, n1, w.data_ptr<scalar_t>());
+      dequantize_rows<scalar_t>(rp, scales, qp, shift, K, n0, n1, w.data_ptr<scalar_t>());
       if (transposed) {
         y.addmm_(x.narrow(1, n0, n1 - n0), w);  // dx += dy[:, tile]·W[tile, :]
       } else {

@@ -29,8 +29,8 @@ constexpr int kChunk = 32;        // weights per lane per step: one 16-byte load
 constexpr int64_t kTileRows = 1024;
 
 template <typename T>
-__global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
-                                const float* __restrict__ absmax, const float* __restrict__ quant_map,
+__global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const Nf4Scales absmax,
+                                const float* __restrict__ quant_map,
                                 const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int shift) {
   __shared__ float levels[16];
   if (threadIdx.x < 16) levels[threadIdx.x] = quant_map[threadIdx.x];
@@ -50,7 +50,7 @@ __global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restri
   const int64_t row_start = static_cast<int64_t>(n) * K;  // element index of W[n, 0]; even as K % 32 == 0
   for (int k = lane * kChunk; k < K; k += kWarpSize * kChunk) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed + ((row_start + k) >> 1)));
-    const float scale = __ldg(absmax + ((row_start + k) >> shift));
+    const float scale = absmax((row_start + k) >> shift);
     const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
     float w[kChunk];
 #pragma unroll
@@ -84,7 +84,7 @@ __global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restri
 
 // out[i] = dequant(W) element e0 + i, for i < count (a tile of whole weight rows), in T.
 template <typename T>
-__global__ void nf4_dequant_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+__global__ void nf4_dequant_kernel(const uint8_t* __restrict__ packed, const Nf4Scales absmax,
                                    const float* __restrict__ quant_map, T* __restrict__ out, int64_t e0,
                                    int64_t count, int shift) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
@@ -92,7 +92,7 @@ __global__ void nf4_dequant_kernel(const uint8_t* __restrict__ packed, const flo
     const int64_t e = e0 + i;
     const uint8_t byte = packed[e >> 1];
     const int code = (e & 1) ? (byte & 0xF) : (byte >> 4);
-    out[i] = static_cast<T>(quant_map[code] * absmax[e >> shift]);
+    out[i] = static_cast<T>(quant_map[code] * absmax(e >> shift));
   }
 }
 
@@ -100,7 +100,7 @@ template <typename T>
 void launch_gemv(const Nf4Args& a, const std::optional<at::Tensor>& bias, at::Tensor& y, cudaStream_t stream) {
   const dim3 grid((a.N + kWarps - 1) / kWarps, (a.M + kRowsPerPass - 1) / kRowsPerPass);
   nf4_gemv_kernel<T><<<grid, kWarps * kWarpSize, 0, stream>>>(
-      a.x.data_ptr<T>(), a.raw.data_ptr<uint8_t>(), a.absmax.data_ptr<float>(), a.qmap.data_ptr<float>(),
+      a.x.data_ptr<T>(), a.raw.data_ptr<uint8_t>(), a.scales(), a.qmap.data_ptr<float>(),
       bias ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>(), static_cast<int>(a.M), static_cast<int>(a.N),
       static_cast<int>(a.K), a.shift);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -111,7 +111,7 @@ void dequantize_tile(const Nf4Args& a, int64_t n0, int64_t n1, at::Tensor& tile,
   const int64_t count = (n1 - n0) * a.K;
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((count + threads - 1) / threads, 65535));
-  nf4_dequant_kernel<T><<<blocks, threads, 0, stream>>>(a.raw.data_ptr<uint8_t>(), a.absmax.data_ptr<float>(),
+  nf4_dequant_kernel<T><<<blocks, threads, 0, stream>>>(a.raw.data_ptr<uint8_t>(), a.scales(),
                                                         a.qmap.data_ptr<float>(), tile.data_ptr<T>(), n0 * a.K,
                                                         count, a.shift);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -120,10 +120,11 @@ void dequantize_tile(const Nf4Args& a, int64_t n0, int64_t n1, at::Tensor& tile,
 at::Tensor nf4_matmul_cuda(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax_in,
                            const at::Tensor& quant_map, int64_t blocksize, int64_t out_features,
                            const std::optional<at::Tensor>& bias, bool transposed,
-                          const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_l,
-                          double lora_scaling) {
+                           const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_l,
+                           double lora_scaling, const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_map, double absmax_offset) {
   const Nf4Args a = check_nf4_matmul_args(x_in, packed, absmax_in, quant_map, blocksize, out_features, bias,
-                                          transposed, lora_s, lora_l);
+                                          transposed, lora_s, lora_l, nested_absmax, nested_map, absmax_offset);
   const c10::cuda::CUDAGuard guard(a.x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor y = transposed ? at::zeros({a.M, a.K}, a.x.options()) : at::empty({a.M, a.N}, a.x.options());

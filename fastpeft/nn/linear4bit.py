@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.nf4_matmul import NF4LinearFunction, dequantize_packed
+from ..ops.nf4_matmul import dequantize_packed, nf4_linear
 from ..quant.nf4 import NF4Weight, dequantize_nf4, nf4_from_state_dict, quantize_nf4
 
 _QUANT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
@@ -95,8 +95,7 @@ class Linear4bit(nn.Module):
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         bias = None if self.bias is None else self.bias.to(dtype)
-        y = NF4LinearFunction.apply(x2, self.q.packed, self.block_absmax(), self.q.quant_map, self.q.blocksize,
-                                    self.out_features, bias)
+        y = nf4_linear(x2, self.q, bias)  # double quantisation decoded inside the kernels
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

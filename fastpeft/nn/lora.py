@@ -229,9 +229,7 @@ class LoRALinear(nn.Module):
         bias = None if base.bias is None else base.bias.to(dtype)
         # adapters kept in float32 over a bf16 base are cast for the product (as PEFT does)
         a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
-        q = base.q
-        y = qlora_linear(x2, q.packed, base.block_absmax(), q.quant_map, q.blocksize, self.out_features, bias, a, b,
-                         self.scaling[name], self.lora_dropout[name] if self.training else 0.0)
+        y = qlora_linear(x2, base.q, bias, a, b, self.scaling[name], self.lora_dropout[name] if self.training else 0.0)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -117,7 +117,26 @@ class Op:
             return (self._triton_eager if backends.triton_interpreting() else self._triton)(*args)
         return self.dispatcher_op(*args)
 
-    def __call__(self, *args):
+    def _bind(self, args: tuple, kwargs: dict) -> tuple:
+        """Arguments given by name placed by the schema, defaults filling the gaps between."""
+        params = self._overload._schema.arguments
+        bound = list(args)
+        for param in params[len(args):]:
+            if not kwargs:
+                break
+            if param.name in kwargs:
+                bound.append(kwargs.pop(param.name))
+            elif param.has_default_value():
+                bound.append(param.default_value)
+            else:
+                raise TypeError(f"{self.name}: missing argument {param.name!r}")
+        if kwargs:
+            raise TypeError(f"{self.name}: unexpected or repeated arguments {sorted(kwargs)}")
+        return tuple(bound)
+
+    def __call__(self, *args, **kwargs):
+        if kwargs:
+            args = self._bind(args, dict(kwargs))
         # Under torch.compile the registered fake kernel runs the same checks on fake tensors.
         if not torch.compiler.is_compiling():
             self.check(*args)

@@ -13,6 +13,10 @@ lora_s, lora_l, lora_scaling) -> y``
     decoded when double-quantised), quant_map: the 16 float32 levels. y ``[M, N]`` (``[M, K]``
     when transposed) in x's dtype. With lora_s ``[M, r]`` and lora_l ``[r, N]`` (``[r, K]``
     transposed), in x's dtype, y gains ``lora_scaling·lora_s·lora_l``: QLoRA's delta, fused.
+    Double quantisation: absmax holds the uint8 codes, nested_absmax (float32, one per 256
+    blocks), nested_quant_map (256 float32 levels) and absmax_offset decode them inside the
+    kernels, ``absmax = nested_quant_map[code]·nested_absmax[block // 256] + absmax_offset``, so
+    no float absmax is materialised per call.
 
 :func:`qlora_linear` is QLoRA's layer op with autograd: ``x·dequant(W)ᵀ + b + s·(x·Aᵀ)·Bᵀ``.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.nf4 import BLOCKSIZES, _per_block
+from ..quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, _per_block
 from . import _registry
 from .lora_linear import SUPPORTED_DTYPES
 
@@ -34,8 +38,15 @@ def dequantize_packed(packed, absmax, quant_map, blocksize, out_features, in_fea
     return _per_block(quant_map[codes], absmax, blocksize).reshape(out_features, in_features).to(dtype)
 
 
+def decode_absmax(absmax, nested_absmax=None, nested_quant_map=None, absmax_offset=0.0):
+    """The float32 absmax per block: as given, or decoded from double quantisation's codes."""
+    if nested_absmax is None:
+        return absmax
+    return _per_block(nested_quant_map[absmax.long()], nested_absmax, NESTED_BLOCKSIZE) + absmax_offset
+
+
 def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False, lora_s=None,
-           lora_l=None, lora_scaling=1.0):
+           lora_l=None, lora_scaling=1.0, nested_absmax=None, nested_quant_map=None, absmax_offset=0.0):
     op = "nf4_matmul"
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{op}: x must be a 2-D tensor [tokens, features]")
@@ -54,12 +65,24 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
     if (out_features * in_features + 1) // 2 != nbytes:
         raise ValueError(f"{op}: {nbytes} packed bytes do not hold a [{out_features}, {in_features}] weight")
     blocks = -(-out_features * in_features // blocksize)
-    if absmax.dtype != torch.float32 or absmax.numel() != blocks:
-        raise ValueError(f"{op}: absmax must be float32 with {blocks} entries (blocks of {blocksize}); got "
-                         f"{absmax.numel()} {absmax.dtype}")
+    absmax_dtype = torch.float32 if nested_absmax is None else torch.uint8
+    if absmax.dtype != absmax_dtype or absmax.numel() != blocks:
+        raise ValueError(f"{op}: absmax must be {absmax_dtype} with {blocks} entries (blocks of {blocksize}"
+                         f"{', double-quantised' if nested_absmax is not None else ''}); got {absmax.numel()} "
+                         f"{absmax.dtype}")
+    if (nested_absmax is None) != (nested_quant_map is None):
+        raise ValueError(f"{op}: nested_absmax and nested_quant_map come together (double quantisation)")
+    if nested_absmax is not None:
+        nested_blocks = -(-blocks // NESTED_BLOCKSIZE)
+        if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != nested_blocks:
+            raise ValueError(f"{op}: nested_absmax must be float32 with {nested_blocks} entries (one per "
+                             f"{NESTED_BLOCKSIZE} blocks); got {nested_absmax.numel()} {nested_absmax.dtype}")
+        if nested_quant_map.dtype != torch.float32 or nested_quant_map.numel() != 256:
+            raise ValueError(f"{op}: nested_quant_map must hold the 256 float32 levels of the 8-bit map")
     if quant_map.numel() != 16 or quant_map.dtype != torch.float32:
         raise ValueError(f"{op}: quant_map must hold the 16 float32 NF4 levels")
-    for name, t in (("packed", packed), ("absmax", absmax), ("quant_map", quant_map), ("bias", bias)):
+    for name, t in (("packed", packed), ("absmax", absmax), ("quant_map", quant_map), ("bias", bias),
+                    ("nested_absmax", nested_absmax), ("nested_quant_map", nested_quant_map)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
@@ -84,7 +107,9 @@ def _in_features(x, packed, out_features, transposed):
 
 
 def nf4_matmul_reference(x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False,
-                         lora_s=None, lora_l=None, lora_scaling=1.0):
+                         lora_s=None, lora_l=None, lora_scaling=1.0, nested_absmax=None, nested_quant_map=None,
+                         absmax_offset=0.0):
+    absmax = decode_absmax(absmax, nested_absmax, nested_quant_map, absmax_offset)
     w = dequantize_packed(packed, absmax, quant_map, blocksize, out_features,
                           _in_features(x, packed, out_features, transposed), x.dtype)
     y = x @ w if transposed else F.linear(x, w, bias)
@@ -92,7 +117,7 @@ def nf4_matmul_reference(x, packed, absmax, quant_map, blocksize, out_features, 
 
 
 def _fake(x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False, lora_s=None,
-          lora_l=None, lora_scaling=1.0):
+          lora_l=None, lora_scaling=1.0, nested_absmax=None, nested_quant_map=None, absmax_offset=0.0):
     return x.new_empty(x.shape[0], _in_features(x, packed, out_features, transposed) if transposed else out_features)
 
 
@@ -108,28 +133,44 @@ def _choose(device, x, packed, absmax, quant_map, blocksize, out_features, bias=
 nf4_matmul = _registry.define(
     "nf4_matmul",
     "(Tensor x, Tensor packed, Tensor absmax, Tensor quant_map, int blocksize, int out_features, Tensor? bias=None,"
-    " bool transposed=False, Tensor? lora_s=None, Tensor? lora_l=None, float lora_scaling=1.0) -> Tensor",
+    " bool transposed=False, Tensor? lora_s=None, Tensor? lora_l=None, float lora_scaling=1.0,"
+    " Tensor? nested_absmax=None, Tensor? nested_quant_map=None, float absmax_offset=0.0) -> Tensor",
     check=_check, fake=_fake, reference=nf4_matmul_reference, choose=_choose)
+
+
+def weight_args(q) -> tuple:
+    """The op's weight arguments of an :class:`~fastpeft.quant.NF4Weight`, in schema order after
+    out_features/bias: (packed, absmax, quant_map, blocksize, nested_absmax, nested_quant_map, offset)."""
+    return q.packed, q.absmax, q.quant_map, q.blocksize, q.nested_absmax, q.nested_quant_map, float(q.offset or 0.0)
 
 
 class NF4LinearFunction(torch.autograd.Function):
     """dx = dy·dequant(W), recomputed from the 4-bit bytes: no float weight is kept for the backward."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, quant_map, blocksize, out_features, bias):
-        ctx.save_for_backward(packed, absmax, quant_map)
-        ctx.blocksize, ctx.out_features = blocksize, out_features
-        return nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, False)
+    def forward(ctx, x, packed, absmax, quant_map, blocksize, out_features, bias, nested_absmax, nested_quant_map,
+                offset):
+        ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_quant_map)
+        ctx.blocksize, ctx.out_features, ctx.offset = blocksize, out_features, offset
+        return nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, False, None, None, 1.0,
+                          nested_absmax, nested_quant_map, offset)
 
     @staticmethod
     def backward(ctx, grad_y):
-        packed, absmax, quant_map = ctx.saved_tensors
+        packed, absmax, quant_map, nested_absmax, nested_quant_map = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = nf4_matmul(grad_y.contiguous(), packed, absmax, quant_map, ctx.blocksize, ctx.out_features,
-                                None, True)
+                                None, True, None, None, 1.0, nested_absmax, nested_quant_map, ctx.offset)
         grad_bias = grad_y.sum(0) if ctx.needs_input_grad[6] else None
-        return grad_x, None, None, None, None, None, grad_bias
+        return grad_x, None, None, None, None, None, grad_bias, None, None, None
+
+
+def nf4_linear(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x·dequant(W)ᵀ + bias`` from an NF4Weight q (W ``[out, in]``), x ``[M, in]`` contiguous, with autograd."""
+    packed, absmax, quant_map, blocksize, nested_absmax, nested_quant_map, offset = weight_args(q)
+    return NF4LinearFunction.apply(x, packed, absmax, quant_map, blocksize, q.shape[0], bias, nested_absmax,
+                                   nested_quant_map, offset)
 
 
 class QLoRALinearFunction(torch.autograd.Function):
@@ -139,16 +180,20 @@ class QLoRALinearFunction(torch.autograd.Function):
     gradient is folded into dx's GEMM). No float weight is kept."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, packed, absmax, quant_map, blocksize, out_features, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, x_lora, packed, absmax, quant_map, blocksize, out_features, bias, lora_a, lora_b, scaling,
+                nested_absmax, nested_quant_map, offset):
         s = (x if x_lora is None else x_lora) @ lora_a.t()
-        y = nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, False, s, lora_b.t(), scaling)
-        ctx.save_for_backward(x if x_lora is None else x_lora, packed, absmax, quant_map, lora_a, lora_b, s)
+        y = nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, False, s, lora_b.t(), scaling,
+                       nested_absmax, nested_quant_map, offset)
+        ctx.save_for_backward(x if x_lora is None else x_lora, packed, absmax, quant_map, lora_a, lora_b, s,
+                              nested_absmax, nested_quant_map)
         ctx.blocksize, ctx.out_features, ctx.scaling, ctx.separate = blocksize, out_features, scaling, x_lora is not None
+        ctx.offset = offset
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_lora, packed, absmax, quant_map, lora_a, lora_b, s = ctx.saved_tensors
+        x_lora, packed, absmax, quant_map, lora_a, lora_b, s, nested_absmax, nested_quant_map = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         need = ctx.needs_input_grad
         t = grad_y @ lora_b  # [M, r]
@@ -156,27 +201,27 @@ class QLoRALinearFunction(torch.autograd.Function):
         if need[0]:
             fused = (t, lora_a) if not ctx.separate else (None, None)
             grad_x = nf4_matmul(grad_y, packed, absmax, quant_map, ctx.blocksize, ctx.out_features, None, True,
-                                *fused, ctx.scaling)
+                                *fused, ctx.scaling, nested_absmax, nested_quant_map, ctx.offset)
         if ctx.separate and need[1]:
             grad_x_lora = ctx.scaling * (t @ lora_a)
         grad_a = ctx.scaling * (t.t() @ x_lora) if need[8] else None
         grad_b = ctx.scaling * (grad_y.t() @ s) if need[9] else None
         grad_bias = grad_y.sum(0) if need[7] else None
-        return grad_x, grad_x_lora, None, None, None, None, None, grad_bias, grad_a, grad_b, None
+        return (grad_x, grad_x_lora, None, None, None, None, None, grad_bias, grad_a, grad_b, None, None, None,
+                None)
 
 
-def qlora_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
-                 blocksize: int, out_features: int, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
+def qlora_linear(x: torch.Tensor, q, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
     """``x·dequant(W)ᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ`` from NF4 bytes, with autograd.
 
-    x ``[M, in]`` contiguous; packed/absmax/quant_map/blocksize: the NF4 weight ``[out, in]``
-    (absmax float32 per block, decoded); lora_a ``[r, in]``, lora_b ``[out, r]`` and bias in x's
-    dtype. Returns ``[M, out]`` in x's dtype.
+    x ``[M, in]`` contiguous; q: the :class:`~fastpeft.quant.NF4Weight` of W ``[out, in]``;
+    lora_a ``[r, in]``, lora_b ``[out, r]`` and bias in x's dtype. Returns ``[M, out]`` in x's dtype.
     """
     x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
-    return QLoRALinearFunction.apply(x, x_lora, packed, absmax, quant_map, blocksize, out_features, bias, lora_a,
-                                     lora_b, float(scaling))
+    packed, absmax, quant_map, blocksize, nested_absmax, nested_quant_map, offset = weight_args(q)
+    return QLoRALinearFunction.apply(x, x_lora, packed, absmax, quant_map, blocksize, q.shape[0], bias, lora_a,
+                                     lora_b, float(scaling), nested_absmax, nested_quant_map, offset)
 
 
 def _register_triton_faces():
