@@ -100,22 +100,32 @@ class LoraConfig:
         return cls(**kwargs)
 
     def save(self, directory: str) -> str:
-        path = os.path.join(directory, CONFIG_NAME)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        return path
+        return write_config(self.to_dict(), directory)
 
     @classmethod
     def load(cls, directory: str) -> "LoraConfig":
-        path = os.path.join(directory, CONFIG_NAME)
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(read_config(directory))
+
+
+def write_config(d: dict[str, Any], directory: str) -> str:
+    """Write ``adapter_config.json`` (sorted keys, as PEFT's are stable to diff); its path."""
+    path = os.path.join(directory, CONFIG_NAME)
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+def read_config(directory: str) -> dict[str, Any]:
+    """The JSON object of ``<directory>/adapter_config.json``, or a clear error."""
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return d

@@ -15,14 +15,12 @@ holds at most one adapter of such a method (``model.fastpeft_config == {name: co
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
-CONFIG_NAME = "adapter_config.json"
+from ..config import LoraConfig, read_config, write_config
 
 
 class MethodConfig:
@@ -48,11 +46,7 @@ class MethodConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save(self, directory: str) -> str:
-        path = os.path.join(directory, CONFIG_NAME)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        return path
+        return write_config(self.to_dict(), directory)
 
 
 class Method:
@@ -98,8 +92,6 @@ def method_for(config) -> Method:
 
 def config_from_dict(d: dict[str, Any]):
     """The config object an ``adapter_config.json`` describes, by its ``peft_type``."""
-    from ..config import LoraConfig
-
     peft_type = d.get("peft_type")
     if peft_type == "LORA":
         return LoraConfig.from_dict(d)
@@ -110,17 +102,8 @@ def config_from_dict(d: dict[str, Any]):
 
 
 def load_config(directory: str):
-    path = os.path.join(directory, CONFIG_NAME)
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return config_from_dict(d)
+    """The config of the adapter saved in `directory`, whatever its method."""
+    return config_from_dict(read_config(directory))
 
 
 # Each method module registers itself on import; add one line per module.

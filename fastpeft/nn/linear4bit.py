@@ -88,15 +88,19 @@ class Linear4bit(nn.Module):
 
     # --------------------------------------------------------------- forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype]:
+        """x as the NF4 ops take it ([M, in], unit stride, in the compute dtype: autocast's when it is
+        on, else the weight's original dtype), the bias in that dtype, and the dtype."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.q.dtype
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dtype)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        bias = None if self.bias is None else self.bias.to(dtype)
+        return x2, None if self.bias is None else self.bias.to(dtype), dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, bias, _ = self.compute_inputs(x)
         y = nf4_linear(x2, self.q, bias)  # double quantisation decoded inside the kernels
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.q.blocksize}, "

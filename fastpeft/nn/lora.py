@@ -220,17 +220,12 @@ class LoRALinear(nn.Module):
                            dropout_p=self.lora_dropout[name] if self.training else 0.0)
 
     def _qlora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        base = self.base_layer
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else base.q.dtype
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(dtype)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        bias = None if base.bias is None else base.bias.to(dtype)
+        x2, bias, dtype = self.base_layer.compute_inputs(x)
         # adapters kept in float32 over a bf16 base are cast for the product (as PEFT does)
         a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
-        y = qlora_linear(x2, base.q, bias, a, b, self.scaling[name], self.lora_dropout[name] if self.training else 0.0)
-        return y.reshape(*lead, self.out_features)
+        y = qlora_linear(x2, self.base_layer.q, bias, a, b, self.scaling[name],
+                         self.lora_dropout[name] if self.training else 0.0)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         name = self.active_adapter
