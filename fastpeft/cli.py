@@ -1,4 +1,4 @@
-"""The ``fastpeft`` command: ``fastpeft info`` and ``fastpeft bench``."""
+"""The ``fastpeft`` command: ``fastpeft info``, ``bench``, ``finetune`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 import torch
 
 from . import __version__, backends
+from .compare import COMPARE_METHODS
+from .finetune import METHODS, PEFT_METHODS
 
 
 def _version(pkg: str) -> str:
@@ -38,7 +40,8 @@ def info() -> int:
         print(f"extension: not built: {backends.extension_error()}")
     else:
         cuda = f"with CUDA for {ext.cuda_archs()}" if ext.built_with_cuda() else "CPU only (no CUDA kernels)"
-        print(f"extension: fastpeft._C built, {cuda}, OpenMP {'on' if ext.built_with_openmp() else 'off'}")
+        print(f"extension: fastpeft._C built, {cuda}, OpenMP {'on' if ext.built_with_openmp() else 'off'}, "
+              f"NF4 CPU GEMV {ext.nf4_gemv_isa()}")
     forced = backends.forced_backend()
     print(f"backend: {'forced to ' + forced if forced else 'automatic'} (FASTPEFT_BACKEND / fastpeft.use_backend)")
     print("\nbackends:")
@@ -64,7 +67,7 @@ def bench(args) -> int:
     with tqdm(total=fb.count_cases(device, args.quick), desc="fastpeft bench", unit="case",
               disable=args.no_progress, file=sys.stderr) as progress:
         rows = (fb.run_lora(device, args.quick, progress) + fb.run_multi_lora(device, args.quick, progress) +
-                fb.run_nf4(device, args.quick, progress))
+                fb.run_nf4(device, args.quick, progress) + fb.run_phm(device, args.quick, progress))
     env = fb.environment(device)
     print(fb.format_table(rows))
     path = args.json or f"bench-{datetime.date.today().isoformat()}-{device}.json"
@@ -84,8 +87,27 @@ def finetune(args) -> int:
     settings = FinetuneSettings(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, r=args.r, lora_alpha=args.lora_alpha, target_modules=targets,
                                 seed=args.seed, dtype=args.dtype, device=device, log_every=args.log_every,
-                                save=args.save, progress=not args.no_progress)
+                                save=args.save, progress=not args.no_progress,
+                                num_virtual_tokens=args.num_virtual_tokens, trainable_layers=args.trainable_layers,
+                                target_sparsity=args.target_sparsity)
+    if args.compare and args.method not in PEFT_METHODS:
+        print(f"fastpeft finetune: --compare peft trains {', '.join(PEFT_METHODS)} only, not {args.method}",
+              file=sys.stderr)
+        return 2
     run(settings, compare=args.compare, json_path=args.json)
+    return 0
+
+
+def compare(args) -> int:
+    from .compare import CompareSettings, run
+
+    settings = CompareSettings(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                               eval_size=args.eval_size, few_shot=args.few_shot, seed=args.seed,
+                               device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                               threads=args.threads, progress=not args.no_progress)
+    if args.methods:
+        settings.methods = args.methods.split(",")
+    run(settings, json_path=args.json, plot_path=args.plot)
     return 0
 
 
@@ -100,12 +122,12 @@ def main(argv=None) -> int:
     b.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     f = sub.add_parser("finetune", help="fine-tune a causal LM with a PEFT method; loss, tokens/s, peak memory")
-    f.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    f.add_argument("--method", choices=METHODS, default="lora")
     f.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: a tiny random Llama)")
     f.add_argument("--compare", choices=["peft"], help="also train with the peft package, same data and seed")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lr", type=float, default=5e-3)
+    f.add_argument("--lr", type=float, help="default: the method's usual rate (lora 5e-3; see finetune.DEFAULT_LR)")
     f.add_argument("--r", type=int, default=16)
     f.add_argument("--lora-alpha", type=float, default=32)
     f.add_argument("--target-modules", default="all-linear", help='"all-linear" or comma-separated names')
@@ -113,11 +135,30 @@ def main(argv=None) -> int:
     f.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     f.add_argument("--device", choices=["cpu", "cuda"])
     f.add_argument("--log-every", type=int, default=50, metavar="N", help="print a line every N steps")
-    f.add_argument("--save", metavar="DIR", help="write the trained adapter here (PEFT format)")
+    f.add_argument("--num-virtual-tokens", type=int, default=8, help="prompt and prefix tuning")
+    f.add_argument("--trainable-layers", type=int, default=1, metavar="K", help="layerfreeze: the top K layers train")
+    f.add_argument("--target-sparsity", type=float, default=0.99, help="diffpruning: fraction of the delta left zero")
+    f.add_argument("--save", metavar="DIR", help="write the trained adapter here (PEFT's format if PEFT has it)")
     f.add_argument("--json", metavar="FILE", help="write per-step losses and the summary")
     f.add_argument("--no-progress", action="store_true")
+    c = sub.add_parser("compare", help="every PEFT method and in-context learning on one task: params, checkpoint, "
+                                       "memory, step time, accuracy")
+    c.add_argument("--methods", metavar="M1,M2", help=f"a subset of {','.join(COMPARE_METHODS)} (default: all)")
+    c.add_argument("--model", metavar="DIR", help="local Hugging Face model and tokenizer (default: tiny random Llama)")
+    c.add_argument("--steps", type=int, default=150, help="training steps per method (the same batches for each)")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--lr", type=float, help="one rate for every method (default: each method's usual rate)")
+    c.add_argument("--eval-size", type=int, default=256, help="held-out examples scored")
+    c.add_argument("--few-shot", type=int, default=3, help="demonstrations in the in-context-learning prompts")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", choices=["cpu", "cuda"])
+    c.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
+    c.add_argument("--json", metavar="FILE", help="write the table as JSON")
+    c.add_argument("--plot", metavar="FILE.png", help="draw memory and accuracy per method")
+    c.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    return {"info": info, "bench": bench, "finetune": finetune}[args.command](*(() if args.command == "info" else (args,)))
+    commands = {"info": info, "bench": bench, "finetune": finetune, "compare": compare}
+    return commands[args.command](*(() if args.command == "info" else (args,)))
 
 
 if __name__ == "__main__":

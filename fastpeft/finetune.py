@@ -1,5 +1,9 @@
 """``fastpeft finetune``: fine-tune a causal LM with a PEFT method; report loss, speed and memory.
 
+Every method of the family trains through the same loop (``--method``, see :data:`METHODS`); each
+method's config comes from :func:`method_config`, with its usual learning rate unless ``lr`` is
+given (:data:`DEFAULT_LR`), and DiffPruning's L0 penalty is added to the loss it optimises.
+
 The default needs no download: a small Llama built from a transformers config with random weights,
 trained on a synthetic task it can learn (copy a random 8-token pattern after a separator: the loss
 is taken on the copy). ``--compare peft`` runs the same training (same data, same seed, same
@@ -17,7 +21,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-METHODS = ("lora", "qlora")  # qlora: NF4 base (double-quantised), LoRA on top
+# qlora: NF4 base (double-quantised), LoRA on top; prompt/prefix: prompt and prefix tuning;
+# bottleneck/compacter: adapters; layerfreeze: the top layers only; full: full fine-tuning.
+METHODS = ("lora", "qlora", "prompt", "prefix", "ia3", "bottleneck", "compacter", "bitfit", "diffpruning",
+           "layerfreeze", "full")
+PEFT_METHODS = ("lora", "qlora")  # those --compare peft can also train with the peft package
+# Each method's usual AdamW learning rate for small models: methods training few parameters far
+# from the output (soft prompts, scaling vectors, biases) take larger steps; full fine-tuning smaller.
+DEFAULT_LR = {"lora": 5e-3, "qlora": 5e-3, "prompt": 3e-2, "prefix": 1e-2, "ia3": 5e-2, "bottleneck": 5e-3,
+              "compacter": 5e-3, "bitfit": 1e-2, "diffpruning": 5e-3, "layerfreeze": 1e-3, "full": 1e-3}
 BOS, SEP, FIRST_TOKEN = 1, 2, 4
 
 
@@ -28,10 +40,13 @@ class FinetuneSettings:
     steps: int = 300
     batch_size: int = 32
     pattern_length: int = 8
-    lr: float = 5e-3
+    lr: float | None = None  # None: the method's DEFAULT_LR
     r: int = 16
     lora_alpha: float = 32
-    target_modules: str | list = "all-linear"
+    target_modules: str | list = "all-linear"  # LoRA, QLoRA, DiffPruning
+    num_virtual_tokens: int = 8  # prompt and prefix tuning
+    trainable_layers: int = 1  # layer freezing: the top k layers train
+    target_sparsity: float = 0.99  # DiffPruning
     seed: int = 0
     dtype: str = "fp32"
     device: str = "cpu"
@@ -53,24 +68,28 @@ class RunResult:
     trainable_params: int = 0
     total_params: int = 0
     seconds: float = 0.0
+    step_seconds: float = 0.0  # mean time of a step, the first (one-off costs) left out
 
     def loss_at(self, start: int, end: int) -> float:
         window = self.losses[start:end]
         return sum(window) / len(window)
 
 
-def default_model(seed: int, vocab_size: int = 64):
+def default_model(seed: int, vocab_size: int = 64, bias: bool = False):
+    """The tiny random Llama; `bias`: its linear layers get biases (attention_bias, mlp_bias), so
+    that BitFit has something to train."""
     import transformers as tf
 
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         attention_bias=bias, mlp_bias=bias)
     return tf.LlamaForCausalLM(cfg)
 
 
 def load_model(s: FinetuneSettings):
-    if s.model is None:
-        return default_model(s.seed)
+    if s.model is None:  # BitFit needs biases to train: then the tiny Llama is built with them
+        return default_model(s.seed, bias=s.method == "bitfit")
     import transformers as tf
 
     torch.manual_seed(s.seed)
@@ -110,21 +129,91 @@ def _bnb_quantize(model, compute_dtype):
     return model
 
 
-def apply_method(model, s: FinetuneSettings, library: str):
+def method_config(s: FinetuneSettings):
+    """The fastpeft config of `s.method` (its other settings at their defaults). The methods' config
+    classes are imported here, one at a time, so that one that fails to import fails its own run only."""
     if s.method not in METHODS:
         raise ValueError(f"unknown method {s.method!r}; choose from {METHODS}")
-    kwargs = dict(r=s.r, lora_alpha=s.lora_alpha, target_modules=s.target_modules)
+    if s.method in ("lora", "qlora"):
+        from .config import LoraConfig
+
+        return LoraConfig(r=s.r, lora_alpha=s.lora_alpha, target_modules=s.target_modules)
+    if s.method == "prompt":
+        from .methods.prompt_tuning import PromptTuningConfig
+
+        return PromptTuningConfig(num_virtual_tokens=s.num_virtual_tokens)
+    if s.method == "prefix":
+        from .methods.prefix_tuning import PrefixTuningConfig
+
+        return PrefixTuningConfig(num_virtual_tokens=s.num_virtual_tokens)
+    if s.method == "ia3":
+        from .methods.ia3 import IA3Config
+
+        return IA3Config()
+    if s.method == "bottleneck":
+        from .methods.bottleneck import BottleneckConfig
+
+        return BottleneckConfig()
+    if s.method == "compacter":
+        from .methods.compacter import CompacterConfig
+
+        return CompacterConfig()
+    if s.method == "bitfit":
+        from .methods.bitfit import BitFitConfig
+
+        return BitFitConfig()
+    if s.method == "diffpruning":
+        from .methods.diff_pruning import DiffPruningConfig
+
+        return DiffPruningConfig(target_modules=s.target_modules, target_sparsity=s.target_sparsity)
+    if s.method == "layerfreeze":
+        from .methods.layer_freezing import LayerFreezingConfig
+
+        return LayerFreezingConfig(num_trainable_layers=s.trainable_layers)
+    from .methods.full_finetune import FullFinetuneConfig
+
+    return FullFinetuneConfig()
+
+
+def learning_rate(s: FinetuneSettings) -> float:
+    return s.lr if s.lr is not None else DEFAULT_LR[s.method]
+
+
+def apply_method(model, s: FinetuneSettings, library: str):
+    config = method_config(s)
     if library == "fastpeft":
         import fastpeft
 
         if s.method == "qlora":
             fastpeft.quantize_model(model, double_quant=True)
-        return fastpeft.get_peft_model(model, fastpeft.LoraConfig(**kwargs))
+        return fastpeft.get_peft_model(model, config)
+    if s.method not in PEFT_METHODS:
+        raise ValueError(f"--compare peft trains {' and '.join(PEFT_METHODS)} only, not {s.method!r}")
+    kwargs = dict(r=s.r, lora_alpha=s.lora_alpha, target_modules=s.target_modules)
     import peft
 
     if s.method == "qlora":
         _bnb_quantize(model, next(model.parameters()).dtype)
     return peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+
+
+def make_optimizer(model, s: FinetuneSettings) -> torch.optim.Optimizer:
+    """AdamW over what trains; DiffPruning's gates get their own learning rate."""
+    lr = learning_rate(s)
+    if s.method == "diffpruning":
+        from .methods import diff_pruning
+
+        return torch.optim.AdamW(diff_pruning.param_groups(model, lr), lr=lr)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def regulariser(s: FinetuneSettings):
+    """What the method adds to the task loss (a function of the model), or None."""
+    if s.method == "diffpruning":
+        from .methods.diff_pruning import l0_penalty
+
+        return l0_penalty
+    return None
 
 
 def _rss_mb() -> float:
@@ -133,39 +222,52 @@ def _rss_mb() -> float:
 
 
 def train(s: FinetuneSettings, library: str) -> RunResult:
-    """One training run in this process."""
+    """One training run on the copy task in this process."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.dtype]
+    model = load_model(s).to(device=s.device, dtype=dtype)
+    model = apply_method(model, s, library)  # (qlora: quantised here, so the peak includes the 4-bit base)
+    vocab = model.get_input_embeddings().num_embeddings
+    result = train_model(model, copy_task_batches(s, vocab), s, library)
+    if s.save and library == "fastpeft":
+        import fastpeft
+
+        fastpeft.save_adapter(model, s.save)
+    return result
+
+
+def train_model(model, batches, s: FinetuneSettings, library: str = "fastpeft", leave_bar: bool = True) -> RunResult:
+    """Train `model` (its method applied) on `batches`, s.steps of them, each ``(input_ids, labels)``
+    or ``(input_ids, labels, attention_mask)``; measure speed and the peak memory above the model as
+    it is now. Leaves the model in train mode."""
     from tqdm import tqdm
 
     from .peft_model import count_parameters
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.dtype]
-    model = load_model(s).to(device=s.device, dtype=dtype)
-    model = apply_method(model, s, library)  # (qlora: quantised here, so the peak includes the 4-bit base)
     model.train()
     trainable, total = count_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr)
-    vocab = model.get_input_embeddings().num_embeddings
-    result = RunResult(library, s.method, s.steps, s.batch_size * (2 * s.pattern_length + 2),
-                       trainable_params=trainable, total_params=total)
+    opt = make_optimizer(model, s)
+    penalty = regulariser(s)
+    result = RunResult(library, s.method, s.steps, 0, trainable_params=trainable, total_params=total)
     if s.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated() / 2**20
     else:
         base_mem = _rss_mb()
     timed_tokens, timed_seconds = 0, 0.0
-    bar = tqdm(copy_task_batches(s, vocab), total=s.steps, desc=f"{library} {s.method}", disable=not s.progress,
-               unit="step")
+    bar = tqdm(batches, total=s.steps, desc=f"{library} {s.method}", disable=not s.progress, unit="step",
+               leave=leave_bar)
     start = time.perf_counter()
-    for step, (ids, labels) in enumerate(bar):
+    for step, (ids, labels, *mask) in enumerate(bar):
         t0 = time.perf_counter()
-        loss = model(input_ids=ids.to(s.device), labels=labels.to(s.device)).loss
+        kwargs = {"attention_mask": mask[0].to(s.device)} if mask and mask[0] is not None else {}
+        loss = model(input_ids=ids.to(s.device), labels=labels.to(s.device), **kwargs).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + penalty(model) if penalty else loss).backward()  # the task loss is what is reported
         opt.step()
         loss_value = loss.item()  # synchronises the GPU: the step's time is complete
         dt = time.perf_counter() - t0
         result.losses.append(loss_value)
+        result.tokens_per_step = result.tokens_per_step or ids.numel()
         if step > 0:  # the first step pays one-off costs (allocation, kernel compilation)
             timed_tokens += ids.numel()
             timed_seconds += dt
@@ -175,6 +277,7 @@ def train(s: FinetuneSettings, library: str) -> RunResult:
             bar.write(f"[{library}] step {step + 1:4d}  loss {loss_value:.4f}  tokens/s {tok_s:,.0f}")
     result.seconds = time.perf_counter() - start
     result.tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
+    result.step_seconds = timed_seconds / (len(result.losses) - 1) if len(result.losses) > 1 else 0.0
     if s.device == "cuda":
         result.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20 - base_mem
         result.memory_kind = "CUDA memory allocated above the model, peak"
@@ -182,31 +285,53 @@ def train(s: FinetuneSettings, library: str) -> RunResult:
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         result.peak_memory_mb = peak_rss - base_mem
         result.memory_kind = "process RSS above the loaded model, peak"
-    if s.save and library == "fastpeft":
-        import fastpeft
-
-        fastpeft.save_adapter(model, s.save)
     return result
 
 
-def _child(s: FinetuneSettings, library: str, queue) -> None:
+def _child(fn, args, queue) -> None:
     try:
-        queue.put(("ok", asdict(train(s, library))))
+        queue.put(("ok", fn(*args)))
     except BaseException as e:  # report, do not hang the parent
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def train_in_fresh_process(s: FinetuneSettings, library: str) -> RunResult:
-    """Run :func:`train` in a spawned process: peak memory then belongs to this run alone."""
-    ctx = mp.get_context("spawn")
+def in_fresh_process(fn, *args, context: str = "spawn"):
+    """``fn(*args)`` in a new process (`fn` a module-level function, its result picklable): the
+    process's peak memory then belongs to this run alone. Raises RuntimeError with the child's
+    error, or when the child dies without a word (killed for memory, say)."""
+    import queue as queue_module
+
+    ctx = mp.get_context(context)
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(s, library, queue))
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
     proc.start()
-    status, payload = queue.get()
+    while True:
+        try:
+            status, payload = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # it may have answered just before exiting
+                    status, payload = queue.get(timeout=1.0)
+                    break
+                except queue_module.Empty:
+                    raise RuntimeError(f"the run's process died (exit code {proc.exitcode})") from None
     proc.join()
     if status != "ok":
-        raise RuntimeError(f"{library} training failed: {payload}")
-    return RunResult(**payload)
+        raise RuntimeError(payload)
+    return payload
+
+
+def _train_as_dict(s: FinetuneSettings, library: str) -> dict:
+    return asdict(train(s, library))
+
+
+def train_in_fresh_process(s: FinetuneSettings, library: str) -> RunResult:
+    """Run :func:`train` in a spawned process: peak memory then belongs to this run alone."""
+    try:
+        return RunResult(**in_fresh_process(_train_as_dict, s, library))
+    except RuntimeError as e:
+        raise RuntimeError(f"{library} training failed: {e}") from None
 
 
 def format_results(results: list[RunResult]) -> str:
@@ -233,7 +358,8 @@ def run(s: FinetuneSettings, compare: str | None = None, json_path: str | None =
     results = [train_in_fresh_process(s, lib) for lib in libraries]
     print(format_results(results))
     if s.save:
-        print(f"adapter saved to {s.save} (PEFT format)")
+        fmt = "PEFT format" if s.method in ("lora", "qlora", "prompt", "prefix", "ia3") else "fastpeft format"
+        print(f"adapter saved to {s.save} ({fmt})")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(settings=asdict(s), results=[asdict(r) for r in results]), f, indent=2)

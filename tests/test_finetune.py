@@ -50,7 +50,7 @@ def test_cli_info_and_quick_bench(tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--no-progress", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["results"]
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
-    assert {r["op"] for r in rows} == {"lora_linear", "multi_lora", "nf4_matmul"}
+    assert {r["op"] for r in rows} == {"lora_linear", "multi_lora", "nf4_matmul", "phm_linear"}
     assert all(r["times_ms"]["fastpeft"] > 0 and any(k.startswith("fastpeft/") for k in r["ratios"]) for r in rows)
 
 
@@ -75,3 +75,23 @@ def test_qlora_method_learns_on_an_nf4_base():
 
     apply_method(model, FinetuneSettings(method="qlora"), "fastpeft")
     assert isinstance(model.model.layers[0].mlp.up_proj.base_layer, Linear4bit)
+
+
+@pytest.mark.parametrize("method, config", [("bitfit", "BitFitConfig"), ("diffpruning", "DiffPruningConfig"),
+                                            ("layerfreeze", "LayerFreezingConfig"), ("full", "FullFinetuneConfig")])
+def test_every_method_trains_and_saves(tmp_path, method, config):
+    from fastpeft.finetune import load_model
+
+    s = FinetuneSettings(method=method, steps=30, batch_size=8, progress=False, log_every=0, save=str(tmp_path / "a"))
+    result = train(s, "fastpeft")
+    assert len(result.losses) == 30 and result.step_seconds > 0 and 0 < result.trainable_params <= result.total_params
+    model = fastpeft.load_adapter(load_model(s), str(tmp_path / "a")).eval()  # bitfit: the default Llama has biases
+    assert type(model.fastpeft_config["default"]).__name__ == config
+    ids = torch.randint(4, 64, (2, 10))
+    with torch.no_grad():  # what was saved is the trained state (learning itself: tests/test_selective_methods.py)
+        assert not torch.allclose(model(input_ids=ids).logits, load_model(s)(input_ids=ids).logits, atol=1e-4)
+
+
+def test_compare_peft_is_refused_for_methods_peft_cannot_train(capsys):
+    assert cli.main(["finetune", "--method", "bitfit", "--compare", "peft", "--steps", "1"]) == 2
+    assert "--compare peft trains lora, qlora only, not bitfit" in capsys.readouterr().err

@@ -108,6 +108,10 @@ def load_config(directory: str):
 
 # Each method module registers itself on import; add one line per module.
 # from . import <module>  # noqa: E402,F401
+from . import bitfit  # noqa: E402,F401
+from . import diff_pruning  # noqa: E402,F401
+from . import full_finetune  # noqa: E402,F401
+from . import layer_freezing  # noqa: E402,F401
 from . import prompt_tuning  # noqa: E402,F401
 from . import prefix_tuning  # noqa: E402,F401
 from . import ia3  # noqa: E402,F401
