@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch.nn as nn
 
 from .config import LoraConfig
-from .methods import method_for
+from .methods import forget_adapters, method_for
 from .nn.linear4bit import Linear4bit
 from .nn.lora import LoRALinear, is_conv1d
 
@@ -297,9 +297,21 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             set_adapter(model, next(iter(configs)))
 
 
+def _method_of(model: nn.Module):
+    """The Method of the model's adapter when it is not LoRA, else None."""
+    configs = [c for c in adapters_of(model).values() if not isinstance(c, LoraConfig)]
+    return method_for(configs[0]) if configs else None
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Inside the block the model computes as its base model (merged adapters are unmerged first)."""
+    """Inside the block the model computes as its base model (merged adapters are unmerged first).
+    A method that cannot switch off (see :meth:`fastpeft.methods.Method.disabled`) raises instead."""
+    method = _method_of(model)
+    if method is not None:
+        with method.disabled(model):
+            yield model
+        return
     wrappers = [m for _, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     with contextlib.ExitStack() as stack:
         for _, layer in lora_layers(model):
@@ -312,7 +324,12 @@ def disable_adapters(model: nn.Module):
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights and put the plain modules back (in place).
-    Modules in modules_to_save keep the active adapter's trained copy."""
+    Modules in modules_to_save keep the active adapter's trained copy. Other methods: their
+    :meth:`~fastpeft.methods.Method.merge_and_unload` (DiffPruning folds its sparse delta; methods
+    that train the model's own weights just detach; prompt, prefix, IA3 and adapter blocks refuse)."""
+    method = _method_of(model)
+    if method is not None:
+        return method.merge_and_unload(model)
     active = getattr(model, "fastpeft_active_adapter", None)
     for name, module in list(_own_modules(model)):
         if isinstance(module, LoRALinear):
@@ -324,10 +341,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         elif isinstance(module, ModulesToSaveWrapper):
             parent, child = _parent(model, name)
             setattr(parent, child, module.active_module)
-    for attr in ("fastpeft_config", "fastpeft_active_adapter"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    return model
+    return forget_adapters(model)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

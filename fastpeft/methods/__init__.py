@@ -69,8 +69,28 @@ class Method:
         """key -> shape that a checkpoint of `config` must hold for `model` (the model unchanged)."""
         raise NotImplementedError
 
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        """Fold the adapter into the model's own weights and remove what the method added. A method
+        whose adapter is not a weight delta (prompts, hooks, blocks) refuses rather than pretend."""
+        raise TypeError(f"merge_and_unload: a {self.config_cls.__name__} adapter is not a weight delta; it cannot be "
+                        "merged into the base weights (save it with fastpeft.save_adapter instead)")
+
+    def disabled(self, model: nn.Module):
+        """A context manager in which the model computes as its base model; methods that cannot
+        switch off refuse (a silent no-op would return adapted outputs as the base model's)."""
+        raise TypeError(f"disable_adapters: fastpeft cannot switch a {self.config_cls.__name__} adapter off; load the "
+                        "base model separately to compare")
+
 
 METHODS: dict[str, Method] = {}
+
+
+def forget_adapters(model: nn.Module) -> nn.Module:
+    """Remove fastpeft's adapter records from a model (after merging: it is a plain model again)."""
+    for attr in ("fastpeft_config", "fastpeft_active_adapter"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
 
 
 def register(cls: type[Method]) -> type[Method]:

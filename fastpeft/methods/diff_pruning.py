@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from . import Method, MethodConfig, register
+from . import Method, MethodConfig, forget_adapters, register
 from ..peft_model import _matches, _own_modules, resolve_target_modules
 
 
@@ -218,15 +218,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
         with torch.no_grad():
             original.add_(sparse.deltas[name].to(original.dtype))
-    for attr in ("fastpeft_config", "fastpeft_active_adapter"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    return model
+    return forget_adapters(model)
 
 
 @register
 class DiffPruning(Method):
     config_cls = DiffPruningConfig
+
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        return merge_and_unload(model)
 
     def apply(self, model: nn.Module, config: DiffPruningConfig, adapter_name: str) -> nn.Module:
         targets = _targets(model, config)  # every lookup before any change

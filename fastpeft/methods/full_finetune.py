@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import Method, MethodConfig, register
+from . import Method, MethodConfig, forget_adapters, register
 from ..peft_model import _own_modules
 
 
@@ -52,6 +52,10 @@ def parameters_under(model: nn.Module, module_names) -> list[str]:
 class SelectiveMethod(Method):
     """A method that trains some of the model's parameters as they are. Subclasses implement
     :meth:`trained_names` (which raises, changing nothing, when the config does not fit)."""
+
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        """The trained weights are the model's own: nothing to fold; the adapter bookkeeping goes."""
+        return forget_adapters(model)
 
     def trained_names(self, model: nn.Module, config) -> list[str]:
         raise NotImplementedError

@@ -11,6 +11,8 @@ them to serve many (IA)³ and LoRA adapters in one batch.
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -100,8 +102,11 @@ class IA3Linear(nn.Module):
             if isinstance(weight, torch.Tensor) else {}
         shape = (1, in_features) if is_feedforward else (out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, **factory) if init_ones else torch.randn(shape, **factory))
+        self.disabled = False  # True inside fastpeft.disable_adapters: the base layer alone
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
         scale = self.ia3_l.flatten()
         if self.is_feedforward:
             return self.base_layer(x * scale.to(x.dtype), *args, **kwargs)
@@ -161,6 +166,17 @@ def _resolve(model: nn.Module, config: IA3Config) -> tuple[list[_Target], dict[s
 @register
 class IA3(Method):
     config_cls = IA3Config
+
+    @contextlib.contextmanager
+    def disabled(self, model: nn.Module):
+        layers = [m for m in model.modules() if isinstance(m, IA3Linear)]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                layer.disabled = False
 
     def apply(self, model: nn.Module, config: IA3Config, adapter_name: str) -> nn.Module:
         targets, resolved = _resolve(model, config)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import Method, MethodConfig, register
 from .prompt_tuning import (VirtualTokenHooks, _cache_of, check_matches, check_positive_int, decoder_geometry,
-                            encoder_of, install_encoder, prompt_learning_fields)
+                            encoder_of, install_encoder, prompt_learning_fields, virtual_tokens_off)
 
 INIT_WEIGHTS = (None, "zero")
 
@@ -182,6 +182,9 @@ class PrefixTuning(Method):
         resolved["num_transformer_submodules"] = 1
         resolved["head_dim"] = geometry.head_dim
         return resolved
+
+    def disabled(self, model: nn.Module):
+        return virtual_tokens_off(model)
 
     def apply(self, model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> nn.Module:
         resolved = self._resolve(model, config)

@@ -17,6 +17,8 @@ This module also holds what prefix tuning shares: the hooks that rewrite a forwa
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import inspect
 import math
@@ -123,6 +125,7 @@ class VirtualTokenHooks:
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int):
         self.num_virtual_tokens = num_virtual_tokens
+        self.active = True  # False inside fastpeft.disable_adapters: calls pass through untouched
         self.cache_argument = _cache_argument(model)
         self._calls = threading.local()  # per thread: what the output hook must undo, one entry per call
         self.handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -134,6 +137,8 @@ class VirtualTokenHooks:
         raise NotImplementedError
 
     def _before(self, model, args, kwargs):
+        if not self.active:
+            return None
         named = _named_arguments(model, args, kwargs)
         tokens = named.get("input_ids")
         if tokens is None:
@@ -188,6 +193,18 @@ def _drop_leading(logits: torch.Tensor, user_length: int) -> torch.Tensor:
     caller's ``logits_to_keep`` may already have kept fewer)."""
     extra = logits.shape[1] - user_length
     return logits[:, extra:] if extra > 0 else logits
+
+
+@contextlib.contextmanager
+def virtual_tokens_off(model: nn.Module):
+    """The model without its virtual tokens: the base model (``fastpeft.disable_adapters``). A
+    cache filled inside holds no virtual tokens: do not carry it outside, nor one in."""
+    hooks = getattr(model, ENCODER_ATTRIBUTE).hooks
+    hooks.active = False
+    try:
+        yield model
+    finally:
+        hooks.active = True
 
 
 def install_encoder(model: nn.Module, encoder: nn.Module, hooks: VirtualTokenHooks) -> None:
@@ -375,6 +392,9 @@ class PromptTuning(Method):
         check_matches("PromptTuningConfig", config, resolved)
         resolved["num_transformer_submodules"] = 1
         return resolved
+
+    def disabled(self, model: nn.Module):
+        return virtual_tokens_off(model)
 
     def apply(self, model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> nn.Module:
         resolved = self._resolve(model, config)

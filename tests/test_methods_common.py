@@ -1,0 +1,63 @@
+"""What every method answers the same way: disable_adapters and merge_and_unload."""
+
+import pytest
+import torch
+
+import fastpeft
+
+from models import model_inputs, tiny_model
+
+
+def _trained(config, kind="llama"):
+    """A tiny model with the method applied and its trainable tensors moved off their init, so an
+    adapter that is on shows in the outputs."""
+    model = fastpeft.get_peft_model(tiny_model(kind), config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    return model.eval()
+
+
+SWITCHABLE = {
+    "prompt": lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=3),
+    "prefix": lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=3),
+    "ia3": lambda: fastpeft.IA3Config(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWITCHABLE))
+def test_disable_adapters_gives_the_base_model_and_back(name):
+    inputs = model_inputs("llama", batch=2, seq=6)
+    with torch.no_grad():
+        base = tiny_model("llama")(**inputs).logits
+        model = _trained(SWITCHABLE[name]())
+        adapted = model(**inputs).logits
+        with fastpeft.disable_adapters(model):
+            off = model(**inputs).logits
+        again = model(**inputs).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    torch.testing.assert_close(off, base)
+    torch.testing.assert_close(again, adapted)
+
+
+def test_methods_that_cannot_switch_off_or_merge_say_so():
+    model = _trained(fastpeft.BitFitConfig(), "gpt2")
+    with pytest.raises(TypeError, match="cannot switch a BitFitConfig adapter off"):
+        with fastpeft.disable_adapters(model):
+            pass
+    prompt = _trained(fastpeft.PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(TypeError, match="PromptTuningConfig adapter is not a weight delta"):
+        fastpeft.merge_and_unload(prompt)
+
+
+def test_merge_and_unload_of_methods_that_change_weights_keeps_the_outputs():
+    inputs = model_inputs("gpt2", batch=2, seq=5)
+    for config in (fastpeft.BitFitConfig(), fastpeft.DiffPruningConfig(target_modules=["c_fc"])):
+        model = _trained(config, "gpt2")
+        with torch.no_grad():
+            before = model(**inputs).logits
+            merged = fastpeft.merge_and_unload(model)
+            after = merged(**inputs).logits
+        assert not hasattr(merged, "fastpeft_config")
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
