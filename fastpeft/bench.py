@@ -225,7 +225,7 @@ def _targets(ratios: dict, wanted) -> list[dict]:
 
 def count_cases(device: str, quick: bool) -> int:
     return (len(lora_cases(device, quick)) + len(multi_lora_cases(device, quick)) + len(nf4_cases(device, quick)) +
-            len(phm_cases(device, quick)))
+            len(phm_cases(device, quick)) + len(adapter_block_cases(device, quick)))
 
 
 def environment(device: str) -> dict:
@@ -523,5 +523,83 @@ def run_phm(device: str, quick: bool, progress=None) -> list[dict]:
                                      None if case.rank else t.new_empty(case.n, case.N // case.n, case.K // case.n))
         rows.append(dict(op="phm_linear", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
                          M=case.M, K=case.K, N=case.N, n=case.n, rank=case.rank, auto_face=face, times_ms=times,
+                         ratios=ratios, targets=_targets(ratios, case.targets)))
+    return rows
+
+
+# ---------------------------------------------------------------- the whole adapter block
+
+@dataclass
+class AdapterBlockCase:
+    M: int          # tokens
+    D: int          # hidden size: a sequential block reads h itself, so in = out = D
+    R: int          # bottleneck width
+    activation: str
+    dtype: str
+    label: str = ""
+    mode: str = "fwd"
+    targets: list = field(default_factory=list)
+
+    @property
+    def shape(self) -> str:
+        return f"M={self.M} D={self.D} R={self.R} {self.activation}"
+
+
+def adapter_block_cases(device: str, quick: bool) -> list[AdapterBlockCase]:
+    if quick:
+        return [AdapterBlockCase(64, 256, 16, "relu", "fp32" if device == "cpu" else "bf16", "quick")]
+    if device == "cuda":
+        # The brief's target: the whole block (reading x, writing y) within 1.3x of copying x.
+        copy = [("fastpeft", "copy", 1.3)]
+        return [AdapterBlockCase(4096, 4096, 64, "relu", "bf16", "rf64", targets=copy),
+                AdapterBlockCase(4096, 4096, 256, "relu", "bf16", "rf16", targets=copy),
+                AdapterBlockCase(4096, 4096, 64, "relu", "bf16", "rf64", "fwd+bwd")]
+    # CPU: no target in the brief; the rows say what folding the epilogues into the GEMMs buys.
+    return [AdapterBlockCase(1024, 1024, 64, "relu", "fp32", "rf16"),
+            AdapterBlockCase(1024, 1024, 64, "relu", "fp32", "rf16", "fwd+bwd"),
+            AdapterBlockCase(512, 2048, 128, "gelu", "fp32", "rf16")]
+
+
+def adapter_block_variants(case: AdapterBlockCase, device: str) -> dict[str, Callable[[], None]]:
+    """A sequential block on h: fastpeft's op (each face), the unfused reference, and ``x.clone()``."""
+    from .ops.adapter_block import adapter_block
+
+    dtype = DTYPE_NAMES[case.dtype]
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+    x = rnd(case.M, case.D)
+    w_down, b_down = rnd(case.R, case.D, scale=case.D ** -0.5), rnd(case.R)
+    w_up, b_up = rnd(case.D, case.R, scale=case.R ** -0.5), rnd(case.D)
+    train = case.mode == "fwd+bwd"
+    if train:
+        for t in (x, w_down, b_down, w_up, b_up):
+            t.requires_grad_(True)
+    dy = rnd(case.M, case.D)
+
+    def block():
+        y = adapter_block(x, x, w_down, b_down, w_up, b_up, 1.0, case.activation)
+        if train:
+            y.backward(dy)
+
+    variants = {"copy": lambda: x.detach().clone(), "fastpeft": block}
+    variants.update({f"fastpeft[{f}]": _on_backend(f, block) for f in _speed_faces(device)})
+    variants["reference"] = _on_backend("torch", block)
+    return variants if train else _inference(variants)
+
+
+def run_adapter_block(device: str, quick: bool, progress=None) -> list[dict]:
+    from .ops.adapter_block import adapter_block_fwd
+
+    rows = []
+    for case, times in _timed(adapter_block_cases(device, quick), adapter_block_variants, device, quick, progress,
+                              lambda c: f"adapter_block {c.label} {c.mode}"):
+        ratios = _ratios(times, [("fastpeft", "copy"), ("fastpeft", "reference")])
+        t = torch.empty(case.M, case.D, device="meta")
+        face = adapter_block_fwd.select(torch.device(device), t, t, t.new_empty(case.R, case.D), None,
+                                        t.new_empty(case.D, case.R), None, 1.0, case.activation)
+        rows.append(dict(op="adapter_block", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
+                         M=case.M, D=case.D, R=case.R, activation=case.activation, auto_face=face, times_ms=times,
                          ratios=ratios, targets=_targets(ratios, case.targets)))
     return rows

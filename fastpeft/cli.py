@@ -67,7 +67,8 @@ def bench(args) -> int:
     with tqdm(total=fb.count_cases(device, args.quick), desc="fastpeft bench", unit="case",
               disable=args.no_progress, file=sys.stderr) as progress:
         rows = (fb.run_lora(device, args.quick, progress) + fb.run_multi_lora(device, args.quick, progress) +
-                fb.run_nf4(device, args.quick, progress) + fb.run_phm(device, args.quick, progress))
+                fb.run_nf4(device, args.quick, progress) + fb.run_phm(device, args.quick, progress) +
+                fb.run_adapter_block(device, args.quick, progress))
     env = fb.environment(device)
     print(fb.format_table(rows))
     path = args.json or f"bench-{datetime.date.today().isoformat()}-{device}.json"

@@ -50,7 +50,7 @@ def test_cli_info_and_quick_bench(tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--no-progress", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["results"]
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
-    assert {r["op"] for r in rows} == {"lora_linear", "multi_lora", "nf4_matmul", "phm_linear"}
+    assert {r["op"] for r in rows} == {"lora_linear", "multi_lora", "nf4_matmul", "phm_linear", "adapter_block"}
     assert all(r["times_ms"]["fastpeft"] > 0 and any(k.startswith("fastpeft/") for k in r["ratios"]) for r in rows)
 
 

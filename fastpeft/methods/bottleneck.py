@@ -32,6 +32,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from ..ops.adapter_block import adapter_block
 from ..peft_model import DEFAULT_LAYERS_PATTERNS, _matches, _own_modules
 from . import Method, MethodConfig, register
 
@@ -47,6 +48,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity,
 }
 INITS = ("identity", "near_identity")
+# non_linearity -> the activation name of fastpeft.ops.adapter_block (nn.GELU() is the exact, erf form)
+FUSED_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu", "tanh": "tanh",
+                     "identity": "identity"}
 
 
 @dataclass
@@ -119,14 +123,27 @@ class AdapterLayoutConfig:
 class AdapterBlock(nn.Module):
     """``residual + scaling·up(act(down(x)))``; x ``[..., in_features]``, residual ``[..., out_features]``.
 
-    ``down`` and ``up`` are ``nn.Linear`` here and :class:`fastpeft.nn.PHMLinear` in Compacter."""
+    ``down`` and ``up`` are ``nn.Linear`` here, and the whole block runs as one fused op
+    (:func:`fastpeft.ops.adapter_block`); in Compacter they are :class:`fastpeft.nn.PHMLinear` and
+    the block runs as the module sequence."""
 
     def __init__(self, down: nn.Module, up: nn.Module, non_linearity: str, scaling: float):
         super().__init__()
         self.down, self.act, self.up = down, ACTIVATIONS[non_linearity](), up
         self.scaling = scaling
+        self.non_linearity = non_linearity
+
+    def _fusable(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Plain linear projections in one dtype, no autocast: the fused op takes the whole block."""
+        return (type(self.down) is nn.Linear and type(self.up) is nn.Linear
+                and x.dtype == residual.dtype == self.down.weight.dtype == self.up.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)
+                and x.stride(-1) == 1 and residual.stride(-1) == 1)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x, residual):
+            return adapter_block(x, residual, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+                                 self.scaling, FUSED_ACTIVATIONS[self.non_linearity])
         delta = self.up(self.act(self.down(x)))
         return residual + (delta if self.scaling == 1.0 else self.scaling * delta)
 

@@ -6,6 +6,7 @@ inputs and runs the best usable face (see :mod:`fastpeft.backends`).
 
 from . import _registry
 from .adapter_batch import AdapterBatch
+from .adapter_block import adapter_block, adapter_block_bwd, adapter_block_fwd
 from .bgmv import bgmv_expand, bgmv_shrink
 from .lora_linear import lora_linear, lora_linear_bwd, lora_linear_fwd
 from .nf4_matmul import nf4_matmul
@@ -15,4 +16,5 @@ from .sgmv import sgmv_expand, sgmv_shrink
 all_ops = _registry.all_ops
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "bgmv_shrink", "bgmv_expand", "sgmv_shrink",
-           "sgmv_expand", "nf4_matmul", "phm_linear", "phm_linear_fwd", "phm_linear_bwd", "AdapterBatch", "all_ops"]
+           "sgmv_expand", "nf4_matmul", "phm_linear", "phm_linear_fwd", "phm_linear_bwd", "adapter_block",
+           "adapter_block_fwd", "adapter_block_bwd", "AdapterBatch", "all_ops"]
