@@ -16,7 +16,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_NAME, LoraConfig
+from .config import CONFIG_NAME, PREFIX, LoraConfig
 from .methods import load_config, method_for
 from .nn.lora import LoRALinear
 from .peft_model import (ModulesToSaveWrapper, _own_modules, add_adapter, adapters_of, find_modules_to_save,
@@ -24,7 +24,6 @@ from .peft_model import (ModulesToSaveWrapper, _own_modules, add_adapter, adapte
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 
 
 class CheckpointError(ValueError):
@@ -214,6 +213,10 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         raise CheckpointError(str(e)) from None
     if not isinstance(config, LoraConfig):
         return _load_method_adapter(model, directory, config, adapter_name, is_trainable)
+    other = [type(c).__name__ for c in adapters_of(model).values() if not isinstance(c, LoraConfig)]
+    if other:
+        raise CheckpointError(f"the model already has adapters {sorted(adapters_of(model))} ({other[0]}), which must "
+                              "be its only one; load this LoRA adapter into the base model")
     state = _read_weights(directory)
     try:
         expected, what = _expected_shapes(model, config)

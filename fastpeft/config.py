@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."  # PEFT's checkpoint keys: base_model.model.<module>.<tensor>
 BIAS_CHOICES = ("none", "all", "lora_only")
 # PEFT LoraConfig fields whose non-default values change what an adapter computes; a checkpoint
 # using one is refused rather than loaded into something that computes otherwise.

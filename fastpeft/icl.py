@@ -140,12 +140,13 @@ def label_log_likelihoods(model: nn.Module, tokenizer, texts: Sequence[str], tem
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, (seq, n_label) in enumerate(chunk):
                 end = len(seq)
-                # logits at position t predict token t + 1
+                # logits at position t predict token t + 1; only the label's positions are normalised
+                # (a whole [batch, width, vocab] log-softmax in fp32 is gigabytes for a real vocabulary)
+                logprobs = torch.log_softmax(logits[row, end - n_label - 1: end - 1].float(), dim=-1).cpu()
                 targets = torch.tensor(seq[end - n_label:])
-                scores.append(logprobs[row, end - n_label - 1: end - 1].gather(1, targets[:, None]).sum())
+                scores.append(logprobs.gather(1, targets[:, None]).sum())
     finally:
         model.train(was_training)
     return torch.stack(scores).view(len(texts), len(label_words))

@@ -200,6 +200,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     The active adapter does not change, unless the model had none."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a fastpeft.LoraConfig, got {type(config).__name__}")
+    _refuse_method_model(model, "add_adapter")
     if adapter_name in adapters_of(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(adapters_of(model))}")
     targets, config = find_targets(model, config)
@@ -250,10 +251,13 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default") -> n
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Make `adapter_name` the active (and only trainable) adapter."""
+    """Make `adapter_name` the active (and only trainable) adapter. A model with an adapter of
+    another method than LoRA has that one adapter, always active: naming it changes nothing."""
     configs = adapters_of(model)
     if adapter_name not in configs:
         raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
+    if _method_of(model) is not None:
+        return
     model.fastpeft_active_adapter = adapter_name
     config = configs[adapter_name]
     for p in model.parameters():
@@ -275,10 +279,11 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove an adapter everywhere; layers left with no adapter go back to their base module."""
+    """Remove a LoRA adapter everywhere; layers left with no adapter go back to their base module."""
     configs = adapters_of(model)
     if adapter_name not in configs:
         raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
+    _refuse_method_model(model, "delete_adapter")
     for name, module in list(_own_modules(model)):
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             module.delete_adapter(adapter_name)
@@ -301,6 +306,15 @@ def _method_of(model: nn.Module):
     """The Method of the model's adapter when it is not LoRA, else None."""
     configs = [c for c in adapters_of(model).values() if not isinstance(c, LoraConfig)]
     return method_for(configs[0]) if configs else None
+
+
+def _refuse_method_model(model: nn.Module, what: str) -> None:
+    """LoRA's multi-adapter calls on a model whose one adapter is of another method: a clear
+    error before anything changes."""
+    method = _method_of(model)
+    if method is not None:
+        raise TypeError(f"{what}: the model holds a {method.config_cls.__name__} adapter, which must be its only "
+                        "one and cannot be removed in place (merge_and_unload, or start from the base model)")
 
 
 @contextlib.contextmanager

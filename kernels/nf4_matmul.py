@@ -102,6 +102,11 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quan
     if y.numel() == 0:
         return y
     raw = packed.reshape(-1).view(torch.uint8)
+    # the kernel indexes these as flat arrays: strided views (the op's checks allow them) are copied
+    absmax, quant_map = absmax.contiguous(), quant_map.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if nested_absmax is not None:
+        nested_absmax, nested_quant_map = nested_absmax.contiguous(), nested_quant_map.contiguous()
     bm, bn, bk, warps, stages = _TILES["interpret" if interpreting() else "gpu"]
     has_lora = lora_s is not None
     s, low = (lora_s, lora_l) if has_lora else (y, y)  # unused pointers when there is no LoRA term

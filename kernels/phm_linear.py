@@ -152,6 +152,7 @@ def _mix(inp4, rule, w, bias, x2=None):
     summed, ``[n, n, n]`` fp32, when x2 ``[M, n, P]`` is given). Views of any strides."""
     M, n, _, D = inp4.shape
     P = w.shape[1]
+    bias = None if bias is None else bias.contiguous()  # indexed flat in the kernel
     out = torch.empty((M, n, P), device=inp4.device, dtype=inp4.dtype)
     if M == 0:
         return out, (torch.zeros((n, n, n), device=inp4.device, dtype=torch.float32) if x2 is not None else None)

@@ -116,8 +116,7 @@ def test_near_identity_init_is_close_but_not_equal():
 ])
 def test_bad_config_is_refused_clearly_with_the_model_unchanged(kwargs, message):
     model = tiny_model("llama")
-    config = fastpeft.CompacterConfig(reduction_factor=4, **kwargs)
-    with pytest.raises(ValueError, match=message):
-        fastpeft.get_peft_model(model, config)
+    with pytest.raises(ValueError, match=message):  # at construction, or at apply when it needs the model
+        fastpeft.get_peft_model(model, fastpeft.CompacterConfig(reduction_factor=4, **kwargs))
     assert not phm_layers(model) and not hasattr(model, "fastpeft_phm_rule")
     assert all(p.requires_grad for p in model.parameters())

@@ -108,9 +108,13 @@ def test_projection_keeps_the_largest_entries_within_budget():
     assert kept.count_nonzero() == 5
     threshold = kept.abs()[kept != 0].min()
     assert (gate.delta.detach().abs()[kept == 0] <= threshold).all()
-    with torch.no_grad():
-        gate.delta.mul_(-1)  # a new version of the delta: the cached mask is recomputed
-    torch.testing.assert_close(gate.effective_delta().detach(), -kept)
+    with torch.no_grad():  # a new version of the delta whose largest entries are elsewhere: a new mask
+        gate.delta.copy_(gate.delta.flip(0) * 3)
+    now = gate.effective_delta().detach()
+    assert now.count_nonzero() == 5 and not torch.equal(now != 0, kept != 0)
+    torch.testing.assert_close(now, (3 * kept.flip(0)))
+    gate.double()  # new tensors at version 0: the cache must not answer for them
+    assert gate.effective_delta().dtype == torch.float64
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

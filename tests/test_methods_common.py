@@ -61,3 +61,22 @@ def test_merge_and_unload_of_methods_that_change_weights_keeps_the_outputs():
             after = merged(**inputs).logits
         assert not hasattr(merged, "fastpeft_config")
         torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_multi_adapter_calls_refuse_a_model_with_another_method(tmp_path):
+    model = _trained(fastpeft.IA3Config())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora_dir = tmp_path / "lora"
+    fastpeft.save_adapter(fastpeft.get_peft_model(tiny_model("llama"), fastpeft.LoraConfig(r=2)), lora_dir)
+    with pytest.raises(TypeError, match="holds a IA3Config adapter"):
+        fastpeft.add_adapter(model, fastpeft.LoraConfig(r=2), "other")
+    with pytest.raises(fastpeft.CheckpointError, match="already has adapters"):
+        fastpeft.load_adapter(model, lora_dir, "other")
+    with pytest.raises(TypeError, match="cannot be removed in place"):
+        fastpeft.delete_adapter(model, "default")
+    fastpeft.set_adapter(model, "default")  # its one adapter: nothing changes
+    with pytest.raises(KeyError):
+        fastpeft.set_adapter(model, "other")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert list(model.fastpeft_config) == ["default"]
+    assert not any(type(m).__name__ == "LoRALinear" for m in model.modules())

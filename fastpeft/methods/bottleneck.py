@@ -32,11 +32,12 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from ..config import PREFIX
+from ..nn.linear4bit import Linear4bit
 from ..ops.adapter_block import adapter_block
 from ..peft_model import DEFAULT_LAYERS_PATTERNS, _matches, _own_modules
 from . import Method, MethodConfig, register
 
-PREFIX = "base_model.model."          # checkpoint keys, as fastpeft.checkpoint writes them
 ADAPTER_ATTR = "fastpeft_adapter"     # the block's attribute on the module it adapts
 DROP_ATTR = "fastpeft_adapter_drop"   # the AdapterDrop state on the root model
 
@@ -89,6 +90,9 @@ class AdapterLayoutConfig:
     adapter_drop_random: bool = False
 
     layouts: ClassVar[tuple[str, ...]] = tuple(LAYOUTS)
+
+    def __post_init__(self):
+        self.validate()  # a bad config fails where it is written, as every other config does
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -175,8 +179,8 @@ class InsertionPoint:
 
 
 def _linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a linear-like module (nn.Linear, transformers' Conv1D), else None."""
-    if isinstance(module, nn.Linear):
+    """(in, out) of a linear-like module (nn.Linear, fastpeft's Linear4bit, transformers' Conv1D), else None."""
+    if isinstance(module, (nn.Linear, Linear4bit)):
         return module.in_features, module.out_features
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:

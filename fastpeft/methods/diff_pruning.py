@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ..nn.linear4bit import Linear4bit
 from . import Method, MethodConfig, forget_adapters, register
 from ..peft_model import _matches, _own_modules, resolve_target_modules
 
@@ -91,6 +92,10 @@ class HardConcreteDelta(nn.Module):
         gate = (torch.sigmoid(self.log_alpha) * (self.high - self.low) + self.low).clamp(0.0, 1.0)
         return gate * self._projection_mask(gate) if project else gate
 
+    def _apply(self, fn, recurse=True):
+        self._mask_cache = None  # .to()/.double() swap the tensors in at version 0: the key would not see it
+        return super()._apply(fn, recurse)
+
     def _projection_mask(self, gate: torch.Tensor) -> torch.Tensor:
         key = (self.delta._version, self.log_alpha._version)
         if self._mask_cache is None or self._mask_cache[0] != key:
@@ -123,6 +128,9 @@ def _targets(model: nn.Module, config: DiffPruningConfig) -> list[tuple[str, nn.
     for name, module in _own_modules(model):
         if not name or not _matches(name, patterns) or parametrize.is_parametrized(module):
             continue
+        if isinstance(module, Linear4bit):
+            raise ValueError(f"DiffPruningConfig.target_modules: {name!r} holds 4-bit NF4 weights, which cannot take "
+                             "a learned delta (DiffPruning needs full-precision weights)")
         params = list(module.named_parameters(recurse=False))
         if not params:
             raise ValueError(f"DiffPruningConfig.target_modules: {name!r} ({type(module).__name__}) holds no "

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import LoraConfig
+from ..config import PREFIX, LoraConfig
 from ..nn.lora import is_conv1d
 from ..peft_model import _matches, _own_modules, _parent, find_targets, layer_features
 from . import Method, MethodConfig, register
@@ -29,7 +29,6 @@ from . import Method, MethodConfig, register
 # the feed-forward down projection under the names transformers families give them; only names
 # present in the model are used. For Llama (k_proj, v_proj, down_proj) and GPT-2 (c_attn,
 # mlp.c_proj) this is PEFT's per-model table.
-PREFIX = "base_model.model."  # PEFT's key prefix (fastpeft.checkpoint.PREFIX; not imported: it imports us)
 DEFAULT_TARGETS = ("k_proj", "v_proj", "key", "value", "k", "v", "c_attn", "query_key_value", "Wqkv", "qkv_proj")
 # Used when feedforward_modules is None: the down projections among the targets.
 DEFAULT_FEEDFORWARD = ("down_proj", "mlp.c_proj", "fc2", "dense_4h_to_h", "fc_out", "w2", "wo", "output.dense")
@@ -97,9 +96,14 @@ class IA3Linear(nn.Module):
         self.base_layer = base_layer
         self.is_feedforward = is_feedforward
         self.in_features, self.out_features = in_features, out_features
+        q = getattr(base_layer, "q", None)  # fastpeft's Linear4bit: the vector in the weight's original dtype
         weight = getattr(base_layer, "weight", None)
-        factory = dict(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32) \
-            if isinstance(weight, torch.Tensor) else {}
+        if q is not None:
+            factory = dict(device=q.packed.device, dtype=q.dtype)
+        elif isinstance(weight, torch.Tensor):
+            factory = dict(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+        else:
+            factory = {}
         shape = (1, in_features) if is_feedforward else (out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, **factory) if init_ones else torch.randn(shape, **factory))
         self.disabled = False  # True inside fastpeft.disable_adapters: the base layer alone

@@ -194,7 +194,7 @@ def load_quantized_model(directory: str, auto_class=None) -> nn.Module:
         parent, child = _parent(model, name)
         setattr(parent, child, layer)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if getattr(config, "tie_word_embeddings", False) else set()
+    tied = _tied_keys(model, config)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"{directory}: checkpoint does not fit a {type(model).__name__}: missing keys "
@@ -208,7 +208,9 @@ def save_quantized_model(model: nn.Module, directory: str) -> None:
     """Write a model with fastpeft ``Linear4bit`` layers as bitsandbytes/transformers write a 4-bit
     model (``config.json`` with a bitsandbytes ``quantization_config``, ``model.safetensors`` with
     bitsandbytes' keys), so ``transformers.AutoModelForCausalLM.from_pretrained`` (with
-    bitsandbytes installed) and :func:`load_quantized_model` read it."""
+    bitsandbytes installed) and :func:`load_quantized_model` read it. Everything is checked
+    before anything is written; the model's own config is not changed."""
+    import copy
     import os
 
     from safetensors.torch import save_file
@@ -222,22 +224,26 @@ def save_quantized_model(model: nn.Module, directory: str) -> None:
     if len(double) != 1 or len(storage) != 1:
         raise ValueError("save_quantized_model: transformers' quantization_config holds one double-quant setting "
                          "and one storage dtype; this model mixes them")
-    os.makedirs(directory, exist_ok=True)
-    config = model.config
-    qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
-          "bnb_4bit_use_double_quant": double.pop(), "bnb_4bit_compute_dtype": str(layers[0].q.dtype).split(".")[-1],
-          "bnb_4bit_quant_storage": str(storage.pop()).split(".")[-1], "_load_in_4bit": True, "_load_in_8bit": False}
     if blocksizes != {64}:
         raise ValueError(f"save_quantized_model: transformers reads blocksize 64 only; the model uses {sorted(blocksizes)}")
-    config.quantization_config = qc
-    try:
-        config.save_pretrained(directory)
-    finally:
-        del config.quantization_config
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if getattr(config, "tie_word_embeddings", False) else set()
+    config = copy.deepcopy(model.config)
+    config.quantization_config = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": double.pop(), "bnb_4bit_compute_dtype": str(layers[0].q.dtype).split(".")[-1],
+        "bnb_4bit_quant_storage": str(storage.pop()).split(".")[-1], "_load_in_4bit": True, "_load_in_8bit": False}
+    tied = _tied_keys(model, config)
     # a tied output layer is written once, under the embedding's key, as transformers writes it
-    unique = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
-    save_file(unique, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    os.makedirs(directory, exist_ok=True)
+    config.save_pretrained(directory)
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _tied_keys(model: nn.Module, config) -> set[str]:
+    """State-dict keys transformers ties to another (the output layer to the embedding), if tied."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return set()
+    return set(getattr(model, "_tied_weights_keys", None) or ())
 
 
 __all__ = ["Linear4bit", "quantize_model", "dequantize_packed", "load_quantized_model", "save_quantized_model"]

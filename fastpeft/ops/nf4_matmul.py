@@ -85,6 +85,8 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
                     ("nested_absmax", nested_absmax), ("nested_quant_map", nested_quant_map)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if bias is not None and transposed:
+        raise ValueError(f"{op}: bias is for the forward product only; transposed=True takes none")
     if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
         raise ValueError(f"{op}: bias must be [{out_features}] in x's dtype")
     if (lora_s is None) != (lora_l is None):
@@ -123,10 +125,10 @@ def _fake(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tran
 
 def _choose(device, x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False, *lora):
     if device.type == "cuda":
-        # Decode goes to the CUDA GEMV (one pass over the packed bytes); prefill and the backward's
-        # dx to the Triton GEMM, which dequantises in registers. By design, not yet by measurement.
-        decode = x.shape[0] <= 16 and not transposed
-        return ("cuda", "triton", "torch") if decode else ("triton", "cuda", "torch")
+        # Triton first for every shape: the CUDA decode GEMV (csrc/cuda/nf4_matmul.cu) compiles but
+        # has not run on a GPU yet; the first device session that passes its tests and measures it
+        # puts it first for M <= 16 (what it is built for).
+        return ("triton", "cuda", "torch")
     return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
 
 
