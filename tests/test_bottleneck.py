@@ -237,3 +237,22 @@ def test_patterns_override_the_defaults():
         positions=["attn"], attn_modules=["o_proj"], reduction_factor=4))
     assert sorted(adapted(model)) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
     assert all(isinstance(b, AdapterBlock) for b in adapted(model).values())
+
+
+def test_adapter_drop_draws_are_per_thread():
+    """A random AdapterDrop draw made by one thread's forward is not what another thread's forward uses."""
+    import threading
+
+    from fastpeft.methods.bottleneck import AdapterDropState
+
+    state = AdapterDropState(3, random_in_training=True)
+    draws = set()
+    while len(draws) < 2 or state.current == 3:  # a draw that differs from the default (3 layers)
+        state.draw(training=True)
+        draws.add(state.current)
+    mine = state.current
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(state.current))
+    thread.start()
+    thread.join()
+    assert seen == [3] and state.current == mine != 3

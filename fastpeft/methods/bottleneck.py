@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -244,14 +245,23 @@ def _module_input(args, kwargs) -> torch.Tensor:
 
 class AdapterDropState:
     """How many of the lowest layers skip their blocks now (``current``); redrawn per training forward
-    when ``random`` (by a forward pre-hook on the root model)."""
+    when ``random`` (by a forward pre-hook on the root model). The draw is per thread, so forwards
+    running at once in several threads each skip what they drew."""
 
     def __init__(self, layers: int, random_in_training: bool):
-        self.layers, self.random, self.current = layers, random_in_training, layers
+        self.reset(layers, random_in_training)
+
+    def reset(self, layers: int, random_in_training: bool) -> None:
+        self.layers, self.random = layers, random_in_training
+        self._now = threading.local()  # earlier draws no longer count
+
+    @property
+    def current(self) -> int:
+        return getattr(self._now, "value", self.layers)
 
     def draw(self, training: bool) -> None:
         # torch's generator, so torch.manual_seed makes the draws repeatable
-        self.current = int(torch.randint(0, self.layers + 1, ())) if training and self.random else self.layers
+        self._now.value = int(torch.randint(0, self.layers + 1, ())) if training and self.random else self.layers
 
     def skips(self, layer: int | None) -> bool:
         return layer is not None and layer < self.current
@@ -277,7 +287,7 @@ def set_adapter_drop(model: nn.Module, layers: int, random_in_training: bool = F
     state = getattr(model, DROP_ATTR, None)
     if state is None:
         raise ValueError("the model has no bottleneck-style adapters")
-    state.layers, state.random, state.current = layers, random_in_training, layers
+    state.reset(layers, random_in_training)
 
 
 def _first_param(module: nn.Module) -> torch.Tensor | None:
