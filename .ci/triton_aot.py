@@ -1,8 +1,11 @@
-"""Compile every Triton kernel configuration fastpeft launches, for sm_80 and sm_90, without a GPU.
+"""Compile the Triton kernel configurations fastpeft launches, for sm_90 and sm_80, without a GPU.
 
 Each module in kernels/ lists its launch configurations in ``aot_configs()``; a compile error in
 any of them (a bad tile shape, an op the target lacks) fails CI here instead of on a user's GPU.
-Compiles run in parallel, one process per core.
+Every configuration is compiled for sm_90 (the GPU the project measures on); for sm_80, one per
+kernel and pointer signature (dtype), since what differs between architectures is the MMA and
+memory instructions a dtype selects, not the constexpr branches (all 470 compiles took 414 s of
+a 19-minute CI; this set about half). Compiles run in parallel, one process per core.
 """
 
 import concurrent.futures as cf
@@ -21,7 +24,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import fastpeft.kernels  # noqa: E402
 
-ARCHS = (80, 90)
+ARCHS = (90, 80)
 
 
 def _modules():
@@ -47,8 +50,15 @@ def compile_one(module_name: str, index: int, arch: int) -> str | None:
 
 def main() -> int:
     t0 = time.time()
-    jobs = [(name, i, arch) for name, module in _modules() for i in range(len(list(module.aot_configs())))
-            for arch in ARCHS]
+    jobs = []
+    for name, module in _modules():
+        seen_on_sm80 = set()
+        for i, (kernel, signature, _, _) in enumerate(module.aot_configs()):
+            jobs.append((name, i, 90))
+            key = (kernel.__name__, tuple(sorted(signature.items())))
+            if key not in seen_on_sm80:
+                seen_on_sm80.add(key)
+                jobs.append((name, i, 80))
     failures = []
     with cf.ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         for job, error in zip(jobs, pool.map(compile_one, *zip(*jobs))):
