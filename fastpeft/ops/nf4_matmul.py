@@ -171,8 +171,12 @@ class NF4LinearFunction(torch.autograd.Function):
 def nf4_linear(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x·dequant(W)ᵀ + bias`` from an NF4Weight q (W ``[out, in]``), x ``[M, in]`` contiguous, with autograd."""
     packed, absmax, quant_map, blocksize, nested_absmax, nested_quant_map, offset = weight_args(q)
-    return NF4LinearFunction.apply(x, packed, absmax, quant_map, blocksize, q.shape[0], bias, nested_absmax,
-                                   nested_quant_map, offset)
+    if torch.is_grad_enabled() and (x.requires_grad or bias is not None and bias.requires_grad):
+        return NF4LinearFunction.apply(x, packed, absmax, quant_map, blocksize, q.shape[0], bias, nested_absmax,
+                                       nested_quant_map, offset)
+    # inference: no autograd node to build (about 0.1 ms of a 1.2 ms decode step at 4096 x 4096 here)
+    return nf4_matmul(x, packed, absmax, quant_map, blocksize, q.shape[0], bias, False, None, None, 1.0,
+                      nested_absmax, nested_quant_map, offset)
 
 
 class QLoRALinearFunction(torch.autograd.Function):
