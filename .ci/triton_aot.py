@@ -64,7 +64,8 @@ def main() -> int:
         for job, error in zip(jobs, pool.map(compile_one, *zip(*jobs))):
             if error:
                 name, i, arch = job
-                kernel, _, constexprs, options = list(importlib.import_module(f"fastpeft.kernels.{name}").aot_configs())[i]
+                module = importlib.import_module(f"fastpeft.kernels.{name}")
+                kernel, _, constexprs, options = list(module.aot_configs())[i]
                 failures.append(f"{name}.{kernel.__name__} sm_{arch} {constexprs} {options}: {error}")
     print(f"triton AOT: compiled {len(jobs) - len(failures)} of {len(jobs)} kernel configurations for "
           f"sm_{', sm_'.join(map(str, ARCHS))} in {time.time() - t0:.0f} s")

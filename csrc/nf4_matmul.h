@@ -70,8 +70,8 @@ inline Nf4Args check_nf4_matmul_args(const at::Tensor& x_in, const at::Tensor& p
   a.qmap = quant_map.contiguous();
   TORCH_CHECK(nested_absmax.has_value() == nested_map.has_value(),
               "nf4_matmul: nested_absmax and nested_quant_map come together");
-  TORCH_CHECK(a.absmax.scalar_type() == (nested_absmax ? at::kByte : at::kFloat) && a.qmap.scalar_type() == at::kFloat &&
-                  a.qmap.numel() == 16,
+  TORCH_CHECK(a.absmax.scalar_type() == (nested_absmax ? at::kByte : at::kFloat) &&
+                  a.qmap.scalar_type() == at::kFloat && a.qmap.numel() == 16,
               "nf4_matmul: absmax must be float32 (uint8 codes when double-quantised), quant_map 16 float32 levels");
   if (nested_absmax) {
     a.nested_absmax = nested_absmax->contiguous();

@@ -6,7 +6,8 @@ import pytest
 
 from fastpeft import cli, compare, finetune
 
-from test_selective_methods import _one_thread  # noqa: F401 (fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 
 
 def test_compare_cli_reduced_budget(tmp_path, capsys):

@@ -14,7 +14,9 @@ from fastpeft.methods.diff_pruning import DiffPruningConfig
 
 from conftest import assert_close
 from models import model_inputs, tiny_model
-from test_selective_methods import _one_thread, learnable_model, train_losses  # noqa: F401 (fixture)
+from test_selective_methods import learnable_model, train_losses
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def diff_pruned(kind: str, **config):

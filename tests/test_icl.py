@@ -5,7 +5,8 @@ import torch
 
 from fastpeft import icl
 
-from test_selective_methods import _one_thread  # noqa: F401 (fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 
 TEMPLATE = "Review: {text}\nOn a 1 to 4 star scale, the reviewer would give {label}"
 LABELS = ["1", "2", "3", "4"]

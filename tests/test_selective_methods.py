@@ -16,12 +16,8 @@ from models import model_inputs, tiny_model
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """These tiny models train far faster on one thread than on contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rebuilt(kind: str, seed: int = 0, **changes):

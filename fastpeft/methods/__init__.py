@@ -126,14 +126,6 @@ def load_config(directory: str):
     return config_from_dict(read_config(directory))
 
 
-# Each method module registers itself on import; add one line per module.
-# from . import <module>  # noqa: E402,F401
-from . import bitfit  # noqa: E402,F401
-from . import diff_pruning  # noqa: E402,F401
-from . import full_finetune  # noqa: E402,F401
-from . import layer_freezing  # noqa: E402,F401
-from . import prompt_tuning  # noqa: E402,F401
-from . import prefix_tuning  # noqa: E402,F401
-from . import ia3  # noqa: E402,F401
-from . import bottleneck  # noqa: E402,F401
-from . import compacter  # noqa: E402,F401
+# Each method module registers itself on import (add new modules here).
+from . import (bitfit, bottleneck, compacter, diff_pruning, full_finetune, ia3, layer_freezing,  # noqa: E402,F401
+               prefix_tuning, prompt_tuning)

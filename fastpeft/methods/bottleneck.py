@@ -24,7 +24,6 @@ inference and in training; with ``adapter_drop_random`` each training forward dr
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import threading
 from dataclasses import dataclass

@@ -5,5 +5,6 @@ from .lora import LoRALinear, QLoRALinear
 from .multi_lora import MultiLoRALinear, use_adapter_batch
 from .phm import PHMLinear
 
-__all__ = ["LoRALinear", "QLoRALinear", "Linear4bit", "MultiLoRALinear", "PHMLinear", "quantize_model", "load_quantized_model",
+__all__ = ["LoRALinear", "QLoRALinear", "Linear4bit", "MultiLoRALinear", "PHMLinear", "quantize_model",
+           "load_quantized_model",
            "save_quantized_model", "use_adapter_batch"]

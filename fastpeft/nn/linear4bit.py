@@ -225,7 +225,8 @@ def save_quantized_model(model: nn.Module, directory: str) -> None:
         raise ValueError("save_quantized_model: transformers' quantization_config holds one double-quant setting "
                          "and one storage dtype; this model mixes them")
     if blocksizes != {64}:
-        raise ValueError(f"save_quantized_model: transformers reads blocksize 64 only; the model uses {sorted(blocksizes)}")
+        raise ValueError(f"save_quantized_model: transformers reads blocksize 64 only; the model uses "
+                         f"{sorted(blocksizes)}")
     config = copy.deepcopy(model.config)
     config.quantization_config = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
