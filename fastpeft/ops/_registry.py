@@ -73,6 +73,18 @@ class Op:
         self._triton_eager = launcher
         self._triton = torch.library.triton_op(f"{self.qualname}_triton", mutates_args=())(launcher)
 
+    def register_cpu_kernel(self, kernel: Callable) -> None:
+        """A CPU face written with torch ops (an order of them that beats the reference, where C++
+        would only call the same ATen kernels): registered on the dispatcher's CPU key like the
+        extension's kernels, checks first, and counted as the ``cpu`` face when ``fastpeft._C`` is
+        loaded (the ``cpu`` backend's availability rule)."""
+        check = self.check
+
+        def checked(*args):
+            check(*args)
+            return kernel(*args)
+        _LIB.impl(self.name, checked, "CPU")
+
     def refresh_cpp_faces(self) -> None:
         """Record which devices ``fastpeft._C`` registered a kernel of this op for."""
         loaded = backends.extension() is not None

@@ -234,10 +234,7 @@ def _register_cpu_faces():
     C++), on the dispatcher's CPU key like the extension's kernels, so the registry counts it as the
     ``cpu`` face when ``fastpeft._C`` is loaded."""
     for op, fn in ((adapter_block_fwd, adapter_block_fwd_cpu), (adapter_block_bwd, adapter_block_bwd_cpu)):
-        def kernel(*args, fn=fn, check=op.check):
-            check(*args)
-            return fn(*args)
-        _registry._LIB.impl(op.name, kernel, "CPU")
+        op.register_cpu_kernel(fn)
 
 
 _register_cpu_faces()

@@ -235,12 +235,7 @@ def _register_cpu_faces():
     C++). Registered on the dispatcher's CPU key like the extension's kernels, so the registry counts
     it as the ``cpu`` face when ``fastpeft._C`` is loaded."""
     for op, fn in ((phm_linear_fwd, phm_linear_fwd_factored), (phm_linear_bwd, phm_linear_bwd_factored)):
-        check = op.check
-
-        def kernel(*args, fn=fn, check=check):
-            check(*args)
-            return fn(*args)
-        _registry._LIB.impl(op.name, kernel, "CPU")
+        op.register_cpu_kernel(fn)
 
 
 _register_cpu_faces()
