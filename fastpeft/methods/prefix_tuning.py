@@ -24,15 +24,15 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from . import Method, MethodConfig, register
-from .prompt_tuning import (VirtualTokenHooks, _cache_of, check_matches, check_positive_int, decoder_geometry,
-                            encoder_of, install_encoder, prompt_learning_fields, virtual_tokens_off)
+from . import Method, register
+from .prompt_tuning import (PromptLearningConfig, VirtualTokenHooks, _cache_of, check_matches, check_positive_int,
+                            decoder_geometry, encoder_of, install_encoder, prompt_learning_fields, virtual_tokens_off)
 
 INIT_WEIGHTS = (None, "zero")
 
 
 @dataclass
-class PrefixTuningConfig(MethodConfig):
+class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning settings; fields mean what they mean in ``peft.PrefixTuningConfig``.
 
     num_virtual_tokens: k, the prefix length at every layer (required, >= 1).
@@ -50,18 +50,9 @@ class PrefixTuningConfig(MethodConfig):
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
 
-    num_virtual_tokens: int | None = None
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     init_weights: str | None = None
-    token_dim: int | None = None
-    num_transformer_submodules: int | None = None
-    num_attention_heads: int | None = None
-    num_layers: int | None = None
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
 
     def __post_init__(self):
         owner = "PrefixTuningConfig"

@@ -224,6 +224,22 @@ def encoder_of(model: nn.Module, kind: type) -> nn.Module:
     return encoder
 
 
+@dataclass
+class PromptLearningConfig(MethodConfig):
+    """The fields PEFT's prompt-learning configs share (its ``PromptLearningConfig``), with PEFT's
+    names; the geometry fields are filled from the model by ``get_peft_model``."""
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+
 def prompt_learning_fields(owner: str, config) -> None:
     """The validation every prompt-learning config shares."""
     check_positive_int(owner, "num_virtual_tokens", config.num_virtual_tokens, required=True)
@@ -247,7 +263,7 @@ def check_matches(owner: str, config, expected: dict[str, int]) -> None:
 # ---------------------------------------------------------------- prompt tuning
 
 @dataclass
-class PromptTuningConfig(MethodConfig):
+class PromptTuningConfig(PromptLearningConfig):
     """Prompt tuning settings; fields mean what they mean in ``peft.PromptTuningConfig``.
 
     num_virtual_tokens: k, the number of learned virtual tokens (required, >= 1).
@@ -268,19 +284,10 @@ class PromptTuningConfig(MethodConfig):
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
 
-    num_virtual_tokens: int | None = None
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict | None = None
-    token_dim: int | None = None
-    num_transformer_submodules: int | None = None
-    num_attention_heads: int | None = None
-    num_layers: int | None = None
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
