@@ -91,6 +91,9 @@ void gemv(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const 
 // One AVX2 step decodes a chunk of 32 weights (16 bytes). Byte b of the chunk holds element 2b
 // (high nibble) and 2b+1 (low nibble); the decode yields four 8-float vectors, vector i holding
 // elements {8i, 8i+2, 8i+4, 8i+6, 8i+1, 8i+3, 8i+5, 8i+7} (lane 0: high nibbles, lane 1: low).
+// Measured on this project's CPU (AMD EPYC, AVX2; 4096 x 4096, M = 1, one thread): this decode
+// 1.46 ms; two 8-entry float permutes and a blend per 8 codes 2.8 ms; 16-bit blends and shifts in
+// place of the last four unpacks 1.63 ms.
 constexpr int64_t kChunk = 32;
 inline int64_t chunk_position_of(int64_t k) {  // where element k of a chunk sits in the decoded order
   return (k & ~7) + ((k & 7) >> 1) + (k & 1) * 4;
