@@ -207,10 +207,15 @@ def run_lora(device: str, quick: bool, progress=None) -> list[dict]:
     for case, times in _timed(lora_cases(device, quick), lora_variants, device, quick, progress,
                               lambda c: f"lora_linear {c.label} {c.mode}"):
         ratios = _ratios(times, [("fastpeft", "base"), ("fastpeft", "peft"), ("fastpeft", "reference")])
-        rows.append(dict(op="lora_linear", **{k: v for k, v in asdict(case).items() if k != "targets"},
-                         shape=case.shape, auto_face=auto_face(case, device), times_ms=times, ratios=ratios,
-                         targets=_targets(ratios, case.targets)))
+        rows.append(_row("lora_linear", case, auto_face(case, device), times, ratios))
     return rows
+
+
+def _row(op: str, case, auto_face: str, times: dict, ratios: dict) -> dict:
+    """One result row: the case's fields, its shape, the face the rule picks, times, ratios and targets."""
+    fields = {k: v for k, v in asdict(case).items() if k != "targets"}
+    return dict(op=op, **fields, shape=case.shape, auto_face=auto_face, times_ms=times, ratios=ratios,
+                targets=_targets(ratios, case.targets))
 
 
 def _ratios(times: dict, pairs) -> dict:
@@ -377,9 +382,7 @@ def run_multi_lora(device: str, quick: bool, progress=None) -> list[dict]:
         if {"base", "peft", "fastpeft"} <= times.keys() and times["peft"] > times["base"]:
             # what the adapters add on top of the base GEMM: ours over PEFT's
             ratios["overhead fastpeft/peft"] = (times["fastpeft"] - times["base"]) / (times["peft"] - times["base"])
-        rows.append(dict(op="multi_lora", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
-                         T=case.T, K=case.K, N=case.N, r=case.r, U=case.U, auto_face="bgmv/sgmv", times_ms=times,
-                         ratios=ratios, targets=_targets(ratios, case.targets)))
+        rows.append(_row("multi_lora", case, "bgmv/sgmv", times, ratios))
     # GPU targets across cases: time with U adapters over time with one (same shape)
     one = next((r for r in rows if r["U"] == 1), None)
     for row in rows:
@@ -450,9 +453,7 @@ def run_nf4(device: str, quick: bool, progress=None) -> list[dict]:
     for case, times in _timed(nf4_cases(device, quick), nf4_variants, device, quick, progress,
                               lambda c: f"nf4_matmul {c.label} M={c.M}"):
         ratios = _ratios(times, [("fastpeft", "linear"), ("fastpeft", "bitsandbytes")])
-        rows.append(dict(op="nf4_matmul", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
-                         M=case.M, K=case.K, N=case.N, auto_face=auto_nf4_face(case, device), times_ms=times,
-                         ratios=ratios, targets=_targets(ratios, case.targets)))
+        rows.append(_row("nf4_matmul", case, auto_nf4_face(case, device), times, ratios))
     return rows
 
 
@@ -521,9 +522,7 @@ def run_phm(device: str, quick: bool, progress=None) -> list[dict]:
         t = torch.empty(case.M, case.K, device="meta")
         face = phm_linear_fwd.select(torch.device(device), t, t.new_empty(case.n, case.n, case.n),
                                      None if case.rank else t.new_empty(case.n, case.N // case.n, case.K // case.n))
-        rows.append(dict(op="phm_linear", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
-                         M=case.M, K=case.K, N=case.N, n=case.n, rank=case.rank, auto_face=face, times_ms=times,
-                         ratios=ratios, targets=_targets(ratios, case.targets)))
+        rows.append(_row("phm_linear", case, face, times, ratios))
     return rows
 
 
@@ -599,7 +598,5 @@ def run_adapter_block(device: str, quick: bool, progress=None) -> list[dict]:
         t = torch.empty(case.M, case.D, device="meta")
         face = adapter_block_fwd.select(torch.device(device), t, t, t.new_empty(case.R, case.D), None,
                                         t.new_empty(case.D, case.R), None, 1.0, case.activation)
-        rows.append(dict(op="adapter_block", label=case.label, mode=case.mode, dtype=case.dtype, shape=case.shape,
-                         M=case.M, D=case.D, R=case.R, activation=case.activation, auto_face=face, times_ms=times,
-                         ratios=ratios, targets=_targets(ratios, case.targets)))
+        rows.append(_row("adapter_block", case, face, times, ratios))
     return rows

@@ -19,8 +19,8 @@ import torch.nn as nn
 from .config import CONFIG_NAME, PREFIX, LoraConfig
 from .methods import load_config, method_for
 from .nn.lora import LoRALinear
-from .peft_model import (ModulesToSaveWrapper, _own_modules, add_adapter, adapters_of, find_modules_to_save,
-                         find_targets, layer_features, set_adapter)
+from .peft_model import (ModulesToSaveWrapper, _method_of, _own_modules, add_adapter, adapters_of,
+                         find_modules_to_save, find_targets, get_peft_model, layer_features, set_adapter)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -182,8 +182,6 @@ def _load_method_adapter(model: nn.Module, directory: str, config, adapter_name:
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{os.path.join(directory, CONFIG_NAME)} does not fit this model: {e}") from None
     _check_state(state, expected, {})
-    from .peft_model import get_peft_model
-
     model = get_peft_model(model, config, adapter_name)
     own = method.state_dict(model, adapter_name)
     with torch.no_grad():
@@ -213,10 +211,11 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         raise CheckpointError(str(e)) from None
     if not isinstance(config, LoraConfig):
         return _load_method_adapter(model, directory, config, adapter_name, is_trainable)
-    other = [type(c).__name__ for c in adapters_of(model).values() if not isinstance(c, LoraConfig)]
-    if other:
-        raise CheckpointError(f"the model already has adapters {sorted(adapters_of(model))} ({other[0]}), which must "
-                              "be its only one; load this LoRA adapter into the base model")
+    other = _method_of(model)
+    if other is not None:
+        raise CheckpointError(f"the model already has adapters {sorted(adapters_of(model))} "
+                              f"({other.config_cls.__name__}), which must be its only one; load this LoRA adapter "
+                              "into the base model")
     state = _read_weights(directory)
     try:
         expected, what = _expected_shapes(model, config)

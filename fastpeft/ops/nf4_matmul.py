@@ -45,6 +45,11 @@ def decode_absmax(absmax, nested_absmax=None, nested_quant_map=None, absmax_offs
     return _per_block(nested_quant_map[absmax.long()], nested_absmax, NESTED_BLOCKSIZE) + absmax_offset
 
 
+def _in_features(x, packed, out_features, transposed):
+    """The weight's in_features: x's columns, or for the transposed product what the bytes hold."""
+    return x.shape[1] if not transposed else (2 * packed.numel() * packed.element_size()) // out_features
+
+
 def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False, lora_s=None,
            lora_l=None, lora_scaling=1.0, nested_absmax=None, nested_quant_map=None, absmax_offset=0.0):
     op = "nf4_matmul"
@@ -56,12 +61,10 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
         raise ValueError(f"{op}: out_features must be >= 1, got {out_features}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"{op}: blocksize {blocksize} is not an NF4 blocksize {BLOCKSIZES}")
+    if transposed and x.shape[1] != out_features:
+        raise ValueError(f"{op}: transposed x must have out_features = {out_features} columns; got {x.shape[1]}")
     nbytes = packed.numel() * packed.element_size()
-    in_features = x.shape[1] if not transposed else None
-    if transposed:
-        if x.shape[1] != out_features:
-            raise ValueError(f"{op}: transposed x must have out_features = {out_features} columns; got {x.shape[1]}")
-        in_features = (2 * nbytes) // out_features
+    in_features = _in_features(x, packed, out_features, transposed)
     if (out_features * in_features + 1) // 2 != nbytes:
         raise ValueError(f"{op}: {nbytes} packed bytes do not hold a [{out_features}, {in_features}] weight")
     blocks = -(-out_features * in_features // blocksize)
@@ -102,10 +105,6 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
             if t.dtype != x.dtype or t.device != x.device:
                 raise ValueError(f"{op}: {name} must have x's dtype and device ({x.dtype}, {x.device}); got "
                                  f"{t.dtype} on {t.device}")
-
-
-def _in_features(x, packed, out_features, transposed):
-    return x.shape[1] if not transposed else (2 * packed.numel() * packed.element_size()) // out_features
 
 
 def nf4_matmul_reference(x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False,
