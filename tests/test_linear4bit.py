@@ -232,20 +232,26 @@ def test_cpu_gemv_isa_follows_the_cpu_and_the_override(monkeypatch):
 @pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
 @pytest.mark.parametrize("isa", ["auto", "portable"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,K,N,blocksize", [(1, 32, 1, 32), (3, 160, 33, 32), (5, 96, 17, 64), (16, 256, 9, 128),
-                                             (4, 45, 6, 64), (2, 4096 + 64, 3, 4096), (9, 6208, 3, 64)])
-def test_cpu_gemv_paths_match_the_reference(monkeypatch, isa, dtype, M, K, N, blocksize):
-    """M <= 16 takes the GEMV: SIMD where the CPU has it and K % 32 == 0 (4 rows per decoded chunk,
-    then 3, 2, 1), the portable loop otherwise or when forced."""
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("M,K,N,blocksize", [
+    (1, 32, 1, 32), (3, 160, 33, 32), (5, 96, 17, 64),           # 32-weight steps (K % 64 or blocksize 32)
+    (1, 320, 11, 64), (2, 64, 5, 64), (3, 128, 7, 128), (6, 192, 9, 64), (16, 256, 9, 128),  # 64-weight steps
+    (2, 4096 + 64, 3, 4096),                                     # rows that start inside a block
+    (9, 6208, 3, 64),                                            # 291 blocks: two nested absmax groups
+    (4, 45, 6, 64)])                                             # K % 32 != 0: the portable loop
+def test_cpu_gemv_paths_match_the_reference(monkeypatch, isa, dtype, double_quant, M, K, N, blocksize):
+    """M <= 16 takes the GEMV: SIMD where the CPU has it and K % 32 == 0 (64-weight steps when
+    K % 64 == 0 and blocksize >= 64, else 32; 4 rows per decoded step, then 3, 2, 1; bf16 x
+    decodes bf16 levels), the portable loop otherwise or when forced."""
     if isa == "portable":
         monkeypatch.setenv("FASTPEFT_CPU_ISA", "portable")
-    q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=True).q
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=double_quant).q
     x, bias = torch.randn(M, K, dtype=dtype), torch.randn(N, dtype=dtype)
     expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False)
+    nested = ({"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
+              if double_quant else {})
     with fastpeft.use_backend("cpu"):
-        got = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, False,
-                                      nested_absmax=q.nested_absmax, nested_quant_map=q.nested_quant_map,
-                                      absmax_offset=q.offset)
+        got = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, False, **nested)
     assert_close(got, expected, dtype)
 
 

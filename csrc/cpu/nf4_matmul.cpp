@@ -2,9 +2,9 @@
 //
 // Few rows (M <= 16, decode): a GEMV that streams the packed weight once; no full-precision
 // weight exists. With AVX2+FMA (checked at run time; FASTPEFT_CPU_ISA=portable forces the
-// fallback) 16 bytes decode to 32 floats with four byte shuffles (one per byte of the float
-// levels), and x is stored once in the order that decode produces, so nothing is re-shuffled per
-// weight row. The portable fallback decodes one weight row into an fp32 buffer (rounded to x's
+// fallback) 16 bytes decode to 32 floats with one byte shuffle per byte of the levels (four for
+// exact fp32 levels, two for bf16 x's bf16 levels), and x is stored once in the order that decode
+// produces, so nothing is re-shuffled per weight row. The portable fallback decodes one weight row into an fp32 buffer (rounded to x's
 // dtype, as the reference rounds W). More rows: a blocked dequant-matmul, 256 weight rows
 // dequantised into a tile and multiplied with BLAS, so the float weight never exceeds one tile.
 // Schema, checks and the reference: fastpeft/ops/nf4_matmul.py.
@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -32,7 +33,6 @@ namespace {
 
 constexpr int64_t kGemvRows = 16;
 constexpr int64_t kTileRows = 256;
-constexpr int64_t kChunkMinBlock = 32;  // the SIMD GEMV needs whole 32-weight chunks inside one block
 
 // Weight rows [n0, n1) of the [N, K] NF4 weight, dequantised into `out` ([n1 - n0, K], scalar_t).
 // One weight row decoded into w[0..K) as fp32 values rounded to scalar_t (the reference's rounding).
@@ -88,62 +88,146 @@ void gemv(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const 
 }
 
 #ifdef FASTPEFT_X86
-// One AVX2 step decodes a chunk of 32 weights (16 bytes). Byte b of the chunk holds element 2b
-// (high nibble) and 2b+1 (low nibble); the decode yields four 8-float vectors, vector i holding
-// elements {8i, 8i+2, 8i+4, 8i+6, 8i+1, 8i+3, 8i+5, 8i+7} (lane 0: high nibbles, lane 1: low).
-// Measured on this project's CPU (AMD EPYC, AVX2; 4096 x 4096, M = 1, one thread): this decode
-// 1.46 ms; two 8-entry float permutes and a blend per 8 codes 2.8 ms; 16-bit blends and shifts in
-// place of the last four unpacks 1.63 ms.
-constexpr int64_t kChunk = 32;
-inline int64_t chunk_position_of(int64_t k) {  // where element k of a chunk sits in the decoded order
-  return (k & ~7) + ((k & 7) >> 1) + (k & 1) * 4;
+// The AVX2 GEMV reads the packed weight in steps (Step32, Step64: where a step's codes come from)
+// and decodes each register of 32 4-bit codes (one code per byte) into four 8-float vectors, a
+// 16-entry byte table per byte of the level looked up with one shuffle each (Levels: how wide the
+// levels are, chosen by x's dtype):
+// - Fp32Levels: the exact float levels (fp32 and fp16 x), four shuffles and eight unpacks.
+// - Bf16Levels: levels rounded to bf16 (bf16 x: the reference's bf16 weight carries 8 significant
+//   bits too), two shuffles and two unpacks, then each float is the top or the bottom half of a
+//   32-bit lane moved into place by a mask or a shift.
+// Zen 3 runs shuffles and shifts on two of its four vector pipes, and the decode is bound by them.
+// Measured on this project's CPU (AMD EPYC Zen 3, AVX2; 4096 x 4096, double quant, M = 1, one
+// thread, best of 30 in a standalone loop): Fp32Levels with Step32 1.51-1.56 ms, with Step64
+// 1.45-1.47; Bf16Levels with Step32 1.07-1.12, with Step64 1.02 (0.98 with a constant scale).
+// Through the op: fp32 1.71 -> 1.48 ms, bf16 1.70 -> 1.09-1.24 ms (it ran Fp32Levels before).
+// Rejected: two 8-entry float permutes and a blend per 8 codes (2.8 ms); 16-bit blends and shifts
+// in place of Fp32Levels' last four unpacks (1.63 ms); the row's scales decoded into a buffer
+// first (1.12 ms against Step64's 1.02).
+struct Step32 {  // 16 bytes: K % 32 == 0 and blocksize >= 32 keep a step in one block and row
+  static constexpr int64_t kWeights = 32;
+  static constexpr int kRegisters = 1;
+  // lane 0: the high nibbles of the 16 bytes, lane 1: their low nibbles (a broadcast load, then a
+  // 32-bit shift by 4 in lane 0 only)
+  __attribute__((target("avx2,fma"))) static inline void codes(const uint8_t* bytes, __m256i out[1]) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    out[0] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
+                              _mm256_set1_epi8(0x0F));
+  }
+  // element k of the step (byte k / 2, high nibble when k is even) sits in register `reg`, byte slot
+  // 16·lane + byte
+  static int64_t slot_of(int64_t k, int& reg) {
+    reg = 0;
+    return ((k & 1) << 4) | (k >> 1);
+  }
+};
+
+struct Step64 {  // 32 bytes: K % 64 == 0 and blocksize >= 64; one shift for 64 weights, one scale
+  static constexpr int64_t kWeights = 64;
+  static constexpr int kRegisters = 2;
+  // register 0: the high nibbles of the 32 bytes, register 1: their low nibbles
+  __attribute__((target("avx2,fma"))) static inline void codes(const uint8_t* bytes, __m256i out[2]) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    out[0] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    out[1] = _mm256_and_si256(v, low4);
+  }
+  static int64_t slot_of(int64_t k, int& reg) {
+    reg = static_cast<int>(k & 1);
+    return k >> 1;
+  }
+};
+
+struct Fp32Levels {
+  static constexpr int kPlanes = 4;  // bytes per level
+  static uint32_t bits(float level) {
+    uint32_t u;
+    std::memcpy(&u, &level, 4);
+    return u;
+  }
+  // where the code in byte slot j (lane j / 16, byte q = j % 16) lands among the 32 decoded floats
+  static int64_t position_of(int64_t j) {
+    const int64_t q = j & 15;
+    return 8 * (q >> 2) + 4 * (j >> 4) + (q & 3);
+  }
+  __attribute__((target("avx2,fma"))) static inline void decode(__m256i codes, const __m256i* planes,
+                                                                __m256 out[4]) {
+    const __m256i b0 = _mm256_shuffle_epi8(planes[0], codes);
+    const __m256i b1 = _mm256_shuffle_epi8(planes[1], codes);
+    const __m256i b2 = _mm256_shuffle_epi8(planes[2], codes);
+    const __m256i b3 = _mm256_shuffle_epi8(planes[3], codes);
+    const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+    out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+    out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+    out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+    out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+  }
+};
+
+struct Bf16Levels {
+  static constexpr int kPlanes = 2;
+  static uint32_t bits(float level) {  // the bf16 nearest the level (ties to even), as at::BFloat16 rounds
+    return c10::BFloat16(level).x;
+  }
+  static int64_t position_of(int64_t j) {
+    const int64_t q = j & 15;
+    return 8 * (2 * (q >> 3) + (q & 1)) + 4 * (j >> 4) + ((q & 7) >> 1);
+  }
+  __attribute__((target("avx2,fma"))) static inline void decode(__m256i codes, const __m256i* planes,
+                                                                __m256 out[4]) {
+    const __m256i b0 = _mm256_shuffle_epi8(planes[0], codes);
+    const __m256i b1 = _mm256_shuffle_epi8(planes[1], codes);
+    const __m256i lo = _mm256_unpacklo_epi8(b0, b1), hi = _mm256_unpackhi_epi8(b0, b1);  // 16 bf16 each
+    const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+    out[1] = _mm256_castsi256_ps(_mm256_and_si256(lo, top));
+    out[2] = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+    out[3] = _mm256_castsi256_ps(_mm256_and_si256(hi, top));
+  }
+};
+
+// Where element k of x goes in the staged copy: the decoded order of its step.
+template <typename Step, typename Levels>
+int64_t staged_position(int64_t k) {
+  int reg;
+  const int64_t slot = Step::slot_of(k % Step::kWeights, reg);
+  return k - k % Step::kWeights + 32 * reg + Levels::position_of(slot);
 }
 
-__attribute__((target("avx2,fma"))) inline void decode_chunk_avx2(const uint8_t* bytes, const __m256i level_bytes[4],
-                                                                   __m256 out[4]) {
-  // the 16 bytes in both lanes (a broadcast load, not a shuffle), lane 0 shifted right by 4
-  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
-                                         _mm256_set1_epi8(0x0F));
-  // byte j of every code's float, looked up in a 16-entry table (one shuffle per byte position)
-  const __m256i b0 = _mm256_shuffle_epi8(level_bytes[0], codes);
-  const __m256i b1 = _mm256_shuffle_epi8(level_bytes[1], codes);
-  const __m256i b2 = _mm256_shuffle_epi8(level_bytes[2], codes);
-  const __m256i b3 = _mm256_shuffle_epi8(level_bytes[3], codes);
-  const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
-  const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
-  out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
-  out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
-  out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
-  out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
-}
-
-// y[m0:m0+MT, n0:n1] = x·Wᵀ for K % 32 == 0 (every chunk then lies in one absmax block and starts
-// on a byte). xs: x as fp32 in decode order, [M, K]. MT rows share each decoded chunk; MT is a
-// template argument so their accumulators stay in registers (a runtime-indexed accumulator array
-// lives on the stack, and the store-to-load round trip per chunk made the loop 2x slower).
-template <int MT, typename scalar_t>
+// y[m0:m0+MT, n0:n1] = x·Wᵀ. xs: x as fp32 in staged order, [M, K]. MT rows share each decoded
+// step; MT is a template argument so their accumulators stay in registers (a runtime-indexed
+// accumulator array lives on the stack, and the store-to-load round trip per step made the loop 2x
+// slower). Each step's partial sum is one chain of FMAs; steps are independent, so out-of-order
+// execution overlaps them and only the scaled accumulate is carried from step to step.
+template <int MT, typename Step, typename Levels, typename scalar_t>
 __attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* xs, const uint8_t* raw,
-                                                        const Nf4Scales& absmax,
-                                                        const __m256i* level_bytes, const scalar_t* bias, scalar_t* y,
-                                                        int64_t m0, int64_t N, int64_t K, int shift, int64_t n0,
-                                                        int64_t n1) {
+                                                        const Nf4Scales& absmax, const __m256i* planes,
+                                                        const scalar_t* bias, scalar_t* y, int64_t m0, int64_t N,
+                                                        int64_t K, int shift, int64_t n0, int64_t n1) {
+  // one row alone gets a chain per code register (two FMA chains in flight within a step)
+  constexpr int kChains = MT == 1 ? Step::kRegisters : 1;
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
     const int64_t e0 = n * K;
-    for (int64_t k = 0; k < K; k += kChunk) {
-      __m256 w[4];
-      decode_chunk_avx2(raw + ((e0 + k) >> 1), level_bytes, w);
-      const __m256 scale = _mm256_set1_ps(absmax((e0 + k) >> shift));
-      for (int m = 0; m < MT; ++m) {
-        const float* xk = xs + (m0 + m) * K + k;
-        __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xk));
-        __m256 t = _mm256_mul_ps(w[1], _mm256_loadu_ps(xk + 8));
-        s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xk + 16), s);
-        t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xk + 24), t);
-        acc[m] = _mm256_fmadd_ps(_mm256_add_ps(s, t), scale, acc[m]);
+    for (int64_t k = 0; k < K; k += Step::kWeights) {
+      __m256i codes[Step::kRegisters];
+      Step::codes(raw + ((e0 + k) >> 1), codes);
+      __m256 part[kChains][MT];
+      for (int r = 0; r < Step::kRegisters; ++r) {
+        __m256 w[4];
+        Levels::decode(codes[r], planes, w);
+        for (int m = 0; m < MT; ++m) {
+          const float* xk = xs + (m0 + m) * K + k + 32 * r;
+          __m256& p = part[r % kChains][m];
+          p = r < kChains ? _mm256_mul_ps(w[0], _mm256_loadu_ps(xk)) : _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xk), p);
+          for (int i = 1; i < 4; ++i) p = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xk + 8 * i), p);
+        }
       }
+      const __m256 scale = _mm256_set1_ps(absmax((e0 + k) >> shift));
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm256_fmadd_ps(kChains == 2 ? _mm256_add_ps(part[0][m], part[1][m]) : part[0][m], scale, acc[m]);
     }
     for (int m = 0; m < MT; ++m) {
       __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
@@ -158,27 +242,48 @@ __attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* xs, const u
 
 // All M rows, MT = 4 at a time (the rest 1..3): the packed weight is read ceil(M / 4) times, from
 // cache after the first when the row range is small.
-template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void gemv_avx2(const float* xs, const uint8_t* raw,
-                                                   const Nf4Scales& absmax,
+template <typename Step, typename Levels, typename scalar_t>
+__attribute__((target("avx2,fma"))) void gemv_avx2(const float* xs, const uint8_t* raw, const Nf4Scales& absmax,
                                                    const float* qmap, const scalar_t* bias, scalar_t* y, int64_t M,
                                                    int64_t N, int64_t K, int shift, int64_t n0, int64_t n1) {
-  alignas(32) uint8_t table[4][32];  // byte j of level c, twice (one copy per 128-bit lane)
+  alignas(32) uint8_t table[Levels::kPlanes][32];  // byte j of level c, twice (one copy per 128-bit lane)
   for (int c = 0; c < 16; ++c) {
-    uint8_t b[4];
-    std::memcpy(b, &qmap[c], 4);
-    for (int j = 0; j < 4; ++j) table[j][c] = table[j][c + 16] = b[j];
+    const uint32_t b = Levels::bits(qmap[c]);
+    for (int j = 0; j < Levels::kPlanes; ++j) table[j][c] = table[j][c + 16] = static_cast<uint8_t>(b >> (8 * j));
   }
-  __m256i level_bytes[4];
-  for (int j = 0; j < 4; ++j) level_bytes[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(table[j]));
+  __m256i planes[Levels::kPlanes];
+  for (int j = 0; j < Levels::kPlanes; ++j) planes[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(table[j]));
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) gemv_rows_avx2<4>(xs, raw, absmax, level_bytes, bias, y, m0, N, K, shift, n0, n1);
+  for (; m0 + 4 <= M; m0 += 4)
+    gemv_rows_avx2<4, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1);
   switch (M - m0) {
-    case 3: gemv_rows_avx2<3>(xs, raw, absmax, level_bytes, bias, y, m0, N, K, shift, n0, n1); break;
-    case 2: gemv_rows_avx2<2>(xs, raw, absmax, level_bytes, bias, y, m0, N, K, shift, n0, n1); break;
-    case 1: gemv_rows_avx2<1>(xs, raw, absmax, level_bytes, bias, y, m0, N, K, shift, n0, n1); break;
+    case 3: gemv_rows_avx2<3, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1); break;
+    case 2: gemv_rows_avx2<2, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1); break;
+    case 1: gemv_rows_avx2<1, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1); break;
     default: break;
   }
+}
+
+// x rows converted to fp32 once, in staged order ([M, K]: M·K·4 bytes, at most 256 KiB for
+// M = 16, K = 4096), then the weight streamed once.
+template <typename Step, typename Levels, typename scalar_t>
+void gemv_simd(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+               const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
+  std::vector<float> xs(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xs[m * K + staged_position<Step, Levels>(k)] = static_cast<float>(x[m * K + k]);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    gemv_avx2<Step, Levels, scalar_t>(xs.data(), raw, absmax, qmap, bias, y, M, N, K, shift, n0, n1);
+  });
+}
+
+template <typename Levels, typename scalar_t>
+void gemv_simd_steps(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+                     const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
+  if (K % Step64::kWeights == 0 && (int64_t{1} << shift) >= Step64::kWeights)
+    gemv_simd<Step64, Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
+  else
+    gemv_simd<Step32, Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
 }
 #endif
 
@@ -193,20 +298,16 @@ bool use_avx2() {
 #endif
 }
 
-// The SIMD GEMV: x rows converted to fp32 once, in decode order ([M, K]: M·K·4 bytes, at most
-// 256 KiB for M = 16, K = 4096), then the weight streamed once.
+// The SIMD GEMV where the CPU and the shape allow it; false otherwise.
 template <typename scalar_t>
 bool try_gemv_simd(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
                    const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
 #ifdef FASTPEFT_X86
-  if (K % kChunk != 0 || !use_avx2()) return false;
-  std::vector<float> xs(M * K);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k)
-      xs[m * K + (k & ~(kChunk - 1)) + chunk_position_of(k & (kChunk - 1))] = static_cast<float>(x[m * K + k]);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    gemv_avx2<scalar_t>(xs.data(), raw, absmax, qmap, bias, y, M, N, K, shift, n0, n1);
-  });
+  if (K % Step32::kWeights != 0 || (int64_t{1} << shift) < Step32::kWeights || !use_avx2()) return false;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+    gemv_simd_steps<Bf16Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
+  else
+    gemv_simd_steps<Fp32Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
   return true;
 #else
   return false;
@@ -232,8 +333,7 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, cons
     const uint8_t* rp = raw.data_ptr<uint8_t>();
     const float* qp = qmap.data_ptr<float>();
     if (!transposed && M <= kGemvRows) {
-      if (blocksize >= kChunkMinBlock &&
-          try_gemv_simd<scalar_t>(x.data_ptr<scalar_t>(), rp, scales, qp, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
+      if (try_gemv_simd<scalar_t>(x.data_ptr<scalar_t>(), rp, scales, qp, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
                                   y.data_ptr<scalar_t>(), M, N, K, shift))
         return;
       gemv<scalar_t>(x.data_ptr<scalar_t>(), rp, scales, qp, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
