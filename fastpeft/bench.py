@@ -405,10 +405,15 @@ class NF4Case:
     label: str = ""
     mode: str = "fwd"
     targets: list = field(default_factory=list)
+    # Distinct weights one call runs back to back, as a model's decode step does: together they
+    # overflow the last-level cache (32 MB L3 here, 50 MB L2 on an H200), so every layer streams its
+    # weight from memory as in a real model; times are reported per layer. With one weight the 8 MB
+    # NF4 weight stayed in this CPU's L3 between calls.
+    layers: int = 1
 
     @property
     def shape(self) -> str:
-        return f"M={self.M} K={self.K} N={self.N}"
+        return f"M={self.M} K={self.K} N={self.N}" + (f" x{self.layers} layers" if self.layers > 1 else "")
 
 
 def nf4_cases(device: str, quick: bool) -> list[NF4Case]:
@@ -416,36 +421,51 @@ def nf4_cases(device: str, quick: bool) -> list[NF4Case]:
         return [NF4Case(1, 256, 256, "fp32" if device == "cpu" else "bf16", "quick")]
     if device == "cuda":  # the brief's shapes; ratios read "fastpeft/linear": the bf16 cuBLAS layer
         return [NF4Case(1, 4096, 14336, "bf16", "decode", targets=[("fastpeft", "linear", 1 / 3.2),
-                                                                   ("fastpeft", "bitsandbytes", 0.8)]),
-                NF4Case(16, 4096, 14336, "bf16", "decode", targets=[("fastpeft", "linear", 1 / 3.0)]),
+                                                                   ("fastpeft", "bitsandbytes", 0.8)], layers=4),
+                NF4Case(16, 4096, 14336, "bf16", "decode", targets=[("fastpeft", "linear", 1 / 3.0)], layers=4),
                 NF4Case(512, 4096, 14336, "bf16", "prefill", targets=[("fastpeft", "linear", 1.10)])]
     # The brief's CPU target: a bf16 model's layer (x and nn.Linear in bf16; NF4 with bf16 compute,
     # as bitsandbytes' compute_dtype). fp32 activations (exact fp32 levels, a slower decode) are
     # measured beside their own fp32 nn.Linear, without a target.
     return [NF4Case(1, 4096, 4096, "bf16", "decode", targets=[("fastpeft", "linear", 0.5),
-                                                              ("fastpeft", "bitsandbytes", 0.1)]),
-            NF4Case(1, 4096, 4096, "fp32", "decode")]
+                                                              ("fastpeft", "bitsandbytes", 0.1)], layers=4),
+            NF4Case(1, 4096, 4096, "fp32", "decode", layers=4)]
 
 
 def nf4_variants(case: NF4Case, device: str) -> dict[str, Callable[[], None]]:
+    """One call of each variant runs the case's `layers` weights on x, one after the other."""
     from .nn.linear4bit import Linear4bit
 
     dtype = DTYPE_NAMES[case.dtype]
-    lin = nn.Linear(case.K, case.N, bias=False)
-    linear = nn.Linear(case.K, case.N, bias=False).to(device=device, dtype=dtype)  # the unquantised layer
-    ours = Linear4bit.from_linear(lin.to(dtype), 64, double_quant=True).to(device)  # computes in dtype
-    x = torch.randn(case.M, case.K, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    variants = {"linear": lambda: linear(x), "fastpeft": lambda: ours(x)}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(case.M, case.K, generator=gen).to(device, dtype)
+    weights = [torch.randn(case.N, case.K, generator=gen).div_(case.K ** 0.5).to(dtype) for _ in range(case.layers)]
+
+    def stack(layers):
+        def run():
+            for layer in layers:
+                layer(x)
+        return run
+
+    linears, ours = [], []
+    for w in weights:
+        linear = nn.Linear(case.K, case.N, bias=False, device="meta").to_empty(device=device).to(dtype)
+        linear.weight.data.copy_(w)  # the unquantised layer
+        linears.append(linear)
+        ours.append(Linear4bit.from_linear(linear, 64, double_quant=True).to(device))  # computes in dtype
+    variants = {"linear": stack(linears), "fastpeft": stack(ours)}
     variants.update({f"fastpeft[{f}]": _on_backend(f, variants["fastpeft"]) for f in _speed_faces(device)})
     try:
         import bitsandbytes as bnb
 
-        ref = bnb.nn.Linear4bit(case.K, case.N, bias=False, compute_dtype=dtype, quant_type="nf4",
-                                compress_statistics=True)
-        ref.weight = bnb.nn.Params4bit(lin.weight.data.clone().to(dtype), requires_grad=False, quant_type="nf4",
-                                       compress_statistics=True, blocksize=64)
-        ref = ref.to(device)
-        variants["bitsandbytes"] = lambda: ref(x)
+        refs = []
+        for w in weights:
+            ref = bnb.nn.Linear4bit(case.K, case.N, bias=False, compute_dtype=dtype, quant_type="nf4",
+                                    compress_statistics=True)
+            ref.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
+                                           compress_statistics=True, blocksize=64)
+            refs.append(ref.to(device))
+        variants["bitsandbytes"] = stack(refs)
     except Exception:  # bitsandbytes absent or without a backend for this device: no peer column
         pass
     return _inference(variants)
@@ -455,6 +475,7 @@ def run_nf4(device: str, quick: bool, progress=None) -> list[dict]:
     rows = []
     for case, times in _timed(nf4_cases(device, quick), nf4_variants, device, quick, progress,
                               lambda c: f"nf4_matmul {c.label} M={c.M}"):
+        times = {name: ms / case.layers for name, ms in times.items()}  # per layer
         ratios = _ratios(times, [("fastpeft", "linear"), ("fastpeft", "bitsandbytes")])
         rows.append(_row("nf4_matmul", case, auto_nf4_face(case, device), times, ratios))
     return rows

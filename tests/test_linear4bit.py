@@ -255,6 +255,35 @@ def test_cpu_gemv_paths_match_the_reference(monkeypatch, isa, dtype, double_quan
     assert_close(got, expected, dtype)
 
 
+@pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
+@pytest.mark.parametrize("isa", ["auto", "portable"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("M,K,N,blocksize", [
+    (17, 96, 300, 64), (20, 160, 40, 32),   # 32-weight steps; 300 rows: a full 256-row tile and a ragged one
+    (33, 128, 257, 128),                     # 64-weight steps, a one-row last tile
+    (24, 4096 + 64, 3, 4096),                # rows that start inside a block
+    (17, 45, 6, 64)])                        # K % 32 != 0: the portable dequantiser
+def test_cpu_tiles_match_the_reference(monkeypatch, isa, dtype, double_quant, M, K, N, blocksize):
+    """M > 16 and the backward take dequantised tiles: SIMD-decoded fp32 tiles with columns in decode
+    order (x's columns, or the backward's result, permuted to match) and fp32 GEMMs where the CPU
+    has AVX2 and K % 32 == 0; tiles in x's dtype from the portable loop otherwise or when forced."""
+    if isa == "portable":
+        monkeypatch.setenv("FASTPEFT_CPU_ISA", "portable")
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=double_quant).q
+    x, dy, bias = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype), torch.randn(N, dtype=dtype)
+    nested = ({"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
+              if double_quant else {})
+    with fastpeft.use_backend("cpu"):
+        got = [fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, False, **nested),
+               fastpeft.ops.nf4_matmul(dy, q.packed, q.absmax, q.quant_map, blocksize, N, None, True, **nested)]
+    expected = [nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False),
+                nf4_matmul_reference(dy, q.packed, q.block_absmax(), q.quant_map, blocksize, N, None, True)]
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype
+        assert_close(g, e, dtype)
+
+
 @pytest.mark.parametrize("device,backend", face_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K,N,r", [(1, 96, 70, 1), (3, 64, 33, 16), (17, 45, 33, 5), (40, 128, 64, 70)])
