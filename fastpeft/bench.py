@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -165,9 +166,11 @@ def _time_once_ms(fn: Callable[[], None], device: str) -> float:
 def time_variants_ms(variants: dict[str, Callable[[], None]], device: str, warmup: int, rounds: int) -> dict[str, float]:
     """Median milliseconds per call of each variant (CUDA events on the GPU).
 
-    Variants run interleaved, one call each per round in a rotating order, so clock and cache
-    drift over the run hits them all alike (timing them one after another gave ±20 % swings
-    between identical variants on the 2-core CPU)."""
+    Variants run interleaved, one call each per round, so clock and cache drift over the run hits
+    them all alike (timing them one after another gave ±20 % swings between identical variants on
+    the 2-core CPU). Each round's order is shuffled (seeded): rotating by one left each variant
+    behind the same predecessor nearly every round, and what ran before matters (an NF4 decode was
+    7 % slower right after the bf16 nn.Linear than after itself)."""
     names = list(variants)
     for name in names:
         for _ in range(warmup):
@@ -175,8 +178,9 @@ def time_variants_ms(variants: dict[str, Callable[[], None]], device: str, warmu
     if device == "cuda":
         torch.cuda.synchronize()
     samples = {name: [] for name in names}
-    for i in range(rounds):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+    order = random.Random(0)
+    for _ in range(rounds):
+        for name in order.sample(names, len(names)):
             samples[name].append(_time_once_ms(variants[name], device))
     return {name: statistics.median(samples[name]) for name in names}
 
@@ -429,7 +433,8 @@ def nf4_cases(device: str, quick: bool) -> list[NF4Case]:
     # measured beside their own fp32 nn.Linear, without a target.
     return [NF4Case(1, 4096, 4096, "bf16", "decode", targets=[("fastpeft", "linear", 0.5),
                                                               ("fastpeft", "bitsandbytes", 0.1)], layers=4),
-            NF4Case(1, 4096, 4096, "fp32", "decode", layers=4)]
+            NF4Case(1, 4096, 4096, "fp32", "decode", layers=4),
+            NF4Case(64, 4096, 4096, "bf16", "prefill")]
 
 
 def nf4_variants(case: NF4Case, device: str) -> dict[str, Callable[[], None]]:
