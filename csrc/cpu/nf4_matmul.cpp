@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -33,6 +34,7 @@ namespace {
 
 constexpr int64_t kGemvRows = 16;
 constexpr int64_t kTileRows = 256;
+constexpr int64_t kGemvBlockRows = 64;  // rows per unit of GEMV work (64 KB of packed weight at K = 2048)
 
 // Weight rows [n0, n1) of the [N, K] NF4 weight, dequantised into `out` ([n1 - n0, K], scalar_t).
 // One weight row decoded into w[0..K) as fp32 values rounded to scalar_t (the reference's rounding).
@@ -278,8 +280,14 @@ void gemv_simd(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, c
   std::vector<float> xs(M * K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xs[m * K + staged_position<Step, Levels>(k)] = static_cast<float>(x[m * K + k]);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    gemv_avx2<Step, Levels, scalar_t>(xs.data(), raw, absmax, qmap, bias, y, M, N, K, shift, n0, n1);
+  // Row blocks handed out one at a time: a thread slowed by a neighbour on its core does less
+  // (at::parallel_for alone gives each thread a fixed half).
+  const int64_t blocks = (N + kGemvBlockRows - 1) / kGemvBlockRows;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
+    for (int64_t b = next++; b < blocks; b = next++)
+      gemv_avx2<Step, Levels, scalar_t>(xs.data(), raw, absmax, qmap, bias, y, M, N, K, shift, b * kGemvBlockRows,
+                                        std::min(N, (b + 1) * kGemvBlockRows));
   });
 }
 
