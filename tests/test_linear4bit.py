@@ -183,6 +183,8 @@ def test_reference_op_rejects_inconsistent_inputs():
     with pytest.raises(ValueError, match="nested_absmax must be float32 with 1 entries"):
         fastpeft.ops.nf4_matmul(torch.randn(2, 64), dq.packed, dq.absmax, dq.quant_map, 64, 32, None, False,
                                 nested_absmax=torch.ones(2), nested_quant_map=dq.nested_quant_map)
+    with pytest.raises(TypeError, match="absmax_offset must be a number, got NoneType"):
+        fastpeft.ops.nf4_matmul(torch.randn(2, 64), q.packed, q.absmax, q.quant_map, 64, 32, absmax_offset=q.offset)
     assert nf4_matmul_reference(torch.randn(2, 64), q.packed, q.absmax, q.quant_map, 64, 32).shape == (2, 32)
 
 

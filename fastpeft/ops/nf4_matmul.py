@@ -84,6 +84,11 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
             raise ValueError(f"{op}: nested_quant_map must hold the 256 float32 levels of the 8-bit map")
     if quant_map.numel() != 16 or quant_map.dtype != torch.float32:
         raise ValueError(f"{op}: quant_map must hold the 16 float32 NF4 levels")
+    for name, value in (("absmax_offset", absmax_offset), ("lora_scaling", lora_scaling)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}"
+                            + (" (an NF4Weight without double quantisation has offset None: pass 0.0)"
+                               if name == "absmax_offset" and value is None else ""))
     for name, t in (("packed", packed), ("absmax", absmax), ("quant_map", quant_map), ("bias", bias),
                     ("nested_absmax", nested_absmax), ("nested_quant_map", nested_quant_map)):
         if t is not None and t.device != x.device:
