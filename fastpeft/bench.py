@@ -232,9 +232,14 @@ def _targets(ratios: dict, wanted) -> list[dict]:
                  met=None if f"{a}/{b}" not in ratios else ratios[f"{a}/{b}"] <= limit) for a, b, limit in wanted]
 
 
-def count_cases(device: str, quick: bool) -> int:
-    return (len(lora_cases(device, quick)) + len(multi_lora_cases(device, quick)) + len(nf4_cases(device, quick)) +
-            len(phm_cases(device, quick)) + len(adapter_block_cases(device, quick)))
+def count_cases(device: str, quick: bool, ops=None) -> int:
+    return sum(len(cases(device, quick)) for op, (cases, _) in SUITES.items() if ops is None or op in ops)
+
+
+def run_suites(device: str, quick: bool, ops=None, progress=None) -> list[dict]:
+    """Result rows of every op's cases (or those of `ops`, names of :data:`SUITES`), in SUITES' order."""
+    return [row for op, (_, run) in SUITES.items() if ops is None or op in ops
+            for row in run(device, quick, progress)]
 
 
 def environment(device: str) -> dict:
@@ -629,3 +634,9 @@ def run_adapter_block(device: str, quick: bool, progress=None) -> list[dict]:
                                         t.new_empty(case.D, case.R), None, 1.0, case.activation)
         rows.append(_row("adapter_block", case, face, times, ratios))
     return rows
+
+
+# op name -> (its cases, the function that times them): what `fastpeft bench --op` picks from
+SUITES = {"lora_linear": (lora_cases, run_lora), "multi_lora": (multi_lora_cases, run_multi_lora),
+          "nf4_matmul": (nf4_cases, run_nf4), "phm_linear": (phm_cases, run_phm),
+          "adapter_block": (adapter_block_cases, run_adapter_block)}

@@ -52,6 +52,11 @@ def test_cli_info_and_quick_bench(tmp_path, capsys):
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     assert {r["op"] for r in rows} == {"lora_linear", "multi_lora", "nf4_matmul", "phm_linear", "adapter_block"}
     assert all(r["times_ms"]["fastpeft"] > 0 and any(k.startswith("fastpeft/") for k in r["ratios"]) for r in rows)
+    assert cli.main(["bench", "--quick", "--no-progress", "--op", "nf4_matmul", "--op", "phm_linear",
+                     "--json", str(path)]) == 0
+    assert {r["op"] for r in json.loads(path.read_text())["results"]} == {"nf4_matmul", "phm_linear"}
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--op", "nf4"])
 
 
 def test_cli_takes_a_local_model_directory(tmp_path, capsys):
