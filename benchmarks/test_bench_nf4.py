@@ -1,4 +1,6 @@
-"""NF4 base-weight matmul (16-bit nn.Linear, fastpeft, bitsandbytes) on the cases of `fastpeft bench`."""
+"""NF4 base-weight matmul (nn.Linear in the case's dtype, fastpeft, bitsandbytes) on the cases of
+`fastpeft bench`. A decode case's call runs its `layers` weights (the group name says "xN layers"):
+these times are per call, `fastpeft bench` reports them per layer."""
 
 import pytest
 

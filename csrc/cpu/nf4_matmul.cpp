@@ -34,7 +34,6 @@ namespace {
 
 constexpr int64_t kGemvRows = 16;
 constexpr int64_t kTileRows = 256;
-constexpr int64_t kGemvBlockRows = 64;  // rows per unit of GEMV work (64 KB of packed weight at K = 2048)
 
 // Weight rows [n0, n1) of the [N, K] NF4 weight, dequantised into `out` ([n1 - n0, K], scalar_t).
 // One weight row decoded into w[0..K) as fp32 values rounded to scalar_t (the reference's rounding).
@@ -94,10 +93,11 @@ void gemv(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const 
 // and decodes each register of 32 4-bit codes (one code per byte) into four 8-float vectors, a
 // 16-entry byte table per byte of the level looked up with one shuffle each (Levels: how wide the
 // levels are, chosen by x's dtype):
-// - Fp32Levels: the exact float levels (fp32 and fp16 x), four shuffles and eight unpacks.
-// - Bf16Levels: levels rounded to bf16 (bf16 x: the reference's bf16 weight carries 8 significant
-//   bits too), two shuffles and two unpacks, then each float is the top or the bottom half of a
-//   32-bit lane moved into place by a mask or a shift.
+// - Fp32Levels: the exact float levels (fp32 and fp16 x, and every tile), four shuffles and eight
+//   unpacks.
+// - Bf16Levels: levels in bf16 (the GEMV of bf16 x: the reference's bf16 weight carries 8
+//   significant bits too), two shuffles and two unpacks, then each float is the top or the bottom
+//   half of a 32-bit lane moved into place by a mask or a shift. Rounded dithered (see there).
 // Zen 3 runs shuffles and shifts on two of its four vector pipes, and the decode is bound by them.
 // Measured on this project's CPU (AMD EPYC Zen 3, AVX2; 4096 x 4096, double quant, M = 1, one
 // thread, best of 30 in a standalone loop): Fp32Levels with Step32 1.51-1.56 ms, with Step64
@@ -142,11 +142,8 @@ struct Step64 {  // 32 bytes: K % 64 == 0 and blocksize >= 64; one shift for 64 
 
 struct Fp32Levels {
   static constexpr int kPlanes = 4;  // bytes per level
-  static uint32_t bits(float level) {
-    uint32_t u;
-    std::memcpy(&u, &level, 4);
-    return u;
-  }
+  static constexpr int kTables = 1;  // level tables, taken in turn by 64-column groups of k
+  static void level_bits(const float* qmap, uint32_t bits[kTables][16]) { std::memcpy(bits[0], qmap, 64); }
   // where the code in byte slot j (lane j / 16, byte q = j % 16) lands among the 32 decoded floats
   static int64_t position_of(int64_t j) {
     const int64_t q = j & 15;
@@ -167,10 +164,34 @@ struct Fp32Levels {
   }
 };
 
+// Rounding every level to its nearest bf16 errs the same way for most codes: the mean error per
+// weight is +1.9e-4·absmax, and with x of nonzero mean (SiLU outputs) it adds up K times (x =
+// randn + 2, K = 14336: 1.5e-2 of max|y| off the exact product, against 2.9e-3 for the reference's
+// bf16 weights). So each level rounds down in some of kTables tables and up in the others, in the
+// proportion that makes its mean over the tables its exact value (within 1/16 of a bf16 step), and
+// columns k take the tables in turn, 64 at a time: 2.3e-3 and 3.3e-3 of max|y| at K = 4096 and
+// 14336 for any code frequencies (simulated over NF4 codes of Gaussian weights; the reference
+// 2.7e-3 and 2.9e-3). It costs two loads of the tables per 64 weights.
 struct Bf16Levels {
   static constexpr int kPlanes = 2;
-  static uint32_t bits(float level) {  // the bf16 nearest the level (ties to even), as at::BFloat16 rounds
-    return c10::BFloat16(level).x;
+  static constexpr int kTables = 8;
+  static void level_bits(const float* qmap, uint32_t bits[kTables][16]) {
+    for (int c = 0; c < 16; ++c) {
+      uint32_t u;
+      std::memcpy(&u, &qmap[c], 4);
+      const uint32_t toward_zero = u >> 16, away = toward_zero + ((u & 0xFFFF) != 0);  // same sign, larger magnitude
+      const float lo = bf16_value(toward_zero), hi = bf16_value(away);
+      // how many tables take the larger magnitude: the level's position between the two, in eighths
+      const int n_away = hi == lo ? 0 : static_cast<int>(std::lround(kTables * (qmap[c] - lo) / (hi - lo)));
+      for (int t = 0; t < kTables; ++t)  // spread evenly over the tables (Bresenham)
+        bits[t][c] = ((t + 1) * n_away / kTables > t * n_away / kTables) ? away : toward_zero;
+    }
+  }
+  static float bf16_value(uint32_t b) {
+    const uint32_t u = b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
   }
   static int64_t position_of(int64_t j) {
     const int64_t q = j & 15;
@@ -189,15 +210,25 @@ struct Bf16Levels {
   }
 };
 
-// The shuffle tables: plane j holds byte j of each of the 16 levels, twice (once per 128-bit lane).
+// The shuffle tables: planes[t·kPlanes + j] holds byte j of each of level table t's 16 levels,
+// twice (once per 128-bit lane).
 template <typename Levels>
-__attribute__((target("avx2,fma"))) void load_planes(const float* qmap, __m256i planes[Levels::kPlanes]) {
-  alignas(32) uint8_t table[Levels::kPlanes][32];
-  for (int c = 0; c < 16; ++c) {
-    const uint32_t b = Levels::bits(qmap[c]);
-    for (int j = 0; j < Levels::kPlanes; ++j) table[j][c] = table[j][c + 16] = static_cast<uint8_t>(b >> (8 * j));
-  }
-  for (int j = 0; j < Levels::kPlanes; ++j) planes[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(table[j]));
+__attribute__((target("avx2,fma"))) void load_planes(const float* qmap,
+                                                     __m256i planes[Levels::kTables * Levels::kPlanes]) {
+  uint32_t bits[Levels::kTables][16];
+  Levels::level_bits(qmap, bits);
+  alignas(32) uint8_t table[32];
+  for (int t = 0; t < Levels::kTables; ++t)
+    for (int j = 0; j < Levels::kPlanes; ++j) {
+      for (int c = 0; c < 16; ++c) table[c] = table[c + 16] = static_cast<uint8_t>(bits[t][c] >> (8 * j));
+      planes[t * Levels::kPlanes + j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(table));
+    }
+}
+
+// The tables for columns [k, k + 64): taken in turn by 64-column groups.
+template <typename Levels>
+inline const __m256i* planes_at(const __m256i* planes, int64_t k) {
+  return planes + ((k >> 6) & (Levels::kTables - 1)) * Levels::kPlanes;
 }
 
 // Where element k of x goes in the staged copy: the decoded order of its step.
@@ -230,7 +261,7 @@ __attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* xs, const u
       __m256 part[kChains][MT];
       for (int r = 0; r < Step::kRegisters; ++r) {
         __m256 w[4];
-        Levels::decode(codes[r], planes, w);
+        Levels::decode(codes[r], planes_at<Levels>(planes, k), w);
         for (int m = 0; m < MT; ++m) {
           const float* xk = xs + (m0 + m) * K + k + 32 * r;
           __m256& p = part[r % kChains][m];
@@ -239,8 +270,12 @@ __attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* xs, const u
         }
       }
       const __m256 scale = _mm256_set1_ps(absmax((e0 + k) >> shift));
-      for (int m = 0; m < MT; ++m)
-        acc[m] = _mm256_fmadd_ps(kChains == 2 ? _mm256_add_ps(part[0][m], part[1][m]) : part[0][m], scale, acc[m]);
+      for (int m = 0; m < MT; ++m) {
+        if constexpr (kChains == 2)
+          acc[m] = _mm256_fmadd_ps(_mm256_add_ps(part[0][m], part[1][m]), scale, acc[m]);
+        else
+          acc[m] = _mm256_fmadd_ps(part[0][m], scale, acc[m]);
+      }
     }
     for (int m = 0; m < MT; ++m) {
       __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
@@ -259,7 +294,7 @@ template <typename Step, typename Levels, typename scalar_t>
 __attribute__((target("avx2,fma"))) void gemv_avx2(const float* xs, const uint8_t* raw, const Nf4Scales& absmax,
                                                    const float* qmap, const scalar_t* bias, scalar_t* y, int64_t M,
                                                    int64_t N, int64_t K, int shift, int64_t n0, int64_t n1) {
-  __m256i planes[Levels::kPlanes];
+  __m256i planes[Levels::kTables * Levels::kPlanes];
   load_planes<Levels>(qmap, planes);
   int64_t m0 = 0;
   for (; m0 + 4 <= M; m0 += 4)
@@ -281,23 +316,27 @@ void gemv_simd(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, c
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xs[m * K + staged_position<Step, Levels>(k)] = static_cast<float>(x[m * K + k]);
   // Row blocks handed out one at a time: a thread slowed by a neighbour on its core does less
-  // (at::parallel_for alone gives each thread a fixed half).
-  const int64_t blocks = (N + kGemvBlockRows - 1) / kGemvBlockRows;
+  // (at::parallel_for alone gives each thread a fixed share). At least 4 blocks per thread, of 16
+  // to 64 rows.
+  const int64_t threads = at::get_num_threads();
+  const int64_t rows = std::clamp<int64_t>(N / (4 * threads), 16, 64);
+  const int64_t blocks = (N + rows - 1) / rows;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min(threads, blocks), 1, [&](int64_t, int64_t) {
     for (int64_t b = next++; b < blocks; b = next++)
-      gemv_avx2<Step, Levels, scalar_t>(xs.data(), raw, absmax, qmap, bias, y, M, N, K, shift, b * kGemvBlockRows,
-                                        std::min(N, (b + 1) * kGemvBlockRows));
+      gemv_avx2<Step, Levels, scalar_t>(xs.data(), raw, absmax, qmap, bias, y, M, N, K, shift, b * rows,
+                                        std::min(N, (b + 1) * rows));
   });
 }
 
-// Weight rows [a, b) dequantised into `out` (row n at out + (n - n0)·K, fp32), columns in staged order.
-template <typename Step, typename Levels>
+// Weight rows [a, b) dequantised with the exact levels into `out` (row n at out + (n - n0)·K,
+// fp32), columns in staged order.
+template <typename Step>
 __attribute__((target("avx2,fma"))) void dequantize_rows_avx2(const uint8_t* raw, const Nf4Scales& absmax,
                                                               const float* qmap, int shift, int64_t K, int64_t n0,
                                                               int64_t a, int64_t b, float* out) {
-  __m256i planes[Levels::kPlanes];
-  load_planes<Levels>(qmap, planes);
+  __m256i planes[Fp32Levels::kPlanes];
+  load_planes<Fp32Levels>(qmap, planes);
   for (int64_t n = a; n < b; ++n) {
     const int64_t e0 = n * K;
     float* row = out + (n - n0) * K;
@@ -307,51 +346,54 @@ __attribute__((target("avx2,fma"))) void dequantize_rows_avx2(const uint8_t* raw
       const __m256 scale = _mm256_set1_ps(absmax((e0 + k) >> shift));
       for (int r = 0; r < Step::kRegisters; ++r) {
         __m256 w[4];
-        Levels::decode(codes[r], planes, w);
+        Fp32Levels::decode(codes[r], planes, w);
         for (int i = 0; i < 4; ++i) _mm256_storeu_ps(row + k + 32 * r + 8 * i, _mm256_mul_ps(w[i], scale));
       }
     }
   }
 }
 
-// More rows than the GEMV takes: fp32 tiles of kTileRows weight rows dequantised with the SIMD
-// decode, their columns in staged order, so x's columns (or, transposed, the result's) are
-// permuted the same way once per call. The GEMMs run in fp32 whatever x's dtype: on this CPU (no
-// AVX-512 BF16) a bf16 nn.Linear at M = 64, K = N = 4096 took 101 ms against 23 ms in fp32. Returns
-// fp32 [M, N], or [M, K] when transposed.
-template <typename Step, typename Levels>
-at::Tensor tiled_matmul_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
-                             int shift, int64_t N, int64_t K, bool transposed) {
+// More rows than the GEMV takes, and the backward: fp32 tiles of kTileRows weight rows decoded
+// with the exact levels, their columns in staged order, so x's columns (or, transposed, the
+// result's) are permuted the same way. The GEMMs run in fp32 whatever x's dtype: this CPU has no
+// bf16 matmul units, and a bf16 nn.Linear at M = 64, K = N = 4096 took 101 ms against 23 ms in
+// fp32. x is taken kChunkRows rows at a time so the fp32 copies stay small (each chunk decodes the
+// weight again: 16 M weights take about 1 ms, a 1024 x 4096 x 4096 GEMM about 1 s here). The bias
+// is added in fp32, so the result is rounded to y's dtype once.
+constexpr int64_t kChunkRows = 1024;
+
+template <typename Step>
+void tiled_matmul_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+                       int shift, int64_t N, int64_t K, bool transposed, const at::Tensor& bias, at::Tensor& y) {
   at::Tensor staged = at::empty({K}, x.options().dtype(at::kLong));  // staged[k]: where column k sits in a tile
   int64_t* sp = staged.data_ptr<int64_t>();
-  for (int64_t k = 0; k < K; ++k) sp[k] = staged_position<Step, Levels>(k);
-  const at::Tensor xf = x.to(at::kFloat);
-  at::Tensor tile = at::empty({std::min(kTileRows, N), K}, xf.options());
-  // forward: x's columns staged (xs[:, staged[k]] = x[:, k]); transposed: dx accumulated staged
-  const at::Tensor xs = transposed ? xf : at::empty_like(xf).index_copy_(1, staged, xf);
-  at::Tensor y = transposed ? at::zeros({x.size(0), K}, xf.options()) : at::empty({x.size(0), N}, xf.options());
-  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
-    const int64_t n1 = std::min(N, n0 + kTileRows);
-    at::Tensor w = tile.narrow(0, 0, n1 - n0);
-    float* wp = w.data_ptr<float>();
-    at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
-      dequantize_rows_avx2<Step, Levels>(raw, absmax, qmap, shift, K, n0, a, b, wp);
-    });
-    if (transposed) {
-      y.addmm_(xs.narrow(1, n0, n1 - n0), w);  // dx += dy[:, tile]·W[tile, :]
-    } else {
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(xs, w.t()));
+  for (int64_t k = 0; k < K; ++k) sp[k] = staged_position<Step, Fp32Levels>(k);
+  const at::Tensor bias_f = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
+  at::Tensor tile = at::empty({std::min(kTileRows, N), K}, x.options().dtype(at::kFloat));
+  const int64_t M = x.size(0);
+  for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
+    const int64_t rows = std::min(kChunkRows, M - m0);
+    const at::Tensor xf = x.narrow(0, m0, rows).to(at::kFloat);
+    // forward: x's columns staged (xs[:, staged[k]] = x[:, k]); transposed: dx accumulated staged
+    const at::Tensor xs = transposed ? xf : at::empty_like(xf).index_copy_(1, staged, xf);
+    at::Tensor dx = transposed ? at::zeros({rows, K}, xf.options()) : at::Tensor();
+    for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+      const int64_t n1 = std::min(N, n0 + kTileRows);
+      at::Tensor w = tile.narrow(0, 0, n1 - n0);
+      float* wp = w.data_ptr<float>();
+      at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
+        dequantize_rows_avx2<Step>(raw, absmax, qmap, shift, K, n0, a, b, wp);
+      });
+      if (transposed) {
+        dx.addmm_(xs.narrow(1, n0, n1 - n0), w);  // dx += dy[:, tile]·W[tile, :]
+      } else {
+        at::Tensor part = at::mm(xs, w.t());
+        if (bias_f.defined()) part.add_(bias_f.narrow(0, n0, n1 - n0));
+        y.narrow(0, m0, rows).narrow(1, n0, n1 - n0).copy_(part);
+      }
     }
+    if (transposed) y.narrow(0, m0, rows).copy_(dx.index_select(1, staged));
   }
-  return transposed ? y.index_select(1, staged) : y;
-}
-
-template <typename Levels>
-at::Tensor tiled_matmul_steps(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
-                              int shift, int64_t N, int64_t K, bool transposed) {
-  if (K % Step64::kWeights == 0 && (int64_t{1} << shift) >= Step64::kWeights)
-    return tiled_matmul_avx2<Step64, Levels>(x, raw, absmax, qmap, shift, N, K, transposed);
-  return tiled_matmul_avx2<Step32, Levels>(x, raw, absmax, qmap, shift, N, K, transposed);
 }
 
 template <typename Levels, typename scalar_t>
@@ -381,7 +423,9 @@ bool try_gemv_simd(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absma
                    const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
 #ifdef FASTPEFT_X86
   if (K % Step32::kWeights != 0 || (int64_t{1} << shift) < Step32::kWeights || !use_avx2()) return false;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+  if constexpr (std::is_same_v<scalar_t, double>)
+    return false;  // the SIMD paths compute in fp32
+  else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
     gemv_simd_steps<Bf16Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
   else
     gemv_simd_steps<Fp32Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
@@ -391,17 +435,20 @@ bool try_gemv_simd(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absma
 #endif
 }
 
-// The SIMD tiles where the CPU and the shape allow it (the result in fp32); an undefined tensor otherwise.
-at::Tensor try_tiled_simd(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
-                          int shift, int64_t N, int64_t K, bool transposed) {
+// The SIMD tiles where the CPU and the shape allow it, written into y (bias added); false otherwise.
+bool try_tiled_simd(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+                    int64_t N, int64_t K, bool transposed, const at::Tensor& bias, at::Tensor& y) {
 #ifdef FASTPEFT_X86
   if (K % Step32::kWeights != 0 || (int64_t{1} << shift) < Step32::kWeights || x.scalar_type() == at::kDouble ||
       !use_avx2())
-    return at::Tensor();
-  if (x.scalar_type() == at::kBFloat16) return tiled_matmul_steps<Bf16Levels>(x, raw, absmax, qmap, shift, N, K, transposed);
-  return tiled_matmul_steps<Fp32Levels>(x, raw, absmax, qmap, shift, N, K, transposed);
+    return false;
+  if (K % Step64::kWeights == 0 && (int64_t{1} << shift) >= Step64::kWeights)
+    tiled_matmul_avx2<Step64>(x, raw, absmax, qmap, shift, N, K, transposed, bias, y);
+  else
+    tiled_matmul_avx2<Step32>(x, raw, absmax, qmap, shift, N, K, transposed, bias, y);
+  return true;
 #else
-  return at::Tensor();
+  return false;
 #endif
 }
 
@@ -431,12 +478,7 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, cons
                      y.data_ptr<scalar_t>(), M, N, K, shift);
       return;
     }
-    const at::Tensor yf = try_tiled_simd(x, rp, scales, qp, shift, N, K, transposed);
-    if (yf.defined()) {
-      y.copy_(yf);
-      if (bias && !transposed) y.add_(bias_c);
-      return;
-    }
+    if (try_tiled_simd(x, rp, scales, qp, shift, N, K, transposed, bias ? bias_c : at::Tensor(), y)) return;
     at::Tensor tile = at::empty({std::min(kTileRows, N), K}, x.options());
     for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
       const int64_t n1 = std::min(N, n0 + kTileRows);

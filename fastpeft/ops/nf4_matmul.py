@@ -23,6 +23,8 @@ lora_s, lora_l, lora_scaling) -> y``
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -85,7 +87,7 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
     if quant_map.numel() != 16 or quant_map.dtype != torch.float32:
         raise ValueError(f"{op}: quant_map must hold the 16 float32 NF4 levels")
     for name, value in (("absmax_offset", absmax_offset), ("lora_scaling", lora_scaling)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
             raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}"
                             + (" (an NF4Weight without double quantisation has offset None: pass 0.0)"
                                if name == "absmax_offset" and value is None else ""))
