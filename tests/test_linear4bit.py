@@ -12,6 +12,12 @@ from conftest import DTYPES, assert_close, face_params
 from models import model_inputs, tiny_model
 
 
+def nested_args(q) -> dict:
+    """nf4_matmul's double-quantisation arguments of an NF4Weight (none when it is single-quantised)."""
+    return ({"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
+            if q.double_quant else {})
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K,N", [(1, 96, 70), (3, 45, 33), (17, 128, 64)])
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -201,7 +207,7 @@ def test_faces_match_the_reference(device, backend, dtype, M, K, N, double_quant
     x, dy = torch.randn(M, K, dtype=dtype, device=device), torch.randn(M, N, dtype=dtype, device=device)
     bias = lin.bias.detach().to(device)
     # double quantisation in both forms: codes decoded in the kernel, and absmax decoded beforehand
-    nested = {"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
+    nested = nested_args(q)
     forms = [(q.absmax, nested), (q.block_absmax(), {})] if double_quant else [(q.absmax, {})]
     expected = [nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, 64, N, bias, False),
                 nf4_matmul_reference(dy, q.packed, q.block_absmax(), q.quant_map, 64, N, None, True)]
@@ -251,8 +257,7 @@ def test_cpu_gemv_paths_match_the_reference(monkeypatch, isa, dtype, double_quan
     q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=double_quant).q
     x, bias = torch.randn(M, K, dtype=dtype), torch.randn(N, dtype=dtype)
     expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False)
-    nested = ({"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
-              if double_quant else {})
+    nested = nested_args(q)
     with fastpeft.use_backend("cpu"):
         got = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, False, **nested)
     assert_close(got, expected, dtype)
@@ -270,9 +275,7 @@ def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(M, K):
     x = (torch.randn(M, K) + 2).bfloat16()
     exact = x.double() @ fastpeft.quant.dequantize_nf4(q).double().t()
     with fastpeft.use_backend("cpu"):
-        y = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, 64, 256, None, False,
-                                    nested_absmax=q.nested_absmax, nested_quant_map=q.nested_quant_map,
-                                    absmax_offset=q.offset)
+        y = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, 64, 256, None, False, **nested_args(q))
     rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
     assert rms(y.double() - exact) / rms(exact) < 4e-3
 
@@ -294,8 +297,7 @@ def test_cpu_tiles_match_the_reference(monkeypatch, isa, dtype, double_quant, M,
         monkeypatch.setenv("FASTPEFT_CPU_ISA", "portable")
     q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=double_quant).q
     x, dy, bias = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype), torch.randn(N, dtype=dtype)
-    nested = ({"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
-              if double_quant else {})
+    nested = nested_args(q)
     with fastpeft.use_backend("cpu"):
         got = [fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, False, **nested),
                fastpeft.ops.nf4_matmul(dy, q.packed, q.absmax, q.quant_map, blocksize, N, None, True, **nested)]
@@ -315,7 +317,7 @@ def test_faces_add_the_fused_lora_term(device, backend, dtype, M, K, N, r):
     op = fastpeft.ops.nf4_matmul
     q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, double_quant=True).to(device).q
     absmax = q.block_absmax()
-    nested = {"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
+    nested = nested_args(q)
     x, dy = torch.randn(M, K, dtype=dtype, device=device), torch.randn(M, N, dtype=dtype, device=device)
     s, t = torch.randn(M, r, dtype=dtype, device=device), torch.randn(M, r, dtype=dtype, device=device)
     b_t, a = torch.randn(r, N, dtype=dtype, device=device), torch.randn(r, K, dtype=dtype, device=device)

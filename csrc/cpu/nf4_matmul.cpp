@@ -231,6 +231,13 @@ inline const __m256i* planes_at(const __m256i* planes, int64_t k) {
   return planes + ((k >> 6) & (Levels::kTables - 1)) * Levels::kPlanes;
 }
 
+// Whether every Step of a K-column row lies in one absmax block and starts on a byte (K % step == 0,
+// blocksize >= step; blocks are powers of two, so aligned steps never straddle them).
+template <typename Step>
+bool step_fits(int64_t K, int shift) {
+  return K % Step::kWeights == 0 && (int64_t{1} << shift) >= Step::kWeights;
+}
+
 // Where element k of x goes in the staged copy: the decoded order of its step.
 template <typename Step, typename Levels>
 int64_t staged_position(int64_t k) {
@@ -399,7 +406,7 @@ void tiled_matmul_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales&
 template <typename Levels, typename scalar_t>
 void gemv_simd_steps(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
                      const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
-  if (K % Step64::kWeights == 0 && (int64_t{1} << shift) >= Step64::kWeights)
+  if (step_fits<Step64>(K, shift))
     gemv_simd<Step64, Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
   else
     gemv_simd<Step32, Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
@@ -422,7 +429,7 @@ template <typename scalar_t>
 bool try_gemv_simd(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
                    const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
 #ifdef FASTPEFT_X86
-  if (K % Step32::kWeights != 0 || (int64_t{1} << shift) < Step32::kWeights || !use_avx2()) return false;
+  if (!step_fits<Step32>(K, shift) || !use_avx2()) return false;
   if constexpr (std::is_same_v<scalar_t, double>)
     return false;  // the SIMD paths compute in fp32
   else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
@@ -439,10 +446,8 @@ bool try_gemv_simd(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absma
 bool try_tiled_simd(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
                     int64_t N, int64_t K, bool transposed, const at::Tensor& bias, at::Tensor& y) {
 #ifdef FASTPEFT_X86
-  if (K % Step32::kWeights != 0 || (int64_t{1} << shift) < Step32::kWeights || x.scalar_type() == at::kDouble ||
-      !use_avx2())
-    return false;
-  if (K % Step64::kWeights == 0 && (int64_t{1} << shift) >= Step64::kWeights)
+  if (!step_fits<Step32>(K, shift) || x.scalar_type() == at::kDouble || !use_avx2()) return false;
+  if (step_fits<Step64>(K, shift))
     tiled_matmul_avx2<Step64>(x, raw, absmax, qmap, shift, N, K, transposed, bias, y);
   else
     tiled_matmul_avx2<Step32>(x, raw, absmax, qmap, shift, N, K, transposed, bias, y);
