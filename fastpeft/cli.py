@@ -9,7 +9,7 @@ import sys
 import torch
 
 from . import __version__, backends
-from .bench import SUITES
+from . import bench as fb  # its op list names --op's choices
 from .compare import COMPARE_METHODS
 from .finetune import METHODS, PEFT_METHODS
 
@@ -61,8 +61,6 @@ def info() -> int:
 
 def bench(args) -> int:
     from tqdm import tqdm
-
-    from . import bench as fb
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tqdm(total=fb.count_cases(device, args.quick, args.op), desc="fastpeft bench", unit="case",
@@ -120,8 +118,8 @@ def main(argv=None) -> int:
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if a GPU is visible, else cpu")
     b.add_argument("--json", metavar="FILE", help="where to write results (default bench-<date>-<device>.json)")
     b.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart")
-    b.add_argument("--op", action="append", choices=list(SUITES), metavar="OP",
-                   help=f"only this op's cases (repeatable; default all: {', '.join(SUITES)})")
+    b.add_argument("--op", action="append", choices=list(fb.SUITES), metavar="OP",
+                   help=f"only this op's cases (repeatable; default all: {', '.join(fb.SUITES)})")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     f = sub.add_parser("finetune", help="fine-tune a causal LM with a PEFT method; loss, tokens/s, peak memory")
     f.add_argument("--method", choices=METHODS, default="lora")
