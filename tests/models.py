@@ -5,13 +5,16 @@ import torch
 VOCAB = 64
 
 
-def tiny_model(kind: str, seed: int = 0):
+def tiny_model(kind: str, seed: int = 0, hidden_size: int = 32, intermediate_size: int = 48):
+    """A 2-layer model of `kind` with random weights, in eval mode. hidden_size and intermediate_size
+    apply to llama (the default 32 and 48 are shorter than an NF4 block of 64)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64)
         model = tf.LlamaForCausalLM(cfg)
     elif kind == "gpt2":
         cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)

@@ -8,6 +8,7 @@ from fastpeft.quant.nf4 import _nested_codes
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
+from nf4_truth import bnb_dequantize_is_right, decode_quant_state  # noqa: E402
 
 SHAPES = [(64, 96), (33, 7), (5, 13), (1, 1), (128, 300)]  # odd element counts, a short last block
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -39,6 +40,20 @@ def test_quantiser_writes_bitsandbytes_bytes(shape, blocksize, dtype, storage, d
         assert torch.equal(q.nested_absmax, state.state2.absmax)
         assert torch.equal(q.nested_quant_map, state.state2.code)
         assert q.offset == state.offset.item()
+    assert torch.equal(dequantize_nf4(q), decode_quant_state(packed, state, dtype))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(64, 128), (3, 32)])
+@pytest.mark.parametrize("blocksize", [64, 128, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+def test_dequantiser_equals_bitsandbytes_dequantize_4bit(shape, blocksize, dtype, double_quant):
+    right, why = bnb_dequantize_is_right(shape, blocksize)
+    if not right:
+        pytest.skip(why)
+    w = torch.randn(*shape).to(dtype)
+    packed, state = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+    q = quantize_nf4(w, blocksize, double_quant=double_quant)
     assert torch.equal(dequantize_nf4(q), BF.dequantize_4bit(packed, state))
 
 
@@ -60,15 +75,16 @@ def test_nested_codes_equal_bitsandbytes_near_code_midpoints():
 @pytest.mark.parametrize("compress", [False, True], ids=["single", "double"])
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dequantiser_reads_a_bitsandbytes_linear4bit_state_dict(compress, blocksize, dtype):
-    w = torch.randn(70, 96).to(dtype)
-    layer = bnb.nn.Linear4bit(96, 70, bias=False, quant_type="nf4", compress_statistics=compress)
+@pytest.mark.parametrize("in_features", [96, 128], ids=["rows-straddle-blocks", "whole-blocks"])
+def test_dequantiser_reads_a_bitsandbytes_linear4bit_state_dict(compress, blocksize, dtype, in_features):
+    w = torch.randn(70, in_features).to(dtype)
+    layer = bnb.nn.Linear4bit(in_features, 70, bias=False, quant_type="nf4", compress_statistics=compress)
     layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=compress,
                                      blocksize=blocksize)
     layer = layer.to("cpu")
     q = nf4_from_state_dict(layer.state_dict())
     assert q.double_quant == compress and q.blocksize == blocksize and q.shape == w.shape and q.dtype == dtype
-    assert torch.equal(dequantize_nf4(q), BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    assert torch.equal(dequantize_nf4(q), decode_quant_state(layer.weight.data, layer.weight.quant_state, dtype))
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["single", "double"])
