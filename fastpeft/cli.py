@@ -42,7 +42,7 @@ def info() -> int:
     else:
         cuda = f"with CUDA for {ext.cuda_archs()}" if ext.built_with_cuda() else "CPU only (no CUDA kernels)"
         print(f"extension: fastpeft._C built, {cuda}, OpenMP {'on' if ext.built_with_openmp() else 'off'}, "
-              f"NF4 CPU GEMV {ext.nf4_gemv_isa()}")
+              f"CPU kernels {ext.cpu_isa()}")
     forced = backends.forced_backend()
     print(f"backend: {'forced to ' + forced if forced else 'automatic'} (FASTPEFT_BACKEND / fastpeft.use_backend)")
     print("\nbackends:")

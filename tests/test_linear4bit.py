@@ -227,80 +227,136 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-@pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
-def test_cpu_gemv_isa_follows_the_cpu_and_the_override(monkeypatch):
+ISAS = ["portable", "avx2", "avx512", "avx512_bf16"]  # the CPU kernels' levels, each a superset of the one before
+needs_extension = pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
+
+
+def _level_of_flags(flags: set[str]) -> str:
+    level = "portable"
+    if {"avx2", "fma"} <= flags:
+        level = "avx2"
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            level = "avx512"
+            if "avx512_bf16" in flags:
+                level = "avx512_bf16"
+    return level
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request, monkeypatch):
+    """Each level the CPU has, forced through FASTPEFT_CPU_ISA; a level above the CPU's is skipped."""
+    supported = backends.extension().cpu_isa_supported()
+    if ISAS.index(request.param) > ISAS.index(supported):
+        pytest.skip(f"this CPU's kernels reach {supported}, not {request.param}")
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", request.param)
+    return request.param
+
+
+@needs_extension
+def test_cpu_isa_follows_the_cpu_and_the_cap(monkeypatch):
     ext = backends.extension()
     flags = _cpu_flags()
-    if flags:
-        assert ext.nf4_gemv_isa() == ("avx2" if {"avx2", "fma"} <= flags else "portable")
-    monkeypatch.setenv("FASTPEFT_CPU_ISA", "portable")
-    assert ext.nf4_gemv_isa() == "portable"
+    if flags:  # Linux: what the kernel reports is what CPUID and XGETBV said
+        assert ext.cpu_isa_supported() == _level_of_flags(flags)
+        features = ext.cpu_features()
+        assert {name for name, present in features.items() if present} == set(features) & flags
+    monkeypatch.delenv("FASTPEFT_CPU_ISA", raising=False)
+    assert ext.cpu_isa() == ext.cpu_isa_supported()
+    for isa in ISAS:  # a cap, never a promotion
+        monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
+        assert ext.cpu_isa() == ISAS[min(ISAS.index(isa), ISAS.index(ext.cpu_isa_supported()))]
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", "avx9000")
+    with pytest.raises(RuntimeError, match="FASTPEFT_CPU_ISA='avx9000' is not one of portable, avx2, avx512"):
+        ext.cpu_isa()
+    x = torch.randn(1, 64)
+    q = Linear4bit.from_linear(torch.nn.Linear(64, 8), 64).q
+    with fastpeft.use_backend("cpu"), pytest.raises(RuntimeError, match="FASTPEFT_CPU_ISA='avx9000'"):
+        fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, 64, 8)
 
 
-@pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
-@pytest.mark.parametrize("isa", ["auto", "portable"])
+def expected_cpu_path(isa: str, dtype: torch.dtype, M: int, K: int, blocksize: int, transposed: bool) -> str:
+    """The path nf4_matmul's rule should pick (csrc/cpu/nf4_matmul.cpp), written out independently."""
+    simd = K % 32 == 0 and blocksize >= 32
+    at_least = lambda level: simd and ISAS.index(isa) >= ISAS.index(level)  # noqa: E731
+    bf16_dots = at_least("avx512_bf16") and dtype == torch.bfloat16
+    if not transposed and M <= (4 if bf16_dots else 16):
+        return ("gemv-bf16-avx512" if bf16_dots else "gemv-avx512" if at_least("avx512")
+                else "gemv-avx2" if at_least("avx2") else "gemv-portable")
+    return "tiles-bf16-avx512" if bf16_dots else "tiles-fp32-avx2" if at_least("avx2") else "tiles-portable"
+
+
+def run_cpu_face(isa, x, q, blocksize, N, bias, transposed):
+    """nf4_matmul on the CPU face; asserts the path it took is the one the rule names for `isa`."""
+    ext = backends.extension()
+    with fastpeft.use_backend("cpu"):
+        y = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, transposed,
+                                    **nested_args(q))
+    path = expected_cpu_path(isa, x.dtype, x.shape[0], q.shape[1], blocksize, transposed)
+    assert ext.nf4_cpu_last_path() == path
+    assert ext.nf4_cpu_path(x.shape[0], q.shape[1], blocksize, str(x.dtype).removeprefix("torch."), transposed) == path
+    return y
+
+
+@needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
 @pytest.mark.parametrize("M,K,N,blocksize", [
     (1, 32, 1, 32), (2, 96, 7, 32), (3, 160, 33, 32), (5, 96, 17, 64),  # 32-weight steps (K % 64 or blocksize 32)
     (1, 320, 11, 64), (2, 64, 5, 64), (3, 128, 7, 128), (6, 192, 9, 64), (16, 256, 9, 128),  # 64-weight steps
+    (4, 256, 3, 64),                                             # the bf16 dot-product GEMV's last row count
     (1, 128, 200, 64), (4, 96, 130, 64),                         # several row blocks for the threads
     (2, 4096 + 64, 3, 4096),                                     # rows that start inside a block
     (9, 6208, 3, 64),                                            # 291 blocks: two nested absmax groups
     (4, 45, 6, 64)])                                             # K % 32 != 0: the portable loop
-def test_cpu_gemv_paths_match_the_reference(monkeypatch, isa, dtype, double_quant, M, K, N, blocksize):
-    """M <= 16 takes the GEMV: SIMD where the CPU has it and K % 32 == 0 (64-weight steps when
-    K % 64 == 0 and blocksize >= 64, else 32; 4 rows per decoded step, then 3, 2, 1; bf16 x
-    decodes bf16 levels), the portable loop otherwise or when forced."""
-    if isa == "portable":
-        monkeypatch.setenv("FASTPEFT_CPU_ISA", "portable")
+def test_cpu_gemv_paths_match_the_reference(cpu_isa, dtype, double_quant, M, K, N, blocksize):
+    """M <= 16 takes a GEMV (bf16 x with AVX512_BF16: M <= 4, the bf16 tiles above): SIMD where
+    the level allows and K % 32 == 0 (64-weight steps when K % 64 == 0 and blocksize >= 64, else
+    32; up to 4 rows per decoded step), the portable loop otherwise; every level the CPU has."""
     q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=double_quant).q
     x, bias = torch.randn(M, K, dtype=dtype), torch.randn(N, dtype=dtype)
     expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False)
-    nested = nested_args(q)
-    with fastpeft.use_backend("cpu"):
-        got = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, False, **nested)
-    assert_close(got, expected, dtype)
+    assert_close(run_cpu_face(cpu_isa, x, q, blocksize, N, bias, False), expected, dtype)
 
 
-@pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
+@needs_extension
+@pytest.mark.parametrize("isa", ["avx2", "avx512_bf16"])
 @pytest.mark.parametrize("M,K", [(1, 4096), (3, 4096), (1, 4096 - 32)])  # 64- and 32-weight steps
-def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(M, K):
-    """bf16 x decodes bf16 levels. Rounded to the nearest bf16 each, they err the same way often
-    enough that x of nonzero mean (SiLU outputs) adds the error up K times: 2.2e-2 RMS off the exact
-    product here, 5.8x the reference's bf16 weights. Dithered over 8 tables they stay near the cost
-    of rounding y to bf16 (2.2e-3; the reference 3.8e-3)."""
+def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(monkeypatch, isa, M, K):
+    """bf16 x decodes bf16 levels in the AVX2 and the AVX512_BF16 GEMVs. Rounded to the nearest
+    bf16 each, they err the same way often enough that x of nonzero mean (SiLU outputs) adds the
+    error up K times: 2.2e-2 RMS off the exact product here, 5.8x the reference's bf16 weights.
+    Dithered over 8 tables they stay near the cost of rounding y to bf16 (2.2e-3; reference 3.8e-3)."""
+    supported = backends.extension().cpu_isa_supported()
+    if ISAS.index(isa) > ISAS.index(supported):
+        pytest.skip(f"this CPU's kernels reach {supported}, not {isa}")
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
     torch.manual_seed(0)
     q = Linear4bit.from_linear(torch.nn.Linear(K, 256, bias=False), 64, double_quant=True).q
     x = (torch.randn(M, K) + 2).bfloat16()
     exact = x.double() @ fastpeft.quant.dequantize_nf4(q).double().t()
-    with fastpeft.use_backend("cpu"):
-        y = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, 64, 256, None, False, **nested_args(q))
+    y = run_cpu_face(isa, x, q, 64, 256, None, False)
+    assert backends.extension().nf4_cpu_last_path() in ("gemv-avx2", "gemv-bf16-avx512")
     rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
     assert rms(y.double() - exact) / rms(exact) < 4e-3
 
 
-@pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
-@pytest.mark.parametrize("isa", ["auto", "portable"])
+@needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
 @pytest.mark.parametrize("M,K,N,blocksize", [
-    (17, 96, 300, 64), (20, 160, 40, 32),   # 32-weight steps; 300 rows: a full 256-row tile and a ragged one
+    (17, 96, 300, 64), (20, 160, 40, 32),   # 32-weight steps; 300 rows: several panels and tiles, ragged last
     (33, 128, 257, 128),                     # 64-weight steps, a one-row last tile
-    (24, 4096 + 64, 3, 4096),                # rows that start inside a block
+    (5, 64, 49, 64),                         # the fewest rows the bf16 tiles take; 49 rows: a padded panel
+    (24, 4096 + 64, 3, 4096),                # rows that start inside a block; a ragged column tile
     (17, 45, 6, 64)])                        # K % 32 != 0: the portable dequantiser
-def test_cpu_tiles_match_the_reference(monkeypatch, isa, dtype, double_quant, M, K, N, blocksize):
-    """M > 16 and the backward take dequantised tiles: SIMD-decoded fp32 tiles with columns in decode
-    order (x's columns, or the backward's result, permuted to match) and fp32 GEMMs where the CPU
-    has AVX2 and K % 32 == 0; tiles in x's dtype from the portable loop otherwise or when forced."""
-    if isa == "portable":
-        monkeypatch.setenv("FASTPEFT_CPU_ISA", "portable")
+def test_cpu_tiles_match_the_reference(cpu_isa, dtype, double_quant, M, K, N, blocksize):
+    """Above the GEMV's rows, and the backward (transposed), tiles: bf16 tiles and AVX512_BF16 dot
+    products for bf16 x where the level allows (the backward through torch's bf16 matmul on
+    natural-order column tiles), SIMD-decoded fp32 tiles and fp32 GEMMs with AVX2 and K % 32 == 0,
+    tiles in x's dtype from the portable loop otherwise; every level the CPU has."""
     q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=double_quant).q
     x, dy, bias = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype), torch.randn(N, dtype=dtype)
-    nested = nested_args(q)
-    with fastpeft.use_backend("cpu"):
-        got = [fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, False, **nested),
-               fastpeft.ops.nf4_matmul(dy, q.packed, q.absmax, q.quant_map, blocksize, N, None, True, **nested)]
+    got = [run_cpu_face(cpu_isa, x, q, blocksize, N, bias, False), run_cpu_face(cpu_isa, dy, q, blocksize, N, None, True)]
     expected = [nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False),
                 nf4_matmul_reference(dy, q.packed, q.block_absmax(), q.quant_map, blocksize, N, None, True)]
     for g, e in zip(got, expected):

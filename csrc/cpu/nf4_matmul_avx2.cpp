@@ -1,0 +1,328 @@
+// nf4_matmul's AVX2+FMA paths (chosen at run time by nf4_matmul.cpp): a GEMV for few rows that
+// decodes the packed weight in registers with byte shuffles, and fp32 tiles for the rest.
+//
+// The GEMV reads the packed weight in steps (Step32, Step64: where a step's codes come from) and
+// decodes each register of 32 4-bit codes (one code per byte) into four 8-float vectors, a
+// 16-entry byte table per byte of the level looked up with one shuffle each (Levels: how wide the
+// levels are, chosen by x's dtype):
+// - Fp32Levels: the exact float levels (fp32 and fp16 x, and every tile), four shuffles and eight
+//   unpacks.
+// - Bf16Levels: levels in bf16 (the GEMV of bf16 x: the reference's bf16 weight carries 8
+//   significant bits too), two shuffles and two unpacks, then each float is the top or the bottom
+//   half of a 32-bit lane moved into place by a mask or a shift. Dithered (nf4_matmul_cpu.h).
+// x is stored once in the order that decode produces, so nothing is re-shuffled per weight row.
+// Zen 3 runs shuffles and shifts on two of its four vector pipes, and the decode is bound by them.
+// Measured on an AMD EPYC Zen 3 (AVX2; 4096 x 4096, double quant, M = 1, one thread, best of 30
+// in a standalone loop): Fp32Levels with Step32 1.51-1.56 ms, with Step64 1.45-1.47; Bf16Levels
+// with Step32 1.07-1.12, with Step64 1.02 (0.98 with a constant scale); the dithered tables' two
+// extra loads per 64 weights cost 3-6 %.
+// Rejected: two 8-entry float permutes and a blend per 8 codes (2.8 ms); 16-bit blends and shifts
+// in place of Fp32Levels' last four unpacks (1.63 ms); the row's scales decoded into a buffer
+// first (1.12 ms against Step64's 1.02).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "nf4_matmul_cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+namespace fastpeft::nf4_cpu {
+namespace {
+
+#define FASTPEFT_AVX2 __attribute__((target("avx2,fma")))
+
+struct Step32 {  // 16 bytes: K % 32 == 0 and blocksize >= 32 keep a step in one block and row
+  static constexpr int64_t kWeights = 32;
+  static constexpr int kRegisters = 1;
+  // lane 0: the high nibbles of the 16 bytes, lane 1: their low nibbles (a broadcast load, then a
+  // 32-bit shift by 4 in lane 0 only)
+  FASTPEFT_AVX2 static inline void codes(const uint8_t* bytes, __m256i out[1]) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    out[0] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
+                              _mm256_set1_epi8(0x0F));
+  }
+  // element k of the step (byte k / 2, high nibble when k is even) sits in register `reg`, byte slot
+  // 16·lane + byte
+  static int64_t slot_of(int64_t k, int& reg) {
+    reg = 0;
+    return ((k & 1) << 4) | (k >> 1);
+  }
+};
+
+struct Step64 {  // 32 bytes: K % 64 == 0 and blocksize >= 64; one shift for 64 weights, one scale
+  static constexpr int64_t kWeights = 64;
+  static constexpr int kRegisters = 2;
+  // register 0: the high nibbles of the 32 bytes, register 1: their low nibbles
+  FASTPEFT_AVX2 static inline void codes(const uint8_t* bytes, __m256i out[2]) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    out[0] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    out[1] = _mm256_and_si256(v, low4);
+  }
+  static int64_t slot_of(int64_t k, int& reg) {
+    reg = static_cast<int>(k & 1);
+    return k >> 1;
+  }
+};
+
+struct Fp32Levels {
+  static constexpr int kPlanes = 4;  // bytes per level
+  static constexpr int kTables = 1;  // level tables, taken in turn by 64-column groups of k
+  static void level_bits(const float* qmap, uint32_t bits[kTables][16]) { std::memcpy(bits[0], qmap, 64); }
+  // where the code in byte slot j (lane j / 16, byte q = j % 16) lands among the 32 decoded floats
+  static int64_t position_of(int64_t j) {
+    const int64_t q = j & 15;
+    return 8 * (q >> 2) + 4 * (j >> 4) + (q & 3);
+  }
+  FASTPEFT_AVX2 static inline void decode(__m256i codes, const __m256i* planes, __m256 out[4]) {
+    const __m256i b0 = _mm256_shuffle_epi8(planes[0], codes);
+    const __m256i b1 = _mm256_shuffle_epi8(planes[1], codes);
+    const __m256i b2 = _mm256_shuffle_epi8(planes[2], codes);
+    const __m256i b3 = _mm256_shuffle_epi8(planes[3], codes);
+    const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+    out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+    out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+    out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+    out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+  }
+};
+
+struct Bf16Levels {
+  static constexpr int kPlanes = 2;
+  static constexpr int kTables = kDitherTables;
+  static void level_bits(const float* qmap, uint32_t bits[kTables][16]) {
+    uint16_t levels[kTables][16];
+    dithered_bf16_levels(qmap, levels);
+    for (int t = 0; t < kTables; ++t)
+      for (int c = 0; c < 16; ++c) bits[t][c] = levels[t][c];
+  }
+  static int64_t position_of(int64_t j) {
+    const int64_t q = j & 15;
+    return 8 * (2 * (q >> 3) + (q & 1)) + 4 * (j >> 4) + ((q & 7) >> 1);
+  }
+  FASTPEFT_AVX2 static inline void decode(__m256i codes, const __m256i* planes, __m256 out[4]) {
+    const __m256i b0 = _mm256_shuffle_epi8(planes[0], codes);
+    const __m256i b1 = _mm256_shuffle_epi8(planes[1], codes);
+    const __m256i lo = _mm256_unpacklo_epi8(b0, b1), hi = _mm256_unpackhi_epi8(b0, b1);  // 16 bf16 each
+    const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+    out[1] = _mm256_castsi256_ps(_mm256_and_si256(lo, top));
+    out[2] = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+    out[3] = _mm256_castsi256_ps(_mm256_and_si256(hi, top));
+  }
+};
+
+// The shuffle tables: planes[t·kPlanes + j] holds byte j of each of level table t's 16 levels,
+// twice (once per 128-bit lane).
+template <typename Levels>
+FASTPEFT_AVX2 void load_planes(const float* qmap, __m256i planes[Levels::kTables * Levels::kPlanes]) {
+  uint32_t bits[Levels::kTables][16];
+  Levels::level_bits(qmap, bits);
+  alignas(32) uint8_t table[32];
+  for (int t = 0; t < Levels::kTables; ++t)
+    for (int j = 0; j < Levels::kPlanes; ++j) {
+      for (int c = 0; c < 16; ++c) table[c] = table[c + 16] = static_cast<uint8_t>(bits[t][c] >> (8 * j));
+      planes[t * Levels::kPlanes + j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(table));
+    }
+}
+
+// The tables for columns [k, k + 64): taken in turn by 64-column groups.
+template <typename Levels>
+inline const __m256i* planes_at(const __m256i* planes, int64_t k) {
+  return planes + ((k >> 6) & (Levels::kTables - 1)) * Levels::kPlanes;
+}
+
+// Where element k of x goes in the staged copy: the decoded order of its step.
+template <typename Step, typename Levels>
+int64_t staged_position(int64_t k) {
+  int reg;
+  const int64_t slot = Step::slot_of(k % Step::kWeights, reg);
+  return k - k % Step::kWeights + 32 * reg + Levels::position_of(slot);
+}
+
+// y[m0:m0+MT, n0:n1] = x·Wᵀ. xs: x as fp32 in staged order, [M, K]. MT rows share each decoded
+// step; MT is a template argument so their accumulators stay in registers (a runtime-indexed
+// accumulator array lives on the stack, and the store-to-load round trip per step made the loop 2x
+// slower). Each step's partial sum is one chain of FMAs; steps are independent, so out-of-order
+// execution overlaps them and only the scaled accumulate is carried from step to step.
+template <int MT, typename Step, typename Levels, typename scalar_t>
+FASTPEFT_AVX2 void gemv_rows(const float* xs, const uint8_t* raw, const Nf4Scales& absmax, const __m256i* planes,
+                             const scalar_t* bias, scalar_t* y, int64_t m0, int64_t N, int64_t K, int shift,
+                             int64_t n0, int64_t n1) {
+  // one row alone gets a chain per code register (two FMA chains in flight within a step)
+  constexpr int kChains = MT == 1 ? Step::kRegisters : 1;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    const int64_t e0 = n * K;
+    for (int64_t k = 0; k < K; k += Step::kWeights) {
+      __m256i codes[Step::kRegisters];
+      Step::codes(raw + ((e0 + k) >> 1), codes);
+      __m256 part[kChains][MT];
+      for (int r = 0; r < Step::kRegisters; ++r) {
+        __m256 w[4];
+        Levels::decode(codes[r], planes_at<Levels>(planes, k), w);
+        for (int m = 0; m < MT; ++m) {
+          const float* xk = xs + (m0 + m) * K + k + 32 * r;
+          __m256& p = part[r % kChains][m];
+          p = r < kChains ? _mm256_mul_ps(w[0], _mm256_loadu_ps(xk)) : _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xk), p);
+          for (int i = 1; i < 4; ++i) p = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xk + 8 * i), p);
+        }
+      }
+      const __m256 scale = _mm256_set1_ps(absmax((e0 + k) >> shift));
+      for (int m = 0; m < MT; ++m) {
+        if constexpr (kChains == 2)
+          acc[m] = _mm256_fmadd_ps(_mm256_add_ps(part[0][m], part[1][m]), scale, acc[m]);
+        else
+          acc[m] = _mm256_fmadd_ps(part[0][m], scale, acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      float v = _mm_cvtss_f32(h);
+      if (bias) v += static_cast<float>(bias[n]);
+      y[(m0 + m) * N + n] = static_cast<scalar_t>(v);
+    }
+  }
+}
+
+// All M rows, MT = 4 at a time (the rest 1..3): the packed weight is read ceil(M / 4) times, from
+// cache after the first when the row range is small.
+template <typename Step, typename Levels, typename scalar_t>
+FASTPEFT_AVX2 void gemv_row_range(const float* xs, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+                                  const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift,
+                                  int64_t n0, int64_t n1) {
+  __m256i planes[Levels::kTables * Levels::kPlanes];
+  load_planes<Levels>(qmap, planes);
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) gemv_rows<4, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1);
+  switch (M - m0) {
+    case 3: gemv_rows<3, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1); break;
+    case 2: gemv_rows<2, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1); break;
+    case 1: gemv_rows<1, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1); break;
+    default: break;
+  }
+}
+
+// x rows converted to fp32 once, in staged order ([M, K]: M·K·4 bytes, at most 256 KiB for
+// M = 16, K = 4096), then the weight streamed once.
+template <typename Step, typename Levels, typename scalar_t>
+void gemv_staged(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+                 const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
+  std::vector<float> xs(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xs[m * K + staged_position<Step, Levels>(k)] = static_cast<float>(x[m * K + k]);
+  for_each_row_block(N, [&](int64_t n0, int64_t n1) {
+    gemv_row_range<Step, Levels, scalar_t>(xs.data(), raw, absmax, qmap, bias, y, M, N, K, shift, n0, n1);
+  });
+}
+
+template <typename Levels, typename scalar_t>
+void gemv_steps(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+                const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
+  if (steps_of_64_fit(K, int64_t{1} << shift))
+    gemv_staged<Step64, Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
+  else
+    gemv_staged<Step32, Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
+}
+
+// Weight rows [a, b) dequantised with the exact levels into `out` (row n at out + (n - n0)·K,
+// fp32), columns in staged order.
+template <typename Step>
+FASTPEFT_AVX2 void dequantize_rows(const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+                                   int64_t K, int64_t n0, int64_t a, int64_t b, float* out) {
+  __m256i planes[Fp32Levels::kPlanes];
+  load_planes<Fp32Levels>(qmap, planes);
+  for (int64_t n = a; n < b; ++n) {
+    const int64_t e0 = n * K;
+    float* row = out + (n - n0) * K;
+    for (int64_t k = 0; k < K; k += Step::kWeights) {
+      __m256i codes[Step::kRegisters];
+      Step::codes(raw + ((e0 + k) >> 1), codes);
+      const __m256 scale = _mm256_set1_ps(absmax((e0 + k) >> shift));
+      for (int r = 0; r < Step::kRegisters; ++r) {
+        __m256 w[4];
+        Fp32Levels::decode(codes[r], planes, w);
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(row + k + 32 * r + 8 * i, _mm256_mul_ps(w[i], scale));
+      }
+    }
+  }
+}
+
+// fp32 tiles of kTileRows weight rows decoded with the exact levels, their columns in staged
+// order, so x's columns (or, transposed, the result's) are permuted the same way. The GEMMs run in
+// fp32 whatever x's dtype (an AVX2 CPU has no bf16 matmul units: a bf16 nn.Linear at M = 64,
+// K = N = 4096 took 101 ms against 23 ms in fp32 on a Zen 3). x is taken kChunkRows rows at a time
+// so the fp32 copies stay small (each chunk decodes the weight again: 16 M weights take about
+// 1 ms, a 1024 x 4096 x 4096 GEMM about 1 s there). The bias is added in fp32, so the result is
+// rounded to y's dtype once.
+constexpr int64_t kTileRows = 256;
+constexpr int64_t kChunkRows = 1024;
+
+template <typename Step>
+void tiles(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift, int64_t N,
+           int64_t K, bool transposed, const at::Tensor& bias, at::Tensor& y) {
+  at::Tensor staged = at::empty({K}, x.options().dtype(at::kLong));  // staged[k]: where column k sits in a tile
+  int64_t* sp = staged.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) sp[k] = staged_position<Step, Fp32Levels>(k);
+  const at::Tensor bias_f = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
+  at::Tensor tile = at::empty({std::min(kTileRows, N), K}, x.options().dtype(at::kFloat));
+  const int64_t M = x.size(0);
+  for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
+    const int64_t rows = std::min(kChunkRows, M - m0);
+    const at::Tensor xf = x.narrow(0, m0, rows).to(at::kFloat);
+    // forward: x's columns staged (xs[:, staged[k]] = x[:, k]); transposed: dx accumulated staged
+    const at::Tensor xs = transposed ? xf : at::empty_like(xf).index_copy_(1, staged, xf);
+    at::Tensor dx = transposed ? at::zeros({rows, K}, xf.options()) : at::Tensor();
+    for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+      const int64_t n1 = std::min(N, n0 + kTileRows);
+      at::Tensor w = tile.narrow(0, 0, n1 - n0);
+      float* wp = w.data_ptr<float>();
+      at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) { dequantize_rows<Step>(raw, absmax, qmap, shift, K, n0, a, b, wp); });
+      if (transposed) {
+        dx.addmm_(xs.narrow(1, n0, n1 - n0), w);  // dx += dy[:, tile]·W[tile, :]
+      } else {
+        at::Tensor part = at::mm(xs, w.t());
+        if (bias_f.defined()) part.add_(bias_f.narrow(0, n0, n1 - n0));
+        y.narrow(0, m0, rows).narrow(1, n0, n1 - n0).copy_(part);
+      }
+    }
+    if (transposed) y.narrow(0, m0, rows).copy_(dx.index_select(1, staged));
+  }
+}
+
+}  // namespace
+
+void gemv_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+               int64_t N, int64_t K, const at::Tensor& bias, at::Tensor& y) {
+  dispatch_simd_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+      gemv_steps<Bf16Levels>(x.data_ptr<scalar_t>(), raw, absmax, qmap, bp, y.data_ptr<scalar_t>(), x.size(0), N, K,
+                             shift);
+    else
+      gemv_steps<Fp32Levels>(x.data_ptr<scalar_t>(), raw, absmax, qmap, bp, y.data_ptr<scalar_t>(), x.size(0), N, K,
+                             shift);
+  });
+}
+
+void tiles_fp32_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+                     int64_t N, int64_t K, bool transposed, const at::Tensor& bias, at::Tensor& y) {
+  if (steps_of_64_fit(K, int64_t{1} << shift))
+    tiles<Step64>(x, raw, absmax, qmap, shift, N, K, transposed, bias, y);
+  else
+    tiles<Step32>(x, raw, absmax, qmap, shift, N, K, transposed, bias, y);
+}
+
+}  // namespace fastpeft::nf4_cpu
+
+#endif  // x86

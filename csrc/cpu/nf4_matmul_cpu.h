@@ -1,0 +1,95 @@
+// Internals of nf4_matmul's CPU face shared by its files: the paths and the rule that picks one,
+// the staged column order, the dithered bf16 levels, the row-block scheduler, and each
+// instruction set's entry points (nf4_matmul_avx2.cpp, nf4_matmul_avx512.cpp). The op's entry,
+// its portable loops and the rule live in nf4_matmul.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "cpu_features.h"
+#include "nf4_matmul.h"
+
+namespace fastpeft::nf4_cpu {
+
+enum class Path {
+  kGemvPortable,      // few rows, one weight row decoded at a time into fp32 (any K, any CPU)
+  kGemvAvx2,          // few rows, decoded in registers with byte shuffles (K % 32 == 0)
+  kGemvAvx512,        // few rows, exact fp32 levels decoded in registers with permutes (K % 32 == 0)
+  kGemvBf16Avx512,    // bf16 x, fewer rows: bf16 levels and AVX512_BF16 dot products (K % 32 == 0)
+  kTilesPortable,     // more rows or transposed: tiles in x's dtype, then torch's matmul
+  kTilesFp32Avx2,     // more rows or transposed: SIMD-decoded fp32 tiles, then fp32 BLAS
+  kTilesBf16Avx512,   // bf16 x, more rows or transposed: bf16 tiles into AVX512_BF16 dot products
+};
+
+const char* path_name(Path path);
+
+// The path of an [M, K] x of `dtype` at instruction-set level `isa` (see nf4_matmul.cpp).
+Path choose_path(CpuIsa isa, int64_t M, int64_t K, int64_t blocksize, at::ScalarType dtype, bool transposed);
+
+// Whether 32-weight steps tile every row: K % 32 == 0 and blocks of >= 32 (blocks are powers of
+// two, so aligned steps never straddle them, even in rows that start inside a block).
+inline bool steps_of_32_fit(int64_t K, int64_t blocksize) { return K % 32 == 0 && blocksize >= 32; }
+inline bool steps_of_64_fit(int64_t K, int64_t blocksize) { return K % 64 == 0 && blocksize >= 64; }
+
+// Weight rows [0, N) handed to the threads in blocks of `rows`, one block at a time: a thread
+// slowed by a neighbour on its core does less (at::parallel_for alone gives each thread a fixed
+// share). fn(n0, n1) runs once per block, on the thread that took it.
+template <typename F>
+void for_each_row_block(int64_t N, int64_t rows, const F& fn) {
+  const int64_t blocks = (N + rows - 1) / rows;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
+    for (int64_t b = next++; b < blocks; b = next++) fn(b * rows, std::min(N, (b + 1) * rows));
+  });
+}
+
+// The GEMVs' blocks: 16 to 64 rows, at least 4 blocks per thread.
+template <typename F>
+void for_each_row_block(int64_t N, const F& fn) {
+  for_each_row_block(N, std::clamp<int64_t>(N / (4 * at::get_num_threads()), 16, 64), fn);
+}
+
+// fn(scalar_t{}) for x's dtype: the SIMD paths take float32, float16 and bfloat16 (choose_path
+// sends float64 to the portable ones).
+template <typename F>
+void dispatch_simd_dtype(at::ScalarType dtype, const F& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "nf4_matmul: the SIMD paths take float32, float16 or bfloat16 x, not ", dtype);
+  }
+}
+
+// bf16 levels for the bf16 GEMVs, whose products take a bf16 level and the fp32 absmax apart.
+// Rounding every level to its nearest bf16 errs the same way for most codes: the mean error per
+// weight is +1.9e-4·absmax, and with x of nonzero mean (SiLU outputs) it adds up K times (x =
+// randn + 2, K = 14336: 1.5e-2 of max|y| off the exact product, against 2.9e-3 for the reference's
+// bf16 weights). So each level rounds down in some of kDitherTables tables and up in the others,
+// in the proportion that makes its mean over the tables its exact value (within 1/16 of a bf16
+// step), and columns k take the tables in turn, 64 at a time (table (k / 64) % 8): 2.3e-3 and
+// 3.3e-3 of max|y| at K = 4096 and 14336 for any code frequencies (simulated over NF4 codes of
+// Gaussian weights; the reference 2.7e-3 and 2.9e-3).
+constexpr int kDitherTables = 8;
+void dithered_bf16_levels(const float* qmap, uint16_t levels[kDitherTables][16]);
+
+// ---- entry points per instruction set; x, y contiguous [M, K] / [M, N] (transposed: [M, N] /
+// [M, K]); bias undefined or [N] in x's dtype; y written whole (bias added, no LoRA term).
+
+void gemv_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+               int64_t N, int64_t K, const at::Tensor& bias, at::Tensor& y);
+void tiles_fp32_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+                     int64_t N, int64_t K, bool transposed, const at::Tensor& bias, at::Tensor& y);
+void gemv_avx512(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+                 int64_t N, int64_t K, const at::Tensor& bias, at::Tensor& y);
+void gemv_bf16_avx512(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+                      int64_t N, int64_t K, const at::Tensor& bias, at::Tensor& y);
+void tiles_bf16_avx512(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+                       int shift, int64_t N, int64_t K, bool transposed, const at::Tensor& bias, at::Tensor& y);
+
+}  // namespace fastpeft::nf4_cpu
