@@ -70,6 +70,21 @@ def extension_error() -> str:
     return _EXTENSION_ERROR
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 9B14"), from /proc/cpuinfo where there is one; every CPU
+    figure the project reports names it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
 

@@ -253,8 +253,10 @@ def environment(device: str) -> dict:
 
     env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device,
                fastpeft=__version__, torch=torch.__version__, triton=version("triton"), peft=version("peft"),
-               python=platform.python_version(), cpu=platform.processor() or platform.machine(),
-               cpu_threads=torch.get_num_threads())
+               python=platform.python_version(), cpu=backends.cpu_model(), cpu_threads=torch.get_num_threads())
+    ext = backends.extension()
+    if ext is not None:  # what the CPU kernels found and use: every CPU figure names its CPU
+        env.update(cpu_isa=ext.cpu_isa(), cpu_features=sorted(k for k, v in ext.cpu_features().items() if v))
     if device == "cuda":
         env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                    capability=".".join(map(str, torch.cuda.get_device_capability())))
@@ -270,7 +272,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [header]
     for row in rows:
         t, q = row["times_ms"], row["ratios"]
-        lines.append([row["op"], row["label"], row["shape"], row["dtype"], row["mode"], row["auto_face"]] +
+        mode = row["mode"] + (f" ({row['modules']})" if "modules" in row else "")
+        lines.append([row["op"], row["label"], row["shape"], row["dtype"], mode, row["auto_face"]] +
                      [f"{t[n]:.3f}" if n in t else "-" for n in names] +
                      [f"{q[k]:.3f}" if k in q else "-" for k in ratio_keys])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -412,6 +415,9 @@ class NF4Case:
     N: int
     dtype: str
     label: str = ""
+    # "fwd": inference, every module in eval mode under no_grad (bitsandbytes repacks its weight for
+    # its fast CPU kernel only so); "fwd+bwd": a training step through the frozen 4-bit layer (dx),
+    # every module in training mode, as QLoRA runs it.
     mode: str = "fwd"
     targets: list = field(default_factory=list)
     # Distinct weights one call runs back to back, as a model's decode step does: together they
@@ -421,8 +427,17 @@ class NF4Case:
     layers: int = 1
 
     @property
+    def modules(self) -> str:
+        return "train" if self.mode == "fwd+bwd" else "eval"
+
+    @property
     def shape(self) -> str:
         return f"M={self.M} K={self.K} N={self.N}" + (f" x{self.layers} layers" if self.layers > 1 else "")
+
+
+def _cpu_isa() -> str:
+    ext = backends.extension()
+    return ext.cpu_isa() if ext is not None else "portable"
 
 
 def nf4_cases(device: str, quick: bool) -> list[NF4Case]:
@@ -433,34 +448,55 @@ def nf4_cases(device: str, quick: bool) -> list[NF4Case]:
                                                                    ("fastpeft", "bitsandbytes", 0.8)], layers=8),
                 NF4Case(16, 4096, 14336, "bf16", "decode", targets=[("fastpeft", "linear", 1 / 3.0)], layers=8),
                 NF4Case(512, 4096, 14336, "bf16", "prefill", targets=[("fastpeft", "linear", 1.10)])]
-    # The brief's CPU target: a bf16 model's layer (x and nn.Linear in bf16; NF4 with bf16 compute,
-    # as bitsandbytes' compute_dtype). fp32 activations (exact fp32 levels: four shuffles per 32
-    # weights, not two) are measured beside their own fp32 nn.Linear, without a target.
-    return [NF4Case(1, 4096, 4096, "bf16", "decode", targets=[("fastpeft", "linear", 0.5),
-                                                              ("fastpeft", "bitsandbytes", 0.1)], layers=8),
+    # A bf16 model's layer (x and nn.Linear in bf16; NF4 with bf16 compute, as bitsandbytes'
+    # compute_dtype), bitsandbytes at its best (eval mode: on an AVX512_BF16 CPU its repacked
+    # weight and bf16 kernel). The targets depend on the CPU: with AVX512_BF16, torch's bf16 GEMM
+    # is 4-5x its fp32 one and bitsandbytes has a fast kernel; on an AVX2 CPU neither.
+    if _cpu_isa() == "avx512_bf16":
+        targets = {1: [("fastpeft", "linear", 0.5), ("fastpeft", "bitsandbytes", 1.0)],
+                   16: [("fastpeft", "linear", 1.0), ("fastpeft", "bitsandbytes", 1.0)],
+                   64: [("fastpeft", "linear", 1.0), ("fastpeft", "bitsandbytes", 1.0)]}
+    else:
+        targets = {1: [("fastpeft", "linear", 0.5)], 16: [], 64: [("fastpeft", "linear", 0.5)]}
+    # fp32 activations (exact fp32 levels) are measured beside their own fp32 nn.Linear, without a
+    # target; the training row shows bitsandbytes' training path (no fast CPU kernel there).
+    return [NF4Case(1, 4096, 4096, "bf16", "decode", targets=targets[1], layers=8),
+            NF4Case(16, 4096, 4096, "bf16", "decode", targets=targets[16], layers=8),
+            NF4Case(64, 4096, 4096, "bf16", "prefill", targets=targets[64], layers=8),
             NF4Case(1, 4096, 4096, "fp32", "decode", layers=8),
-            NF4Case(64, 4096, 4096, "bf16", "prefill")]
+            NF4Case(64, 4096, 4096, "bf16", "training", mode="fwd+bwd", layers=2)]
 
 
 def nf4_variants(case: NF4Case, device: str) -> dict[str, Callable[[], None]]:
-    """One call of each variant runs the case's `layers` weights on x, one after the other."""
+    """One call of each variant runs the case's `layers` weights on x, one after the other:
+    inference cases in eval mode under no_grad, training cases in training mode with dx."""
     from .nn.linear4bit import Linear4bit
 
     dtype = DTYPE_NAMES[case.dtype]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(case.M, case.K, generator=gen).to(device, dtype)
+    train = case.mode == "fwd+bwd"
+    x = torch.randn(case.M, case.K, generator=gen).to(device, dtype).requires_grad_(train)
+    dy = torch.randn(case.M, case.N, generator=gen).to(device, dtype)
     weights = [torch.randn(case.N, case.K, generator=gen).div_(case.K ** 0.5).to(dtype) for _ in range(case.layers)]
 
     def stack(layers):
+        for layer in layers:
+            layer.train(train)
+
         def run():
             for layer in layers:
-                layer(x)
+                if train:
+                    layer(x).backward(dy)
+                else:
+                    with torch.no_grad():
+                        layer(x)
         return run
 
     linears, ours = [], []
     for w in weights:
         linear = nn.Linear(case.K, case.N, bias=False, device="meta").to_empty(device=device).to(dtype)
         linear.weight.data.copy_(w)  # the unquantised layer
+        linear.requires_grad_(False)
         linears.append(linear)
         ours.append(Linear4bit.from_linear(linear, 64, double_quant=True).to(device))  # computes in dtype
     variants = {"linear": stack(linears), "fastpeft": stack(ours)}
@@ -478,7 +514,7 @@ def nf4_variants(case: NF4Case, device: str) -> dict[str, Callable[[], None]]:
         variants["bitsandbytes"] = stack(refs)
     except Exception:  # bitsandbytes absent or without a backend for this device: no peer column
         pass
-    return _inference(variants)
+    return variants
 
 
 def run_nf4(device: str, quick: bool, progress=None) -> list[dict]:
@@ -487,7 +523,9 @@ def run_nf4(device: str, quick: bool, progress=None) -> list[dict]:
                               lambda c: f"nf4_matmul {c.label} M={c.M}"):
         times = {name: ms / case.layers for name, ms in times.items()}  # per layer
         ratios = _ratios(times, [("fastpeft", "linear"), ("fastpeft", "bitsandbytes")])
-        rows.append(_row("nf4_matmul", case, auto_nf4_face(case, device), times, ratios))
+        row = _row("nf4_matmul", case, auto_nf4_face(case, device), times, ratios)
+        row["modules"] = case.modules
+        rows.append(row)
     return rows
 
 
@@ -495,7 +533,11 @@ def auto_nf4_face(case: NF4Case, device: str) -> str:
     from .ops.nf4_matmul import nf4_matmul
 
     x = torch.empty(case.M, case.K, device="meta")  # the rule reads shapes only
-    return nf4_matmul.select(torch.device(device), x, None, None, None, 64, case.N)
+    face = nf4_matmul.select(torch.device(device), x, None, None, None, 64, case.N)
+    ext = backends.extension()
+    if face == "cpu" and ext is not None:  # and the CPU path its shape takes (the forward's)
+        face += f" ({ext.nf4_cpu_path(case.M, case.K, 64, str(DTYPE_NAMES[case.dtype]).removeprefix('torch.'))})"
+    return face
 
 
 # ---------------------------------------------------------------- PHM linear (Compacter)

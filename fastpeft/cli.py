@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 
 import torch
@@ -41,8 +42,8 @@ def info() -> int:
         print(f"extension: not built: {backends.extension_error()}")
     else:
         cuda = f"with CUDA for {ext.cuda_archs()}" if ext.built_with_cuda() else "CPU only (no CUDA kernels)"
-        print(f"extension: fastpeft._C built, {cuda}, OpenMP {'on' if ext.built_with_openmp() else 'off'}, "
-              f"CPU kernels {ext.cpu_isa()}")
+        print(f"extension: fastpeft._C built, {cuda}, OpenMP {'on' if ext.built_with_openmp() else 'off'}")
+        _print_cpu(ext)
     forced = backends.forced_backend()
     print(f"backend: {'forced to ' + forced if forced else 'automatic'} (FASTPEFT_BACKEND / fastpeft.use_backend)")
     print("\nbackends:")
@@ -57,6 +58,28 @@ def info() -> int:
                               for f in op.faces(dev))
             print(f"  {name:<18} {dev:<5} {faces}")
     return 0
+
+
+# Shapes `fastpeft info` shows the NF4 CPU path of: decode (1, 4), the GEMV's last row count (16),
+# prefill (64), with a 4096-wide layer in blocks of 64.
+NF4_INFO_ROWS = (1, 4, 5, 16, 17, 64)
+NF4_INFO_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _print_cpu(ext) -> None:
+    features = ext.cpu_features()
+    have = " ".join(name for name, present in features.items() if present) or "none"
+    lack = " ".join(name for name, present in features.items() if not present) or "none"
+    print(f"CPU: {backends.cpu_model()}, {torch.get_num_threads()} threads; has {have}; lacks {lack}")
+    cap = os.environ.get("FASTPEFT_CPU_ISA")
+    print(f"CPU kernels: {ext.cpu_isa()} (the CPU supports {ext.cpu_isa_supported()}"
+          + (f"; FASTPEFT_CPU_ISA={cap} caps it)" if cap else "; FASTPEFT_CPU_ISA caps it)"))
+    print("NF4 CPU paths (K = 4096, blocksize 64):")
+    print("  " + f"{'rows':<12}" + "".join(f"{d:<20}" for d in NF4_INFO_DTYPES))
+    for m in NF4_INFO_ROWS:
+        print("  " + f"{'M = ' + str(m):<12}" + "".join(f"{ext.nf4_cpu_path(m, 4096, 64, d):<20}" for d in NF4_INFO_DTYPES))
+    print("  " + f"{'backward':<12}" + "".join(f"{ext.nf4_cpu_path(64, 4096, 64, d, True):<20}" for d in NF4_INFO_DTYPES))
+    print("  (K % 32 != 0 or float64: gemv-portable, tiles-portable)")
 
 
 def bench(args) -> int:
