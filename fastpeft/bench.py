@@ -435,9 +435,11 @@ class NF4Case:
         return f"M={self.M} K={self.K} N={self.N}" + (f" x{self.layers} layers" if self.layers > 1 else "")
 
 
-def _cpu_isa() -> str:
+def _cpu_isa_supported() -> str:
+    """What the CPU offers (not the FASTPEFT_CPU_ISA cap): it decides how fast torch's bf16 matmul
+    and bitsandbytes are, so which targets apply."""
     ext = backends.extension()
-    return ext.cpu_isa() if ext is not None else "portable"
+    return ext.cpu_isa_supported() if ext is not None else "portable"
 
 
 def nf4_cases(device: str, quick: bool) -> list[NF4Case]:
@@ -452,7 +454,7 @@ def nf4_cases(device: str, quick: bool) -> list[NF4Case]:
     # compute_dtype), bitsandbytes at its best (eval mode: on an AVX512_BF16 CPU its repacked
     # weight and bf16 kernel). The targets depend on the CPU: with AVX512_BF16, torch's bf16 GEMM
     # is 4-5x its fp32 one and bitsandbytes has a fast kernel; on an AVX2 CPU neither.
-    if _cpu_isa() == "avx512_bf16":
+    if _cpu_isa_supported() == "avx512_bf16":
         targets = {1: [("fastpeft", "linear", 0.5), ("fastpeft", "bitsandbytes", 1.0)],
                    16: [("fastpeft", "linear", 1.0), ("fastpeft", "bitsandbytes", 1.0)],
                    64: [("fastpeft", "linear", 1.0), ("fastpeft", "bitsandbytes", 1.0)]}
@@ -467,40 +469,22 @@ def nf4_cases(device: str, quick: bool) -> list[NF4Case]:
             NF4Case(64, 4096, 4096, "bf16", "training", mode="fwd+bwd", layers=2)]
 
 
-def nf4_variants(case: NF4Case, device: str) -> dict[str, Callable[[], None]]:
-    """One call of each variant runs the case's `layers` weights on x, one after the other:
-    inference cases in eval mode under no_grad, training cases in training mode with dx."""
+def nf4_layers(case: NF4Case, device: str) -> dict[str, list[nn.Module]]:
+    """The case's `layers` weights as bf16/fp32 nn.Linear ("linear"), fastpeft's Linear4bit
+    ("fastpeft") and bitsandbytes' Linear4bit ("bitsandbytes", when it is installed and has a backend
+    here), each in the case's mode: eval for inference, training for a training step."""
     from .nn.linear4bit import Linear4bit
 
     dtype = DTYPE_NAMES[case.dtype]
     gen = torch.Generator().manual_seed(0)
-    train = case.mode == "fwd+bwd"
-    x = torch.randn(case.M, case.K, generator=gen).to(device, dtype).requires_grad_(train)
-    dy = torch.randn(case.M, case.N, generator=gen).to(device, dtype)
     weights = [torch.randn(case.N, case.K, generator=gen).div_(case.K ** 0.5).to(dtype) for _ in range(case.layers)]
-
-    def stack(layers):
-        for layer in layers:
-            layer.train(train)
-
-        def run():
-            for layer in layers:
-                if train:
-                    layer(x).backward(dy)
-                else:
-                    with torch.no_grad():
-                        layer(x)
-        return run
-
-    linears, ours = [], []
+    layers: dict[str, list[nn.Module]] = {"linear": [], "fastpeft": []}
     for w in weights:
         linear = nn.Linear(case.K, case.N, bias=False, device="meta").to_empty(device=device).to(dtype)
         linear.weight.data.copy_(w)  # the unquantised layer
         linear.requires_grad_(False)
-        linears.append(linear)
-        ours.append(Linear4bit.from_linear(linear, 64, double_quant=True).to(device))  # computes in dtype
-    variants = {"linear": stack(linears), "fastpeft": stack(ours)}
-    variants.update({f"fastpeft[{f}]": _on_backend(f, variants["fastpeft"]) for f in _speed_faces(device)})
+        layers["linear"].append(linear)
+        layers["fastpeft"].append(Linear4bit.from_linear(linear, 64, double_quant=True).to(device))  # computes in dtype
     try:
         import bitsandbytes as bnb
 
@@ -511,9 +495,40 @@ def nf4_variants(case: NF4Case, device: str) -> dict[str, Callable[[], None]]:
             ref.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
                                            compress_statistics=True, blocksize=64)
             refs.append(ref.to(device))
-        variants["bitsandbytes"] = stack(refs)
+        layers["bitsandbytes"] = refs
     except Exception:  # bitsandbytes absent or without a backend for this device: no peer column
         pass
+    for group in layers.values():
+        for layer in group:
+            layer.train(case.mode == "fwd+bwd")
+    return layers
+
+
+def nf4_variants(case: NF4Case, device: str, layers: dict[str, list[nn.Module]] | None = None
+                 ) -> dict[str, Callable[[], None]]:
+    """One call of each variant runs the case's `layers` weights on x, one after the other:
+    inference cases under no_grad, training cases with dx (see :func:`nf4_layers`)."""
+    layers = layers or nf4_layers(case, device)
+    dtype = DTYPE_NAMES[case.dtype]
+    gen = torch.Generator().manual_seed(1)
+    train = case.mode == "fwd+bwd"
+    x = torch.randn(case.M, case.K, generator=gen).to(device, dtype).requires_grad_(train)
+    dy = torch.randn(case.M, case.N, generator=gen).to(device, dtype)
+
+    def stack(group):
+        def run():
+            for layer in group:
+                if train:
+                    layer(x).backward(dy)
+                else:
+                    with torch.no_grad():
+                        layer(x)
+        return run
+
+    variants = {name: stack(group) for name, group in layers.items() if name != "bitsandbytes"}
+    variants.update({f"fastpeft[{f}]": _on_backend(f, variants["fastpeft"]) for f in _speed_faces(device)})
+    if "bitsandbytes" in layers:
+        variants["bitsandbytes"] = stack(layers["bitsandbytes"])
     return variants
 
 
