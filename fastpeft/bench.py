@@ -256,7 +256,12 @@ def environment(device: str) -> dict:
                python=platform.python_version(), cpu=backends.cpu_model(), cpu_threads=torch.get_num_threads())
     ext = backends.extension()
     if ext is not None:  # what the CPU kernels found and use: every CPU figure names its CPU
-        env.update(cpu_isa=ext.cpu_isa(), cpu_features=sorted(k for k, v in ext.cpu_features().items() if v))
+        env.update(cpu_isa_supported=ext.cpu_isa_supported(),
+                   cpu_features=sorted(k for k, v in ext.cpu_features().items() if v))
+        try:
+            env["cpu_isa"] = ext.cpu_isa()
+        except RuntimeError as e:  # an unknown FASTPEFT_CPU_ISA: the NF4 rows failed loudly already
+            env["cpu_isa"] = str(e)
     if device == "cuda":
         env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                    capability=".".join(map(str, torch.cuda.get_device_capability())))

@@ -72,14 +72,19 @@ def _print_cpu(ext) -> None:
     lack = " ".join(name for name, present in features.items() if not present) or "none"
     print(f"CPU: {backends.cpu_model()}, {torch.get_num_threads()} threads; has {have}; lacks {lack}")
     cap = os.environ.get("FASTPEFT_CPU_ISA")
-    print(f"CPU kernels: {ext.cpu_isa()} (the CPU supports {ext.cpu_isa_supported()}"
+    try:
+        isa = ext.cpu_isa()
+    except RuntimeError as e:  # a FASTPEFT_CPU_ISA the kernels refuse: say so, and what it would be
+        print(f"CPU kernels: {e}; unset, they run at {ext.cpu_isa_supported()}")
+        return
+    print(f"CPU kernels: {isa} (the CPU supports {ext.cpu_isa_supported()}"
           + (f"; FASTPEFT_CPU_ISA={cap} caps it)" if cap else "; FASTPEFT_CPU_ISA caps it)"))
     print("NF4 CPU paths (K = 4096, blocksize 64):")
     print("  " + f"{'rows':<12}" + "".join(f"{d:<20}" for d in NF4_INFO_DTYPES))
     for m in NF4_INFO_ROWS:
         print("  " + f"{'M = ' + str(m):<12}" + "".join(f"{ext.nf4_cpu_path(m, 4096, 64, d):<20}" for d in NF4_INFO_DTYPES))
     print("  " + f"{'backward':<12}" + "".join(f"{ext.nf4_cpu_path(64, 4096, 64, d, True):<20}" for d in NF4_INFO_DTYPES))
-    print("  (K % 32 != 0 or float64: gemv-portable, tiles-portable)")
+    print("  (K % 32 != 0, blocksize < 32 or float64: gemv-portable, tiles-portable)")
 
 
 def bench(args) -> int:

@@ -65,7 +65,8 @@ def bnb_forward_is_right(layers):
         right, why = bnb_dequantize_is_right(tuple(state.shape), state.blocksize)
         if not right:
             return False, f"{why} (Linear4bit {layer.in_features} -> {layer.out_features})"
-        if BF.has_avx512bf16() and layer.out_features % 32:
-            return False, (f"bitsandbytes' AVX512_BF16 eval-mode Linear4bit repacks its weight in blocks of 32 rows and "
-                           f"fails on out_features {layer.out_features}; this CPU has AVX512_BF16")
+        if BF.has_avx512bf16() and (layer.out_features % 32 or layer.in_features % state.blocksize):
+            return False, (f"bitsandbytes' AVX512_BF16 eval-mode Linear4bit repacks its weight in blocks of 32 rows "
+                           f"and whole absmax blocks per row, and fails on {layer.in_features} -> "
+                           f"{layer.out_features} (blocks of {state.blocksize}); this CPU has AVX512_BF16")
     return True, ""

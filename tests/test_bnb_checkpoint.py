@@ -111,6 +111,8 @@ def test_a_fastpeft_saved_model_loads_in_transformers_with_bitsandbytes(bnb_save
     inputs = model_inputs("llama", batch=2, seq=9)
     with torch.no_grad():
         assert torch.equal(back(**inputs).logits, _fresh_bnb_model(directory)(**inputs).logits)
+
+
 def test_qlora_on_a_loaded_model_trains(bnb_saved):
     model = load_quantized_model(bnb_saved[0])
     fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))

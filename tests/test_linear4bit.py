@@ -285,6 +285,17 @@ def expected_cpu_path(isa: str, dtype: torch.dtype, M: int, K: int, blocksize: i
     return "tiles-bf16-avx512" if bf16_dots else "tiles-fp32-avx2" if at_least("avx2") else "tiles-portable"
 
 
+def varied_blocks(K: int, N: int, blocksize: int, double_quant: bool):
+    """The NF4Weight of a random [N, K] weight whose absmax blocks differ by factors of up to e^6
+    (each scaled by e^s, s in [-3, 3]: y stays far inside fp16's range): a kernel that scales a step
+    by the wrong block's absmax is off by far more than any tolerance (nn.Linear's uniform weights
+    give every block nearly the same absmax)."""
+    w = torch.randn(N * K)
+    blocks = -(-w.numel() // blocksize)
+    w *= torch.exp(1.5 * torch.randn(blocks).clamp(-2, 2)).repeat_interleave(blocksize)[: w.numel()]
+    return fastpeft.quant.quantize_nf4(w.reshape(N, K), blocksize, double_quant=double_quant)
+
+
 def run_cpu_face(isa, x, q, blocksize, N, bias, transposed):
     """nf4_matmul on the CPU face; asserts the path it took is the one the rule names for `isa`."""
     ext = backends.extension()
@@ -312,7 +323,7 @@ def test_cpu_gemv_paths_match_the_reference(cpu_isa, dtype, double_quant, M, K, 
     """M <= 16 takes a GEMV (bf16 x with AVX512_BF16: M <= 4, the bf16 tiles above): SIMD where
     the level allows and K % 32 == 0 (64-weight steps when K % 64 == 0 and blocksize >= 64, else
     32; up to 4 rows per decoded step), the portable loop otherwise; every level the CPU has."""
-    q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=double_quant).q
+    q = varied_blocks(K, N, blocksize, double_quant)
     x, bias = torch.randn(M, K, dtype=dtype), torch.randn(N, dtype=dtype)
     expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False)
     assert_close(run_cpu_face(cpu_isa, x, q, blocksize, N, bias, False), expected, dtype)
@@ -347,9 +358,10 @@ def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(monkeypatch, isa, M
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
 @pytest.mark.parametrize("M,K,N,blocksize", [
-    (17, 96, 300, 64), (20, 160, 40, 32),   # 32-weight steps; 300 rows: several panels and tiles, ragged last
-    (33, 128, 257, 128),                     # 64-weight steps, a one-row last tile
-    (5, 64, 49, 64),                         # the fewest rows the bf16 tiles take; 49 rows: a padded panel
+    (17, 96, 300, 64), (20, 160, 40, 32),   # 32-weight steps; 300 rows: several panels and tiles
+    (33, 128, 257, 128),                     # 64-weight steps, a one-row last tile and a padded panel
+    (5, 64, 49, 64), (6, 64, 7, 64),         # the fewest rows the bf16 tiles take; padded panels
+    (7, 256, 13, 64),                        # x's rows in tiles of 4, 3 left over
     (24, 4096 + 64, 3, 4096),                # rows that start inside a block; a ragged column tile
     (17, 45, 6, 64)])                        # K % 32 != 0: the portable dequantiser
 def test_cpu_tiles_match_the_reference(cpu_isa, dtype, double_quant, M, K, N, blocksize):
@@ -357,7 +369,7 @@ def test_cpu_tiles_match_the_reference(cpu_isa, dtype, double_quant, M, K, N, bl
     products for bf16 x where the level allows (the backward through torch's bf16 matmul on
     natural-order column tiles), SIMD-decoded fp32 tiles and fp32 GEMMs with AVX2 and K % 32 == 0,
     tiles in x's dtype from the portable loop otherwise; every level the CPU has."""
-    q = Linear4bit.from_linear(torch.nn.Linear(K, N), blocksize, double_quant=double_quant).q
+    q = varied_blocks(K, N, blocksize, double_quant)
     x, dy, bias = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype), torch.randn(N, dtype=dtype)
     got = [run_cpu_face(cpu_isa, x, q, blocksize, N, bias, False), run_cpu_face(cpu_isa, dy, q, blocksize, N, None, True)]
     expected = [nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False),

@@ -12,7 +12,8 @@
 //   matrices, so the float weight never exceeds one tile: bf16 tiles into AVX512_BF16 dot
 //   products for bf16 x where the CPU has them, fp32 tiles into fp32 BLAS with AVX2, tiles in x's
 //   dtype into torch's matmul otherwise.
-// The SIMD paths need K % 32 == 0 (whole 16-byte steps per row); the portable ones take any shape.
+// The SIMD paths need K % 32 == 0 and blocks of >= 32 (whole 16-byte steps per row, each in one
+// block) and a float32, float16 or bfloat16 x; the portable ones take any shape and float64.
 // Schema, checks and the reference: fastpeft/ops/nf4_matmul.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
