@@ -20,8 +20,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <memory>
+#include <new>
 #include <type_traits>
-#include <vector>
 
 #include "nf4_matmul_cpu.h"
 
@@ -113,11 +114,19 @@ struct Staged {
 
 // A thread's panel buffer, kept for the thread's life and grown to the largest panel asked for (at
 // most 48 rows, and under 256 KiB for K <= 21845): the tiles run hundreds of times a second, and a
-// fresh buffer of this size is a fresh mmap, page faults and all.
+// fresh buffer of this size is a fresh mmap, page faults and all. Cache-line aligned, as every
+// panel row then is (K % 32 == 0): a 64-byte load that straddles two lines costs two.
 bf16_bits* panel_buffer(int64_t n) {
-  thread_local std::vector<bf16_bits> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
+  struct Free {
+    void operator()(bf16_bits* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  thread_local std::unique_ptr<bf16_bits[], Free> buffer;
+  thread_local int64_t size = 0;
+  if (size < n) {
+    buffer.reset(new (std::align_val_t(64)) bf16_bits[n]);
+    size = n;
+  }
+  return buffer.get();
 }
 
 // ---------------------------------------------------------------- decoding a step
@@ -425,7 +434,7 @@ void tiles_bf16_transposed(const at::Tensor& x, const uint8_t* raw, const Nf4Sca
   bf16_bits* tp = reinterpret_cast<bf16_bits*>(tile.data_ptr<c10::BFloat16>());
   for (int64_t k0 = 0; k0 < K; k0 += kColumns) {
     const int64_t width = std::min(kColumns, K - k0);
-    at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) {
+    for_each_row_block(N, [&](int64_t a, int64_t b) {
       decode_columns(raw, absmax, qmap, shift, K, k0, width, a, b, tp, tile.size(1));
     });
     y.narrow(1, k0, width).copy_(at::mm(x, tile.narrow(1, 0, width)));
