@@ -194,22 +194,17 @@ FASTPEFT_AVX2 void gemv_rows(const float* xs, const uint8_t* raw, const Nf4Scale
   }
 }
 
-// All M rows, MT = 4 at a time (the rest 1..3): the packed weight is read ceil(M / 4) times, from
-// cache after the first when the row range is small.
+// All M rows, 4 at a time (the rest 1..3): the packed weight is read ceil(M / 4) times, from cache
+// after the first when the row range is small.
 template <typename Step, typename Levels, typename scalar_t>
-FASTPEFT_AVX2 void gemv_row_range(const float* xs, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
-                                  const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift,
-                                  int64_t n0, int64_t n1) {
+void gemv_row_range(const float* xs, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+                    const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift, int64_t n0,
+                    int64_t n1) {
   __m256i planes[Levels::kTables * Levels::kPlanes];
   load_planes<Levels>(qmap, planes);
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) gemv_rows<4, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1);
-  switch (M - m0) {
-    case 3: gemv_rows<3, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1); break;
-    case 2: gemv_rows<2, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1); break;
-    case 1: gemv_rows<1, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1); break;
-    default: break;
-  }
+  for_each_row_group(M, [&](auto rows, int64_t m0) {
+    gemv_rows<rows.value, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1);
+  });
 }
 
 // x rows converted to fp32 once, in staged order ([M, K]: M·K·4 bytes, at most 256 KiB for

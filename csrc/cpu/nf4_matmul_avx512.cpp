@@ -30,8 +30,9 @@
 #include <immintrin.h>
 
 // GCC 12's _mm512_reduce_add_ps and extract intrinsics start from _mm256_undefined_*(), which
-// -Wall reports as maybe-uninitialized at every use: a false positive of the headers.
+// -Wall reports as (maybe-)uninitialized at every use: a false positive of the headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace fastpeft::nf4_cpu {
 namespace {
@@ -198,27 +199,15 @@ FASTPEFT_AVX512 void gemv_fp32_rows(const float* xs, const uint8_t* raw, const N
 }
 
 template <int kStep, typename scalar_t>
-void gemv_fp32_row_range(const float* xs, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
-                         const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift, int64_t n0,
-                         int64_t n1) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) gemv_fp32_rows<4, kStep>(xs, raw, absmax, qmap, bias, y, m0, N, K, shift, n0, n1);
-  switch (M - m0) {
-    case 3: gemv_fp32_rows<3, kStep>(xs, raw, absmax, qmap, bias, y, m0, N, K, shift, n0, n1); break;
-    case 2: gemv_fp32_rows<2, kStep>(xs, raw, absmax, qmap, bias, y, m0, N, K, shift, n0, n1); break;
-    case 1: gemv_fp32_rows<1, kStep>(xs, raw, absmax, qmap, bias, y, m0, N, K, shift, n0, n1); break;
-    default: break;
-  }
-}
-
-template <int kStep, typename scalar_t>
 void gemv_fp32(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
                const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
   Staged<float> staged(M * K);
   float* xs = staged.data;
   stage_fp32<kStep>(x, M, K, xs);
   for_each_row_block(N, [&](int64_t n0, int64_t n1) {
-    gemv_fp32_row_range<kStep>(xs, raw, absmax, qmap, bias, y, M, N, K, shift, n0, n1);
+    for_each_row_group(M, [&](auto rows, int64_t m0) {
+      gemv_fp32_rows<rows.value, kStep>(xs, raw, absmax, qmap, bias, y, m0, N, K, shift, n0, n1);
+    });
   });
 }
 
@@ -273,19 +262,14 @@ FASTPEFT_AVX512_BF16 void gemv_bf16_rows(const bf16_bits* xs, const uint8_t* raw
 }
 
 template <int kStep>
-FASTPEFT_AVX512 void gemv_bf16_row_range(const bf16_bits* xs, const uint8_t* raw, const Nf4Scales& absmax,
-                                         const float* qmap, const c10::BFloat16* bias, c10::BFloat16* y, int64_t M,
-                                         int64_t N, int64_t K, int shift, int64_t n0, int64_t n1) {
+void gemv_bf16_row_range(const bf16_bits* xs, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+                         const c10::BFloat16* bias, c10::BFloat16* y, int64_t M, int64_t N, int64_t K, int shift,
+                         int64_t n0, int64_t n1) {
   __m512i tables[kDitherTables];
   load_dithered_tables(qmap, tables);
-  int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) gemv_bf16_rows<4, kStep>(xs, raw, absmax, tables, bias, y, m0, N, K, shift, n0, n1);
-  switch (M - m0) {
-    case 3: gemv_bf16_rows<3, kStep>(xs, raw, absmax, tables, bias, y, m0, N, K, shift, n0, n1); break;
-    case 2: gemv_bf16_rows<2, kStep>(xs, raw, absmax, tables, bias, y, m0, N, K, shift, n0, n1); break;
-    case 1: gemv_bf16_rows<1, kStep>(xs, raw, absmax, tables, bias, y, m0, N, K, shift, n0, n1); break;
-    default: break;
-  }
+  for_each_row_group(M, [&](auto rows, int64_t m0) {
+    gemv_bf16_rows<rows.value, kStep>(xs, raw, absmax, tables, bias, y, m0, N, K, shift, n0, n1);
+  });
 }
 
 template <int kStep>
@@ -360,24 +344,15 @@ FASTPEFT_AVX512_BF16 void dot_tile(const bf16_bits* xs, const bf16_bits* panel, 
   }
 }
 
-constexpr int kTileM = 4, kTileN = 6;
+constexpr int kTileN = 6;  // tiles of 4 x rows (for_each_row_group) by 6 weight rows
 
 // Every row of x against panel rows [n0, n1) (padded with zero rows to a multiple of kTileN).
 void dot_panel(const bf16_bits* xs, const bf16_bits* panel, int64_t M, int64_t K, const c10::BFloat16* bias,
                c10::BFloat16* y, int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-    const bf16_bits* xm = xs + m0 * K;
-    c10::BFloat16* ym = y + m0 * N;
-    for (int64_t n = n0; n < n1; n += kTileN) {
-      const bf16_bits* p = panel + (n - n0) * K;
-      switch (std::min<int64_t>(kTileM, M - m0)) {
-        case 4: dot_tile<4, kTileN>(xm, p, K, bias, ym, N, n, n1); break;
-        case 3: dot_tile<3, kTileN>(xm, p, K, bias, ym, N, n, n1); break;
-        case 2: dot_tile<2, kTileN>(xm, p, K, bias, ym, N, n, n1); break;
-        default: dot_tile<1, kTileN>(xm, p, K, bias, ym, N, n, n1); break;
-      }
-    }
-  }
+  for_each_row_group(M, [&](auto rows, int64_t m0) {
+    for (int64_t n = n0; n < n1; n += kTileN)
+      dot_tile<rows.value, kTileN>(xs + m0 * K, panel + (n - n0) * K, K, bias, y + m0 * N, N, n, n1);
+  });
 }
 
 // Panels of up to 48 rows, fewer for long rows so a panel stays within 256 KiB of L2 beside x.
@@ -448,10 +423,10 @@ void gemv_avx512(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absma
   dispatch_simd_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    if (steps_of_64_fit(K, int64_t{1} << shift))
-      gemv_fp32<64>(x.data_ptr<scalar_t>(), raw, absmax, qmap, bp, y.data_ptr<scalar_t>(), x.size(0), N, K, shift);
-    else
-      gemv_fp32<32>(x.data_ptr<scalar_t>(), raw, absmax, qmap, bp, y.data_ptr<scalar_t>(), x.size(0), N, K, shift);
+    with_widest_step(K, shift, [&](auto step) {
+      gemv_fp32<step.value>(x.data_ptr<scalar_t>(), raw, absmax, qmap, bp, y.data_ptr<scalar_t>(), x.size(0), N, K,
+                            shift);
+    });
   });
 }
 
@@ -459,12 +434,10 @@ void gemv_bf16_avx512(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& 
                       int64_t N, int64_t K, const at::Tensor& bias, at::Tensor& y) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "nf4_matmul: the bf16 GEMV takes bf16 x");
   const c10::BFloat16* bp = bias.defined() ? bias.data_ptr<c10::BFloat16>() : nullptr;
-  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  if (steps_of_64_fit(K, int64_t{1} << shift))
-    gemv_bf16<64>(xp, raw, absmax, qmap, bp, yp, x.size(0), N, K, shift);
-  else
-    gemv_bf16<32>(xp, raw, absmax, qmap, bp, yp, x.size(0), N, K, shift);
+  with_widest_step(K, shift, [&](auto step) {
+    gemv_bf16<step.value>(x.data_ptr<c10::BFloat16>(), raw, absmax, qmap, bp, y.data_ptr<c10::BFloat16>(), x.size(0),
+                          N, K, shift);
+  });
 }
 
 void tiles_bf16_avx512(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
@@ -472,12 +445,10 @@ void tiles_bf16_avx512(const at::Tensor& x, const uint8_t* raw, const Nf4Scales&
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "nf4_matmul: the bf16 tiles take bf16 x");
   if (transposed) return tiles_bf16_transposed(x, raw, absmax, qmap, shift, N, K, y);
   const c10::BFloat16* bp = bias.defined() ? bias.data_ptr<c10::BFloat16>() : nullptr;
-  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  if (steps_of_64_fit(K, int64_t{1} << shift))
-    tiles_bf16_forward<64>(xp, raw, absmax, qmap, bp, yp, x.size(0), N, K, shift);
-  else
-    tiles_bf16_forward<32>(xp, raw, absmax, qmap, bp, yp, x.size(0), N, K, shift);
+  with_widest_step(K, shift, [&](auto step) {
+    tiles_bf16_forward<step.value>(x.data_ptr<c10::BFloat16>(), raw, absmax, qmap, bp, y.data_ptr<c10::BFloat16>(),
+                                   x.size(0), N, K, shift);
+  });
 }
 
 }  // namespace fastpeft::nf4_cpu

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu_features.h"
 #include "nf4_matmul.h"
@@ -36,6 +37,16 @@ Path choose_path(CpuIsa isa, int64_t M, int64_t K, int64_t blocksize, at::Scalar
 inline bool steps_of_32_fit(int64_t K, int64_t blocksize) { return K % 32 == 0 && blocksize >= 32; }
 inline bool steps_of_64_fit(int64_t K, int64_t blocksize) { return K % 64 == 0 && blocksize >= 64; }
 
+// fn(std::integral_constant<int, kStep>{}) with the widest step of weights that tiles every row:
+// 64 when K % 64 == 0 and blocksize >= 64, else 32.
+template <typename F>
+void with_widest_step(int64_t K, int shift, const F& fn) {
+  if (steps_of_64_fit(K, int64_t{1} << shift))
+    fn(std::integral_constant<int, 64>{});
+  else
+    fn(std::integral_constant<int, 32>{});
+}
+
 // Weight rows [0, N) handed to the threads in blocks of `rows`, one block at a time: a thread
 // slowed by a neighbour on its core does less (at::parallel_for alone gives each thread a fixed
 // share). fn(n0, n1) runs once per block, on the thread that took it.
@@ -52,6 +63,20 @@ void for_each_row_block(int64_t N, int64_t rows, const F& fn) {
 template <typename F>
 void for_each_row_block(int64_t N, const F& fn) {
   for_each_row_block(N, std::clamp<int64_t>(N / (4 * at::get_num_threads()), 16, 64), fn);
+}
+
+// fn(std::integral_constant<int, MT>{}, m0) for x's rows in groups of MT = 4, then the 1 to 3 left:
+// the kernels take MT as a template argument so their accumulators stay in registers.
+template <typename F>
+void for_each_row_group(int64_t M, const F& fn) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) fn(std::integral_constant<int, 4>{}, m0);
+  switch (M - m0) {
+    case 3: fn(std::integral_constant<int, 3>{}, m0); break;
+    case 2: fn(std::integral_constant<int, 2>{}, m0); break;
+    case 1: fn(std::integral_constant<int, 1>{}, m0); break;
+    default: break;
+  }
 }
 
 // fn(scalar_t{}) for x's dtype: the SIMD paths take float32, float16 and bfloat16 (choose_path
