@@ -190,6 +190,7 @@ def _load_method_adapter(model: nn.Module, directory: str, config, adapter_name:
     if not is_trainable:
         for p in own.values():
             p.requires_grad_(False)
+        model.eval()  # as PEFT's load_adapter: an adapter loaded for inference runs without dropout
     return model
 
 
@@ -201,7 +202,7 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     :class:`CheckpointError` names the first bad key and what was expected, and the model is left
     exactly as it was. A LoRA adapter becomes active if the model had none; an adapter of another
     method (:mod:`fastpeft.methods`) must be the model's only one. Parameters are trainable only
-    with ``is_trainable=True`` (as in PEFT).
+    with ``is_trainable=True``, and without it the model is put in eval mode (both as in PEFT).
     """
     if adapter_name in adapters_of(model):
         raise CheckpointError(f"adapter {adapter_name!r} already exists in the model; pick another adapter_name")
@@ -232,4 +233,5 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if not is_trainable:
         for p in own.values():
             p.requires_grad_(False)
+        model.eval()  # as PEFT's load_adapter: an adapter loaded for inference runs without dropout
     return model

@@ -113,7 +113,8 @@ def _bnb_quantize(model, compute_dtype):
     """QLoRA's base as bitsandbytes makes it: every linear but the output layer in NF4, double-quantised."""
     import bitsandbytes as bnb
 
-    from .peft_model import _output_layer_names, _parent
+    from .peft_model import _output_layer_names
+    from .targeting import replace_module
 
     skip = _output_layer_names(model)
     for name, module in list(model.named_modules()):
@@ -124,8 +125,7 @@ def _bnb_quantize(model, compute_dtype):
                                          compress_statistics=True, blocksize=64)
             if module.bias is not None:
                 q.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)
-            parent, child = _parent(model, name)
-            setattr(parent, child, q.to(module.weight.device))
+            replace_module(model, name, q.to(module.weight.device))
     return model
 
 

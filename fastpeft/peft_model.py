@@ -20,6 +20,7 @@ from .config import LoraConfig
 from .methods import forget_adapters, method_for
 from .nn.linear4bit import Linear4bit
 from .nn.lora import LoRALinear, is_conv1d
+from .targeting import parent_of, replace_module
 
 # Used when target_modules is None: the attention query/value projections under the names common
 # transformers families give them (PEFT's per-model table reduces to these). Only names present
@@ -70,11 +71,6 @@ class _Target:
     module: nn.Module
     r: int
     lora_alpha: float
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
 
 
 def _matches(name: str, patterns) -> bool:
@@ -210,17 +206,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             t.module.add_adapter(adapter_name, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
                                  config.init_lora_weights)
         else:
-            layer = LoRALinear(t.module, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
-                               use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
-                               fan_in_fan_out=layer_features(t.module, config)[2], adapter_name=adapter_name)
-            parent, child = _parent(model, t.name)
-            setattr(parent, child, layer)
+            replace_module(model, t.name, LoRALinear(
+                t.module, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                init_lora_weights=config.init_lora_weights, fan_in_fan_out=layer_features(t.module, config)[2],
+                adapter_name=adapter_name))
     for name, module in to_save:
         if isinstance(module, ModulesToSaveWrapper):
             module.add_adapter(adapter_name)
         else:
-            parent, child = _parent(model, name)
-            setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+            replace_module(model, name, ModulesToSaveWrapper(module, adapter_name))
     if not hasattr(model, "fastpeft_config"):
         model.fastpeft_config = {}
     model.fastpeft_config[adapter_name] = config
@@ -288,13 +282,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             module.delete_adapter(adapter_name)
             if not module.adapter_names:
-                parent, child = _parent(model, name)
-                setattr(parent, child, module.base_layer)
+                replace_module(model, name, module.base_layer)
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             del module.modules_to_save[adapter_name]
             if not len(module.modules_to_save):
-                parent, child = _parent(model, name)
-                setattr(parent, child, module.original_module)
+                replace_module(model, name, module.original_module)
     del configs[adapter_name]
     if model.fastpeft_active_adapter == adapter_name:
         model.fastpeft_active_adapter = None
@@ -350,11 +342,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             module.unmerge()
             if active in module.lora_A:
                 module.merge([active])
-            parent, child = _parent(model, name)
-            setattr(parent, child, module.base_layer)
+            replace_module(model, name, module.base_layer)
         elif isinstance(module, ModulesToSaveWrapper):
-            parent, child = _parent(model, name)
-            setattr(parent, child, module.active_module)
+            replace_module(model, name, module.active_module)
     return forget_adapters(model)
 
 
@@ -406,8 +396,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             layer.active_adapter = active
             layer.merged_adapters = list(module.merged_adapters)
             layer._disabled = bool(module.disable_adapters)
-            parent, child = _parent(model, name)
-            setattr(parent, child, layer)
+            replace_module(model, name, layer)
         elif isinstance(module, PeftModulesToSave):
             wrapper = ModulesToSaveWrapper.__new__(ModulesToSaveWrapper)
             nn.Module.__init__(wrapper)
@@ -415,8 +404,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             wrapper.modules_to_save = module.modules_to_save
             wrapper.active_adapter = active
             wrapper._disabled = bool(module.disable_adapters)
-            parent, child = _parent(model, name)
-            setattr(parent, child, wrapper)
+            replace_module(model, name, wrapper)
     model.fastpeft_config = configs
     model.fastpeft_active_adapter = active
     return model

@@ -24,7 +24,8 @@ from .checkpoint import PREFIX, CheckpointError, _read_weights
 from .config import LoraConfig
 from .nn.multi_lora import MultiLoRALinear, _current
 from .ops.adapter_batch import AdapterBatch
-from .peft_model import _parent, _pattern_value, find_targets
+from .peft_model import _pattern_value, find_targets
+from .targeting import replace_module
 
 
 class AdapterPool:
@@ -43,10 +44,7 @@ class AdapterPool:
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self.layers: dict[str, MultiLoRALinear] = {}
         for t in targets:
-            layer = MultiLoRALinear(t.module, max_adapters, max_rank)
-            parent, child = _parent(model, t.name)
-            setattr(parent, child, layer)
-            self.layers[t.name] = layer
+            self.layers[t.name] = replace_module(model, t.name, MultiLoRALinear(t.module, max_adapters, max_rank))
         for p in model.parameters():
             p.requires_grad_(False)
         self._slots: dict[str, int] = {}

@@ -36,6 +36,7 @@ from ..config import PREFIX
 from ..nn.linear4bit import Linear4bit
 from ..ops.adapter_block import adapter_block
 from ..peft_model import DEFAULT_LAYERS_PATTERNS, _matches, _own_modules
+from ..targeting import attach_module
 from . import Method, MethodConfig, register
 
 ADAPTER_ATTR = "fastpeft_adapter"     # the block's attribute on the module it adapts
@@ -323,7 +324,7 @@ class AdapterMethod(Method):
             ref = _first_param(point.module)
             if ref is not None:
                 block.to(device=ref.device, dtype=ref.dtype)
-            point.module.add_module(ADAPTER_ATTR, block)
+            attach_module(point.module, ADAPTER_ATTR, block)
             point.module.register_forward_hook(_AdapterHook(config.parallel, point.layer, drop), with_kwargs=True)
         for param in [*shared.values(), *(q for b in blocks for q in b.parameters())]:
             param.requires_grad_(True)

@@ -242,6 +242,7 @@ class DiffPruning(Method):
             p.requires_grad_(False)
         for _, module, pname, param in targets:
             parametrize.register_parametrization(module, pname, HardConcreteDelta(param, config))
+            module.parametrizations.train(module.training)  # gates sampled only if the model trains
         return model
 
     def state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

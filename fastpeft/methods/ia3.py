@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from ..config import PREFIX, LoraConfig
 from ..nn.lora import is_conv1d
-from ..peft_model import _matches, _own_modules, _parent, find_targets, layer_features
+from ..peft_model import _matches, _own_modules, find_targets, layer_features
+from ..targeting import replace_module
 from . import Method, MethodConfig, register
 
 # Used when target_modules is None: the key and value projections (or a fused qkv projection) and
@@ -187,9 +188,8 @@ class IA3(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         for t in targets:
-            layer = IA3Linear(t.module, t.is_feedforward, t.in_features, t.out_features, config.init_ia3_weights)
-            parent, child = _parent(model, t.name)
-            setattr(parent, child, layer)
+            replace_module(model, t.name, IA3Linear(t.module, t.is_feedforward, t.in_features, t.out_features,
+                                                    config.init_ia3_weights))
         for name, value in resolved.items():
             setattr(config, name, value)
         return model

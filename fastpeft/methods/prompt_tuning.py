@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from ..targeting import attach_module
 from . import Method, MethodConfig, register
 
 PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -212,7 +213,7 @@ def install_encoder(model: nn.Module, encoder: nn.Module, hooks: VirtualTokenHoo
     for p in model.parameters():
         p.requires_grad_(False)
     encoder.hooks = hooks
-    setattr(model, ENCODER_ATTRIBUTE, encoder)
+    attach_module(model, ENCODER_ATTRIBUTE, encoder)
     for p in encoder.parameters():
         p.requires_grad_(True)
 

@@ -111,13 +111,13 @@ def quantize_model(model: nn.Module, double_quant: bool = False, blocksize: int 
                    quant_storage: torch.dtype = torch.uint8, skip_output_layer: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` of `model` (the output layer kept, as transformers does) by a
     :class:`Linear4bit`, in place; returns the model."""
-    from ..peft_model import _output_layer_names, _parent
+    from ..peft_model import _output_layer_names
+    from ..targeting import replace_module
 
     skip = _output_layer_names(model) if skip_output_layer else set()
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name not in skip:
-            parent, child = _parent(model, name)
-            setattr(parent, child, Linear4bit.from_linear(module, blocksize, double_quant, quant_storage))
+            replace_module(model, name, Linear4bit.from_linear(module, blocksize, double_quant, quant_storage))
     return model
 
 
@@ -168,7 +168,7 @@ def load_quantized_model(directory: str, auto_class=None) -> nn.Module:
     import transformers as tf
     from transformers.initialization import no_init_weights
 
-    from ..peft_model import _parent
+    from ..targeting import replace_module
 
     config = tf.AutoConfig.from_pretrained(directory, local_files_only=True)
     _check_bnb_quantization_config(getattr(config, "quantization_config", None), directory)
@@ -191,8 +191,7 @@ def load_quantized_model(directory: str, auto_class=None) -> nn.Module:
         if (layer.out_features, layer.in_features) != (module.out_features, module.in_features):
             raise ValueError(f"{directory}: {name}.weight holds a [{layer.out_features}, {layer.in_features}] "
                              f"weight; the model expects [{module.out_features}, {module.in_features}]")
-        parent, child = _parent(model, name)
-        setattr(parent, child, layer)
+        replace_module(model, name, layer)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model, config)
     missing = [k for k in missing if k not in tied]

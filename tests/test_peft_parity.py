@@ -1,0 +1,62 @@
+"""Where a PEFT user swapping one import would meet a difference: each test here failed before the
+behaviour it checks was made PEFT's (or, where PEFT is inconsistent, the documented right thing)."""
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import AdapterPool, LoraConfig
+
+from models import model_inputs, tiny_model
+
+METHOD_CONFIGS = {
+    "lora": lambda: LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules="all-linear",
+                               init_lora_weights="gaussian"),
+    "ia3": lambda: fastpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                      feedforward_modules=["down_proj"]),
+    "prompt": lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=4),
+    "prefix": lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=4),
+    "bottleneck": lambda: fastpeft.BottleneckConfig(reduction_factor=4),
+    "diffpruning": lambda: fastpeft.DiffPruningConfig(),
+}
+
+
+def _new_modules(model, before):
+    return [m for m in model.modules() if id(m) not in before]
+
+
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_new_modules_take_the_models_training_mode(method, training):
+    """A module a method puts into a model runs in the mode of what it replaces (PEFT's layers do):
+    an adapter added to a model in eval mode has its dropout off."""
+    model = tiny_model("llama").train(training)
+    before = {id(m) for m in model.modules()}
+    fastpeft.get_peft_model(model, METHOD_CONFIGS[method]())
+    new = _new_modules(model, before)
+    assert new and all(m.training == training for m in new), [type(m).__name__ for m in new if m.training != training]
+
+
+def test_a_pool_on_an_eval_model_is_in_eval_mode():
+    model = tiny_model("llama")
+    before = {id(m) for m in model.modules()}
+    AdapterPool(model, max_adapters=2, max_rank=4)
+    assert not any(m.training for m in _new_modules(model, before))
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_a_loaded_adapter_with_dropout_is_deterministic_for_inference(tmp_path, is_trainable):
+    """load_adapter(is_trainable=False) puts the model in eval mode, as PEFT's does; and even a
+    trainable load into an eval model adds its layers in eval mode. Before, an adapter trained with
+    lora_dropout gave random outputs at inference (two identical calls differed by 0.29)."""
+    trained = tiny_model("llama").train()
+    fastpeft.get_peft_model(trained, METHOD_CONFIGS["lora"]())
+    fastpeft.save_adapter(trained, tmp_path / "a")
+    model = tiny_model("llama").train(is_trainable)
+    fastpeft.load_adapter(model, tmp_path / "a", is_trainable=is_trainable)
+    if is_trainable:
+        assert all(m.training for m in model.modules())  # what the user had, kept
+        model.eval()
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**inputs).logits)
