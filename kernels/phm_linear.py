@@ -210,12 +210,12 @@ def phm_linear_fwd(x: torch.Tensor, phm_rule: torch.Tensor, phm_b: torch.Tensor 
                    phm_b_left: torch.Tensor | None = None, phm_b_right: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """Triton face of ``fastpeft::phm_linear_fwd`` (shapes and dtypes: fastpeft/ops/phm_linear.py)."""
-    M, n = x.shape[0], phm_rule.shape[0]
+    n = phm_rule.shape[0]
     if phm_b is not None:
         y, _ = _mix(_blocks(x, n), phm_rule, phm_b, bias)
     else:
         y, _ = _mix(_shrink_right(x, phm_b_right), phm_rule, phm_b_left, bias)
-    return y.view(M, -1)
+    return y.flatten(1)  # [M, N] (also when M = 0)
 
 
 def phm_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, phm_rule: torch.Tensor, phm_b: torch.Tensor | None = None,
@@ -231,7 +231,7 @@ def phm_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, phm_rule: torch.Tensor
     if phm_b is not None:
         grad_x, grad_rule = _mix(dy4, rule_t, phm_b.transpose(1, 2), None, x2=x.reshape(M, n, q))
         grad_b = _grad_factor(dy4, phm_rule, x4)
-        return grad_x.view(M, -1), grad_rule.to(x.dtype), grad_b, empty, empty
+        return grad_x.flatten(1), grad_rule.to(x.dtype), grad_b, empty, empty
     n, p, r = phm_b_left.shape
     t = _shrink_right(x, phm_b_right)                                                        # [m, b, i, k]
     g = torch.mm(grad_y.reshape(M * n, p), phm_b_left.permute(1, 0, 2).reshape(p, n * r)).view(M, n, n, r)
@@ -239,7 +239,7 @@ def phm_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, phm_rule: torch.Tensor
     grad_rule = torch.einsum("maik,mbik->iab", g, t)      # M·n³·r: small next to the rest
     grad_left = _grad_factor(dy4, phm_rule, t)
     grad_right = _grad_factor(g, phm_rule, x4)
-    return grad_x.view(M, -1), grad_rule, empty, grad_left, grad_right
+    return grad_x.flatten(1), grad_rule, empty, grad_left, grad_right
 
 
 # ---------------------------------------------------------------- ahead-of-time compile list

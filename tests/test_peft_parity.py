@@ -60,3 +60,30 @@ def test_a_loaded_adapter_with_dropout_is_deterministic_for_inference(tmp_path, 
     inputs = model_inputs("llama")
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_an_empty_batch_backpropagates_an_expanded_gradient(backend):
+    """``layer(x).sum().backward()`` with no rows: autograd hands the backward a gradient expanded
+    from a scalar (stride 0 everywhere), which every op refused as not contiguous."""
+    from fastpeft.nn import LoRALinear, MultiLoRALinear, PHMLinear
+    from fastpeft.ops.adapter_block import adapter_block
+
+    if not fastpeft.backends.availability(backend, "cpu").usable:
+        pytest.skip(fastpeft.backends.availability(backend, "cpu").reason)
+    lin = torch.nn.Linear(16, 8)
+    pool_layer = MultiLoRALinear(lin, max_adapters=2, max_rank=2)
+    pool_layer.set_adapter(0, torch.randn(2, 16), torch.randn(8, 2), 1.0)
+    weights = [torch.randn(4, 16), torch.randn(4), torch.randn(16, 4), torch.randn(16)]
+    weights = [w.requires_grad_() for w in weights]
+    runs = {
+        "lora": lambda x: LoRALinear.from_linear(lin, r=2, lora_alpha=4, init_lora_weights="gaussian")(x),
+        "phm": lambda x: PHMLinear(16, 8, 2)(x),
+        "pool": lambda x: pool_layer(x, torch.zeros(0, dtype=torch.long)),
+        "adapter_block": lambda x: adapter_block(x, x, *weights, 1.0, "relu"),
+    }
+    with fastpeft.use_backend(backend):
+        for name, run in runs.items():
+            x = torch.randn(0, 16, requires_grad=True)
+            run(x).sum().backward()
+            assert x.grad is not None and x.grad.shape == (0, 16), name

@@ -159,6 +159,12 @@ class Op:
 _OPS: dict[str, Op] = {}
 
 
+def unit_stride_rows(t: torch.Tensor) -> bool:
+    """Whether the kernels can read `t`'s rows as they lie: its last dimension is unit-stride, or has
+    one element, or `t` has none (an empty gradient that autograd expanded has stride 0 everywhere)."""
+    return t.stride(-1) == 1 or t.shape[-1] == 1 or t.numel() == 0
+
+
 def define(name: str, schema: str, *, check: Callable, fake: Callable, reference: Callable,
            choose: Callable[..., Sequence[str]] | None = None) -> Op:
     """Declare op ``fastpeft::<name>``; see the module docstring."""

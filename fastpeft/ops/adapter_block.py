@@ -91,7 +91,7 @@ def check_adapter_block_args(x, h, w_down, b_down, w_up, b_up, scaling, activati
     if h is not None and tuple(h.shape) != (M, N):
         raise ValueError(f"{op}: h (the residual) must be [tokens, out_features] = [{M}, {N}]; got {_shape(h)}")
     for name, t in (("x", x), ("h", h)):
-        if t is not None and t.stride(1) != 1 and t.shape[1] != 1:
+        if t is not None and not _registry.unit_stride_rows(t):
             raise ValueError(f"{op}: {name} must be contiguous in its last dimension; got strides {list(t.stride())} "
                              "(call .contiguous())")
 
@@ -201,7 +201,7 @@ def _check_bwd(grad_y, x, w_down, b_down, w_up, scaling, activation):
         raise ValueError(f"adapter_block_bwd: grad_y must be {list(shape)}; got {_shape(grad_y)}")
     if grad_y.dtype != x.dtype or grad_y.device != x.device:
         raise TypeError(f"adapter_block_bwd: grad_y must share x's dtype {x.dtype} and device {x.device}")
-    if grad_y.stride(1) != 1 and shape[1] != 1:
+    if not _registry.unit_stride_rows(grad_y):
         raise ValueError("adapter_block_bwd: grad_y must be contiguous in its last dimension")
 
 
@@ -303,7 +303,7 @@ def adapter_block(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down
         if x.shape[:-1] != h.shape[:-1]:
             raise ValueError(f"adapter_block: x {_shape(x)} and h {_shape(h)} must have the same leading dimensions")
         for name, t in (("x", x), ("h", h)):
-            if t.stride(-1) != 1 and t.shape[-1] != 1:
+            if not _registry.unit_stride_rows(t):
                 raise ValueError(f"adapter_block: {name} must be contiguous in its last dimension; got strides "
                                  f"{list(t.stride())} (call .contiguous())")
     lead = h.shape[:-1]

@@ -54,7 +54,7 @@ def check_shrink(op, x, lora_a):
     _check_tensor(op, "lora_a", lora_a, x.dtype, x.device, dims=3)
     if lora_a.shape[2] != x.shape[1]:
         raise ValueError(f"{op}: lora_a must be [slots, max_rank, {x.shape[1]}]; got {_shape(lora_a)}")
-    if x.stride(1) != 1 and x.shape[1] != 1:
+    if not _registry.unit_stride_rows(x):
         raise ValueError(f"{op}: x must be contiguous in its last dimension; got strides {list(x.stride())}")
 
 

@@ -73,13 +73,13 @@ def check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora=None, op="lor
         raise ValueError(f"{op}: lora_b must be [out_features, r] = [{N}, {r}]; got {_shape(lora_b)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"{op}: bias must be [out_features] = [{N}]; got {_shape(bias)}")
-    if x.stride(1) != 1 and K != 1:
+    if not _registry.unit_stride_rows(x):
         raise ValueError(f"{op}: x must be contiguous in its last dimension; got strides {list(x.stride())} "
                          "(call .contiguous())")
     if x_lora is not None:
         if x_lora.shape != x.shape:
             raise ValueError(f"{op}: x_lora must have x's shape {_shape(x)}; got {_shape(x_lora)}")
-        if x_lora.stride(1) != 1 and K != 1:
+        if not _registry.unit_stride_rows(x_lora):
             raise ValueError(f"{op}: x_lora must be contiguous in its last dimension")
 
 
@@ -135,7 +135,7 @@ def _check_bwd(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora=None):
             raise TypeError(f"lora_linear_bwd: {n} has dtype {t.dtype}, x has {x.dtype}")
         if t.device != x.device:
             raise ValueError(f"lora_linear_bwd: {n} is on {t.device}, x on {x.device}")
-        if t.stride(1) != 1 and shape[1] != 1:
+        if not _registry.unit_stride_rows(t):
             raise ValueError(f"lora_linear_bwd: {n} must be contiguous in its last dimension")
 
 
@@ -224,7 +224,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             raise ValueError("lora_linear: x must have at least one dimension")
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"lora_linear: dropout_p must be in [0, 1); got {dropout_p}")
-        if x.stride(-1) != 1 and x.shape[-1] != 1:
+        if not _registry.unit_stride_rows(x):
             raise ValueError(f"lora_linear: x must be contiguous in its last dimension; got strides {list(x.stride())}"
                              " (call .contiguous())")
     lead = x.shape[:-1]

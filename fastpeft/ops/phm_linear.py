@@ -70,7 +70,7 @@ def check_phm_linear_args(x, phm_rule, phm_b, phm_b_left, phm_b_right, bias=None
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [tokens, in_features] at the op level; got shape {_shape(x)}")
-    if x.stride(1) != 1 and x.shape[1] != 1:
+    if not _registry.unit_stride_rows(x):
         raise ValueError(f"{op}: x must be contiguous in its last dimension (call .contiguous())")
     if phm_rule.dim() != 3 or phm_rule.shape[0] < 1 or phm_rule.shape[1:] != (phm_rule.shape[0],) * 2:
         raise ValueError(f"{op}: phm_rule must be [n, n, n] (Aᵢ = phm_rule[i], n = phm_dim >= 1); got {_shape(phm_rule)}")
@@ -195,7 +195,7 @@ def _check_bwd(grad_y, x, phm_rule, phm_b=None, phm_b_left=None, phm_b_right=Non
         raise ValueError(f"phm_linear_bwd: grad_y must be a [{M}, {n * p}] tensor")
     if grad_y.dtype != x.dtype or grad_y.device != x.device:
         raise TypeError(f"phm_linear_bwd: grad_y must share x's dtype {x.dtype} and device {x.device}")
-    if grad_y.stride(1) != 1 and grad_y.shape[1] != 1:
+    if not _registry.unit_stride_rows(grad_y):
         raise ValueError("phm_linear_bwd: grad_y must be contiguous in its last dimension")
 
 
@@ -295,7 +295,7 @@ def phm_linear(x: torch.Tensor, phm_rule: torch.Tensor, phm_b: torch.Tensor | No
     if not torch.compiler.is_compiling():
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise TypeError("phm_linear: x must be a Tensor with at least one dimension")
-        if x.stride(-1) != 1 and x.shape[-1] != 1:
+        if not _registry.unit_stride_rows(x):
             raise ValueError("phm_linear: x must be contiguous in its last dimension (call .contiguous())")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
