@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import warnings
 from dataclasses import dataclass, replace
 
 import torch.nn as nn
@@ -101,12 +102,25 @@ def _layer_index_ok(name: str, config: LoraConfig) -> bool:
 
 
 def layer_features(module: nn.Module, config: LoraConfig) -> tuple[int, int, bool]:
-    """(in_features, out_features, fan_in_fan_out) of a module LoRA can adapt."""
+    """(in_features, out_features, fan_in_fan_out) of a module LoRA can adapt. fan_in_fan_out
+    follows the layer type, whatever the config says (PEFT warns and overrides it the same way):
+    transformers' Conv1D stores its weight [in, out], nn.Linear [out, in]."""
     if isinstance(module, (LoRALinear, Linear4bit)):
         return module.in_features, module.out_features, getattr(module, "fan_in_fan_out", False)
-    fan_in_fan_out = config.fan_in_fan_out or is_conv1d(module)
     rows, cols = module.weight.shape
-    return (rows, cols, True) if fan_in_fan_out else (cols, rows, False)
+    return (rows, cols, True) if is_conv1d(module) else (cols, rows, False)
+
+
+def _fan_in_fan_out_of_targets(targets, config: LoraConfig) -> LoraConfig:
+    """The config with fan_in_fan_out set to what its target layers are, with PEFT's warning when
+    the user's value disagrees (fan_in_fan_out=True on nn.Linear, False on Conv1D)."""
+    used = {layer_features(t.module, config)[2] for t in targets}
+    if len(used) == 1 and config.fan_in_fan_out not in used:
+        value = used.pop()
+        warnings.warn(f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target modules are "
+                      f"{'Conv1D' if value else 'torch.nn.Linear'}. Setting fan_in_fan_out to {value}.")
+        config = replace(config, fan_in_fan_out=value)
+    return config
 
 
 def _adaptable(module: nn.Module) -> bool:
@@ -200,6 +214,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     if adapter_name in adapters_of(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(adapters_of(model))}")
     targets, config = find_targets(model, config)
+    config = _fan_in_fan_out_of_targets(targets, config)
     to_save = find_modules_to_save(model, config)  # every lookup done before any change
     for t in targets:
         if isinstance(t.module, LoRALinear):

@@ -1,6 +1,8 @@
 """Where a PEFT user swapping one import would meet a difference: each test here failed before the
 behaviour it checks was made PEFT's (or, where PEFT is inconsistent, the documented right thing)."""
 
+import json
+
 import pytest
 import torch
 
@@ -87,3 +89,26 @@ def test_an_empty_batch_backpropagates_an_expanded_gradient(backend):
             x = torch.randn(0, 16, requires_grad=True)
             run(x).sum().backward()
             assert x.grad is not None and x.grad.shape == (0, 16), name
+
+
+def test_fan_in_fan_out_follows_the_layer_type_as_in_peft(tmp_path):
+    """PEFT warns and sets fan_in_fan_out to False on nn.Linear (True on Conv1D); fastpeft
+    transposed nn.Linear's weight (a non-square k_proj raised a shape error, square ones computed
+    other logits)."""
+    inputs = model_inputs("llama")
+    plain = tiny_model("llama")
+    fastpeft.get_peft_model(plain, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    flagged = tiny_model("llama")
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        fastpeft.get_peft_model(flagged, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian",
+                                                    fan_in_fan_out=True))
+    for (name, a), (_, b) in zip(plain.named_parameters(), flagged.named_parameters()):
+        assert torch.equal(a, b), name  # the same seed: the same adapters
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs).logits, flagged(**inputs).logits)
+    fastpeft.save_adapter(flagged, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    gpt2 = tiny_model("gpt2")
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
+        fastpeft.get_peft_model(gpt2, LoraConfig(r=4, target_modules=["c_attn"]))
+    assert gpt2.fastpeft_config["default"].fan_in_fan_out is True
