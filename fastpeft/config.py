@@ -72,6 +72,15 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be an integer >= 1, got {r!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
+            self.target_modules = "all-linear"  # PEFT reads the shorthand in any case
+        # PEFT's rules: a regex target_modules names layers itself; layers_pattern needs indices
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("LoraConfig: `layers_to_transform` cannot be used when `target_modules` is a str")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("LoraConfig: `layers_pattern` cannot be used when `target_modules` is a str")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("LoraConfig: when `layers_pattern` is specified, `layers_to_transform` must also be")
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
 

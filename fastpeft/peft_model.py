@@ -148,7 +148,7 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig):
     """target_modules as PEFT would read them: "all-linear" becomes the set of linear-layer names
     (the output layer excluded); None becomes the DEFAULT_TARGETS present in the model."""
     targets = config.target_modules
-    if targets == "all-linear":
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # PEFT reads it in any case
         output = _output_layer_names(model)
         return sorted({n.rsplit(".", 1)[-1] for n, m in _own_modules(model) if n and _adaptable(m) and n not in output})
     if targets is None:

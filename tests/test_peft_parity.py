@@ -112,3 +112,20 @@ def test_fan_in_fan_out_follows_the_layer_type_as_in_peft(tmp_path):
     with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
         fastpeft.get_peft_model(gpt2, LoraConfig(r=4, target_modules=["c_attn"]))
     assert gpt2.fastpeft_config["default"].fan_in_fan_out is True
+
+
+def test_target_modules_rules_are_pefts():
+    """"all-linear" in any case (PEFT lower-cases it; fastpeft refused "ALL-LINEAR"); a regex
+    target_modules with layers_to_transform or layers_pattern, or a layers_pattern without
+    indices, raises as in PEFT (fastpeft silently ignored the layer list)."""
+    model = tiny_model("llama")
+    fastpeft.get_peft_model(model, LoraConfig(r=2, target_modules="ALL-LINEAR"))
+    assert len(fastpeft.peft_model.lora_layers(model)) == 14
+    with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
+        LoraConfig(target_modules=r".*q_proj", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="`layers_pattern` cannot be used when `target_modules` is a str"):
+        LoraConfig(target_modules=r".*q_proj", layers_pattern="layers")
+    with pytest.raises(ValueError, match="`layers_to_transform` must also be"):
+        LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
+    diff = tiny_model("llama")
+    fastpeft.get_peft_model(diff, fastpeft.DiffPruningConfig(target_modules="All-Linear"))
