@@ -145,3 +145,21 @@ def test_bad_state_dicts_are_refused():
         nf4_from_state_dict(fp4)
     with pytest.raises(ValueError, match="not a bitsandbytes 4-bit weight"):
         nf4_from_state_dict({"weight": torch.zeros(3)})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+def test_nonfinite_weights_get_bitsandbytes_bytes_and_a_warning(bad, double_quant):
+    """bitsandbytes' nested absmax of a NaN weight's layer is 0.0 (its max skips NaN), of an infinite
+    one inf; fastpeft wrote NaN for both. Such a weight also gets a warning, or an error on request."""
+    w = torch.randn(4, 600)
+    w[1, 5] = bad
+    with pytest.warns(UserWarning, match=r"1 weight\(s\) of a \[4, 600\] weight are NaN or infinite \(the first at \[1, 5\]\)"):
+        q = quantize_nf4(w, 64, double_quant=double_quant)
+    packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    assert torch.equal(q.packed.view(torch.uint8), packed.view(torch.uint8))
+    torch.testing.assert_close(q.absmax, state.absmax, rtol=0, atol=0, equal_nan=True)
+    if double_quant:
+        assert torch.equal(q.nested_absmax, state.state2.absmax)  # 0.0 or inf, as bitsandbytes
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize_nf4(w, 64, double_quant=double_quant, nonfinite="raise")

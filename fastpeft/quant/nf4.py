@@ -20,6 +20,7 @@ the same bytes, not merely the same values to within rounding.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -94,7 +95,9 @@ def _nested_codes(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     n = values.numel()
     blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(values, (0, blocks * blocksize - n)).reshape(blocks, blocksize)
-    absmax = padded.abs().max(dim=-1).values
+    # bitsandbytes' CPU loop takes a block's max by comparisons, which a NaN never wins: a block of
+    # NaNs (absmax - offset when some weight was NaN) gets 0.0, not NaN
+    absmax = torch.where(padded.isnan(), 0.0, padded.abs()).max(dim=-1).values
     normed = torch.clamp(padded * (1.0 / absmax).view(-1, 1), -1, 1).reshape(-1)[:n]
     grid_index = (((normed + 1) * 0.5) * (_GRID_POINTS - 1) + 0.5).long().clamp(0, _GRID_POINTS - 1)
     codes = _grid_codes(code)[grid_index]
@@ -163,8 +166,13 @@ class NF4Weight:
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
-                 quant_storage: torch.dtype = torch.uint8) -> NF4Weight:
-    """Quantise a float weight to NF4, byte for byte as bitsandbytes does."""
+                 quant_storage: torch.dtype = torch.uint8, nonfinite: str = "warn") -> NF4Weight:
+    """Quantise a float weight to NF4, byte for byte as bitsandbytes does.
+
+    A NaN or infinite weight makes its block's absmax NaN or inf, and with double quantisation every
+    weight of the layer then dequantises to NaN (bitsandbytes writes the same bytes): ``nonfinite``
+    says what to do about such a weight, "warn" (the default, naming how many and the first) or
+    "raise" (ValueError, nothing quantised)."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise TypeError(f"quantize_nf4: expected a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     if w.dtype not in DTYPE_NAMES:
@@ -175,6 +183,17 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         raise ValueError(f"quantize_nf4: quant_storage {quant_storage} is not supported; use one of {STORAGE_DTYPES}")
     if w.numel() == 0:
         raise ValueError("quantize_nf4: the weight is empty")
+    if nonfinite not in ("warn", "raise"):
+        raise ValueError(f"quantize_nf4: nonfinite must be 'warn' or 'raise', got {nonfinite!r}")
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        what = (f"quantize_nf4: {bad.shape[0]} weight(s) of a {list(w.shape)} weight are NaN or infinite (the first "
+                f"at {bad[0].tolist()}); their blocks' absmax is too"
+                + (", so with double quantisation every weight dequantises to NaN or inf" if double_quant else ""))
+        if nonfinite == "raise":
+            raise ValueError(what)
+        warnings.warn(what, stacklevel=2)
     code = nf4_code(w.device)
     scaled, absmax = _blockwise_scale(w.reshape(-1).float(), blocksize)
     if scaled.numel() % 2:
