@@ -208,7 +208,7 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         raise CheckpointError(f"adapter {adapter_name!r} already exists in the model; pick another adapter_name")
     try:
         config = load_config(directory)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # a missing file or folder, bad JSON, a bad field
         raise CheckpointError(str(e)) from None
     if not isinstance(config, LoraConfig):
         return _load_method_adapter(model, directory, config, adapter_name, is_trainable)

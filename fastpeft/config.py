@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,20 @@ class LoraConfig:
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"LoraConfig: r must be an integer >= 1, got {self.r!r}")
+        for name in ("lora_alpha", "lora_dropout"):  # a bad value found here, before any model changes
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"LoraConfig: {name} must be a finite number, got {value!r}")
+        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig: {name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if name == "modules_to_save" and isinstance(value, str):
+                raise ValueError(f"LoraConfig: modules_to_save must be a list of module names, got {value!r}")
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)):
+                raise ValueError(f"LoraConfig: {name} must be a string or a list of strings, got {value!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in BIAS_CHOICES:
@@ -68,8 +83,15 @@ class LoraConfig:
             if not isinstance(pattern, dict):
                 raise ValueError(f"LoraConfig: {name} must be a dict of regex -> value, got {type(pattern).__name__}")
         for key, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r < 1:
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be an integer >= 1, got {r!r}")
+        for key, alpha in self.alpha_pattern.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a finite number, got {alpha!r}")
+        layers = self.layers_to_transform
+        if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) or isinstance(
+                layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+            raise ValueError(f"LoraConfig: layers_to_transform must be an integer or a list of integers, got {layers!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
@@ -128,6 +150,9 @@ def write_config(d: dict[str, Any], directory: str) -> str:
 
 def read_config(directory: str) -> dict[str, Any]:
     """The JSON object of ``<directory>/adapter_config.json``, or a clear error."""
+    if os.path.isfile(directory):
+        raise NotADirectoryError(f"{directory} is a file; pass the adapter's directory (the folder holding "
+                                 f"{CONFIG_NAME} and its weights)")
     path = os.path.join(directory, CONFIG_NAME)
     try:
         with open(path) as f:

@@ -13,15 +13,13 @@ routed to the slot is still running before clearing it.
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 
 import torch
 import torch.nn as nn
 
 from .checkpoint import PREFIX, CheckpointError, _read_weights
-from .config import LoraConfig
+from .config import LoraConfig, read_config
 from .nn.multi_lora import MultiLoRALinear, _current
 from .ops.adapter_batch import AdapterBatch
 from .peft_model import _pattern_value, find_targets
@@ -90,15 +88,11 @@ class AdapterPool:
     def _plan(self, directory: str):
         """(write, args) for every layer the checkpoint adapts; raises before any write."""
         try:
-            with open(os.path.join(directory, "adapter_config.json")) as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot read adapter_config.json in {directory} ({e})") from None
-        if isinstance(raw, dict) and raw.get("peft_type") == "IA3":
-            return self._plan_ia3(directory)
-        try:
-            config = LoraConfig.load(directory)
-        except (ValueError, FileNotFoundError) as e:
+            raw = read_config(directory)
+            if raw.get("peft_type") == "IA3":
+                return self._plan_ia3(directory)
+            config = LoraConfig.from_dict(raw)
+        except (ValueError, OSError, TypeError) as e:  # a missing file or folder, bad JSON, a bad field
             raise CheckpointError(str(e)) from None
         if config.modules_to_save or config.bias != "none":
             raise CheckpointError("adapter pools hold LoRA factors only: modules_to_save and trained biases "

@@ -72,7 +72,7 @@ def test_module_rejects_bad_rank(r):
 
 
 def test_module_rejects_layer_without_weight():
-    with pytest.raises(TypeError, match="has no 2-D weight"):
+    with pytest.raises(TypeError, match="is not a linear layer"):
         LoRALinear.from_linear(torch.nn.ReLU(), r=2)
 
 

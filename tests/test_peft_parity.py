@@ -129,3 +129,55 @@ def test_target_modules_rules_are_pefts():
         LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
     diff = tiny_model("llama")
     fastpeft.get_peft_model(diff, fastpeft.DiffPruningConfig(target_modules="All-Linear"))
+
+
+BAD_CONFIG_FIELDS = {"lora_alpha": "eight", "r": 0, "lora_dropout": float("nan"), "use_rslora": "yes",
+                     "target_modules": [1, 2], "layers_to_transform": ["0"], "alpha_pattern": {"q_proj": None},
+                     "modules_to_save": "lm_head"}
+
+
+@pytest.mark.parametrize("field", list(BAD_CONFIG_FIELDS))
+def test_a_refused_checkpoint_leaves_the_model_untouched(tmp_path, field):
+    """Every field of the config is checked before the model changes, and every bad checkpoint is a
+    CheckpointError (lora_alpha "eight" raised TypeError after q_proj.weight was frozen)."""
+    trained = tiny_model("llama")
+    fastpeft.get_peft_model(trained, LoraConfig(r=2, target_modules=["q_proj"]))
+    fastpeft.save_adapter(trained, tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config[field] = BAD_CONFIG_FIELDS[field]
+    path.write_text(json.dumps(config))
+    model = tiny_model("llama").train()
+    before = {n: (p.requires_grad, p.clone()) for n, p in model.named_parameters()}
+    structure = [type(m) for m in model.modules()]
+    with pytest.raises(fastpeft.CheckpointError, match=field if field != "r" else "r must be"):
+        fastpeft.load_adapter(model, tmp_path / "a")
+    assert [type(m) for m in model.modules()] == structure and model.training
+    assert all(p.requires_grad == before[n][0] and torch.equal(p, before[n][1]) for n, p in model.named_parameters())
+    pool = AdapterPool(tiny_model("llama"), max_adapters=2, max_rank=4)
+    with pytest.raises(fastpeft.CheckpointError, match=field if field != "r" else "r must be"):
+        pool.load("x", tmp_path / "a")
+    assert pool.names() == []
+
+
+def test_loading_from_a_file_path_says_to_pass_the_folder(tmp_path):
+    trained = tiny_model("llama")
+    fastpeft.get_peft_model(trained, LoraConfig(r=2, target_modules=["q_proj"]))
+    fastpeft.save_adapter(trained, tmp_path / "a")
+    with pytest.raises(fastpeft.CheckpointError, match="is a file; pass the adapter's directory"):
+        fastpeft.load_adapter(tiny_model("llama"), tmp_path / "a" / "adapter_config.json")
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_a_non_finite_scaling_is_refused(alpha):
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+        LoraConfig(lora_alpha=alpha)
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+        fastpeft.nn.LoRALinear.from_linear(torch.nn.Linear(4, 4), r=2, lora_alpha=alpha)
+
+
+def test_lora_on_a_layer_that_is_not_linear_is_refused_at_once():
+    emb = torch.nn.Embedding(10, 4)
+    with pytest.raises(TypeError, match="base layer Embedding is not a linear layer"):
+        fastpeft.nn.LoRALinear(emb)
+    assert emb.weight.requires_grad  # refused before anything was frozen

@@ -22,6 +22,18 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
+def _check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"LoRALinear: rank r must be an integer >= 1, got {r!r}")
+    for name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"LoRALinear: {name} must be a finite number, got {value!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
+    if init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"LoRALinear: init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+
+
 class LoRALinear(nn.Module):
     """``y = base(x) + scaling·dropout(x)·Aᵀ·Bᵀ`` computed by the fused ``lora_linear`` op.
 
@@ -47,6 +59,11 @@ class LoRALinear(nn.Module):
                  use_rslora: bool = False, init_lora_weights: bool | str = True, fan_in_fan_out: bool | None = None,
                  adapter_name: str | None = DEFAULT_ADAPTER):
         super().__init__()
+        if not (isinstance(base_layer, (nn.Linear, Linear4bit)) or is_conv1d(base_layer)):
+            raise TypeError(f"LoRALinear: base layer {type(base_layer).__name__} is not a linear layer (nn.Linear, "
+                            "transformers' Conv1D or fastpeft's Linear4bit)")
+        if adapter_name is not None:  # every argument checked before the base layer is frozen
+            _check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
         self.base_layer = base_layer
         self.quantized = isinstance(base_layer, Linear4bit)  # QLoRA: an NF4 base
         if self.quantized:
@@ -84,12 +101,7 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
                     init_lora_weights: bool | str = True) -> None:
         """Add adapter `name` (it does not become active: see :meth:`set_adapter`)."""
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"LoRALinear: rank r must be an integer >= 1, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"LoRALinear: init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        _check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
         if name in self.lora_A:
             raise ValueError(f"LoRALinear: adapter {name!r} already exists")
         factory = (dict(device=self.base_layer.q.packed.device, dtype=self.base_layer.weight_dtype) if self.quantized
