@@ -181,3 +181,34 @@ def test_lora_on_a_layer_that_is_not_linear_is_refused_at_once():
     with pytest.raises(TypeError, match="base layer Embedding is not a linear layer"):
         fastpeft.nn.LoRALinear(emb)
     assert emb.weight.requires_grad  # refused before anything was frozen
+
+
+def test_pool_layers_refuse_bad_arguments_clearly():
+    from fastpeft.nn import MultiLoRALinear
+
+    layer = MultiLoRALinear(torch.nn.Linear(16, 8), max_adapters=2, max_rank=4)
+    a, b = torch.randn(2, 16), torch.randn(8, 2)
+    with pytest.raises(TypeError, match=r"slot must be an int in \[0, 2\), got True"):
+        layer.set_adapter(True, a, b, 1.0)
+    with pytest.raises(ValueError, match="scaling must be a finite number, got nan"):
+        layer.set_adapter(0, a, b, float("nan"))
+    with pytest.raises(ValueError, match=r"x must be \[..., in_features = 16\]; got \[3, 12\]"):
+        layer(torch.randn(3, 12), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("bad", ["segment past the tokens", "slot past the stack", "token index", "max_seg_len"])
+def test_bad_sgmv_routing_is_refused_by_every_cpu_face(backend, bad):
+    """The reference ignored what the C++ face refused; both refuse it now, before running."""
+    T, S = 4, 2
+    x, lora_a = torch.randn(T, 16), torch.randn(S, 3, 16)
+    routing = dict(sorted_tokens=[0, 1, 2, 3], seg_starts=[0, 2], seg_lens=[2, 2], seg_adapters=[0, 1], max_seg_len=2)
+    change, message = {"segment past the tokens": (("seg_lens", [2, 3]), "lies outside the 4 tokens"),
+                       "slot past the stack": (("seg_adapters", [0, 2]), "names slot 2, outside"),
+                       "token index": (("sorted_tokens", [0, 1, 2, 9]), "hold 9, which is not a token index"),
+                       "max_seg_len": (("max_seg_len", 1), "more than max_seg_len = 1")}[bad]
+    routing[change[0]] = change[1]
+    args = [torch.tensor(routing[k], dtype=torch.int32) for k in ("sorted_tokens", "seg_starts", "seg_lens",
+                                                                  "seg_adapters")]
+    with fastpeft.use_backend(backend), pytest.raises(ValueError, match=message):
+        fastpeft.ops.sgmv_shrink(x, lora_a, *args, routing["max_seg_len"])

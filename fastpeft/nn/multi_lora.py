@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -124,7 +126,9 @@ class MultiLoRALinear(nn.Module):
         return [r > 0 or i in self.ia3_slots for i, r in enumerate(self.ranks)]
 
     def _check_slot(self, slot: int) -> None:
-        if not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
+        if not isinstance(slot, int) or isinstance(slot, bool):
+            raise TypeError(f"MultiLoRALinear: slot must be an int in [0, {self.max_adapters}), got {slot!r}")
+        if not 0 <= slot < self.max_adapters:
             raise ValueError(f"MultiLoRALinear: slot {slot!r} is out of range [0, {self.max_adapters})")
 
     @torch.no_grad()
@@ -138,6 +142,8 @@ class MultiLoRALinear(nn.Module):
         if tuple(lora_a.shape) != (r, self.in_features) or tuple(lora_b.shape) != (self.out_features, r):
             raise ValueError(f"MultiLoRALinear: expected lora_a [r, {self.in_features}] and lora_b "
                              f"[{self.out_features}, r]; got {list(lora_a.shape)} and {list(lora_b.shape)}")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            raise ValueError(f"MultiLoRALinear: scaling must be a finite number, got {scaling!r}")
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.lora_a[slot, :r].copy_(lora_a)
@@ -180,6 +186,9 @@ class MultiLoRALinear(nn.Module):
         return AdapterBatch.build(adapter_ids, self.max_adapters, self.loaded, tokens_per_row=per_row, device=x.device)
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"MultiLoRALinear: x must be [..., in_features = {self.in_features}]; got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         batch = self.batch_for(x, adapter_ids) if adapter_ids is not None else current_adapter_batch()
         if batch is None:
             raise ValueError("MultiLoRALinear: no adapter_ids given and no adapter batch is active "

@@ -24,24 +24,47 @@ from .bgmv import bgmv_expand_reference, bgmv_shrink_reference, check_expand, ch
 ROUTING = "Tensor sorted_tokens, Tensor seg_starts, Tensor seg_lens, Tensor seg_adapters, int max_seg_len"
 
 
-def _check_routing(op, T, device, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len):
+def _check_routing(op, T, S, device, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len):
     check_index(op, "sorted_tokens", sorted_tokens, T, device)
     check_index(op, "seg_starts", seg_starts, None, device)
     U = seg_starts.shape[0]
     check_index(op, "seg_lens", seg_lens, U, device)
     check_index(op, "seg_adapters", seg_adapters, U, device)
-    if not isinstance(max_seg_len, int) or max_seg_len < 0:
+    if not isinstance(max_seg_len, int) or isinstance(max_seg_len, bool) or max_seg_len < 0:
         raise ValueError(f"{op}: max_seg_len must be an int >= 0, got {max_seg_len!r}")
+    # values only where they can be read without waiting for a device: real CPU tensors, not the
+    # fake ones torch.compile traces with
+    if device.type == "cpu" and not torch.compiler.is_compiling() and not any(
+            isinstance(t, torch._subclasses.FakeTensor) for t in (sorted_tokens, seg_starts, seg_lens, seg_adapters)):
+        _check_routing_values(op, T, S, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len)
+
+
+def _check_routing_values(op, T, S, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len):
+    """Every face refuses what the C++ face refuses (the reference ignored it): segments outside the
+    tokens, slots outside the stack, token indices out of range, a max_seg_len below a segment's
+    length. On the CPU only: on a GPU reading the values would wait for the device at every layer,
+    and the kernels mask out-of-range indices instead."""
+    tokens = sorted_tokens.tolist()
+    for u, (start, length, slot) in enumerate(zip(seg_starts.tolist(), seg_lens.tolist(), seg_adapters.tolist())):
+        if start < 0 or length < 0 or start + length > T:
+            raise ValueError(f"{op}: segment {u} [{start}, {start + length}) lies outside the {T} tokens")
+        if not 0 <= slot < S:
+            raise ValueError(f"{op}: segment {u} names slot {slot}, outside [0, {S})")
+        if length > max_seg_len:
+            raise ValueError(f"{op}: segment {u} has {length} tokens, more than max_seg_len = {max_seg_len}")
+        bad = [t for t in tokens[start:start + length] if not 0 <= t < T]
+        if bad:
+            raise ValueError(f"{op}: sorted_tokens in segment {u} hold {bad[0]}, which is not a token index")
 
 
 def _check_sgmv_shrink(x, lora_a, *routing):
     check_shrink("sgmv_shrink", x, lora_a)
-    _check_routing("sgmv_shrink", x.shape[0], x.device, *routing)
+    _check_routing("sgmv_shrink", x.shape[0], lora_a.shape[0], x.device, *routing)
 
 
 def _check_sgmv_expand(base, s, lora_b, scalings, *routing):
     check_expand("sgmv_expand", base, s, lora_b, scalings)
-    _check_routing("sgmv_expand", base.shape[0], base.device, *routing)
+    _check_routing("sgmv_expand", base.shape[0], lora_b.shape[0], base.device, *routing)
 
 
 def token_slots(T, num_slots, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len):
