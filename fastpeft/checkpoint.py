@@ -68,12 +68,46 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or the
+    file system cannot, and nothing was done."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _swap_in(staging: str, directory: str) -> None:
+    """Put folder `staging` where folder `directory` is; the old one is removed. Either the old or
+    the new checkpoint is at `directory` at every moment, an error or a crash included: one atomic
+    exchange where the system has it, else two renames, the first undone if the second fails."""
+    if _exchange(staging, directory):
+        shutil.rmtree(staging)  # now the old checkpoint
+        return
+    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=os.path.dirname(directory))
+    old = os.path.join(retired, "old")
+    os.rename(directory, old)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(old, directory)
+        os.rmdir(retired)
+        raise
+    shutil.rmtree(retired)
+
+
 def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> None:
     """Write adapter `adapter_name` to `directory` in PEFT's format, atomically.
 
-    Files are written to a fresh folder beside `directory`, synced, and the folder swapped in by
-    rename; other files already in `directory` (a tokenizer, say) are carried over. A crash leaves
-    either the old checkpoint or the new one (or, between the two renames, none), never a mix.
+    Files are written to a fresh folder beside `directory`, synced, and the folder swapped in
+    (:func:`_swap_in`); other files already in `directory` (a tokenizer, say) are carried over.
+    Whatever fails, `directory` holds the old checkpoint or the new one, never a mix or nothing.
     """
     from safetensors.torch import save_file
 
@@ -92,10 +126,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
                 if entry not in (WEIGHTS_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME):
                     src = os.path.join(directory, entry)
                     (os.link if os.path.isfile(src) else shutil.copytree)(src, os.path.join(staging, entry))
-            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-            os.rename(directory, os.path.join(retired, "old"))
-            os.rename(staging, directory)
-            shutil.rmtree(retired)
+            _swap_in(staging, directory)
         else:
             os.rename(staging, directory)
         _fsync(parent)

@@ -212,3 +212,41 @@ def test_bad_sgmv_routing_is_refused_by_every_cpu_face(backend, bad):
                                                                   "seg_adapters")]
     with fastpeft.use_backend(backend), pytest.raises(ValueError, match=message):
         fastpeft.ops.sgmv_shrink(x, lora_a, *args, routing["max_seg_len"])
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, exchange):
+    """save_adapter swaps the new folder in; when that fails the old checkpoint stays where it was
+    (the second of two renames failing left no checkpoint and the old files in a hidden folder)."""
+    import os
+
+    from fastpeft import checkpoint
+
+    model = tiny_model("llama")
+    fastpeft.get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    fastpeft.save_adapter(model, tmp_path / "a")
+    old = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    real_rename = os.rename
+
+    def rename_failing_into_place(src, dst):  # the new folder cannot move in; undoing still works
+        if ".saving-" in str(src):
+            raise OSError("disk full")
+        return real_rename(src, dst)
+
+    def exchange_failing(a, b):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_exchange", exchange_failing if exchange else lambda a, b: False)
+    monkeypatch.setattr(os, "rename", rename_failing_into_place)
+    with pytest.raises(OSError, match="disk full"):
+        fastpeft.save_adapter(model, tmp_path / "a")
+    monkeypatch.undo()
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging or retired folder left behind
+    fastpeft.save_adapter(model, tmp_path / "a")  # and a save that works replaces it
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() != old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
