@@ -20,7 +20,8 @@ from .config import CONFIG_NAME, PREFIX, LoraConfig
 from .methods import load_config, method_for
 from .nn.lora import LoRALinear
 from .peft_model import (ModulesToSaveWrapper, _method_of, _own_modules, add_adapter, adapters_of,
-                         find_modules_to_save, find_targets, get_peft_model, layer_features, set_adapter)
+                         find_modules_to_save, find_targets, get_peft_model, layer_features, set_adapter,
+                         with_task_heads)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -157,8 +158,24 @@ def _read_weights(directory: str) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}")
 
 
-def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tuple], dict[str, str]]:
-    """What a checkpoint of `config` must hold for this model: key -> shape, and key -> what it is."""
+def _peft_bias_copies(name: str, module: nn.Module) -> dict[str, tuple[str, str]]:
+    """PEFT's extra keys for a module to save when bias="all": its bias sweep also writes each bias of
+    the wrapper's frozen original and of its trained copy (``<name>.original_module.<k>``,
+    ``<name>.modules_to_save.<k>``, beside ``<name>.<k>``). key -> ("original" or "copy", k).
+    fastpeft reads them (as PEFT loads them); it does not write them, and PEFT reads files without."""
+    source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+    keys = {}
+    for k, _ in source.named_parameters():
+        if k.endswith("bias"):
+            keys[f"{PREFIX}{name}.original_module.{k}"] = ("original", k)
+            keys[f"{PREFIX}{name}.modules_to_save.{k}"] = ("copy", k)
+    return keys
+
+
+def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tuple], dict[str, str], dict]:
+    """What a checkpoint of `config` must hold for this model: key -> shape, key -> what it is, and
+    the keys it may hold besides (PEFT's bias copies) -> shape."""
+    config = with_task_heads(config)
     targets, config = find_targets(model, config)
     shapes, what = {}, {}
     for t in targets:
@@ -169,10 +186,14 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
         bias = getattr(t.module, "bias", None)
         if config.bias == "lora_only" and bias is not None:
             shapes[f"{PREFIX}{t.name}.base_layer.bias"] = tuple(bias.shape)
+    optional = {}
     for name, module in find_modules_to_save(model, config):
         source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         for k, v in source.state_dict().items():
             shapes[f"{PREFIX}{name}.{k}"] = tuple(v.shape)
+        if config.bias == "all":
+            for key, (_, k) in _peft_bias_copies(name, module).items():
+                optional[key] = shapes[f"{PREFIX}{name}.{k}"]
     if config.bias == "all":
         to_wrap = {t.name for t in targets if not isinstance(t.module, LoRALinear)}
         for name, param in model.named_parameters():
@@ -180,14 +201,17 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
                 owner = name[: -len(".bias")]
                 # once wrapped, an adapted layer's bias lives at <layer>.base_layer.bias (PEFT's key too)
                 shapes[PREFIX + (f"{owner}.base_layer.bias" if owner in to_wrap else name)] = tuple(param.shape)
-    return shapes, what
+    return shapes, what, optional
 
 
-def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple], what: dict[str, str]) -> None:
-    """Every expected key present with its shape and a floating dtype, and no other key."""
+def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple], what: dict[str, str],
+                 optional: dict[str, tuple] | None = None) -> None:
+    """Every expected key present with its shape and a floating dtype, no other key but `optional`
+    ones (with their shapes)."""
     for key in sorted(expected):
         if key not in state:
             raise CheckpointError(f"checkpoint is missing key {key!r} (expected shape {list(expected[key])})")
+    expected = {**(optional or {}), **expected}
     for key in sorted(state):
         if key not in expected:
             raise CheckpointError(f"checkpoint has unexpected key {key!r}: no such adapter tensor in this model "
@@ -250,13 +274,19 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
                               "into the base model")
     state = _read_weights(directory)
     try:
-        expected, what = _expected_shapes(model, config)
+        expected, what, optional = _expected_shapes(model, config)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{os.path.join(directory, CONFIG_NAME)} does not fit this model: {e}") from None
-    _check_state(state, expected, what)
+    _check_state(state, expected, what, optional)
     previous_active = getattr(model, "fastpeft_active_adapter", None)
     add_adapter(model, config, adapter_name)
     own = adapter_state_dict(model, adapter_name)
+    if optional:  # PEFT's bias copies load where PEFT loads them
+        for name, module in _own_modules(model):
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                for key, (where, k) in _peft_bias_copies(name, module).items():
+                    holder = module.original_module if where == "original" else module.modules_to_save[adapter_name]
+                    own[key] = holder.get_parameter(k)
     with torch.no_grad():
         for key, tensor in state.items():
             own[key].copy_(tensor)

@@ -81,9 +81,10 @@ def _print_cpu(ext) -> None:
           + (f"; FASTPEFT_CPU_ISA={cap} caps it)" if cap else "; FASTPEFT_CPU_ISA caps it)"))
     print("NF4 CPU paths (K = 4096, blocksize 64):")
     print("  " + f"{'rows':<12}" + "".join(f"{d:<20}" for d in NF4_INFO_DTYPES))
-    for m in NF4_INFO_ROWS:
-        print("  " + f"{'M = ' + str(m):<12}" + "".join(f"{ext.nf4_cpu_path(m, 4096, 64, d):<20}" for d in NF4_INFO_DTYPES))
-    print("  " + f"{'backward':<12}" + "".join(f"{ext.nf4_cpu_path(64, 4096, 64, d, True):<20}" for d in NF4_INFO_DTYPES))
+    rows = [(f"M = {m}", m, False) for m in NF4_INFO_ROWS] + [("backward", 64, True)]
+    for label, m, transposed in rows:
+        paths = (ext.nf4_cpu_path(m, 4096, 64, d, transposed) for d in NF4_INFO_DTYPES)
+        print(f"  {label:<12}" + "".join(f"{p:<20}" for p in paths))
     print("  (K % 32 != 0, blocksize < 32 or float64: gemv-portable, tiles-portable)")
 
 

@@ -91,7 +91,8 @@ class LoraConfig:
         layers = self.layers_to_transform
         if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) or isinstance(
                 layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
-            raise ValueError(f"LoraConfig: layers_to_transform must be an integer or a list of integers, got {layers!r}")
+            raise ValueError(f"LoraConfig: layers_to_transform must be an integer or a list of integers, "
+                             f"got {layers!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":

@@ -29,6 +29,17 @@ from .targeting import parent_of, replace_module
 DEFAULT_TARGETS = ("q_proj", "v_proj", "c_attn", "query", "value", "query_key_value", "Wqkv", "qkv_proj", "q", "v")
 # PEFT's default layer-container names for layers_to_transform.
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+# The task heads PEFT trains fully for a task_type (its PeftModelFor<Task> classes add them to
+# modules_to_save; names the model lacks are skipped).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def with_task_heads(config: LoraConfig) -> LoraConfig:
+    """The config with its task_type's heads added to modules_to_save, as PEFT does (and saves)."""
+    heads = TASK_HEADS.get(str(config.task_type).upper() if config.task_type else "", ())
+    wanted = list(config.modules_to_save or [])
+    missing = [h for h in heads if h not in wanted]
+    return replace(config, modules_to_save=wanted + missing) if missing else config
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -171,6 +182,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> tuple[list[_Target], L
             continue
         if config.exclude_modules and _matches(name, config.exclude_modules):
             continue
+        if _in_modules_to_save(name, config):  # a module trained fully gets no adapter (PEFT's rule)
+            continue
         if not isinstance(config.target_modules, str) and not _layer_index_ok(name, config):
             continue
         if not _adaptable(module):
@@ -185,13 +198,33 @@ def find_targets(model: nn.Module, config: LoraConfig) -> tuple[list[_Target], L
     return found, config
 
 
+def _in_modules_to_save(name: str, config: LoraConfig) -> bool:
+    """Whether module `name` is, or lies inside, a module to save, by PEFT's rule for keeping adapters
+    out of them (each entry a regex for a whole name component)."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or [])
+
+
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    found = []
-    for wanted in config.modules_to_save or []:
-        matches = [(n, m) for n, m in _own_modules(model) if n and (n == wanted or n.endswith("." + wanted))]
-        if not matches:
-            raise ValueError(f"modules_to_save: no module named {wanted!r} in the model")
-        found += matches
+    """The modules `config.modules_to_save` names, by PEFT's rule: every module whose full name ends
+    with an entry (``"norm"`` is each ``*norm``), the outermost where they nest. An entry that
+    matches nothing is skipped with a warning (PEFT skips it silently; a task_type's heads the model
+    lacks are skipped quietly); none matching anything is an error."""
+    wanted = list(config.modules_to_save or [])
+    if not wanted:
+        return []
+    found, taken = [], set()
+    for name, module in _own_modules(model):
+        if not name or any(name.startswith(outer + ".") for outer in taken):
+            continue
+        if any(name.endswith(w) for w in wanted):
+            found.append((name, module))
+            taken.add(name)
+    if not found:
+        raise ValueError(f"modules_to_save: no module of the model is named {wanted} (or ends so)")
+    heads = TASK_HEADS.get(str(config.task_type).upper() if config.task_type else "", ())
+    unmatched = [w for w in wanted if w not in heads and not any(n.endswith(w) for n in taken)]
+    if unmatched:
+        warnings.warn(f"modules_to_save: no module of the model ends with {unmatched}; skipped")
     return found
 
 
@@ -213,7 +246,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     _refuse_method_model(model, "add_adapter")
     if adapter_name in adapters_of(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(adapters_of(model))}")
-    targets, config = find_targets(model, config)
+    targets, config = find_targets(model, with_task_heads(config))
     config = _fan_in_fan_out_of_targets(targets, config)
     to_save = find_modules_to_save(model, config)  # every lookup done before any change
     for t in targets:
@@ -222,9 +255,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                                  config.init_lora_weights)
         else:
             replace_module(model, t.name, LoRALinear(
-                t.module, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                init_lora_weights=config.init_lora_weights, fan_in_fan_out=layer_features(t.module, config)[2],
-                adapter_name=adapter_name))
+                t.module, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                fan_in_fan_out=layer_features(t.module, config)[2], adapter_name=adapter_name))
     for name, module in to_save:
         if isinstance(module, ModulesToSaveWrapper):
             module.add_adapter(adapter_name)
@@ -281,9 +314,9 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
                 module.bias.requires_grad_(True)
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             module.modules_to_save[adapter_name].requires_grad_(True)
-    if config.bias == "all":
+    if config.bias == "all":  # every bias but a module to save's frozen original (PEFT trains its copy)
         for n, p in model.named_parameters():
-            if n.endswith("bias"):
+            if n.endswith("bias") and ".original_module." not in n:
                 p.requires_grad_(True)
 
 

@@ -371,7 +371,8 @@ def test_cpu_tiles_match_the_reference(cpu_isa, dtype, double_quant, M, K, N, bl
     tiles in x's dtype from the portable loop otherwise; every level the CPU has."""
     q = varied_blocks(K, N, blocksize, double_quant)
     x, dy, bias = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype), torch.randn(N, dtype=dtype)
-    got = [run_cpu_face(cpu_isa, x, q, blocksize, N, bias, False), run_cpu_face(cpu_isa, dy, q, blocksize, N, None, True)]
+    got = [run_cpu_face(cpu_isa, x, q, blocksize, N, bias, False),
+           run_cpu_face(cpu_isa, dy, q, blocksize, N, None, True)]
     expected = [nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False),
                 nf4_matmul_reference(dy, q.packed, q.block_absmax(), q.quant_map, blocksize, N, None, True)]
     for g, e in zip(got, expected):

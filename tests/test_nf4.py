@@ -154,7 +154,8 @@ def test_nonfinite_weights_get_bitsandbytes_bytes_and_a_warning(bad, double_quan
     one inf; fastpeft wrote NaN for both. Such a weight also gets a warning, or an error on request."""
     w = torch.randn(4, 600)
     w[1, 5] = bad
-    with pytest.warns(UserWarning, match=r"1 weight\(s\) of a \[4, 600\] weight are NaN or infinite \(the first at \[1, 5\]\)"):
+    warning = r"1 weight\(s\) of a \[4, 600\] weight are NaN or infinite \(the first at \[1, 5\]\)"
+    with pytest.warns(UserWarning, match=warning):
         q = quantize_nf4(w, 64, double_quant=double_quant)
     packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     assert torch.equal(q.packed.view(torch.uint8), packed.view(torch.uint8))

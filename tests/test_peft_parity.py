@@ -250,3 +250,60 @@ def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, exchange)
     fastpeft.save_adapter(model, tmp_path / "a")  # and a save that works replaces it
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() != old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def _seq_cls_llama():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_labels=3,
+                         pad_token_id=0)
+    return tf.LlamaForSequenceClassification(cfg).eval()
+
+
+MODULES_TO_SAVE_CASES = {
+    # (model, PEFT LoraConfig kwargs): each was refused or computed otherwise in one direction or both
+    "suffix-norm": (lambda: tiny_model("llama"), dict(target_modules=["q_proj"], modules_to_save=["norm"])),
+    "bias-all": (lambda: tiny_model("bert"), dict(target_modules=["query"], bias="all",
+                                                  modules_to_save=["classifier"])),
+    "all-linear": (lambda: tiny_model("bert"), dict(target_modules="all-linear", modules_to_save=["classifier"])),
+    "seq-cls-bert": (lambda: tiny_model("bert"), dict(target_modules=["query", "value"], task_type="SEQ_CLS")),
+    "seq-cls-llama": (_seq_cls_llama, dict(target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")),
+}
+
+
+@pytest.mark.parametrize("case", list(MODULES_TO_SAVE_CASES))
+def test_modules_to_save_and_task_heads_match_peft_both_ways(tmp_path, case):
+    """modules_to_save by PEFT's rules (a name suffix: ["norm"] is every *norm; no adapter inside a
+    module to save; bias="all" trains the copy's bias, not the original's), task_type's heads trained
+    as PEFT trains them: the same trainable tensors, and each library's checkpoint loads in the other
+    with the same logits."""
+    peft = pytest.importorskip("peft")
+    make, kwargs = MODULES_TO_SAVE_CASES[case]
+    inputs = model_inputs("llama")
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **kwargs))
+    with torch.no_grad():  # a trained-looking head, not the base's copy
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = theirs(**inputs).logits
+
+    ours = make()
+    fastpeft.load_adapter(ours, tmp_path / "peft", is_trainable=True)
+    trainable = {n.replace("base_model.model.", "").replace(".default", "") for n, p in theirs.named_parameters()
+                 if p.requires_grad}
+    assert {n.replace(".default", "") for n, p in ours.named_parameters() if p.requires_grad} == trainable
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, expected)
+    fastpeft.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits, expected)
+
+    fresh = make()  # and get_peft_model itself places what PEFT places
+    fastpeft.get_peft_model(fresh, LoraConfig(r=2, lora_alpha=4, **kwargs))
+    assert {n.replace(".default", "") for n, p in fresh.named_parameters() if p.requires_grad} == trainable

@@ -3,7 +3,8 @@
 Faces: the pure-PyTorch reference here (dequantise, then matmul); Triton ``kernels/nf4_matmul.py``
 (tiles dequantised in registers; no float weight is written); C++ CPU ``csrc/cpu/nf4_matmul*.cpp``
 (GEMVs for few rows and tiles above, per instruction set chosen at run time: AVX-512 with bf16 dot
-products, AVX2, portable; ``fastpeft info`` lists the path per shape); CUDA ``csrc/cuda/nf4_matmul.cu`` (a decode GEMV streaming the packed rows with 16-byte
+products, AVX2, portable; ``fastpeft info`` lists the path per shape); CUDA
+``csrc/cuda/nf4_matmul.cu`` (a decode GEMV streaming the packed rows with 16-byte
 loads, tiles + cuBLAS otherwise).
 
 ``nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, transposed,
