@@ -158,3 +158,28 @@ def test_ia3_and_lora_adapters_in_one_mixed_batch(checkpoints, tmp_path):
     pool.unload("ia3")
     with torch.no_grad():
         assert_close(model(input_ids=ids, adapter_names=[None, "a", None]).logits[2:], mixed[2:])
+
+
+def test_a_pool_routes_layers_that_see_one_token_per_sequence(tmp_path):
+    """BERT's pooler reads one token of each sequence: with the default "all-linear" every call failed
+    ("routes 18 tokens but x has 3"); the pool routes such a layer by sequence."""
+    import transformers as tf
+
+    torch.manual_seed(3)
+    trained = tiny_model("bert")
+    fastpeft.get_peft_model(trained, fastpeft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    fastpeft.save_adapter(trained, tmp_path / "a")
+    model = tiny_model("bert")
+    pool = fastpeft.AdapterPool(model, max_adapters=2, max_rank=4)
+    assert isinstance(model.bert.pooler.dense, fastpeft.nn.MultiLoRALinear)
+    pool.load("a", str(tmp_path / "a"))
+    ids = model_inputs("bert", batch=3, seq=6)["input_ids"]
+    names = ["a", None, "a"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        base = tiny_model("bert")(input_ids=ids).logits
+        alone = trained(input_ids=ids).logits
+    assert isinstance(model, tf.BertForSequenceClassification)
+    for row in (0, 2):
+        assert_close(mixed[row], alone[row], msg=f"row {row}")
+    assert_close(mixed[1], base[1])

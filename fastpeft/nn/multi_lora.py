@@ -195,9 +195,12 @@ class MultiLoRALinear(nn.Module):
                              "(use fastpeft.nn.use_adapter_batch or pass adapter_ids)")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if batch.num_tokens != x2.shape[0]:
-            raise ValueError(f"MultiLoRALinear: the active adapter batch routes {batch.num_tokens} tokens but x has "
-                             f"{x2.shape[0]}")
+        routed = batch.for_rows(x2.shape[0])  # every token, or one per sequence (a pooler's first token)
+        if routed is None:
+            sequences = f" or {batch.per_sequence.num_tokens} sequences" if batch.per_sequence is not None else ""
+            raise ValueError(f"MultiLoRALinear: the active adapter batch routes {batch.num_tokens} tokens{sequences} "
+                             f"but x has {x2.shape[0]} rows")
+        batch = routed
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         rows = None

@@ -24,6 +24,8 @@ class AdapterBatch:
         (-1 excluded): where its tokens start in ``sorted_tokens``, how many, which slot.
     max_seg_len:   the longest segment (a Python int: it sizes kernel grids).
     segments:      the same segments as Python ``(start, length, slot)`` tuples, for host loops.
+    per_sequence:  when the ids were given per sequence (``tokens_per_row``), the routing of one row
+        per sequence: what a layer that sees one token of each sequence (BERT's pooler) takes.
     """
 
     adapter_ids: torch.Tensor
@@ -34,6 +36,7 @@ class AdapterBatch:
     max_seg_len: int
     max_adapters: int
     segments: tuple = ()
+    per_sequence: "AdapterBatch | None" = None
 
     @property
     def num_tokens(self) -> int:
@@ -62,7 +65,10 @@ class AdapterBatch:
         if adapter_ids.dim() != 1:
             raise ValueError(f"adapter_ids must be 1-D ([tokens] or [batch]), got shape {list(adapter_ids.shape)}")
         ids = adapter_ids.detach().to("cpu", torch.int64)
+        per_sequence = None
         if tokens_per_row is not None:
+            if tokens_per_row != 1:
+                per_sequence = cls.build(ids, max_adapters, loaded, device=device or adapter_ids.device)
             ids = ids.repeat_interleave(tokens_per_row)
         if ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
@@ -84,7 +90,15 @@ class AdapterBatch:
         as32 = dict(device=device, dtype=torch.int32)
         segments = tuple(zip(starts.tolist(), lens.tolist(), present.tolist()))
         return cls(ids.to(**as32), order.to(**as32), starts.to(**as32), lens.to(**as32), present.to(**as32),
-                   int(lens.max()) if lens.numel() else 0, max_adapters, segments)
+                   int(lens.max()) if lens.numel() else 0, max_adapters, segments, per_sequence)
+
+    def for_rows(self, rows: int) -> "AdapterBatch | None":
+        """The routing of a layer input with `rows` rows: every token's, or one per sequence; None if neither."""
+        if rows == self.num_tokens:
+            return self
+        if self.per_sequence is not None and rows == self.per_sequence.num_tokens:
+            return self.per_sequence
+        return None
 
     @property
     def routing(self) -> tuple:
