@@ -397,7 +397,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a shared tensor counts once."""
+    """(trainable, total) parameter counts; a shared tensor counts once, and a 4-bit weight counts its
+    weights (as PEFT counts bitsandbytes' packed ones): a QLoRA model is mostly frozen 4-bit weights."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -405,6 +406,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and id(m.q) not in seen:
+            seen.add(id(m.q))
+            total += m.q.numel
     return trainable, total
 
 

@@ -307,3 +307,16 @@ def test_modules_to_save_and_task_heads_match_peft_both_ways(tmp_path, case):
     fresh = make()  # and get_peft_model itself places what PEFT places
     fastpeft.get_peft_model(fresh, LoraConfig(r=2, lora_alpha=4, **kwargs))
     assert {n.replace(".default", "") for n, p in fresh.named_parameters() if p.requires_grad} == trainable
+
+
+def test_a_qlora_models_counts_include_its_4bit_weights(capsys):
+    """print_trainable_parameters counted a QLoRA model's 4-bit weights as nothing ("81.66 %
+    trainable"); it counts them as PEFT counts bitsandbytes' (their number of weights)."""
+    model = tiny_model("llama")
+    full = sum(p.numel() for p in model.parameters())
+    fastpeft.quantize_model(model)
+    fastpeft.get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert fastpeft.peft_model.count_parameters(model) == (trainable, full + trainable)
+    fastpeft.print_trainable_parameters(model)
+    assert f"all params: {full + trainable:,d}" in capsys.readouterr().out
