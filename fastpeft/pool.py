@@ -26,6 +26,23 @@ from .peft_model import _pattern_value, find_targets
 from .targeting import replace_module
 
 
+class _SlotLease:
+    """The slots one forward pass routed to, counted in flight until nothing needs them: the forward
+    done, and for a training graph the graph freed (its backward run, or dropped). The adapter batch
+    holds the lease, and every layer's backward holds the batch; unload waits for the count."""
+
+    def __init__(self, pool: "AdapterPool", slots: list[int]):
+        self.pool, self.slots = pool, slots
+        for slot in slots:
+            pool._in_flight[slot] += 1
+
+    def __del__(self):
+        with self.pool._lock:
+            for slot in self.slots:
+                self.pool._in_flight[slot] -= 1
+            self.pool._lock.notify_all()
+
+
 class AdapterPool:
     """Up to `max_adapters` LoRA adapters of rank up to `max_rank` on `model` (changed in place).
 
@@ -178,7 +195,7 @@ class AdapterPool:
     def _enter(self, module, args, kwargs):
         # Pushed first: if routing fails below, the always-called exit hook still pops exactly this.
         _current.stack = getattr(_current, "stack", [])
-        _current.stack.append((getattr(_current, "batch", None), []))
+        _current.stack.append(getattr(_current, "batch", None))
         names = kwargs.pop("adapter_names", None)
         ids = kwargs.pop("adapter_ids", None)
         if names is not None and ids is not None:
@@ -201,19 +218,12 @@ class AdapterPool:
                 and batch_size * seq != batch_size
             batch = AdapterBatch.build(ids, self.max_adapters, loaded, tokens_per_row=None if per_token else seq,
                                        device=device)
-            used = sorted({slot for _, _, slot in batch.segments})
-            for slot in used:
-                self._in_flight[slot] += 1
-        _current.stack[-1] = (_current.stack[-1][0], used)
+            batch = batch.with_lease(_SlotLease(self, sorted({slot for _, _, slot in batch.segments})))
         _current.batch = batch
         return args, kwargs
 
     def _exit(self, module, args, kwargs, output):
-        previous, used = _current.stack.pop()
-        _current.batch = previous
-        with self._lock:
-            for slot in used:
-                self._in_flight[slot] -= 1
-            self._lock.notify_all()
+        # The lease goes with the last reference to the batch: here, or when a graph that kept it is freed.
+        _current.batch = _current.stack.pop()
         return output
 

@@ -183,3 +183,55 @@ def test_a_pool_routes_layers_that_see_one_token_per_sequence(tmp_path):
     for row in (0, 2):
         assert_close(mixed[row], alone[row], msg=f"row {row}")
     assert_close(mixed[1], base[1])
+
+
+def test_loading_and_unloading_between_forward_and_backward(checkpoints):
+    """A training step's backward is not disturbed by a load into a free slot (it failed: "modified
+    by an inplace operation"), and unloading a slot the step uses waits for its backward."""
+    def step(model, names, ids):
+        lora = [p for p in model.parameters() if p.requires_grad]
+        for p in lora:
+            p.grad = None
+        return model(input_ids=ids, adapter_names=names).logits.square().mean(), lora
+
+    ids = model_inputs("llama", batch=2, seq=5)["input_ids"]
+    reference = tiny_model("llama")
+    ref_pool = fastpeft.AdapterPool(reference, max_adapters=3, max_rank=8)
+    ref_pool.load("a", str(checkpoints / "a"))
+    for layer in ref_pool.layers.values():
+        layer.lora_a.requires_grad_(True)
+        layer.lora_b.requires_grad_(True)
+    loss, params = step(reference, ["a", "a"], ids)
+    loss.backward()
+    expected = [p.grad.clone() for p in params]
+
+    model = tiny_model("llama")
+    pool = fastpeft.AdapterPool(model, max_adapters=3, max_rank=8)
+    pool.load("a", str(checkpoints / "a"))
+    for layer in pool.layers.values():
+        layer.lora_a.requires_grad_(True)
+        layer.lora_b.requires_grad_(True)
+    loss, params = step(model, ["a", "a"], ids)
+    pool.load("c", str(checkpoints / "c"))  # a free slot, between forward and backward
+    unloading = threading.Thread(target=pool.unload, args=("a",))
+    unloading.start()
+    unloading.join(timeout=0.5)
+    assert unloading.is_alive()  # slot "a" is held by the graph until its backward ran
+    loss.backward()
+    del loss
+    unloading.join(timeout=10)
+    assert not unloading.is_alive() and pool.names() == ["c"]
+    for got, want in zip(params, expected):
+        assert_close(got.grad, want)
+
+
+def test_writing_a_used_slot_between_forward_and_backward_is_refused():
+    from fastpeft.nn import MultiLoRALinear
+
+    layer = MultiLoRALinear(torch.nn.Linear(16, 8), max_adapters=2, max_rank=2)
+    layer.set_adapter(0, torch.randn(2, 16), torch.randn(8, 2), 1.0)
+    layer.lora_a.requires_grad_(True)
+    out = layer(torch.randn(3, 16), torch.zeros(3, dtype=torch.long))
+    layer.set_adapter(0, torch.randn(2, 16), torch.randn(8, 2), 2.0)
+    with pytest.raises(RuntimeError, match="an adapter was written .* between this forward and its backward"):
+        out.sum().backward()

@@ -53,13 +53,23 @@ class MultiLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y_base, lora_a, lora_b, scalings, batch):
         s = _shrink(x, lora_a, batch)
-        ctx.save_for_backward(x, s, lora_a, lora_b, scalings)
+        ctx.save_for_backward(x, s)
+        # The stacks are kept, not saved: writing another slot (a pool loading an adapter) between
+        # this forward and its backward must not fail the backward, and the slots this batch uses
+        # stay put while it lives (batch.lease). Without a lease, any write is refused in backward.
+        ctx.stacks = (lora_a, lora_b, scalings)
+        ctx.versions = None if batch.lease is not None else tuple(t._version for t in ctx.stacks)
         ctx.batch = batch
         return _expand(y_base, s, lora_b, scalings, batch)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, s, lora_a, lora_b, scalings = ctx.saved_tensors
+        x, s = ctx.saved_tensors
+        lora_a, lora_b, scalings = ctx.stacks
+        if ctx.versions is not None and ctx.versions != tuple(t._version for t in ctx.stacks):
+            raise RuntimeError("MultiLoRALinear: an adapter was written (set_adapter / clear_adapter) between this "
+                               "forward and its backward; write adapters between steps, or use an AdapterPool, "
+                               "which holds the slots a batch uses until its backward")
         batch = ctx.batch
         grad_out = grad_out.contiguous()
         # ds[t] = scaling[slot]·B[slot]ᵀ·dout[t]: a shrink by the transposed B stack, rows scaled.

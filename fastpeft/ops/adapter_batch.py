@@ -7,6 +7,7 @@ validation and the grid size) and every LoRA layer of the model reuses the resul
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ class AdapterBatch:
     segments:      the same segments as Python ``(start, length, slot)`` tuples, for host loops.
     per_sequence:  when the ids were given per sequence (``tokens_per_row``), the routing of one row
         per sequence: what a layer that sees one token of each sequence (BERT's pooler) takes.
+    lease:         whatever keeps the routed slots' adapters in place while this batch is in use
+        (an AdapterPool's slot lease): layers keep the batch as long as their backward needs it.
     """
 
     adapter_ids: torch.Tensor
@@ -37,6 +40,7 @@ class AdapterBatch:
     max_adapters: int
     segments: tuple = ()
     per_sequence: "AdapterBatch | None" = None
+    lease: object = None
 
     @property
     def num_tokens(self) -> int:
@@ -91,6 +95,11 @@ class AdapterBatch:
         segments = tuple(zip(starts.tolist(), lens.tolist(), present.tolist()))
         return cls(ids.to(**as32), order.to(**as32), starts.to(**as32), lens.to(**as32), present.to(**as32),
                    int(lens.max()) if lens.numel() else 0, max_adapters, segments, per_sequence)
+
+    def with_lease(self, lease) -> "AdapterBatch":
+        """The same routing, held by `lease` (the per-sequence routing too)."""
+        per_sequence = None if self.per_sequence is None else dataclasses.replace(self.per_sequence, lease=lease)
+        return dataclasses.replace(self, lease=lease, per_sequence=per_sequence)
 
     def for_rows(self, rows: int) -> "AdapterBatch | None":
         """The routing of a layer input with `rows` rows: every token's, or one per sequence; None if neither."""
