@@ -9,6 +9,8 @@ and saving is atomic.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import tempfile
@@ -69,6 +71,16 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _saved_config(model: nn.Module, config):
+    """The config as PEFT writes it: inference_mode true, and, for a config without a task_type,
+    auto_mapping naming the model's class (what PEFT's AutoPeftModel reads) unless already set."""
+    changes = {"inference_mode": True} if hasattr(config, "inference_mode") else {}
+    if hasattr(config, "task_type") and config.task_type is None and getattr(config, "auto_mapping", 0) is None:
+        changes["auto_mapping"] = {"base_model_class": type(model).__name__,
+                                   "parent_library": type(model).__module__}
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def _exchange(a: str, b: str) -> bool:
     """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or the
     file system cannot, and nothing was done."""
@@ -119,7 +131,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.saving-", dir=parent)
     try:
         save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
-        adapters_of(model)[adapter_name].save(staging)
+        _saved_config(model, adapters_of(model)[adapter_name]).save(staging)
         for f in (WEIGHTS_NAME, CONFIG_NAME):
             _fsync(os.path.join(staging, f))
         if os.path.isdir(directory):

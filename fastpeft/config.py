@@ -12,11 +12,16 @@ from typing import Any
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."  # PEFT's checkpoint keys: base_model.model.<module>.<tensor>
 BIAS_CHOICES = ("none", "all", "lora_only")
-# PEFT LoraConfig fields whose non-default values change what an adapter computes; a checkpoint
-# using one is refused rather than loaded into something that computes otherwise.
-_UNSUPPORTED_PEFT_FEATURES = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "target_parameters",
-                              "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config",
-                              "megatron_config")
+# PEFT LoraConfig fields of features fastpeft does not implement: each is accepted at its neutral
+# value (None, False, empty) and refused, naming it, at any other, so a recipe or checkpoint using
+# one never loads into something that computes otherwise.
+UNSUPPORTED_LORA_FEATURES = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "target_parameters",
+                             "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config",
+                             "megatron_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+                             "velora_config", "monteclora_config", "kasa_config", "ensure_weight_tying")
+# PEFT LoraConfig fields that never change what an adapter computes (bookkeeping, runtime options).
+BOOKKEEPING_FIELDS = ("auto_mapping", "peft_version", "revision", "megatron_core", "qalora_group_size",
+                      "runtime_config")
 
 
 @dataclass
@@ -34,6 +39,10 @@ class LoraConfig:
     layers_to_transform / layers_pattern: adapt only these layer indices (list targets only).
     bias: "none", "all" (train every bias) or "lora_only" (biases of adapted layers).
     modules_to_save: modules (name suffixes) trained fully and saved with the adapter.
+    task_type: PEFT's; "SEQ_CLS", "TOKEN_CLS" and "QUESTION_ANS" also train their task heads.
+    Every other ``peft.LoraConfig`` field is accepted too: bookkeeping ones (``revision``,
+    ``auto_mapping``...) as given; those of features fastpeft does not implement (``use_dora``,
+    ``loftq_config``...; :data:`UNSUPPORTED_LORA_FEATURES`) only at their neutral value.
     """
 
     r: int = 8
@@ -54,8 +63,38 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
     peft_type: str = field(default="LORA", init=False)
+    # bookkeeping (PEFT's defaults)
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+    revision: str | None = None
+    megatron_core: str | None = "megatron.core"
+    qalora_group_size: int = 16
+    runtime_config: Any = None  # runtime-only in PEFT (ephemeral GPU offload): never saved
+    # features fastpeft does not implement, at their neutral values (PEFT's defaults)
+    use_dora: bool = False
+    lora_bias: bool = False
+    use_qalora: bool = False
+    layer_replication: list | None = None
+    target_parameters: list | None = None
+    trainable_token_indices: list | dict | None = None
+    alora_invocation_tokens: list | None = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    megatron_config: dict | None = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    velora_config: Any = None
+    monteclora_config: Any = None
+    kasa_config: Any = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self):
+        for name in UNSUPPORTED_LORA_FEATURES:
+            value = getattr(self, name)
+            if value not in (None, False, [], {}):
+                raise ValueError(f"LoraConfig: {name}={value!r} is a PEFT feature fastpeft does not support")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"LoraConfig: r must be an integer >= 1, got {self.r!r}")
         for name in ("lora_alpha", "lora_dropout"):  # a bad value found here, before any model changes
@@ -110,8 +149,7 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` content: PEFT's keys, readable by ``peft.PeftConfig``."""
         d = dataclasses.asdict(self)
-        d["lora_bias"] = False
-        d["use_dora"] = False
+        del d["runtime_config"]  # PEFT does not save it either
         return d
 
     @classmethod
@@ -121,7 +159,7 @@ class LoraConfig:
         peft_type = d.get("peft_type")
         if peft_type != "LORA":
             raise ValueError(f"adapter config: peft_type {peft_type!r} is not supported here (expected 'LORA')")
-        for key in _UNSUPPORTED_PEFT_FEATURES:
+        for key in UNSUPPORTED_LORA_FEATURES:
             if d.get(key) not in (None, False, [], {}):
                 raise ValueError(f"adapter config: {key}={d[key]!r} is a PEFT feature fastpeft does not support")
         names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -138,6 +176,15 @@ class LoraConfig:
     @classmethod
     def load(cls, directory: str) -> "LoraConfig":
         return cls.from_dict(read_config(directory))
+
+    def save_pretrained(self, directory: str) -> str:
+        """Write ``adapter_config.json`` into `directory` (made if needed), as PEFT's configs do."""
+        os.makedirs(directory, exist_ok=True)
+        return self.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "LoraConfig":
+        return cls.load(directory)
 
 
 def write_config(d: dict[str, Any], directory: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch.nn as nn
 
 from .config import LoraConfig
-from .methods import forget_adapters, method_for
+from .methods import as_config, forget_adapters, method_for
 from .nn.linear4bit import Linear4bit
 from .nn.lora import LoRALinear, is_conv1d
 from .targeting import parent_of, replace_module
@@ -240,7 +240,8 @@ def lora_layers(model: nn.Module):
 
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter `adapter_name` to the modules `config` targets (wrapping them on first use).
-    The active adapter does not change, unless the model had none."""
+    The active adapter does not change, unless the model had none. `config` may be PEFT's."""
+    config = as_config(config)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a fastpeft.LoraConfig, got {type(config).__name__}")
     _refuse_method_model(model, "add_adapter")
@@ -276,8 +277,9 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default") -> n
     LoRA (:class:`LoraConfig`): replace the layers `config` targets with fastpeft LoRA layers;
     freeze everything but the adapter (and the biases / modules_to_save it names); make it the
     active adapter. Any other config (see :mod:`fastpeft.methods`): its method applies it; such a
-    model holds that one adapter.
+    model holds that one adapter. A ``peft`` config (``peft.LoraConfig``...) is read as fastpeft's.
     """
+    config = as_config(config)
     if not isinstance(config, LoraConfig):
         method = method_for(config)
         if adapters_of(model):

@@ -320,3 +320,50 @@ def test_a_qlora_models_counts_include_its_4bit_weights(capsys):
     assert fastpeft.peft_model.count_parameters(model) == (trainable, full + trainable)
     fastpeft.print_trainable_parameters(model)
     assert f"all params: {full + trainable:,d}" in capsys.readouterr().out
+
+
+PEFT_CONFIG_PAIRS = ["LoraConfig", "IA3Config", "PromptTuningConfig", "PrefixTuningConfig"]
+
+
+@pytest.mark.parametrize("name", PEFT_CONFIG_PAIRS)
+def test_every_peft_config_field_is_accepted(tmp_path, name):
+    """A PEFT recipe passes every field of its config (a LoraConfig with use_dora=False raised
+    TypeError: 25 of 42 fields were missing); each is accepted, and a feature fastpeft does not
+    implement is refused by name when set."""
+    import dataclasses
+
+    peft = pytest.importorskip("peft")
+    theirs, ours = getattr(peft, name), getattr(fastpeft, name)
+    defaults = {f.name: getattr(theirs(), f.name) for f in dataclasses.fields(theirs)
+                if f.init and f.name not in ("peft_type", "task_type", "runtime_config", "target_modules",
+                                             "feedforward_modules", "exclude_modules")}
+    defaults = {k: v for k, v in defaults.items() if not type(v).__module__.startswith("peft.")}
+    if "num_virtual_tokens" in defaults:  # PEFT's default is None: a value every recipe sets
+        defaults["num_virtual_tokens"] = 4
+    config = ours(**defaults)
+    path = config.save_pretrained(str(tmp_path / "c"))
+    saved = json.loads(open(path).read())
+    assert set(saved) >= {k for k in theirs().to_dict() if k != "runtime_config"}  # PEFT's keys, all of them
+    assert type(ours.from_pretrained(str(tmp_path / "c"))) is ours
+
+
+@pytest.mark.parametrize("feature,value", [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]),
+                                           ("loftq_config", {"loftq_bits": 4}), ("ensure_weight_tying", True)])
+def test_an_unsupported_lora_feature_is_refused_by_name(feature, value):
+    with pytest.raises(ValueError, match=f"{feature}=.* is a PEFT feature fastpeft does not support"):
+        LoraConfig(**{feature: value})
+
+
+def test_a_peft_config_object_is_taken_as_is(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    fastpeft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules={"q_proj", "v_proj"},
+                                                   use_dora=False))
+    config = model.fastpeft_config["default"]
+    assert isinstance(config, LoraConfig) and config.target_modules == ["q_proj", "v_proj"] and config.r == 4
+    ia3 = tiny_model("llama")
+    fastpeft.get_peft_model(ia3, peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    assert isinstance(ia3.fastpeft_config["default"], fastpeft.IA3Config)
+    fastpeft.save_adapter(model, tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["inference_mode"] is True and saved["auto_mapping"]["base_model_class"] == "LlamaForCausalLM"

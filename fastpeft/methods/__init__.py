@@ -15,6 +15,7 @@ holds at most one adapter of such a method (``model.fastpeft_config == {name: co
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, ClassVar
 
 import torch
@@ -23,15 +24,20 @@ import torch.nn as nn
 from ..config import LoraConfig, read_config, write_config
 
 
+@dataclasses.dataclass(kw_only=True)
 class MethodConfig:
-    """Mixin for a method's config dataclass: ``adapter_config.json`` reading and writing.
+    """Base of a method's config dataclass: ``adapter_config.json`` reading and writing.
 
     Subclasses are ``@dataclass`` classes with a ``peft_type: ClassVar[str]``; their fields are
-    what ``to_dict`` writes, and ``from_dict`` ignores keys it does not know (PEFT writes many
-    bookkeeping keys) but refuses another ``peft_type``.
+    what ``to_dict`` writes, and ``from_dict`` ignores keys it does not know but refuses another
+    ``peft_type``. PEFT's bookkeeping fields every config has (keyword-only here) never change
+    what an adapter computes.
     """
 
     peft_type: ClassVar[str] = ""
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+    revision: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -47,6 +53,15 @@ class MethodConfig:
 
     def save(self, directory: str) -> str:
         return write_config(self.to_dict(), directory)
+
+    def save_pretrained(self, directory: str) -> str:
+        """Write ``adapter_config.json`` into `directory` (made if needed), as PEFT's configs do."""
+        os.makedirs(directory, exist_ok=True)
+        return self.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str):
+        return cls.from_dict(read_config(directory))
 
 
 class Method:
@@ -108,6 +123,19 @@ def method_for(config) -> Method:
         raise TypeError(f"{type(config).__name__} is not a fastpeft adapter config (expected LoraConfig or one of "
                         f"{sorted(m.config_cls.__name__ for m in METHODS.values())})")
     return method
+
+
+def as_config(config):
+    """`config` itself, or a ``peft`` config (``peft.LoraConfig``, ``peft.IA3Config``...) read as the
+    fastpeft config of the same method, field for field (what its ``adapter_config.json`` would say)."""
+    if not type(config).__module__.startswith("peft."):
+        return config
+    import json
+
+    def plain(value):  # PEFT's enums are str subclasses, its target sets become sorted lists
+        return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+    return config_from_dict(json.loads(json.dumps(config.to_dict(), default=plain)))
 
 
 def config_from_dict(d: dict[str, Any]):
