@@ -81,3 +81,14 @@ def test_the_synthetic_task_is_consistent():
     assert mask is None and ids.shape[0] == 4
     answers = labels[labels != -100]  # exactly one label token per review: the label word
     assert answers.tolist() == [tok.convert_tokens_to_ids(compare.LABEL_WORDS[y]) for y in task.train_labels[:4]]
+
+
+def test_a_qlora_row_counts_its_4bit_weights():
+    """QLoRA's base is the same model in 4 bits: its total counts the same weights as LoRA's (it
+    showed the 4-bit weights as absent, 49.5 % trainable)."""
+    settings = compare.CompareSettings(methods=["lora", "qlora"], steps=2, eval_size=8, fresh_process=False,
+                                       progress=False)
+    lora, qlora = compare.compare(settings)
+    assert not lora.error and not qlora.error
+    assert qlora.trainable_params == lora.trainable_params and qlora.total_params == lora.total_params
+    assert qlora.trainable_params < 0.2 * qlora.total_params
