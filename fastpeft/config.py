@@ -62,7 +62,7 @@ class LoraConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
-    peft_type: str = field(default="LORA", init=False)
+    peft_type: str | None = "LORA"  # as in PEFT, a field it fills in: passing it is allowed
     # bookkeeping (PEFT's defaults)
     auto_mapping: dict | None = None
     peft_version: str | None = None
@@ -91,6 +91,9 @@ class LoraConfig:
     ensure_weight_tying: bool = False
 
     def __post_init__(self):
+        if str(getattr(self.peft_type, "value", self.peft_type)) not in ("None", "LORA"):
+            raise ValueError(f"LoraConfig: peft_type must be 'LORA', got {self.peft_type!r}")
+        self.peft_type = "LORA"
         for name in UNSUPPORTED_LORA_FEATURES:
             value = getattr(self, name)
             if value not in (None, False, [], {}):

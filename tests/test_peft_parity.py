@@ -335,9 +335,10 @@ def test_every_peft_config_field_is_accepted(tmp_path, name):
     peft = pytest.importorskip("peft")
     theirs, ours = getattr(peft, name), getattr(fastpeft, name)
     defaults = {f.name: getattr(theirs(), f.name) for f in dataclasses.fields(theirs)
-                if f.init and f.name not in ("peft_type", "task_type", "runtime_config", "target_modules",
-                                             "feedforward_modules", "exclude_modules")}
-    defaults = {k: v for k, v in defaults.items() if not type(v).__module__.startswith("peft.")}
+                if f.init and f.name not in ("task_type", "runtime_config", "target_modules", "feedforward_modules",
+                                             "exclude_modules")}
+    defaults = {k: str(getattr(v, "value", v)) if k == "peft_type" else v for k, v in defaults.items()
+                if k == "peft_type" or not type(v).__module__.startswith("peft.")}
     if "num_virtual_tokens" in defaults:  # PEFT's default is None: a value every recipe sets
         defaults["num_virtual_tokens"] = 4
     config = ours(**defaults)

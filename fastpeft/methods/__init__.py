@@ -54,6 +54,15 @@ class MethodConfig:
     def save(self, directory: str) -> str:
         return write_config(self.to_dict(), directory)
 
+    def check_peft_type(self, expected: str) -> None:
+        """For configs of PEFT's methods, whose peft_type is a field as in PEFT (PEFT fills it in;
+        passing it is allowed): it must name this method."""
+        if self.peft_type is None:
+            self.peft_type = expected
+        elif str(getattr(self.peft_type, "value", self.peft_type)) != expected:
+            raise ValueError(f"{type(self).__name__}: peft_type must be {expected!r}, got {self.peft_type!r}")
+        self.peft_type = expected
+
     def save_pretrained(self, directory: str) -> str:
         """Write ``adapter_config.json`` into `directory` (made if needed), as PEFT's configs do."""
         os.makedirs(directory, exist_ok=True)

@@ -15,7 +15,7 @@ import contextlib
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -55,8 +55,7 @@ class IA3Config(MethodConfig):
     fan_in_fan_out: recorded as PEFT records it (True when the targets are transformers' Conv1D).
     """
 
-    peft_type: ClassVar[str] = "IA3"
-
+    peft_type: str = "IA3"  # a field, as in PEFT: IA3Config(peft_type="IA3") is accepted
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
@@ -68,6 +67,7 @@ class IA3Config(MethodConfig):
     inference_mode: bool = False
 
     def __post_init__(self):
+        self.check_peft_type("IA3")
         self.target_modules = _as_list(self.target_modules)
         self.exclude_modules = _as_list(self.exclude_modules)
         self.feedforward_modules = _as_list(self.feedforward_modules)

@@ -19,7 +19,7 @@ of a two-layer MLP over k learned embeddings while training (Li & Liang's repara
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,14 +48,14 @@ class PrefixTuningConfig(PromptLearningConfig):
         checkpoint always has it set (checkpoints hold the folded table).
     """
 
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
-
+    peft_type: str = "PREFIX_TUNING"  # a field, as in PEFT
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     init_weights: str | None = None
 
     def __post_init__(self):
         owner = "PrefixTuningConfig"
+        self.check_peft_type("PREFIX_TUNING")
         prompt_learning_fields(owner, self)
         check_positive_int(owner, "encoder_hidden_size", self.encoder_hidden_size)
         if self.init_weights not in INIT_WEIGHTS:

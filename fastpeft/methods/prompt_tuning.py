@@ -24,7 +24,7 @@ import inspect
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -283,8 +283,7 @@ class PromptTuningConfig(PromptLearningConfig):
         read from a checkpoint always has it set.
     """
 
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
-
+    peft_type: str = "PROMPT_TUNING"  # a field, as in PEFT
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
@@ -293,6 +292,7 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def __post_init__(self):
         owner = "PromptTuningConfig"
+        self.check_peft_type("PROMPT_TUNING")
         self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init))
         if self.prompt_tuning_init not in PROMPT_TUNING_INITS:
             raise ValueError(f"{owner}: prompt_tuning_init must be one of {PROMPT_TUNING_INITS}, "
