@@ -126,7 +126,15 @@ class Op:
         if backend == "torch":
             return self.reference(*args)
         if backend == "triton":
-            return (self._triton_eager if backends.triton_interpreting() else self._triton)(*args)
+            launch = self._triton_eager if backends.triton_interpreting() else self._triton
+            device = args[0].device
+            # Triton launches on the current device and its stream: guard with the inputs' own (cuda:1
+            # tensors with cuda:0 current, as device_map="auto" makes them, read illegal addresses).
+            # The C++ faces guard themselves (c10::cuda::CUDAGuard).
+            if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return launch(*args)
+            return launch(*args)
         return self.dispatcher_op(*args)
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple:
