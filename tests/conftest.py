@@ -15,26 +15,11 @@ import pytest  # noqa: E402
 
 import fastpeft  # noqa: E402
 from fastpeft import backends  # noqa: E402
+from fastpeft.testing import TOLERANCES, assert_close  # noqa: E402,F401  (the one table; tests take it from here)
 
 HAS_GPU = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-# (rtol, atol) against the reference, atol relative to the largest magnitude of the expected
-# tensor (rounding error grows with it). fp32 allows TF32-free accumulation-order differences;
-# half types allow a few units in the last place of their 10- and 7-bit mantissas.
-TOLERANCES = {
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
-
-
-def assert_close(actual, expected, dtype=None, msg=""):
-    dtype = dtype or expected.dtype
-    rtol, atol = TOLERANCES[dtype]
-    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * scale, msg=msg or None)
 
 
 def device_params():

@@ -203,3 +203,16 @@ def test_gradients_reach_every_adapter_in_the_batch_and_no_other(T):
     assert_close(layer.lora_b.grad, b.grad)
     assert layer.lora_a.grad[[1, 3, 4, 5]].abs().sum() == 0 and layer.lora_b.grad[[1, 3, 4, 5]].abs().sum() == 0
     assert layer.lora_a.grad[0].abs().sum() > 0 and layer.lora_b.grad[2].abs().sum() > 0
+
+
+def test_a_layer_cast_to_half_precision_keeps_float32_scalings():
+    """model.to(torch.bfloat16) cast the scalings too, and every call then failed ("scalings has
+    dtype torch.bfloat16, expected torch.float32"); they stay float32, exact."""
+    layer = MultiLoRALinear(torch.nn.Linear(32, 16), max_adapters=2, max_rank=4)
+    layer.set_adapter(0, torch.randn(3, 32), torch.randn(16, 3), 1 / 3)
+    layer.to(torch.bfloat16)
+    assert layer.scalings.dtype == torch.float32 and layer.scalings[0].item() == pytest.approx(1 / 3, rel=1e-7)
+    assert layer.lora_a.dtype == torch.bfloat16
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    y = layer(x, torch.tensor([0, -1, 0, -1]))
+    assert y.dtype == torch.bfloat16 and y.shape == (4, 16)

@@ -224,6 +224,14 @@ class MultiLoRALinear(nn.Module):
         out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch)
         return out.reshape(*lead, self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) must not touch the scalings: the kernels read them as float32, and bf16 would
+        # round an alpha / r such as 1/3. They follow the module's device only.
+        scalings = self.scalings
+        super()._apply(fn, recurse)
+        self.scalings = scalings.to(self.lora_a.device)
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_adapters={self.max_adapters}, "
                 f"max_rank={self.max_rank}, loaded={sum(self.loaded)}")
