@@ -22,8 +22,8 @@ from .config import CONFIG_NAME, PREFIX, LoraConfig
 from .methods import load_config, method_for
 from .nn.lora import LoRALinear
 from .peft_model import (ModulesToSaveWrapper, _method_of, _own_modules, add_adapter, adapters_of,
-                         find_modules_to_save, find_targets, get_peft_model, layer_features, set_adapter,
-                         with_task_heads)
+                         find_modules_to_save, find_targets, get_peft_model, layer_features,
+                         refuse_targets_inside_modules_to_save, set_adapter, with_task_heads)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -101,7 +101,7 @@ def _swap_in(staging: str, directory: str) -> None:
     the new checkpoint is at `directory` at every moment, an error or a crash included: one atomic
     exchange where the system has it, else two renames, the first undone if the second fails."""
     if _exchange(staging, directory):
-        shutil.rmtree(staging)  # now the old checkpoint
+        shutil.rmtree(staging, ignore_errors=True)  # now the old checkpoint; the new one is in place
         return
     retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=os.path.dirname(directory))
     old = os.path.join(retired, "old")
@@ -112,7 +112,7 @@ def _swap_in(staging: str, directory: str) -> None:
         os.rename(old, directory)
         os.rmdir(retired)
         raise
-    shutil.rmtree(retired)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> None:
@@ -125,7 +125,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
-    directory = os.path.abspath(directory)
+    directory = os.path.realpath(directory)  # a link to the checkpoint folder: save into what it names
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.saving-", dir=parent)
@@ -199,7 +199,9 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
         if config.bias == "lora_only" and bias is not None:
             shapes[f"{PREFIX}{t.name}.base_layer.bias"] = tuple(bias.shape)
     optional = {}
-    for name, module in find_modules_to_save(model, config):
+    to_save = find_modules_to_save(model, config)
+    refuse_targets_inside_modules_to_save(targets, to_save)
+    for name, module in to_save:
         source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         for k, v in source.state_dict().items():
             shapes[f"{PREFIX}{name}.{k}"] = tuple(v.shape)

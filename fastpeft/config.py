@@ -62,7 +62,7 @@ class LoraConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
-    peft_type: str | None = "LORA"  # as in PEFT, a field it fills in: passing it is allowed
+    peft_type: str | None = field(default="LORA", kw_only=True)  # as in PEFT, a field it fills in
     # bookkeeping (PEFT's defaults)
     auto_mapping: dict | None = None
     peft_version: str | None = None
@@ -94,6 +94,8 @@ class LoraConfig:
         if str(getattr(self.peft_type, "value", self.peft_type)) not in ("None", "LORA"):
             raise ValueError(f"LoraConfig: peft_type must be 'LORA', got {self.peft_type!r}")
         self.peft_type = "LORA"
+        if self.task_type is not None:  # peft.TaskType.SEQ_CLS -> "SEQ_CLS" (str() would give its enum name)
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
         for name in UNSUPPORTED_LORA_FEATURES:
             value = getattr(self, name)
             if value not in (None, False, [], {}):

@@ -198,6 +198,16 @@ def find_targets(model: nn.Module, config: LoraConfig) -> tuple[list[_Target], L
     return found, config
 
 
+def refuse_targets_inside_modules_to_save(targets, to_save) -> None:
+    """A module both adapted and saved whole (a modules_to_save suffix such as "proj" names q_proj,
+    which target_modules adapts): PEFT refuses it too (a TypeError from its wrapper)."""
+    for name, _ in to_save:
+        clash = next((t.name for t in targets if t.name == name or t.name.startswith(name + ".")), None)
+        if clash is not None:
+            raise ValueError(f"modules_to_save names {name!r}, which holds {clash!r}, a target of target_modules: a "
+                             "module is either adapted or trained whole (narrow modules_to_save or target_modules)")
+
+
 def _in_modules_to_save(name: str, config: LoraConfig) -> bool:
     """Whether module `name` is, or lies inside, a module to save, by PEFT's rule for keeping adapters
     out of them (each entry a regex for a whole name component)."""
@@ -250,6 +260,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     targets, config = find_targets(model, with_task_heads(config))
     config = _fan_in_fan_out_of_targets(targets, config)
     to_save = find_modules_to_save(model, config)  # every lookup done before any change
+    refuse_targets_inside_modules_to_save(targets, to_save)
     for t in targets:
         if isinstance(t.module, LoRALinear):
             t.module.add_adapter(adapter_name, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,

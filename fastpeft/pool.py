@@ -13,6 +13,7 @@ routed to the slot is still running before clearing it.
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import torch
@@ -28,18 +29,20 @@ from .targeting import replace_module
 
 class _SlotLease:
     """The slots one forward pass routed to, counted in flight until nothing needs them: the forward
-    done, and for a training graph the graph freed (its backward run, or dropped). The adapter batch
-    holds the lease, and every layer's backward holds the batch; unload waits for the count."""
+    done (no graph), or every layer's backward run (each drops the lease when its backward is done),
+    or the graph freed. The adapter batch holds the lease; unload waits for the count."""
 
     def __init__(self, pool: "AdapterPool", slots: list[int]):
-        self.pool, self.slots = pool, slots
-        for slot in slots:
+        self.pool, self.slots, self.thread = pool, slots, threading.get_ident()
+        for slot in slots:  # the pool's lock is held by the caller
             pool._in_flight[slot] += 1
+            pool._holders[slot][self.thread] += 1
 
     def __del__(self):
         with self.pool._lock:
             for slot in self.slots:
                 self.pool._in_flight[slot] -= 1
+                self.pool._holders[slot][self.thread] -= 1
             self.pool._lock.notify_all()
 
 
@@ -65,6 +68,7 @@ class AdapterPool:
         self._slots: dict[str, int] = {}
         self._free = list(range(max_adapters))
         self._in_flight = [0] * max_adapters
+        self._holders = [collections.Counter() for _ in range(max_adapters)]  # slot -> thread -> leases
         self._lock = threading.Condition()
         model.register_forward_pre_hook(self._enter, with_kwargs=True)
         model.register_forward_hook(self._exit, with_kwargs=True, always_call=True)
@@ -158,9 +162,9 @@ class AdapterPool:
             slot = self._free.pop(0)  # reserved: not routable until published below
         try:
             for layer in self.layers.values():
-                layer.clear_adapter(slot)  # layers the checkpoint does not adapt act as the base
+                layer.clear_adapter(slot, unused=True)  # layers the checkpoint does not adapt act as the base
             for write, args in plan:
-                write(slot, *args)
+                write(slot, *args, unused=True)  # a reserved slot: no graph uses it
         except BaseException:
             with self._lock:
                 self._free.insert(0, slot)
@@ -170,14 +174,20 @@ class AdapterPool:
         return slot
 
     def unload(self, name: str) -> None:
-        """Remove an adapter; waits for forward passes already routed to it to finish."""
+        """Remove an adapter; waits for the passes routed to it to finish (a training step's until its
+        backward has run). Refused when only this thread holds it: the wait could never end."""
         with self._lock:
             if name not in self._slots:
                 raise KeyError(f"no adapter named {name!r} in the pool; loaded: {sorted(self._slots)}")
-            slot = self._slots.pop(name)
+            slot = self._slots[name]
+            holders = +self._holders[slot]
+            if holders and set(holders) == {threading.get_ident()}:
+                raise RuntimeError(f"unload({name!r}): a forward pass of this thread still holds it (a graph whose "
+                                   "backward has not run: run it, or drop its outputs); unloading would wait forever")
+            del self._slots[name]
             self._lock.wait_for(lambda: self._in_flight[slot] == 0)
         for layer in self.layers.values():
-            layer.clear_adapter(slot)
+            layer.clear_adapter(slot, unused=True)
         with self._lock:
             self._free.append(slot)
 
@@ -217,7 +227,7 @@ class AdapterPool:
             per_token = isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.shape[0] == batch_size * seq \
                 and batch_size * seq != batch_size
             batch = AdapterBatch.build(ids, self.max_adapters, loaded, tokens_per_row=None if per_token else seq,
-                                       device=device)
+                                       device=device, per_sequence=not per_token)
             batch = batch.with_lease(_SlotLease(self, sorted({slot for _, _, slot in batch.segments})))
         _current.batch = batch
         return args, kwargs

@@ -1,9 +1,9 @@
 """Where a method changes a model: a module's parent, and putting a module into a model.
 
 A module put into a model takes the training mode of the module it replaces, or of the module it
-is attached to, as PEFT's layers do: a model in eval mode stays in eval mode, so an adapter's
-dropout or sampled gates are off at inference however the adapter arrived (get_peft_model,
-load_adapter, an AdapterPool, a quantised base).
+is attached to: a model in eval mode stays in eval mode, so an adapter's dropout or sampled gates
+are off at inference however the adapter arrived (get_peft_model, load_adapter, an AdapterPool, a
+quantised base). PEFT leaves its new layers in training mode; the README says so.
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ def _new_modules(model, before):
 @pytest.mark.parametrize("method", list(METHOD_CONFIGS))
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_new_modules_take_the_models_training_mode(method, training):
-    """A module a method puts into a model runs in the mode of what it replaces (PEFT's layers do):
-    an adapter added to a model in eval mode has its dropout off."""
+    """A module a method puts into a model runs in the mode of what it replaces: an adapter added to
+    a model in eval mode has its dropout off (PEFT leaves its layers in training mode: a difference
+    on purpose, in the README)."""
     model = tiny_model("llama").train(training)
     before = {id(m) for m in model.modules()}
     fastpeft.get_peft_model(model, METHOD_CONFIGS[method]())
@@ -205,7 +206,7 @@ def test_bad_sgmv_routing_is_refused_by_every_cpu_face(backend, bad):
     routing = dict(sorted_tokens=[0, 1, 2, 3], seg_starts=[0, 2], seg_lens=[2, 2], seg_adapters=[0, 1], max_seg_len=2)
     change, message = {"segment past the tokens": (("seg_lens", [2, 3]), "lies outside the 4 tokens"),
                        "slot past the stack": (("seg_adapters", [0, 2]), "names slot 2, outside"),
-                       "token index": (("sorted_tokens", [0, 1, 2, 9]), "hold 9, which is not a token index"),
+                       "token index": (("sorted_tokens", [0, 1, 2, 9]), "holds 9, which is not a token index"),
                        "max_seg_len": (("max_seg_len", 1), "more than max_seg_len = 1")}[bad]
     routing[change[0]] = change[1]
     args = [torch.tensor(routing[k], dtype=torch.int32) for k in ("sorted_tokens", "seg_starts", "seg_lens",
@@ -368,3 +369,40 @@ def test_a_peft_config_object_is_taken_as_is(tmp_path):
     fastpeft.save_adapter(model, tmp_path / "a")
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert saved["inference_mode"] is True and saved["auto_mapping"]["base_model_class"] == "LlamaForCausalLM"
+
+
+def test_review_edge_cases_of_peft_parity(tmp_path):
+    """peft.TaskType values work like their strings (str() of the enum gave "TaskType.SEQ_CLS": no
+    heads trained, and fastpeft's own checkpoint refused); a modules_to_save suffix naming a target
+    is refused as PEFT refuses it (q_proj silently lost its adapter); a checkpoint folder reached
+    through a link is saved into."""
+    import os
+
+    peft = pytest.importorskip("peft")
+    model = tiny_model("bert")
+    fastpeft.get_peft_model(model, LoraConfig(r=2, target_modules=["query"], task_type=peft.TaskType.SEQ_CLS))
+    assert isinstance(model.classifier, fastpeft.peft_model.ModulesToSaveWrapper)
+    fastpeft.save_adapter(model, tmp_path / "a")
+    fastpeft.load_adapter(tiny_model("bert"), tmp_path / "a")
+    llama = tiny_model("llama")
+    with pytest.raises(ValueError, match="modules_to_save names .*q_proj.*a target of target_modules"):
+        fastpeft.get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["proj"]))
+    assert not fastpeft.peft_model.lora_layers(llama)
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    fastpeft.save_adapter(model, tmp_path / "link")
+    assert os.path.islink(tmp_path / "link") and (tmp_path / "a" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "link"]
+
+
+def test_save_swaps_the_folder_in_with_one_exchange_on_linux(tmp_path):
+    import sys
+
+    from fastpeft import checkpoint
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux's")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    (tmp_path / "x" / "f").write_text("x")
+    assert checkpoint._exchange(str(tmp_path / "x"), str(tmp_path / "y"))
+    assert (tmp_path / "y" / "f").read_text() == "x" and not (tmp_path / "x" / "f").exists()

@@ -62,6 +62,9 @@ class MethodConfig:
         elif str(getattr(self.peft_type, "value", self.peft_type)) != expected:
             raise ValueError(f"{type(self).__name__}: peft_type must be {expected!r}, got {self.peft_type!r}")
         self.peft_type = expected
+        task_type = getattr(self, "task_type", None)
+        if task_type is not None:  # peft.TaskType.CAUSAL_LM -> "CAUSAL_LM"
+            self.task_type = str(getattr(task_type, "value", task_type))
 
     def save_pretrained(self, directory: str) -> str:
         """Write ``adapter_config.json`` into `directory` (made if needed), as PEFT's configs do."""

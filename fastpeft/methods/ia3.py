@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,7 +55,7 @@ class IA3Config(MethodConfig):
     fan_in_fan_out: recorded as PEFT records it (True when the targets are transformers' Conv1D).
     """
 
-    peft_type: str = "IA3"  # a field, as in PEFT: IA3Config(peft_type="IA3") is accepted
+    peft_type: str = field(default="IA3", kw_only=True)  # a field, as in PEFT: passing it is allowed
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None

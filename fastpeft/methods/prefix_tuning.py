@@ -18,7 +18,7 @@ of a two-layer MLP over k learned embeddings while training (Li & Liang's repara
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ class PrefixTuningConfig(PromptLearningConfig):
         checkpoint always has it set (checkpoints hold the folded table).
     """
 
-    peft_type: str = "PREFIX_TUNING"  # a field, as in PEFT
+    peft_type: str = field(default="PREFIX_TUNING", kw_only=True)  # a field, as in PEFT: passing it is allowed
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     init_weights: str | None = None

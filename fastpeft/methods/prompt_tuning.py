@@ -283,7 +283,7 @@ class PromptTuningConfig(PromptLearningConfig):
         read from a checkpoint always has it set.
     """
 
-    peft_type: str = "PROMPT_TUNING"  # a field, as in PEFT
+    peft_type: str = field(default="PROMPT_TUNING", kw_only=True)  # a field, as in PEFT: passing it is allowed
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None

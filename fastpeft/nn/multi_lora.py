@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import dataclasses
 import math
 
 import torch
@@ -53,24 +54,16 @@ class MultiLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y_base, lora_a, lora_b, scalings, batch):
         s = _shrink(x, lora_a, batch)
-        ctx.save_for_backward(x, s)
-        # The stacks are kept, not saved: writing another slot (a pool loading an adapter) between
-        # this forward and its backward must not fail the backward, and the slots this batch uses
-        # stay put while it lives (batch.lease). Without a lease, any write is refused in backward.
-        ctx.stacks = (lora_a, lora_b, scalings)
-        ctx.versions = None if batch.lease is not None else tuple(t._version for t in ctx.stacks)
-        ctx.batch = batch
+        ctx.save_for_backward(x, s, lora_a, lora_b, scalings)
+        ctx.batch = batch  # its lease (an AdapterPool's) keeps the slots it routes to in place
         return _expand(y_base, s, lora_b, scalings, batch)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, s = ctx.saved_tensors
-        lora_a, lora_b, scalings = ctx.stacks
-        if ctx.versions is not None and ctx.versions != tuple(t._version for t in ctx.stacks):
-            raise RuntimeError("MultiLoRALinear: an adapter was written (set_adapter / clear_adapter) between this "
-                               "forward and its backward; write adapters between steps, or use an AdapterPool, "
-                               "which holds the slots a batch uses until its backward")
+        x, s, lora_a, lora_b, scalings = ctx.saved_tensors
         batch = ctx.batch
+        if batch.lease is not None:  # this layer's backward no longer needs the slots kept
+            ctx.batch = dataclasses.replace(batch, lease=None, per_sequence=None)
         grad_out = grad_out.contiguous()
         # ds[t] = scaling[slot]·B[slot]ᵀ·dout[t]: a shrink by the transposed B stack, rows scaled.
         ids = batch.adapter_ids.long()
@@ -141,9 +134,19 @@ class MultiLoRALinear(nn.Module):
         if not 0 <= slot < self.max_adapters:
             raise ValueError(f"MultiLoRALinear: slot {slot!r} is out of range [0, {self.max_adapters})")
 
+    def _stacks(self, unused: bool):
+        """(lora_a, lora_b, scalings) to write into. A slot no graph uses (an AdapterPool's free or
+        drained slot) is written through ``.data``, which leaves the stacks' version alone, so a graph
+        over other slots keeps its backward; any other write is seen by autograd, which then refuses
+        the backward of a graph it would change."""
+        return (self.lora_a.data, self.lora_b.data, self.scalings.data) if unused else \
+            (self.lora_a, self.lora_b, self.scalings)
+
     @torch.no_grad()
-    def set_adapter(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """Write one adapter (A ``[r, in]``, B ``[out, r]``, r <= max_rank) into `slot`, in place."""
+    def set_adapter(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                    unused: bool = False) -> None:
+        """Write one adapter (A ``[r, in]``, B ``[out, r]``, r <= max_rank) into `slot`, in place.
+        unused=True: the caller guarantees no graph uses `slot` (see :meth:`_stacks`)."""
         self._check_slot(slot)
         r = lora_a.shape[0]
         if not 1 <= r <= self.max_rank:
@@ -154,15 +157,16 @@ class MultiLoRALinear(nn.Module):
                              f"[{self.out_features}, r]; got {list(lora_a.shape)} and {list(lora_b.shape)}")
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
             raise ValueError(f"MultiLoRALinear: scaling must be a finite number, got {scaling!r}")
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.lora_a[slot, :r].copy_(lora_a)
-        self.lora_b[slot, :, :r].copy_(lora_b)
-        self.scalings[slot] = float(scaling)
+        stack_a, stack_b, scalings = self._stacks(unused)
+        stack_a[slot].zero_()
+        stack_b[slot].zero_()
+        stack_a[slot, :r].copy_(lora_a)
+        stack_b[slot, :, :r].copy_(lora_b)
+        scalings[slot] = float(scaling)
         self.ranks[slot] = r
 
     @torch.no_grad()
-    def set_ia3(self, slot: int, vector: torch.Tensor, feedforward: bool) -> None:
+    def set_ia3(self, slot: int, vector: torch.Tensor, feedforward: bool, unused: bool = False) -> None:
         """Write an (IA)³ vector into `slot`: it scales this layer's input (feed-forward layers,
         ``[in]``) or its output (``[out]``), as PEFT's IA3 does."""
         self._check_slot(slot)
@@ -174,11 +178,12 @@ class MultiLoRALinear(nn.Module):
         self.ia3_slots.add(slot)
 
     @torch.no_grad()
-    def clear_adapter(self, slot: int) -> None:
+    def clear_adapter(self, slot: int, unused: bool = False) -> None:
         self._check_slot(slot)
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.scalings[slot] = 0.0
+        stack_a, stack_b, scalings = self._stacks(unused)
+        stack_a[slot].zero_()
+        stack_b[slot].zero_()
+        scalings[slot] = 0.0
         self.ia3_in[slot].fill_(1.0)
         self.ia3_out[slot].fill_(1.0)
         self.ranks[slot] = 0

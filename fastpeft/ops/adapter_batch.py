@@ -52,7 +52,8 @@ class AdapterBatch:
 
     @classmethod
     def build(cls, adapter_ids: torch.Tensor, max_adapters: int, loaded: list[bool] | None = None,
-              tokens_per_row: int | None = None, device: torch.device | None = None) -> "AdapterBatch":
+              tokens_per_row: int | None = None, device: torch.device | None = None,
+              per_sequence: bool = False) -> "AdapterBatch":
         """Validate ids and build the routing.
 
         Args:
@@ -61,6 +62,8 @@ class AdapterBatch:
             max_adapters: the number of slots; ids must lie in ``[-1, max_adapters)``.
             loaded: optional per-slot flags; an id naming an empty slot is refused.
             device: where the kernels will run (default: the ids' device).
+            per_sequence: with tokens_per_row, also build the routing of one row per sequence
+                (for a model's layers that see one token of each: an AdapterPool asks for it).
         """
         if not isinstance(adapter_ids, torch.Tensor):
             raise TypeError(f"adapter_ids must be an int tensor, got {type(adapter_ids).__name__}")
@@ -69,10 +72,10 @@ class AdapterBatch:
         if adapter_ids.dim() != 1:
             raise ValueError(f"adapter_ids must be 1-D ([tokens] or [batch]), got shape {list(adapter_ids.shape)}")
         ids = adapter_ids.detach().to("cpu", torch.int64)
-        per_sequence = None
+        sequences = None
         if tokens_per_row is not None:
-            if tokens_per_row != 1:
-                per_sequence = cls.build(ids, max_adapters, loaded, device=device or adapter_ids.device)
+            if per_sequence and tokens_per_row != 1:
+                sequences = cls.build(ids, max_adapters, loaded, device=device or adapter_ids.device)
             ids = ids.repeat_interleave(tokens_per_row)
         if ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
@@ -94,7 +97,7 @@ class AdapterBatch:
         as32 = dict(device=device, dtype=torch.int32)
         segments = tuple(zip(starts.tolist(), lens.tolist(), present.tolist()))
         return cls(ids.to(**as32), order.to(**as32), starts.to(**as32), lens.to(**as32), present.to(**as32),
-                   int(lens.max()) if lens.numel() else 0, max_adapters, segments, per_sequence)
+                   int(lens.max()) if lens.numel() else 0, max_adapters, segments, sequences)
 
     def with_lease(self, lease) -> "AdapterBatch":
         """The same routing, held by `lease` (the per-sequence routing too)."""
