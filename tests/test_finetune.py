@@ -122,3 +122,22 @@ def test_nf4_bench_runs_bitsandbytes_at_its_best():
         fb.nf4_variants(case, "cpu", layers)["bitsandbytes"]()
         repacked = getattr(layers["bitsandbytes"][0].weight.quant_state, "packing_format_for_cpu", False)
         assert repacked == (case.mode == "fwd" and bool(bnb.functional.has_avx512bf16()))
+
+
+def test_the_device_checks_smoke_run_works_on_the_cpu(tmp_path):
+    """benchmarks/smoke.py, the device check's first step, in its CPU stand-in mode: it must not rot
+    between the rare sessions that have a GPU."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "smoke.py"
+    spec = importlib.util.spec_from_file_location("smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    out = tmp_path / "smoke.jsonl"
+    assert smoke.main(["--device", "cpu", "--quick", "--op", "nf4_matmul", "--op", "multi_lora",
+                       "--jsonl", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    faces = {r["face"] for r in records}
+    assert {"triton"} <= faces and all(r["ok"] for r in records) and {r["op"] for r in records} == {"nf4_matmul",
+                                                                                                  "multi_lora"}
