@@ -14,6 +14,7 @@ routed to the slot is still running before clearing it.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 
 import torch
@@ -70,8 +71,10 @@ class AdapterPool:
         self._in_flight = [0] * max_adapters
         self._holders = [collections.Counter() for _ in range(max_adapters)]  # slot -> thread -> leases
         self._lock = threading.Condition()
+        self._generation = threading.local()  # the per-sequence slots of a generate() running on a thread
         model.register_forward_pre_hook(self._enter, with_kwargs=True)
         model.register_forward_hook(self._exit, with_kwargs=True, always_call=True)
+        self._route_generate(model)
 
     # ------------------------------------------------------------ adapters
 
@@ -202,6 +205,46 @@ class AdapterPool:
                              "adapters per sequence")
         return x.shape[0], x.shape[1], x.device
 
+    def _route_generate(self, model: nn.Module) -> None:
+        """``model.generate(..., adapter_names=[...])`` (or ``adapter_ids``), as PEFT's: the names are
+        resolved to slots once, held for the whole generation (an unload waits), and every forward
+        inside routes by them, the KV-cached steps and the rows generate adds per sequence (beams,
+        num_return_sequences) included. generate does not take the keywords itself, so the pool wraps
+        the model's generate (any model that has one)."""
+        original = getattr(model, "generate", None)
+        if not callable(original):
+            return
+        pool = self
+
+        @functools.wraps(original)
+        def generate(*args, adapter_names=None, adapter_ids=None, **kwargs):
+            if adapter_names is None and adapter_ids is None:
+                return original(*args, **kwargs)
+            ids, lease = pool._sequence_ids(adapter_names, adapter_ids)
+            previous = getattr(pool._generation, "ids", None)
+            pool._generation.ids = ids
+            try:
+                return original(*args, **kwargs)
+            finally:
+                pool._generation.ids = previous
+                del lease  # the slots are free to unload again
+
+        model.generate = generate
+
+    def _sequence_ids(self, names, ids) -> tuple[torch.Tensor, "_SlotLease"]:
+        """Per-sequence slot ids of adapter_names or adapter_ids, and a lease on their slots."""
+        if names is not None and ids is not None:
+            raise ValueError("pass adapter_names or adapter_ids, not both")
+        with self._lock:
+            if names is not None:
+                unknown = [n for n in names if n is not None and n not in self._slots]
+                if unknown:
+                    raise KeyError(f"no adapter named {unknown[0]!r} in the pool; loaded: {sorted(self._slots)}")
+                ids = torch.tensor([-1 if n is None else self._slots[n] for n in names], dtype=torch.int64)
+            ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
+            used = sorted({int(i) for i in ids.tolist() if 0 <= i < self.max_adapters})
+            return ids, _SlotLease(self, used)
+
     def _enter(self, module, args, kwargs):
         # Pushed first: if routing fails below, the always-called exit hook still pops exactly this.
         _current.stack = getattr(_current, "stack", [])
@@ -211,6 +254,12 @@ class AdapterPool:
         if names is not None and ids is not None:
             raise ValueError("pass adapter_names or adapter_ids, not both")
         batch_size, seq, device = self._tokens_per_sequence(args, kwargs)
+        generation = getattr(self._generation, "ids", None)
+        if names is None and ids is None and generation is not None:  # a forward inside generate(adapter_names=)
+            if batch_size % generation.numel():
+                raise ValueError(f"generate: adapter_names has {generation.numel()} entries for a batch of "
+                                 f"{batch_size} sequences")
+            ids = generation.repeat_interleave(batch_size // generation.numel())  # beams, num_return_sequences
         with self._lock:
             if names is not None:
                 if len(names) != batch_size:

@@ -155,6 +155,10 @@ def test_ia3_and_lora_adapters_in_one_mixed_batch(checkpoints, tmp_path):
         assert_close(mixed[:1], alone_ia3)
         assert_close(mixed[1:2], peft_alone(checkpoints, "a", ids[1:2]))
         assert_close(mixed[2:], tiny_model("llama")(input_ids=ids[2:]).logits)
+        settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        generated = model.generate(ids, adapter_names=names, **settings)
+        ia3_alone = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "ia3"))
+        assert torch.equal(generated[0], ia3_alone.generate(ids[:1], **settings)[0])
     pool.unload("ia3")
     with torch.no_grad():
         assert_close(model(input_ids=ids, adapter_names=[None, "a", None]).logits[2:], mixed[2:])
@@ -256,3 +260,27 @@ def test_a_training_loop_can_unload_after_its_step(checkpoints):
     loss.backward()
     pool.unload("a")  # loss is still alive
     assert pool.names() == ["c"] and loss.item() > 0
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_with_mixed_adapters_equals_each_request_alone(checkpoints, beams):
+    """model.generate(ids, adapter_names=[...]) on a pool model, as PEFT's generate takes it (it
+    raised "model_kwargs are not used by the model: ['adapter_names']"): KV cache, a batch of
+    requests, beams expanding each, every row as its adapter generates it alone."""
+    model = tiny_model("llama")
+    pool = fastpeft.AdapterPool(model, max_adapters=3, max_rank=8)
+    for name in ("a", "c"):
+        pool.load(name, str(checkpoints / name))
+    prompts = model_inputs("llama", batch=3, seq=4)["input_ids"]
+    names = ["a", None, "c"]
+    settings = dict(max_new_tokens=5, do_sample=False, num_beams=beams, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        mixed = model.generate(prompts, adapter_names=names, **settings)
+        for row, name in enumerate(names):
+            alone = tiny_model("llama") if name is None else \
+                peft.PeftModel.from_pretrained(tiny_model("llama"), str(checkpoints / name))
+            assert torch.equal(mixed[row], alone.generate(prompts[row:row + 1], **settings)[0]), (row, name)
+        plain = model.generate(prompts, **settings)  # no names: the base model
+        assert torch.equal(plain, tiny_model("llama").generate(prompts, **settings))
+    assert pool.names() == ["a", "c"]
+    pool.unload("a")  # nothing holds the slots after generate
