@@ -4,7 +4,9 @@
 * ``csrc/cuda/*.cu`` are built when torch has CUDA and nvcc is found (``CUDA_HOME``), for the
   architectures in ``FASTPEFT_CUDA_ARCH`` (default ``8.0;9.0``). ``FASTPEFT_NO_CUDA=1`` skips them.
 * ``FASTPEFT_NO_EXTENSION=1`` installs the pure-Python package only (the reference faces serve).
-* ``kernels/`` (the Triton kernels) installs as the subpackage ``fastpeft.kernels``.
+* ``fastpeft/kernels/`` holds the Triton kernels, one file per op. They live inside the package
+  (not in a top-level ``kernels/``) so that running Python from the repository root cannot shadow
+  Hugging Face's ``kernels`` package, which bitsandbytes imports.
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already installed.
 """
@@ -72,7 +74,6 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=["fastpeft", "fastpeft.ops", "fastpeft.nn", "fastpeft.quant", "fastpeft.methods", "fastpeft.kernels"],
-    package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

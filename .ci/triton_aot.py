@@ -1,6 +1,6 @@
 """Compile the Triton kernel configurations fastpeft launches, for sm_90 and sm_80, without a GPU.
 
-Each module in kernels/ lists its launch configurations in ``aot_configs()``; a compile error in
+Each module in fastpeft/kernels/ lists its launch configurations in ``aot_configs()``; a compile error in
 any of them (a bad tile shape, an op the target lacks) fails CI here instead of on a user's GPU.
 Every configuration is compiled for sm_90 (the GPU the project measures on); for sm_80, one per
 kernel and pointer signature (dtype), since what differs between architectures is the MMA and

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,10 +73,13 @@ def test_extension_is_built_when_required():
         assert backends.extension().built_with_cuda()
 
 
-def run_python(code, **env):
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(code, cwd=None, **env):
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
-                          timeout=300)
+                          timeout=300, cwd=cwd)
 
 
 def test_env_var_forces_backend():
@@ -116,3 +120,27 @@ def test_package_works_without_extension_and_without_triton():
     assert "fastpeft._C did not load" in out.stdout and "pip install --no-build-isolation -e ." in out.stdout
     assert "triton is not installed" in out.stdout
     assert "refused: triton: triton is not installed" in out.stdout
+
+
+def test_the_repo_root_shadows_no_other_package():
+    """From the repository root (on sys.path for `python -c` and `python -m`), nothing of ours may
+    answer to a top-level name another package owns. bitsandbytes imports Hugging Face's `kernels`
+    (`from kernels import get_kernel`); the Triton kernels' folder at the root, kernels/, answered
+    it (any folder there is importable by its name, with or without an __init__.py)."""
+    out = run_python("""
+        import importlib.util
+        spec = importlib.util.find_spec("kernels")
+        if spec is not None:
+            print("kernels ->", spec.origin, list(spec.submodule_search_locations or ()))
+        import fastpeft.kernels
+        print("fastpeft.kernels ->", fastpeft.kernels.__file__)
+        try:
+            import bitsandbytes  # noqa: F401  (warns through logging, to stderr, if `kernels` misleads it)
+        except ImportError:
+            pass
+    """, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    shadowed = [line for line in out.stdout.splitlines() if line.startswith("kernels ->") and str(REPO) in line]
+    assert not shadowed, f"run from {REPO}, `import kernels` finds our folder: {shadowed}"
+    assert f"fastpeft.kernels -> {REPO / 'fastpeft' / 'kernels' / '__init__.py'}" in out.stdout
+    assert "cannot import name 'get_kernel' from 'kernels'" not in out.stderr, out.stderr

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, interpreting
+from ..backends import triton_interpreting
+from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision
 
 
 @triton.jit
@@ -95,7 +96,7 @@ _TILES = {"gpu": (32, 64, 4), "interpret": (16, 32, 4)}
 
 
 def _tiles():
-    return _TILES["interpret" if interpreting() else "gpu"]
+    return _TILES["interpret" if triton_interpreting() else "gpu"]
 
 
 def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, sorted_tokens: torch.Tensor, seg_starts: torch.Tensor,

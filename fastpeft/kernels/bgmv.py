@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, block_r, interpreting
+from ..backends import triton_interpreting
+from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, block_r
 
 
 @triton.jit
@@ -80,7 +81,7 @@ _BLOCKS = {"gpu": (256, 128), "interpret": (32, 32)}
 
 
 def _blocks():
-    return _BLOCKS["interpret" if interpreting() else "gpu"]
+    return _BLOCKS["interpret" if triton_interpreting() else "gpu"]
 
 
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ..backends import triton_interpreting
 
 
 @triton.jit
@@ -25,7 +21,7 @@ def dot(a, b, acc, INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr):
 
 
 def bf16_via_fp32(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreting()
+    return dtype == torch.bfloat16 and triton_interpreting()
 
 
 def input_precision(dtype: torch.dtype) -> str:

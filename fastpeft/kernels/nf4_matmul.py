@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, interpreting
+from ..backends import triton_interpreting
+from ._common import TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision
 
 
 @triton.jit
@@ -107,7 +108,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quan
     bias = None if bias is None else bias.contiguous()
     if nested_absmax is not None:
         nested_absmax, nested_quant_map = nested_absmax.contiguous(), nested_quant_map.contiguous()
-    bm, bn, bk, warps, stages = _TILES["interpret" if interpreting() else "gpu"]
+    bm, bn, bk, warps, stages = _TILES["interpret" if triton_interpreting() else "gpu"]
     has_lora = lora_s is not None
     s, low = (lora_s, lora_l) if has_lora else (y, y)  # unused pointers when there is no LoRA term
     R = lora_s.shape[1] if has_lora else 0

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision, interpreting
+from ..backends import triton_interpreting
+from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision
 
 MAX_PHM_DIM = 16
 
@@ -157,7 +158,7 @@ def _mix(inp4, rule, w, bias, x2=None):
     if M == 0:
         return out, (torch.zeros((n, n, n), device=inp4.device, dtype=torch.float32) if x2 is not None else None)
     nb = _nb(n)
-    block_m, block_c, block_d = _INTERPRET_TILES if interpreting() else _MIX_TILES[nb]
+    block_m, block_c, block_d = _INTERPRET_TILES if triton_interpreting() else _MIX_TILES[nb]
     grid = (triton.cdiv(M, block_m), triton.cdiv(P, block_c))
     part = (torch.empty((grid[0] * grid[1], n, n, nb), device=inp4.device, dtype=torch.float32)
             if x2 is not None else out)
@@ -181,7 +182,7 @@ def _grad_factor(l4, rule, r4):
     if M == 0:
         return out.zero_()
     nb = _nb(n)
-    block_m, block_c, block_d = _INTERPRET_TILES if interpreting() else _FACTOR_TILES[nb]
+    block_m, block_c, block_d = _INTERPRET_TILES if triton_interpreting() else _FACTOR_TILES[nb]
     grid = (n, triton.cdiv(C, block_c), triton.cdiv(D, block_d))
     wrap_triton(_phm_grad_factor_kernel)[grid](
         l4, rule, r4, out, M, n, C, D,

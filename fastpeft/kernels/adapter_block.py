@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision, interpreting
+from ..backends import triton_interpreting
+from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")  # = fastpeft.ops.adapter_block's
 
@@ -218,7 +219,7 @@ def _block_r(R: int) -> int:
 
 
 def _launch_params(kernel: str, R: int, dtype: torch.dtype) -> dict:
-    if interpreting():
+    if triton_interpreting():
         block_m, block_k, block_n, block_r = _INTERPRET_TILES
         warps, stages = 4, 1
     else:

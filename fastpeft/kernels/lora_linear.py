@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, interpreting
+from ..backends import triton_interpreting
+from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision
 
 
 @triton.jit
@@ -134,7 +135,7 @@ GROUP_M = 8
 
 
 def _matmul_tile(M: int, dtype: torch.dtype) -> str:
-    if interpreting():
+    if triton_interpreting():
         return "interpret"
     if dtype == torch.float32:
         return "fp32"
@@ -148,7 +149,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     s = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if s.numel() == 0:
         return s.zero_()  # an empty grid is not a valid launch
-    block_m, block_k = _SHRINK_TILES["interpret" if interpreting() else "gpu"]
+    block_m, block_k = _SHRINK_TILES["interpret" if triton_interpreting() else "gpu"]
     rank_block = block_r(R)
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, rank_block))
     wrap_triton(_shrink_kernel)[grid](
