@@ -1,4 +1,4 @@
-"""pytest-benchmark harness over the cases of ``fastpeft bench`` (fastpeft/bench.py).
+"""pytest-benchmark harness over the cases of ``fastpeft bench`` (fastpeft/bench/).
 
     .venv/bin/python -m pytest benchmarks --benchmark-only           # full cases for this device
     FASTPEFT_BENCH_QUICK=1 .venv/bin/python -m pytest benchmarks     # the quick cases (CI)

@@ -11,8 +11,8 @@ import torch
 
 from . import __version__, backends
 from . import bench as fb  # its op list names --op's choices
-from .compare import COMPARE_METHODS
-from .finetune import METHODS, PEFT_METHODS
+from .compare import COMPARE_METHODS, CompareSettings
+from .finetune import METHODS, PEFT_METHODS, FinetuneSettings
 
 
 def _version(pkg: str) -> str:
@@ -88,39 +88,41 @@ def _print_cpu(ext) -> None:
     print("  (K % 32 != 0, blocksize < 32 or float64: gemv-portable, tiles-portable)")
 
 
+def _device(args) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def bench(args) -> int:
     from tqdm import tqdm
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with tqdm(total=fb.count_cases(device, args.quick, args.op), desc="fastpeft bench", unit="case",
+    device = _device(args)
+    ops = fb.selected(args.op)
+    with tqdm(total=sum(len(op.cases(device, args.quick)) for op in ops), desc="fastpeft bench", unit="case",
               disable=args.no_progress, file=sys.stderr) as progress:
-        rows = fb.run_suites(device, args.quick, args.op, progress)
+        rows = fb.run(ops, device, args.quick, progress)
     env = fb.environment(device)
-    print(fb.format_table(rows))
+    print(fb.format_tables(rows))
     path = args.json or f"bench-{datetime.date.today().isoformat()}-{device}.json"
     fb.write_json(rows, env, path)
     print(f"\nwrote {path}")
     if args.plot:
-        fb.plot(rows, args.plot)
+        machine = env.get("gpu") or env.get("cpu") or device
+        fb.plot(rows, fb.OPS, args.plot, f"fastpeft bench{' --quick' if args.quick else ''}: {machine}, "
+                                          f"{env['date'][:10]}")
         print(f"wrote {args.plot}")
     return 0
 
 
 def finetune(args) -> int:
-    from .finetune import FinetuneSettings, run
+    from .finetune import run
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     settings = FinetuneSettings(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, r=args.r, lora_alpha=args.lora_alpha, target_modules=targets,
-                                seed=args.seed, dtype=args.dtype, device=device, log_every=args.log_every,
+                                seed=args.seed, dtype=args.dtype, device=_device(args), log_every=args.log_every,
                                 save=args.save, progress=not args.no_progress,
                                 num_virtual_tokens=args.num_virtual_tokens, trainable_layers=args.trainable_layers,
                                 target_sparsity=args.target_sparsity)
-    if args.compare and args.method not in PEFT_METHODS:
-        print(f"fastpeft finetune: --compare peft trains {', '.join(PEFT_METHODS)} only, not {args.method}",
-              file=sys.stderr)
-        return 2
     run(settings, compare=args.compare, json_path=args.json)
     return 0
 
@@ -130,64 +132,166 @@ def compare(args) -> int:
 
     settings = CompareSettings(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                eval_size=args.eval_size, few_shot=args.few_shot, seed=args.seed,
-                               device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                               threads=args.threads, progress=not args.no_progress)
+                               device=_device(args), threads=args.threads, progress=not args.no_progress)
     if args.methods:
-        settings.methods = args.methods.split(",")
+        settings.methods = args.methods
     run(settings, json_path=args.json, plot_path=args.plot)
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastpeft", description="fused kernels for parameter-efficient fine-tuning")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, GPU, and which backends are built and usable here")
-    b = sub.add_parser("bench", help="kernel microbenchmarks beside the reference and PEFT")
+# ------------------------------------------------------------------------ argument types and checks
+# Each raises argparse.ArgumentTypeError: argparse then prints the usage and a one-line error and
+# exits with status 2, before any model is loaded or any kernel runs.
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def model_directory(text: str) -> str:
+    """A local Hugging Face model folder: checked here, so a typo is not taken for a Hub name."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such directory (a local Hugging Face model folder; "
+                                         "nothing is downloaded)")
+    if not os.path.isfile(os.path.join(text, "config.json")):
+        raise argparse.ArgumentTypeError(f"{text}: no config.json in it, so it is not a Hugging Face model folder")
+    return text
+
+
+def method_list(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {','.join(COMPARE_METHODS)}")
+    return methods
+
+
+def writable_file(text: str) -> str:
+    """An output file whose folder exists: checked before a run that may take minutes."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: folder {folder} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return text
+
+
+class DefaultsInHelp(argparse.HelpFormatter):
+    """Every option's help ends with its default; an option without one (None) says in its own
+    words what happens when it is not given."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
+def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``fastpeft`` parser and each command's own (whose errors name the command)."""
+    top = argparse.ArgumentParser(prog="fastpeft", description="fused kernels for parameter-efficient fine-tuning")
+    top.add_argument("--version", action="version", version=f"fastpeft {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+    commands = {}
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        commands[name] = sub.add_parser(name, help=help, description=help, formatter_class=DefaultsInHelp)
+        return commands[name]
+
+    command("info", "versions, GPU, and which backends are built and usable here")
+    b = command("bench", "kernel microbenchmarks beside the base op, the reference and the peers (PEFT, bitsandbytes)")
     b.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions: a smoke run (CI)")
-    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if a GPU is visible, else cpu")
-    b.add_argument("--json", metavar="FILE", help="where to write results (default bench-<date>-<device>.json)")
-    b.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart")
-    b.add_argument("--op", action="append", choices=list(fb.SUITES), metavar="OP",
-                   help=f"only this op's cases (repeatable; default all: {', '.join(fb.SUITES)})")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="where to run (default: cuda if a GPU is visible, else cpu)")
+    b.add_argument("--json", metavar="FILE", type=writable_file,
+                   help="where to write the results (default: bench-<date>-<device>.json here)")
+    b.add_argument("--plot", metavar="FILE.png", type=writable_file,
+                   help="also draw the ratios to each case's base op, and every op's times (default: no chart)")
+    b.add_argument("--op", action="append", choices=list(fb.OPS), metavar="OP",
+                   help=f"only this op's cases; repeatable; one of {', '.join(fb.OPS)} (default: every op)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    f = sub.add_parser("finetune", help="fine-tune a causal LM with a PEFT method; loss, tokens/s, peak memory")
-    f.add_argument("--method", choices=METHODS, default="lora")
-    f.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: a tiny random Llama)")
-    f.add_argument("--compare", choices=["peft"], help="also train with the peft package, same data and seed")
-    f.add_argument("--steps", type=int, default=300)
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lr", type=float, help="default: the method's usual rate (lora 5e-3; see finetune.DEFAULT_LR)")
-    f.add_argument("--r", type=int, default=16)
-    f.add_argument("--lora-alpha", type=float, default=32)
-    f.add_argument("--target-modules", default="all-linear", help='"all-linear" or comma-separated names')
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    f.add_argument("--device", choices=["cpu", "cuda"])
-    f.add_argument("--log-every", type=int, default=50, metavar="N", help="print a line every N steps")
-    f.add_argument("--num-virtual-tokens", type=int, default=8, help="prompt and prefix tuning")
-    f.add_argument("--trainable-layers", type=int, default=1, metavar="K", help="layerfreeze: the top K layers train")
-    f.add_argument("--target-sparsity", type=float, default=0.99, help="diffpruning: fraction of the delta left zero")
-    f.add_argument("--save", metavar="DIR", help="write the trained adapter here (PEFT's format if PEFT has it)")
-    f.add_argument("--json", metavar="FILE", help="write per-step losses and the summary")
-    f.add_argument("--no-progress", action="store_true")
-    c = sub.add_parser("compare", help="every PEFT method and in-context learning on one task: params, checkpoint, "
-                                       "memory, step time, accuracy")
-    c.add_argument("--methods", metavar="M1,M2", help=f"a subset of {','.join(COMPARE_METHODS)} (default: all)")
-    c.add_argument("--model", metavar="DIR", help="local Hugging Face model and tokenizer (default: tiny random Llama)")
-    c.add_argument("--steps", type=int, default=150, help="training steps per method (the same batches for each)")
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--lr", type=float, help="one rate for every method (default: each method's usual rate)")
-    c.add_argument("--eval-size", type=int, default=256, help="held-out examples scored")
-    c.add_argument("--few-shot", type=int, default=3, help="demonstrations in the in-context-learning prompts")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", choices=["cpu", "cuda"])
-    c.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
-    c.add_argument("--json", metavar="FILE", help="write the table as JSON")
-    c.add_argument("--plot", metavar="FILE.png", help="draw memory and accuracy per method")
-    c.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    commands = {"info": info, "bench": bench, "finetune": finetune, "compare": compare}
-    return commands[args.command](*(() if args.command == "info" else (args,)))
+
+    f = command("finetune", "fine-tune a causal LM with a PEFT method; loss, tokens/s, peak memory")
+    f.add_argument("--method", choices=METHODS, default="lora", metavar="METHOD",
+                   help=f"the PEFT method: {', '.join(METHODS)}")
+    f.add_argument("--model", metavar="DIR", type=model_directory,
+                   help="local Hugging Face model folder (default: a tiny random Llama)")
+    f.add_argument("--compare", choices=["peft"],
+                   help=f"also train with the peft package, same data and seed ({', '.join(PEFT_METHODS)} only; default: fastpeft alone)")
+    f.add_argument("--steps", type=positive_int, default=FinetuneSettings.steps, help="training steps")
+    f.add_argument("--batch-size", type=positive_int, default=FinetuneSettings.batch_size, help="sequences per step")
+    f.add_argument("--lr", type=positive_float, help="learning rate (default: the method's usual one; see "
+                                                     "fastpeft.finetune.DEFAULT_LR)")
+    f.add_argument("--r", type=positive_int, default=FinetuneSettings.r, help="LoRA / QLoRA rank")
+    f.add_argument("--lora-alpha", type=positive_float, default=FinetuneSettings.lora_alpha,
+                   help="LoRA / QLoRA alpha (scaling alpha / r)")
+    f.add_argument("--target-modules", default="all-linear", help='"all-linear" or comma-separated module names')
+    f.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and of the data")
+    f.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="the model's dtype")
+    f.add_argument("--device", choices=["cpu", "cuda"], help="where to train (default: cuda if a GPU is visible, else cpu)")
+    f.add_argument("--log-every", type=non_negative_int, default=50, metavar="N",
+                   help="print a line every N steps (0: none)")
+    f.add_argument("--num-virtual-tokens", type=positive_int, default=8, help="prompt and prefix tuning")
+    f.add_argument("--trainable-layers", type=positive_int, default=1, metavar="K",
+                   help="layerfreeze: the top K layers train")
+    f.add_argument("--target-sparsity", type=fraction, default=0.99,
+                   help="diffpruning: the fraction of the weight delta left zero")
+    f.add_argument("--save", metavar="DIR", help="write the trained adapter here, in PEFT's format if PEFT has the method (default: not saved)")
+    f.add_argument("--json", metavar="FILE", type=writable_file, help="write per-step losses and the summary (default: not written)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = command("compare", "every PEFT method and in-context learning on one task: params, checkpoint, memory, "
+                           "step time, accuracy")
+    c.add_argument("--methods", metavar="M1,M2", type=method_list,
+                   help=f"a subset of {','.join(COMPARE_METHODS)} (default: all)")
+    c.add_argument("--model", metavar="DIR", type=model_directory,
+                   help="local Hugging Face model folder with its tokenizer (default: a tiny random Llama)")
+    c.add_argument("--steps", type=positive_int, default=CompareSettings.steps,
+                   help="training steps per method (the same batches for each)")
+    c.add_argument("--batch-size", type=positive_int, default=CompareSettings.batch_size, help="examples per step")
+    c.add_argument("--lr", type=positive_float, help="one rate for every method (default: each method's usual rate)")
+    c.add_argument("--eval-size", type=positive_int, default=CompareSettings.eval_size, help="held-out examples scored")
+    c.add_argument("--few-shot", type=non_negative_int, default=CompareSettings.few_shot,
+                   help="demonstrations in the in-context-learning prompts")
+    c.add_argument("--seed", type=int, default=CompareSettings.seed, help="seed of the model, data and training")
+    c.add_argument("--device", choices=["cpu", "cuda"], help="where to run (default: cuda if a GPU is visible, else cpu)")
+    c.add_argument("--threads", type=positive_int, help="torch threads per run (default: torch's)")
+    c.add_argument("--json", metavar="FILE", type=writable_file, help="write the table as JSON (default: not written)")
+    c.add_argument("--plot", metavar="FILE.png", type=writable_file, help="draw memory and accuracy per method (default: no chart)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return top, commands
+
+
+def main(argv=None) -> int:
+    top, commands = parsers()
+    args = top.parse_args(argv)
+    if args.command == "finetune" and args.compare and args.method not in PEFT_METHODS:
+        commands["finetune"].error(f"--compare peft trains {', '.join(PEFT_METHODS)} only, not {args.method}")
+    if args.command == "info":
+        return info()
+    return {"bench": bench, "finetune": finetune, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":

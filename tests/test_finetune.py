@@ -42,29 +42,6 @@ def test_cli_compare_and_save(tmp_path, capsys):
         assert not torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-3)
 
 
-def test_cli_info_and_quick_bench(tmp_path, capsys):
-    assert cli.main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "backends:" in out and "lora_linear_fwd" in out
-    ext = fastpeft.backends.extension()
-    if ext is not None:  # the CPU's features, the kernels' level, and the NF4 path of each shape
-        assert f"CPU kernels: {ext.cpu_isa()}" in out and "NF4 CPU paths" in out
-        assert all(f" {name}" in out for name in ext.cpu_features())
-        assert ext.nf4_cpu_path(1, 4096, 64, "bfloat16") in out and ext.nf4_cpu_path(64, 4096, 64, "float32") in out
-    path = tmp_path / "bench.json"
-    assert cli.main(["bench", "--quick", "--no-progress", "--json", str(path)]) == 0
-    rows = json.loads(path.read_text())["results"]
-    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
-    assert {r["op"] for r in rows} == {"lora_linear", "multi_lora", "nf4_matmul", "phm_linear", "adapter_block"}
-    assert all(r["modules"] == "eval" for r in rows if r["op"] == "nf4_matmul")  # the peer at its best: eval mode
-    assert all(r["times_ms"]["fastpeft"] > 0 and any(k.startswith("fastpeft/") for k in r["ratios"]) for r in rows)
-    assert cli.main(["bench", "--quick", "--no-progress", "--op", "nf4_matmul", "--op", "phm_linear",
-                     "--json", str(path)]) == 0
-    assert {r["op"] for r in json.loads(path.read_text())["results"]} == {"nf4_matmul", "phm_linear"}
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--op", "nf4"])
-
-
 def test_cli_takes_a_local_model_directory(tmp_path, capsys):
     from models import tiny_model
 
@@ -101,27 +78,6 @@ def test_every_method_trains_and_saves(tmp_path, method, config):
     ids = torch.randint(4, 64, (2, 10))
     with torch.no_grad():  # what was saved is the trained state (learning itself: tests/test_selective_methods.py)
         assert not torch.allclose(model(input_ids=ids).logits, load_model(s)(input_ids=ids).logits, atol=1e-4)
-
-
-def test_compare_peft_is_refused_for_methods_peft_cannot_train(capsys):
-    assert cli.main(["finetune", "--method", "bitfit", "--compare", "peft", "--steps", "1"]) == 2
-    assert "--compare peft trains lora, qlora only, not bitfit" in capsys.readouterr().err
-
-
-def test_nf4_bench_runs_bitsandbytes_at_its_best():
-    """Inference cases put every layer in eval mode, where bitsandbytes takes its fast CPU path (on an
-    AVX512_BF16 CPU: its weight repacked for its bf16 kernel on the first call); the training case
-    runs training mode, its only path there."""
-    bnb = pytest.importorskip("bitsandbytes")
-    from fastpeft import bench as fb
-
-    for case in (fb.NF4Case(1, 256, 256, "bf16", "decode"), fb.NF4Case(4, 256, 128, "bf16", "training", "fwd+bwd")):
-        layers = fb.nf4_layers(case, "cpu")
-        assert set(layers) == {"linear", "fastpeft", "bitsandbytes"}
-        assert all(layer.training == (case.mode == "fwd+bwd") for group in layers.values() for layer in group)
-        fb.nf4_variants(case, "cpu", layers)["bitsandbytes"]()
-        repacked = getattr(layers["bitsandbytes"][0].weight.quant_state, "packing_format_for_cpu", False)
-        assert repacked == (case.mode == "fwd" and bool(bnb.functional.has_avx512bf16()))
 
 
 def test_the_device_checks_smoke_run_works_on_the_cpu(tmp_path):
