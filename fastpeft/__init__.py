@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 from . import backends, nn, ops
 from .backends import BackendUnavailable, use_backend
 
-ops._registry.load_cpp_faces()
+ops._registry.load_faces()
 
 from . import icl  # noqa: E402
 from .checkpoint import CheckpointError, load_adapter, save_adapter  # noqa: E402

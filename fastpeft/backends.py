@@ -6,16 +6,17 @@ Every op has up to four faces:
 name      what it is                                                  usable when
 ========  ==========================================================  =====================
 torch     the pure-PyTorch reference, the definition of correct       always
-triton    Triton kernels (``kernels/``, installed as fastpeft.kernels) triton imports and a GPU
+triton    Triton kernels (``fastpeft/kernels/``)                      triton imports and a GPU
                                                                       is present, or
                                                                       ``TRITON_INTERPRET=1`` (CPU)
 cpu       C++ CPU kernels of the extension ``fastpeft._C``            the extension is built
 cuda      C++/CUDA kernels of the extension ``fastpeft._C``           built with CUDA, GPU present
 ========  ==========================================================  =====================
 
-By default each op picks the fastest usable face for the device and shape of its inputs (the
-op's own ``choose`` rule). ``FASTPEFT_BACKEND=<name>`` or ``with fastpeft.use_backend(name):``
-force one face; forcing a face that cannot run here raises :class:`BackendUnavailable` saying why.
+By default each op picks the fastest usable face for the device and shape of its inputs (its
+preference, declared with the op in ``fastpeft/ops/<op>.py``). ``FASTPEFT_BACKEND=<name>`` or
+``with fastpeft.use_backend(name):`` force one face; forcing a face that cannot run here raises
+:class:`BackendUnavailable` saying why.
 """
 
 from __future__ import annotations
@@ -89,16 +90,21 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
 
 
-# Read once, as Triton itself does: @triton.jit picks the interpreter when a kernel is defined.
+# Read once, as Triton itself does: @triton.jit picks the interpreter when a kernel is defined, and
+# fastpeft's kernels are defined when fastpeft is imported. Faces and registry read it from here.
 _INTERPRET = _env_flag("TRITON_INTERPRET")
 
 
 def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+
+    The one rule: the registry and the kernels' launchers (tile sizes, the bf16 workaround) all
+    read it here."""
     return _INTERPRET
 
 
-def _triton_import_error() -> str:
+def triton_missing() -> str:
+    """Why triton cannot be imported ("triton is not installed (...)"), or "" when it can."""
     try:
         import triton  # noqa: F401
     except ImportError as e:
@@ -114,7 +120,7 @@ def check_availability(name: str, device_type: str | None, *, interpreting: bool
     if name == "torch":
         return Availability(True, "pure-PyTorch reference")
     if name == "triton":
-        if err := _triton_import_error():
+        if err := triton_missing():
             return Availability(False, f"triton: {err}")
         if device_type == "cpu" or (device_type is None and not gpu):
             if interpreting:

@@ -1,6 +1,7 @@
 """Backend selection: automatic choice, forcing, and clear errors when a face cannot run."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import torch
 
 import fastpeft
 from fastpeft import backends
+from fastpeft.ops import all_ops, record_faces
 from fastpeft.ops.lora_linear import lora_linear_fwd
 
 from conftest import HAS_GPU
@@ -144,3 +146,97 @@ def test_the_repo_root_shadows_no_other_package():
     assert not shadowed, f"run from {REPO}, `import kernels` finds our folder: {shadowed}"
     assert f"fastpeft.kernels -> {REPO / 'fastpeft' / 'kernels' / '__init__.py'}" in out.stdout
     assert "cannot import name 'get_kernel' from 'kernels'" not in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------- the registry's faces
+
+def _stem(op):
+    """The file stem an op is declared in (fastpeft/ops/<stem>.py), which names its faces' files too."""
+    return op.reference.__module__.rpartition(".")[2]
+
+
+def _registered_in(folder, suffix):
+    """Op name -> file, for every ``m.impl("<op>", ...)`` in the C++ sources of csrc/<folder>/."""
+    found = {}
+    for path in (REPO / "csrc" / folder).glob(f"*{suffix}"):
+        for name in re.findall(r'm\.impl\("(\w+)"', path.read_text()):
+            found[name] = path.name
+    return found
+
+
+def test_faces_are_declared_as_the_sources_have_them():
+    """What an op declares (fastpeft/ops/<stem>.py) is what the tree holds: a Triton launcher named
+    like the op in fastpeft/kernels/<stem>.py, a C++ kernel in csrc/cpu or csrc/cuda per device."""
+    cpu_kernels, cuda_kernels = _registered_in("cpu", ".cpp"), _registered_in("cuda", ".cu")
+    for name, op in all_ops().items():
+        stem = _stem(op)
+        assert op.triton_module == stem
+        assert re.search(rf"^def {name}\(", (REPO / "fastpeft" / "kernels" / f"{stem}.py").read_text(), re.M), name
+        assert ("cpu" in op.cpp_faces) == (name in cpu_kernels), name
+        assert ("cuda" in op.cpp_faces) == (name in cuda_kernels), name
+        for kernels in (cpu_kernels, cuda_kernels):
+            assert kernels.get(name, stem).startswith(stem), f"{name}'s kernel is in {kernels[name]}, not {stem}.*"
+        assert ("cuda" in op.faces("cuda")) == (name in cuda_kernels), f"{name}: faces() lists a CUDA face it lacks"
+
+
+def test_without_a_cuda_source_no_cuda_face_is_listed_or_forced():
+    for name in ("sgmv_shrink", "sgmv_expand", "adapter_block_fwd", "adapter_block_bwd", "phm_linear_fwd",
+                 "phm_linear_bwd"):
+        op = all_ops()[name]
+        assert op.faces("cuda") == ["torch", "triton"], name
+        assert op.missing_face("cuda", "cuda") == "it has no cuda kernel"
+
+
+def test_the_extension_registers_every_declared_cpu_kernel():
+    """A built extension that lacks a kernel its op declares (stale, or a source left out of the
+    build) is a missing piece: automatic selection would quietly pass over it."""
+    if backends.extension() is None:
+        pytest.skip(f"not built here: {backends.extension_error()}")
+    for name, op in all_ops().items():
+        if "cpu" in op.device_faces:
+            assert op.has_face("cpu", "cpu"), f"{name}: {op.missing_face('cpu', 'cpu')}"
+    if backends.extension().built_with_cuda():
+        for name, op in all_ops().items():
+            if "cuda" in op.cpp_faces:
+                assert op.has_face("cuda", "cuda"), f"{name}: {op.missing_face('cuda', 'cuda')}"
+
+
+def test_every_triton_face_is_loaded_when_triton_is_installed():
+    if backends.triton_missing():
+        pytest.skip(backends.triton_missing())
+    assert [name for name, op in all_ops().items() if not op.has_face("triton", "cpu")] == []
+
+
+@pytest.mark.parametrize("source,error", [("def sgmv_shrink(:\n", "SyntaxError"),
+                                          ("from ._common import no_such_helper\n", "ImportError")])
+def test_a_broken_kernel_module_fails_loudly(tmp_path, source, error):
+    """Triton installed, one of our kernel modules broken: `import fastpeft` (hence the tests and
+    `fastpeft info`) fails naming it, instead of automatic selection quietly dropping the face."""
+    broken = tmp_path / "sgmv.py"
+    broken.write_text(source)
+    out = run_python(f"""
+        import importlib.util, sys
+
+        class BrokenSgmv:  # serves fastpeft.kernels.sgmv from {str(broken)!r}
+            @staticmethod
+            def find_spec(name, path=None, target=None):
+                if name == "fastpeft.kernels.sgmv":
+                    return importlib.util.spec_from_file_location(name, {str(broken)!r})
+
+        sys.meta_path.insert(0, BrokenSgmv)
+        import fastpeft
+    """, TRITON_INTERPRET="1")
+    assert out.returncode != 0
+    assert error in out.stderr and str(broken) in out.stderr, out.stderr
+
+
+def test_record_faces_tells_which_face_ran():
+    x = inputs()
+    with fastpeft.use_backend("torch"), record_faces() as taken:
+        lora_linear_fwd(*x)
+    assert taken == [("lora_linear_fwd", "torch")]
+    with record_faces() as taken:
+        lora_linear_fwd(*x)
+    assert taken == [("lora_linear_fwd", lora_linear_fwd.select(torch.device("cpu"), *x))]
+    lora_linear_fwd(*x)
+    assert taken == [("lora_linear_fwd", lora_linear_fwd.select(torch.device("cpu"), *x))]  # outside: not recorded

@@ -1,7 +1,8 @@
 """Functional ops of fastpeft; each is also a registered ``torch.ops.fastpeft.*`` operator.
 
 The op objects (``lora_linear_fwd``...) are the single dispatch point: calling one validates its
-inputs and runs the best usable face (see :mod:`fastpeft.backends`).
+inputs and runs the best usable face (see :mod:`fastpeft.backends`); :func:`record_faces` tells
+which face each call took.
 """
 
 from . import _registry
@@ -14,7 +15,8 @@ from .phm_linear import phm_linear, phm_linear_bwd, phm_linear_fwd
 from .sgmv import sgmv_expand, sgmv_shrink
 
 all_ops = _registry.all_ops
+record_faces = _registry.record_faces
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "bgmv_shrink", "bgmv_expand", "sgmv_shrink",
            "sgmv_expand", "nf4_matmul", "phm_linear", "phm_linear_fwd", "phm_linear_bwd", "adapter_block",
-           "adapter_block_fwd", "adapter_block_bwd", "AdapterBatch", "all_ops"]
+           "adapter_block_fwd", "adapter_block_bwd", "AdapterBatch", "all_ops", "record_faces"]

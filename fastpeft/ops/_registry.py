@@ -1,24 +1,37 @@
 """The op registry: every op is declared once here and dispatched from one point.
 
-An op is declared with :func:`define` from its schema, a shape checker, and its pure-PyTorch
-reference. That gives a real ``torch.ops.fastpeft.<name>`` operator with
+An op is declared with :func:`define` from its schema, a shape checker, its pure-PyTorch reference
+and the faces it has, named where the op is declared:
 
-* a fake (meta) implementation that runs the checker with ``torch._check`` and returns empty
-  outputs, so ``torch.compile(fullgraph=True)`` traces through it;
+* ``triton="<stem>"``: the launcher named like the op in ``fastpeft/kernels/<stem>.py``;
+* ``cpp=("cpu", "cuda")``: the devices ``fastpeft._C`` has a kernel of the op for
+  (``csrc/cpu/<stem>.cpp``, ``csrc/cuda/<stem>.cu``; they register themselves with
+  ``TORCH_LIBRARY_IMPL(fastpeft, CPU/CUDA)``);
+* ``cpu_kernel=fn``: a CPU face written with torch ops, for ops where C++ would only call the
+  same ATen kernels.
+
+That gives a real ``torch.ops.fastpeft.<name>`` operator with
+
+* a fake (meta) implementation that runs the checker and returns empty outputs, so
+  ``torch.compile(fullgraph=True)`` traces through it;
 * the reference registered as the default kernel (``CompositeExplicitAutograd``), which serves
-  every device the C++ extension has no kernel for;
-* per-device C++ kernels, registered by ``fastpeft._C`` with ``TORCH_LIBRARY_IMPL(fastpeft, CPU/CUDA)``
-  when it is built (see ``csrc/``);
-* a Triton face, registered from ``kernels/<op>.py`` with :meth:`Op.register_triton`.
+  every device no other kernel is registered for.
+
+:func:`load_faces` (run by ``import fastpeft`` once every op is declared) imports the faces. A
+missing optional dependency (triton not installed, the extension not built) is a refusal the
+backend policy explains (:mod:`fastpeft.backends`); an error inside one of fastpeft's own kernel
+modules is raised, so that a broken face can never quietly drop out of automatic selection.
 
 Calling the :class:`Op` object is the single dispatch point: it validates the inputs, picks a face
-(forced by :func:`fastpeft.use_backend` / ``FASTPEFT_BACKEND``, else the op's ``choose`` rule) and
-runs it.
+(forced by :func:`fastpeft.use_backend` / ``FASTPEFT_BACKEND``, else the op's preference for the
+device and shape) and runs it. :func:`record_faces` tells which face each call took.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import importlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -27,23 +40,46 @@ from .. import backends
 NAMESPACE = "fastpeft"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
-# device type -> faces to try when no backend is forced, best first (an op may override per shape).
+# The floating dtypes every op computes in.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# device type -> faces to try when no backend is forced, best first. An op overrides a device's
+# order with `prefer`, or per shape with `choose`; a face the op does not have is passed over.
 DEFAULT_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+# C++ faces and the dispatcher keys their kernels are registered under.
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+# While record_faces() is active: the (op name, face) of every call, in order. A plain module
+# global read once per call: free when nobody records, and torch.compile guards on it.
+_taken: list[tuple[str, str]] | None = None
 
 
 class Op:
     """One op: its schema, checker, reference and faces. Call it to run the best usable face."""
 
     def __init__(self, name: str, schema: str, check: Callable, fake: Callable, reference: Callable,
-                 choose: Callable | None = None):
+                 choose: Callable | None, prefer: dict[str, tuple[str, ...]], triton: str | None,
+                 cpp: tuple[str, ...], cpu_kernel: Callable | None):
+        unknown = set(cpp) - set(_DISPATCH_KEYS)
+        if unknown:
+            raise ValueError(f"op {name}: cpp faces are devices of fastpeft._C, one of {sorted(_DISPATCH_KEYS)}; "
+                             f"got {sorted(unknown)}")
+        if cpu_kernel is not None and "cpu" in cpp:
+            raise ValueError(f"op {name}: a CPU kernel comes from C++ or from Python, not both")
         self.name = name
         self.qualname = f"{NAMESPACE}::{name}"
         self.check = check
         self.reference = reference
+        self.triton_module = triton
+        self.cpp_faces = frozenset(cpp)
+        # Devices with a kernel of this op on the dispatcher besides the reference: C++ or Python.
+        self.device_faces = self.cpp_faces | ({"cpu"} if cpu_kernel is not None else set())
         self._choose = choose
+        self._preference = {**DEFAULT_PREFERENCE, **prefer}
         self._triton: Callable | None = None
         self._triton_eager: Callable | None = None
-        self._cpp_faces: set[str] = set()
+        self._loaded_device_faces: frozenset[str] = frozenset()
 
         _LIB.define(f"{name}{schema}")
 
@@ -58,22 +94,15 @@ class Op:
         _LIB.impl(name, _reference_kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(self.qualname, _fake_kernel, lib=_LIB)
         self._overload = getattr(torch.ops.fastpeft, name).default
+        if cpu_kernel is not None:
+            self._register_cpu_kernel(cpu_kernel)
 
     @property
     def dispatcher_op(self):
-        """``torch.ops.fastpeft.<name>.default``: C++ kernel for its device if built, else the reference."""
+        """``torch.ops.fastpeft.<name>.default``: the kernel registered for its device, else the reference."""
         return self._overload
 
-    def register_triton(self, launcher: Callable) -> None:
-        """Add the Triton face: `launcher` (from ``kernels/<op>.py``) launches its kernels through
-        ``torch.library.wrap_triton`` and is registered as the op ``fastpeft::<name>_triton`` with
-        ``torch.library.triton_op``, so torch.compile sees the kernels inside. Under the Triton
-        interpreter the launcher is called directly: the interpreter cannot run on the fake tensors
-        that dispatching through the op would hand it."""
-        self._triton_eager = launcher
-        self._triton = torch.library.triton_op(f"{self.qualname}_triton", mutates_args=())(launcher)
-
-    def register_cpu_kernel(self, kernel: Callable) -> None:
+    def _register_cpu_kernel(self, kernel: Callable) -> None:
         """A CPU face written with torch ops (an order of them that beats the reference, where C++
         would only call the same ATen kernels): registered on the dispatcher's CPU key like the
         extension's kernels, checks first, and counted as the ``cpu`` face when ``fastpeft._C`` is
@@ -85,23 +114,54 @@ class Op:
             return kernel(*args)
         _LIB.impl(self.name, checked, "CPU")
 
-    def refresh_cpp_faces(self) -> None:
-        """Record which devices ``fastpeft._C`` registered a kernel of this op for."""
+    def _load_triton(self) -> None:
+        """Import the Triton face, if the op has one. Only call with triton importable: then any
+        error here is fastpeft's own and propagates."""
+        if self.triton_module is None:
+            return
+        module = importlib.import_module(f"..kernels.{self.triton_module}", __package__)
+        launcher = getattr(module, self.name, None)
+        if launcher is None:
+            raise ImportError(f"op {self.name}: fastpeft/kernels/{self.triton_module}.py defines no launcher "
+                              f"{self.name}()")
+        # Under the Triton interpreter the launcher is called directly: the interpreter cannot run
+        # on the fake tensors that dispatching through a triton_op would hand it. Otherwise it runs
+        # as the op ``fastpeft::<name>_triton`` (torch.library.triton_op), so torch.compile sees the
+        # kernels inside.
+        self._triton_eager = launcher
+        self._triton = torch.library.triton_op(f"{self.qualname}_triton", mutates_args=())(launcher)
+
+    def _load_device_faces(self) -> None:
+        """Note which of the declared device faces the dispatcher has a kernel for (none without
+        ``fastpeft._C``: the ``cpu`` and ``cuda`` backends need it)."""
         loaded = backends.extension() is not None
-        self._cpp_faces = {backend for backend, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-                           if loaded and torch._C._dispatch_has_kernel_for_dispatch_key(self.qualname, key)}
+        self._loaded_device_faces = frozenset(
+            face for face in self.device_faces
+            if loaded and torch._C._dispatch_has_kernel_for_dispatch_key(self.qualname, _DISPATCH_KEYS[face]))
 
     def has_face(self, backend: str, device_type: str) -> bool:
+        """Whether the face is loaded and serves `device_type` (its backend's availability aside)."""
         if backend == "torch":
             return True
         if backend == "triton":
             return self._triton is not None
-        return backend == device_type and backend in self._cpp_faces
+        return backend == device_type and backend in self._loaded_device_faces
 
     def faces(self, device_type: str) -> list[str]:
-        """The faces this op has for a device type (built or not), for ``fastpeft info``."""
-        return [b for b in backends.BACKENDS if b == "torch" or b == "triton" and self._triton is not None
-                or b == device_type and b in ("cpu", "cuda")]
+        """The faces this op has for a device type, loaded or not, for ``fastpeft info``."""
+        return [b for b in backends.BACKENDS if b == "torch" or b == "triton" and self.triton_module is not None
+                or b == device_type and b in self.device_faces]
+
+    def missing_face(self, backend: str, device_type: str) -> str:
+        """Why the op has no `backend` face for `device_type`, once the backend itself can run there."""
+        if backend == "triton":
+            if self.triton_module is None:
+                return "it has no Triton kernel"
+            return f"fastpeft/kernels/{self.triton_module}.py was not loaded ({backends.triton_missing()})"
+        if backend not in self.device_faces:
+            return f"it has no {backend} kernel"
+        return (f"fastpeft._C registered no {backend} kernel for it (built from older sources?); "
+                f"{backends.BUILD_HINT}")
 
     def select(self, device: torch.device, *args) -> str:
         """Which face runs these arguments."""
@@ -111,11 +171,12 @@ class Op:
             if not avail.usable:
                 raise backends.BackendUnavailable(f"{self.name}: {avail.reason}")
             if not self.has_face(forced, device.type):
-                why = (f"fastpeft._C has no {forced} kernel for it" if forced in ("cpu", "cuda")
-                       else "it has no Triton kernel")
-                raise backends.BackendUnavailable(f"{self.name}: backend {forced!r} was forced, but {why}")
+                raise backends.BackendUnavailable(f"{self.name}: backend {forced!r} was forced, but "
+                                                  f"{self.missing_face(forced, device.type)}")
             return forced
-        order = self._choose(device, *args) if self._choose else DEFAULT_PREFERENCE.get(device.type, ("torch",))
+        order = self._choose(device, *args) if self._choose is not None else None
+        if order is None:
+            order = self._preference.get(device.type, ("torch",))
         for name in order:
             if self.has_face(name, device.type) and backends.availability(name, device).usable:
                 return name
@@ -123,6 +184,8 @@ class Op:
 
     def run(self, backend: str, *args):
         """Run one named face (no selection); inputs must already be checked."""
+        if _taken is not None:
+            _taken.append((self.name, backend))
         if backend == "torch":
             return self.reference(*args)
         if backend == "triton":
@@ -167,29 +230,35 @@ class Op:
 _OPS: dict[str, Op] = {}
 
 
-def unit_stride_rows(t: torch.Tensor) -> bool:
-    """Whether the kernels can read `t`'s rows as they lie: its last dimension is unit-stride, or has
-    one element, or `t` has none (an empty gradient that autograd expanded has stride 0 everywhere)."""
-    return t.stride(-1) == 1 or t.shape[-1] == 1 or t.numel() == 0
-
-
 def define(name: str, schema: str, *, check: Callable, fake: Callable, reference: Callable,
-           choose: Callable[..., Sequence[str]] | None = None) -> Op:
-    """Declare op ``fastpeft::<name>``; see the module docstring."""
+           choose: Callable[..., Sequence[str] | None] | None = None,
+           prefer: dict[str, tuple[str, ...]] | None = None, triton: str | None = None,
+           cpp: tuple[str, ...] = (), cpu_kernel: Callable | None = None) -> Op:
+    """Declare op ``fastpeft::<name>``; see the module docstring.
+
+    prefer: device type -> faces best first, where the op's order differs from
+        :data:`DEFAULT_PREFERENCE`. choose: ``(device, *args) -> order or None``, for an order that
+        depends on the shapes; None falls back to the device's preference.
+    """
     if name in _OPS:
         raise RuntimeError(f"op {name} is already defined")
-    op = _OPS[name] = Op(name, schema, check, fake, reference, choose)
+    op = _OPS[name] = Op(name, schema, check, fake, reference, choose, prefer or {}, triton, cpp, cpu_kernel)
     return op
 
 
-def load_cpp_faces() -> None:
-    """Load ``fastpeft._C`` (its kernels register themselves) and note each op's C++ faces.
+def load_faces() -> None:
+    """Load ``fastpeft._C`` (its kernels register themselves) and every op's Triton face.
 
     Run by ``import fastpeft`` once every op is declared, so that face selection later is plain
-    Python over precomputed tables, which torch.compile traces without a graph break."""
+    Python over precomputed tables, which torch.compile traces without a graph break. Without
+    triton the Triton faces stay unloaded (``backends.availability("triton")`` says why); with it,
+    an error importing one of fastpeft's kernel modules is raised here."""
     backends.load_extension()
+    with_triton = not backends.triton_missing()
     for op in _OPS.values():
-        op.refresh_cpp_faces()
+        if with_triton:
+            op._load_triton()
+        op._load_device_faces()
     backends.warm_availability()
 
 
@@ -199,3 +268,60 @@ def get(name: str) -> Op:
 
 def all_ops() -> dict[str, Op]:
     return dict(_OPS)
+
+
+@contextlib.contextmanager
+def record_faces() -> Iterator[list[tuple[str, str]]]:
+    """Collect the ``(op name, face)`` of every op call made inside the block, in order: what
+    ran, not what :meth:`Op.select` would pick (tests prove which face ran with it)."""
+    global _taken
+    previous, _taken = _taken, []
+    try:
+        yield _taken
+    finally:
+        _taken = previous
+
+
+# ---------------------------------------------------------------- checks shared by the ops' checkers
+
+def unit_stride_rows(t: torch.Tensor) -> bool:
+    """Whether the kernels can read `t`'s rows as they lie: its last dimension is unit-stride, or has
+    one element, or `t` has none (an empty gradient that autograd expanded has stride 0 everywhere)."""
+    return t.stride(-1) == 1 or t.shape[-1] == 1 or t.numel() == 0
+
+
+def check_tensors(op: str, named: Sequence[tuple[str, torch.Tensor | None]], optional: Sequence[str] = (),
+                  hint: str = "") -> None:
+    """The checks every op makes of its floating tensors, with messages naming the culprit.
+
+    named: ``(name, value)`` pairs; the first is the lead, whose dtype (one of
+    :data:`SUPPORTED_DTYPES`) and device every other tensor must share. Names in `optional` may be
+    None. hint: appended to a dtype mismatch's message (how to fix it, where the op knows).
+
+    Plain comparisons (about 3 µs) rather than ``torch._check`` with message closures (about 30 µs):
+    this runs on every eager call, and the fake kernel runs it under torch.compile.
+    """
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) and not (t is None and name in optional):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    lead_name, lead = named[0]
+    if lead.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {lead_name} has dtype {lead.dtype}; supported dtypes are float32, float16 and "
+                        "bfloat16")
+    for name, t in named[1:]:
+        if t is None:
+            continue
+        if t.dtype != lead.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {lead_name} has {lead.dtype}; all tensors must "
+                            f"share one dtype{hint}")
+        if t.device != lead.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {lead_name} is on {lead.device}; all tensors must "
+                             "be on one device")
+
+
+def check_rows_contiguous(op: str, *named: tuple[str, torch.Tensor | None]) -> None:
+    """Each given tensor (None skipped) must be readable row by row as it lies (:func:`unit_stride_rows`)."""
+    for name, t in named:
+        if t is not None and not unit_stride_rows(t):
+            raise ValueError(f"{op}: {name} must be contiguous in its last dimension; got strides "
+                             f"{list(t.stride())} (call .contiguous())")

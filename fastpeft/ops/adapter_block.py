@@ -16,8 +16,8 @@ Faces (one op, one place):
               ``[M, out]`` temporary is made besides y. Not C++: a C++ kernel would call the very same
               ``at::addmm``/``at::mm`` (MKL does the GEMMs either way), so it is registered from
               Python as the op's CPU kernel.
-  triton      ``kernels/adapter_block.py``: one kernel per row tile keeps the ``[rows, bottleneck]``
-              intermediate on chip and writes y once; the backward recomputes it.
+  triton      ``fastpeft/kernels/adapter_block.py``: one kernel per row tile keeps the
+              ``[rows, bottleneck]`` intermediate on chip and writes y once; the backward recomputes it.
 
 Ops (2-D inputs; the public :func:`adapter_block` flattens leading dimensions):
 
@@ -41,9 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _registry
-from .lora_linear import SUPPORTED_DTYPES
 
-# Index of each activation in the kernels' runtime switch (kernels/adapter_block.py).
+# Index of each activation in the kernels' runtime switch (fastpeft/kernels/adapter_block.py).
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")
 
 
@@ -53,22 +52,13 @@ def _shape(t):
 
 def check_adapter_block_args(x, h, w_down, b_down, w_up, b_up, scaling, activation, op="adapter_block"):
     """Validate an adapter block call; raises TypeError/ValueError naming the problem."""
-    named = (("x", x), ("h", h), ("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up))
-    for name, t in named:
-        if not isinstance(t, torch.Tensor) and not (t is None and name in ("h", "b_down", "b_up")):
-            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise TypeError(f"{op}: scaling must be a finite float, got {scaling!r}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: x has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
-    for name, t in named[1:]:
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype "
-                            "(cast the adapter or the input)")
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    _registry.check_tensors(op, (("x", x), ("h", h), ("w_down", w_down), ("b_down", b_down), ("w_up", w_up),
+                                 ("b_up", b_up)), optional=("h", "b_down", "b_up"),
+                            hint=" (cast the adapter or the input)")
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [tokens, in_features] at the op level; got shape {_shape(x)}")
     M, K = x.shape
@@ -90,10 +80,7 @@ def check_adapter_block_args(x, h, w_down, b_down, w_up, b_up, scaling, activati
         raise ValueError(f"{op}: b_up must be [out_features] = [{N}]; got {_shape(b_up)}")
     if h is not None and tuple(h.shape) != (M, N):
         raise ValueError(f"{op}: h (the residual) must be [tokens, out_features] = [{M}, {N}]; got {_shape(h)}")
-    for name, t in (("x", x), ("h", h)):
-        if t is not None and not _registry.unit_stride_rows(t):
-            raise ValueError(f"{op}: {name} must be contiguous in its last dimension; got strides {list(t.stride())} "
-                             "(call .contiguous())")
+    _registry.check_rows_contiguous(op, ("x", x), ("h", h))
 
 
 # ---------------------------------------------------------------- activations
@@ -193,16 +180,13 @@ def _fake_fwd(x, h, w_down, b_down, w_up, b_up, scaling, activation):
 
 
 def _check_bwd(grad_y, x, w_down, b_down, w_up, scaling, activation):
-    check_adapter_block_args(x, None, w_down, b_down, w_up, None, scaling, activation, op="adapter_block_bwd")
+    op = "adapter_block_bwd"
+    check_adapter_block_args(x, None, w_down, b_down, w_up, None, scaling, activation, op=op)
+    _registry.check_tensors(op, (("x", x), ("grad_y", grad_y)))
     shape = (x.shape[0], w_up.shape[0])
-    if not isinstance(grad_y, torch.Tensor):
-        raise TypeError(f"adapter_block_bwd: grad_y must be a Tensor, got {type(grad_y).__name__}")
     if tuple(grad_y.shape) != shape:
-        raise ValueError(f"adapter_block_bwd: grad_y must be {list(shape)}; got {_shape(grad_y)}")
-    if grad_y.dtype != x.dtype or grad_y.device != x.device:
-        raise TypeError(f"adapter_block_bwd: grad_y must share x's dtype {x.dtype} and device {x.device}")
-    if not _registry.unit_stride_rows(grad_y):
-        raise ValueError("adapter_block_bwd: grad_y must be contiguous in its last dimension")
+        raise ValueError(f"{op}: grad_y must be {list(shape)}; got {_shape(grad_y)}")
+    _registry.check_rows_contiguous(op, ("grad_y", grad_y))
 
 
 def _fake_bwd(grad_y, x, w_down, b_down, w_up, scaling, activation):
@@ -210,46 +194,21 @@ def _fake_bwd(grad_y, x, w_down, b_down, w_up, scaling, activation):
             x.new_empty(0) if b_down is None else torch.empty_like(b_down), torch.empty_like(w_up))
 
 
-def _choose(device, *args):
-    if device.type == "cuda":  # no CUDA C++ face: the Triton kernels are the fused path
-        return ("triton", "torch")
-    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
-
-
+# No CUDA C++ face: on the GPU the Triton kernels are the fused path. The CPU face is the folded
+# torch composition above (see the module docstring for why not C++).
 adapter_block_fwd = _registry.define(
     "adapter_block_fwd",
     "(Tensor x, Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, float scaling, str activation)"
     " -> Tensor",
-    check=_check_fwd, fake=_fake_fwd, reference=adapter_block_fwd_reference, choose=_choose)
+    check=_check_fwd, fake=_fake_fwd, reference=adapter_block_fwd_reference, triton="adapter_block",
+    cpu_kernel=adapter_block_fwd_cpu)
 
 adapter_block_bwd = _registry.define(
     "adapter_block_bwd",
     "(Tensor grad_y, Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, float scaling, str activation)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
-    check=_check_bwd, fake=_fake_bwd, reference=adapter_block_bwd_reference, choose=_choose)
-
-
-def _register_cpu_faces():
-    """The folded torch composition as the ops' CPU kernels (see the module docstring for why not
-    C++), on the dispatcher's CPU key like the extension's kernels, so the registry counts it as the
-    ``cpu`` face when ``fastpeft._C`` is loaded."""
-    for op, fn in ((adapter_block_fwd, adapter_block_fwd_cpu), (adapter_block_bwd, adapter_block_bwd_cpu)):
-        op.register_cpu_kernel(fn)
-
-
-_register_cpu_faces()
-
-
-def _register_triton_faces():
-    try:
-        from ..kernels import adapter_block as triton_block
-    except ImportError:  # no triton: the package still works on its other faces
-        return
-    adapter_block_fwd.register_triton(triton_block.adapter_block_fwd)
-    adapter_block_bwd.register_triton(triton_block.adapter_block_bwd)
-
-
-_register_triton_faces()
+    check=_check_bwd, fake=_fake_bwd, reference=adapter_block_bwd_reference, triton="adapter_block",
+    cpu_kernel=adapter_block_bwd_cpu)
 
 
 # ---------------------------------------------------------------- autograd and public entry
@@ -302,10 +261,7 @@ def adapter_block(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down
                 raise ValueError(f"adapter_block: {name} must have at least one dimension")
         if x.shape[:-1] != h.shape[:-1]:
             raise ValueError(f"adapter_block: x {_shape(x)} and h {_shape(h)} must have the same leading dimensions")
-        for name, t in (("x", x), ("h", h)):
-            if not _registry.unit_stride_rows(t):
-                raise ValueError(f"adapter_block: {name} must be contiguous in its last dimension; got strides "
-                                 f"{list(t.stride())} (call .contiguous())")
+        _registry.check_rows_contiguous("adapter_block", ("x", x), ("h", h))
     lead = h.shape[:-1]
     x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
     scaling = float(scaling)

@@ -1,6 +1,6 @@
 """BGMV: per-row gathered LoRA products for mixed-adapter decode (one adapter lookup per token).
 
-Faces: reference (this file: a per-row loop), Triton ``kernels/bgmv.py``, C++ CPU
+Faces: reference (this file: a per-row loop), Triton ``fastpeft/kernels/bgmv.py``, C++ CPU
 ``csrc/cpu/bgmv.cpp``, CUDA ``csrc/cuda/bgmv.cu``.
 
 ``bgmv_shrink(x, lora_a, adapter_ids) -> s``
@@ -21,50 +21,48 @@ import torch
 import torch.nn.functional as F
 
 from . import _registry
-from .lora_linear import SUPPORTED_DTYPES
 
 
 def _shape(t):
     return list(t.shape)
 
 
-def _check_tensor(op, name, t, dtype=None, device=None, dims=None):
+def _check_dims(op, *named):
+    for name, t, dims in named:
+        if t.dim() != dims:
+            raise ValueError(f"{op}: {name} must be {dims}-D; got shape {_shape(t)}")
+
+
+def _check_exact(op, name, t, dtype, device, dims):
+    """A tensor of a fixed dtype (an index or a scale), on the lead tensor's device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if dims is not None and t.dim() != dims:
-        raise ValueError(f"{op}: {name} must be {dims}-D; got shape {_shape(t)}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}; all tensors must be on one device")
+    _check_dims(op, (name, t, dims))
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the inputs are on {device}; all tensors must be on "
+                         "one device")
 
 
 def check_index(op, name, t, length, device):
-    _check_tensor(op, name, t, device=device, dims=1)
-    if t.dtype != torch.int32:
-        raise TypeError(f"{op}: {name} must be int32, got {t.dtype}")
+    _check_exact(op, name, t, torch.int32, device, dims=1)
     if length is not None and t.shape[0] != length:
         raise ValueError(f"{op}: {name} has {t.shape[0]} entries, expected {length}")
 
 
 def check_shrink(op, x, lora_a):
-    _check_tensor(op, "x", x, dims=2)
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: x has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
-    _check_tensor(op, "lora_a", lora_a, x.dtype, x.device, dims=3)
+    _registry.check_tensors(op, (("x", x), ("lora_a", lora_a)))
+    _check_dims(op, ("x", x, 2), ("lora_a", lora_a, 3))
     if lora_a.shape[2] != x.shape[1]:
         raise ValueError(f"{op}: lora_a must be [slots, max_rank, {x.shape[1]}]; got {_shape(lora_a)}")
-    if not _registry.unit_stride_rows(x):
-        raise ValueError(f"{op}: x must be contiguous in its last dimension; got strides {list(x.stride())}")
+    _registry.check_rows_contiguous(op, ("x", x))
 
 
 def check_expand(op, base, s, lora_b, scalings):
-    _check_tensor(op, "base", base, dims=2)
-    if base.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: base has dtype {base.dtype}; supported dtypes are float32, float16 and bfloat16")
-    _check_tensor(op, "s", s, base.dtype, base.device, dims=2)
-    _check_tensor(op, "lora_b", lora_b, base.dtype, base.device, dims=3)
-    _check_tensor(op, "scalings", scalings, torch.float32, base.device, dims=1)
+    _registry.check_tensors(op, (("base", base), ("s", s), ("lora_b", lora_b)))
+    _check_dims(op, ("base", base, 2), ("s", s, 2), ("lora_b", lora_b, 3))
+    _check_exact(op, "scalings", scalings, torch.float32, base.device, dims=1)
     T, N = base.shape
     S, R = lora_b.shape[0], s.shape[1]
     if s.shape[0] != T:
@@ -102,30 +100,14 @@ def bgmv_expand_reference(base, s, lora_b, scalings, adapter_ids):
     return out
 
 
-def _choose(device, *args):
-    if device.type == "cuda":
-        return ("cuda", "triton", "torch")
-    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
-
-
+# The default preference serves: the C++ faces first on either device (on the GPU a warp per
+# output slice with 16-byte loads), then Triton.
 bgmv_shrink = _registry.define(
     "bgmv_shrink", "(Tensor x, Tensor lora_a, Tensor adapter_ids) -> Tensor",
     check=_check_bgmv_shrink, fake=lambda x, a, ids: x.new_empty(x.shape[0], a.shape[1]),
-    reference=bgmv_shrink_reference, choose=_choose)
+    reference=bgmv_shrink_reference, triton="bgmv", cpp=("cpu", "cuda"))
 
 bgmv_expand = _registry.define(
     "bgmv_expand", "(Tensor base, Tensor s, Tensor lora_b, Tensor scalings, Tensor adapter_ids) -> Tensor",
     check=_check_bgmv_expand, fake=lambda base, *rest: torch.empty_like(base),
-    reference=bgmv_expand_reference, choose=_choose)
-
-
-def _register_triton_faces():
-    try:
-        from ..kernels import bgmv as triton_bgmv
-    except ImportError:
-        return
-    bgmv_shrink.register_triton(triton_bgmv.bgmv_shrink)
-    bgmv_expand.register_triton(triton_bgmv.bgmv_expand)
-
-
-_register_triton_faces()
+    reference=bgmv_expand_reference, triton="bgmv", cpp=("cpu", "cuda"))

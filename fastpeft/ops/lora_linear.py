@@ -2,7 +2,7 @@
 
 Faces (one op, one place):
   reference   this file (``lora_linear_fwd_reference`` / ``lora_linear_bwd_reference``)
-  triton      ``kernels/lora_linear.py``
+  triton      ``fastpeft/kernels/lora_linear.py``
   cpu         ``csrc/cpu/lora_linear.cpp``
   cuda        ``csrc/cuda/lora_linear.cu``
 
@@ -27,10 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import backends
 from . import _registry
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _shape(t):
@@ -38,24 +35,10 @@ def _shape(t):
 
 
 def check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora=None, op="lora_linear"):
-    """Validate a LoRA linear call; raises TypeError/ValueError naming the problem.
-
-    Plain comparisons (about 3 µs) rather than ``torch._check`` with message closures (about 30 µs):
-    this runs on every eager call, and the fake kernel runs it under torch.compile.
-    """
-    named = (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias), ("x_lora", x_lora))
-    for n, t in named:
-        if not isinstance(t, torch.Tensor) and not (t is None and n in ("bias", "x_lora")):
-            raise TypeError(f"{op}: {n} must be a Tensor, got {type(t).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: x has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
-    for n, t in named[1:]:
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{op}: {n} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype "
-                            "(cast the adapter or the input)")
-    for n, t in named[1:]:
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: {n} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    """Validate a LoRA linear call; raises TypeError/ValueError naming the problem."""
+    _registry.check_tensors(op, (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b),
+                                 ("bias", bias), ("x_lora", x_lora)),
+                            optional=("bias", "x_lora"), hint=" (cast the adapter or the input)")
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [tokens, in_features] at the op level; got shape {_shape(x)}")
     if weight.dim() != 2:
@@ -73,14 +56,9 @@ def check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora=None, op="lor
         raise ValueError(f"{op}: lora_b must be [out_features, r] = [{N}, {r}]; got {_shape(lora_b)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"{op}: bias must be [out_features] = [{N}]; got {_shape(bias)}")
-    if not _registry.unit_stride_rows(x):
-        raise ValueError(f"{op}: x must be contiguous in its last dimension; got strides {list(x.stride())} "
-                         "(call .contiguous())")
-    if x_lora is not None:
-        if x_lora.shape != x.shape:
-            raise ValueError(f"{op}: x_lora must have x's shape {_shape(x)}; got {_shape(x_lora)}")
-        if not _registry.unit_stride_rows(x_lora):
-            raise ValueError(f"{op}: x_lora must be contiguous in its last dimension")
+    if x_lora is not None and x_lora.shape != x.shape:
+        raise ValueError(f"{op}: x_lora must have x's shape {_shape(x)}; got {_shape(x_lora)}")
+    _registry.check_rows_contiguous(op, ("x", x), ("x_lora", x_lora))
 
 
 # ---------------------------------------------------------------- forward
@@ -105,38 +83,28 @@ def _choose_fwd(device, x, *args):
         # The CUDA face is a fused GEMV for decode; prefill-sized M goes to the fused Triton GEMM.
         # By design, not yet by measurement: the first GPU run of `fastpeft bench` decides.
         return ("cuda", "triton", "torch") if x.shape[0] <= 16 else ("triton", "cuda", "torch")
-    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
-
-
-def _choose_bwd(device, *args):
-    if device.type == "cuda":  # the fused dx GEMM (Triton) first; cuBLAS + addmm_ (C++) after
-        return ("triton", "cuda", "torch")
-    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
+    return None
 
 
 lora_linear_fwd = _registry.define(
     "lora_linear_fwd",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor? x_lora=None)"
     " -> (Tensor, Tensor)",
-    check=_check_fwd, fake=_fake_fwd, reference=lora_linear_fwd_reference, choose=_choose_fwd)
+    check=_check_fwd, fake=_fake_fwd, reference=lora_linear_fwd_reference, choose=_choose_fwd,
+    triton="lora_linear", cpp=("cpu", "cuda"))
 
 
 # ---------------------------------------------------------------- backward
 
 def _check_bwd(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora=None):
-    check_lora_linear_args(x, weight, None, lora_a, lora_b, x_lora, op="lora_linear_bwd")
+    op = "lora_linear_bwd"
+    check_lora_linear_args(x, weight, None, lora_a, lora_b, x_lora, op=op)
+    _registry.check_tensors(op, (("x", x), ("grad_y", grad_y), ("s", s)))
     M, N, r = x.shape[0], weight.shape[0], lora_a.shape[0]
     for n, t, shape in (("grad_y", grad_y, (M, N)), ("s", s, (M, r))):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"lora_linear_bwd: {n} must be a Tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape:
-            raise ValueError(f"lora_linear_bwd: {n} must be {list(shape)}; got {_shape(t)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"lora_linear_bwd: {n} has dtype {t.dtype}, x has {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"lora_linear_bwd: {n} is on {t.device}, x on {x.device}")
-        if not _registry.unit_stride_rows(t):
-            raise ValueError(f"lora_linear_bwd: {n} must be contiguous in its last dimension")
+            raise ValueError(f"{op}: {n} must be {list(shape)}; got {_shape(t)}")
+    _registry.check_rows_contiguous(op, ("grad_y", grad_y), ("s", s))
 
 
 def _fake_bwd(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora=None):
@@ -162,21 +130,9 @@ lora_linear_bwd = _registry.define(
     "lora_linear_bwd",
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor s, float scaling, Tensor? x_lora=None)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
-    check=_check_bwd, fake=_fake_bwd, reference=lora_linear_bwd_reference, choose=_choose_bwd)
-
-
-# ---------------------------------------------------------------- Triton face
-
-def _register_triton_faces():
-    try:
-        from ..kernels import lora_linear as triton_lora
-    except ImportError:  # no triton: the package still works on its other faces
-        return
-    lora_linear_fwd.register_triton(triton_lora.lora_linear_fwd)
-    lora_linear_bwd.register_triton(triton_lora.lora_linear_bwd)
-
-
-_register_triton_faces()
+    check=_check_bwd, fake=_fake_bwd, reference=lora_linear_bwd_reference,
+    # the fused dx GEMM (Triton) first on the GPU; cuBLAS + addmm_ (C++) after
+    prefer={"cuda": ("triton", "cuda", "torch")}, triton="lora_linear", cpp=("cpu", "cuda"))
 
 
 # ---------------------------------------------------------------- autograd and public entry
@@ -224,9 +180,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             raise ValueError("lora_linear: x must have at least one dimension")
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"lora_linear: dropout_p must be in [0, 1); got {dropout_p}")
-        if not _registry.unit_stride_rows(x):
-            raise ValueError(f"lora_linear: x must be contiguous in its last dimension; got strides {list(x.stride())}"
-                             " (call .contiguous())")
+        _registry.check_rows_contiguous("lora_linear", ("x", x))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     x_lora = F.dropout(x2, dropout_p, training=True) if dropout_p > 0 else None
@@ -238,4 +192,4 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "lora_linear_fwd_reference",
-           "lora_linear_bwd_reference", "check_lora_linear_args", "LoRALinearFunction", "backends"]
+           "lora_linear_bwd_reference", "check_lora_linear_args", "LoRALinearFunction"]

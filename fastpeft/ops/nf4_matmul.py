@@ -1,11 +1,11 @@
 """NF4 dequant-matmul: ``y = x·dequant(W)ᵀ + bias`` (or ``x·dequant(W)`` for the backward's dx).
 
-Faces: the pure-PyTorch reference here (dequantise, then matmul); Triton ``kernels/nf4_matmul.py``
-(tiles dequantised in registers; no float weight is written); C++ CPU ``csrc/cpu/nf4_matmul*.cpp``
-(GEMVs for few rows and tiles above, per instruction set chosen at run time: AVX-512 with bf16 dot
-products, AVX2, portable; ``fastpeft info`` lists the path per shape); CUDA
-``csrc/cuda/nf4_matmul.cu`` (a decode GEMV streaming the packed rows with 16-byte
-loads, tiles + cuBLAS otherwise).
+Faces: the pure-PyTorch reference here (dequantise, then matmul); Triton
+``fastpeft/kernels/nf4_matmul.py`` (tiles dequantised in registers; no float weight is written);
+C++ CPU ``csrc/cpu/nf4_matmul*.cpp`` (GEMVs for few rows and tiles above, per instruction set
+chosen at run time: AVX-512 with bf16 dot products, AVX2, portable; ``fastpeft info`` lists the
+path per shape); CUDA ``csrc/cuda/nf4_matmul.cu`` (a decode GEMV streaming the packed rows with
+16-byte loads, tiles + cuBLAS otherwise).
 
 ``nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, transposed,
 lora_s, lora_l, lora_scaling) -> y``
@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from ..quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, _per_block
 from . import _registry
-from .lora_linear import SUPPORTED_DTYPES
 
 
 def dequantize_packed(packed, absmax, quant_map, blocksize, out_features, in_features, dtype):
@@ -58,8 +57,8 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
     op = "nf4_matmul"
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{op}: x must be a 2-D tensor [tokens, features]")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: x has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
+    _registry.check_tensors(op, (("x", x), ("bias", bias), ("lora_s", lora_s), ("lora_l", lora_l)),
+                            optional=("bias", "lora_s", "lora_l"))
     if out_features < 1:
         raise ValueError(f"{op}: out_features must be >= 1, got {out_features}")
     if blocksize not in BLOCKSIZES:
@@ -92,14 +91,14 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
             raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}"
                             + (" (an NF4Weight without double quantisation has offset None: pass 0.0)"
                                if name == "absmax_offset" and value is None else ""))
-    for name, t in (("packed", packed), ("absmax", absmax), ("quant_map", quant_map), ("bias", bias),
+    for name, t in (("packed", packed), ("absmax", absmax), ("quant_map", quant_map),
                     ("nested_absmax", nested_absmax), ("nested_quant_map", nested_quant_map)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     if bias is not None and transposed:
         raise ValueError(f"{op}: bias is for the forward product only; transposed=True takes none")
-    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
-        raise ValueError(f"{op}: bias must be [{out_features}] in x's dtype")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"{op}: bias must be [{out_features}]; got {list(bias.shape)}")
     if (lora_s is None) != (lora_l is None):
         raise ValueError(f"{op}: lora_s and lora_l come together (the LoRA term is lora_s·lora_l)")
     if lora_s is not None:
@@ -109,10 +108,6 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
             raise ValueError(f"{op}: lora_s must be [{x.shape[0]}, r] with r >= 1; got {list(lora_s.shape)}")
         if tuple(lora_l.shape) != (r, n_out):
             raise ValueError(f"{op}: lora_l must be [r={r}, {n_out}]; got {list(lora_l.shape)}")
-        for name, t in (("lora_s", lora_s), ("lora_l", lora_l)):
-            if t.dtype != x.dtype or t.device != x.device:
-                raise ValueError(f"{op}: {name} must have x's dtype and device ({x.dtype}, {x.device}); got "
-                                 f"{t.dtype} on {t.device}")
 
 
 def nf4_matmul_reference(x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False,
@@ -130,21 +125,16 @@ def _fake(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tran
     return x.new_empty(x.shape[0], _in_features(x, packed, out_features, transposed) if transposed else out_features)
 
 
-def _choose(device, x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False, *lora):
-    if device.type == "cuda":
-        # Triton first for every shape: the CUDA decode GEMV (csrc/cuda/nf4_matmul.cu) compiles but
-        # has not run on a GPU yet; the first device session that passes its tests and measures it
-        # puts it first for M <= 16 (what it is built for).
-        return ("triton", "cuda", "torch")
-    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
-
-
 nf4_matmul = _registry.define(
     "nf4_matmul",
     "(Tensor x, Tensor packed, Tensor absmax, Tensor quant_map, int blocksize, int out_features, Tensor? bias=None,"
     " bool transposed=False, Tensor? lora_s=None, Tensor? lora_l=None, float lora_scaling=1.0,"
     " Tensor? nested_absmax=None, Tensor? nested_quant_map=None, float absmax_offset=0.0) -> Tensor",
-    check=_check, fake=_fake, reference=nf4_matmul_reference, choose=_choose)
+    check=_check, fake=_fake, reference=nf4_matmul_reference,
+    # Triton first on the GPU for every shape: the CUDA decode GEMV (csrc/cuda/nf4_matmul.cu)
+    # compiles but has not run on a GPU yet; the first device session that passes its tests and
+    # measures it puts it first for M <= 16 (what it is built for).
+    prefer={"cuda": ("triton", "cuda", "torch")}, triton="nf4_matmul", cpp=("cpu", "cuda"))
 
 
 def weight_args(q) -> tuple:
@@ -236,13 +226,3 @@ def qlora_linear(x: torch.Tensor, q, bias: torch.Tensor | None, lora_a: torch.Te
     return QLoRALinearFunction.apply(x, x_lora, packed, absmax, quant_map, blocksize, q.shape[0], bias, lora_a,
                                      lora_b, float(scaling), nested_absmax, nested_quant_map, offset)
 
-
-def _register_triton_faces():
-    try:
-        from ..kernels import nf4_matmul as triton_nf4
-    except ImportError:
-        return
-    nf4_matmul.register_triton(triton_nf4.nf4_matmul)
-
-
-_register_triton_faces()

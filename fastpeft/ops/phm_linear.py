@@ -17,7 +17,7 @@ Faces (one op, one place):
               C++: the work is two GEMMs plus n×n mixing of small blocks, which C++ would express
               with the very same ``at::mm``/``at::einsum`` calls (MKL does the GEMMs either way), so
               it is registered from Python as the op's CPU kernel.
-  triton      ``kernels/phm_linear.py``: the Aᵢ mixing fused into the GEMMs' tiles
+  triton      ``fastpeft/kernels/phm_linear.py``: the Aᵢ mixing fused into the GEMMs' tiles
 
 Ops (2-D inputs; the public :func:`phm_linear` flattens leading dimensions):
 
@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from . import _registry
-from .lora_linear import SUPPORTED_DTYPES
 
 
 def _shape(t):
@@ -54,24 +53,12 @@ def phm_dims(x, phm_rule, phm_b, phm_b_left, phm_b_right):
 
 def check_phm_linear_args(x, phm_rule, phm_b, phm_b_left, phm_b_right, bias=None, op="phm_linear"):
     """Validate a PHM linear call; raises TypeError/ValueError naming the problem."""
-    named = (("x", x), ("phm_rule", phm_rule), ("phm_b", phm_b), ("phm_b_left", phm_b_left),
-             ("phm_b_right", phm_b_right), ("bias", bias))
-    for name, t in named:
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if x is None or phm_rule is None:
-        raise TypeError(f"{op}: x and phm_rule are required")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: x has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
-    for name, t in named[1:]:
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    _registry.check_tensors(op, (("x", x), ("phm_rule", phm_rule), ("phm_b", phm_b), ("phm_b_left", phm_b_left),
+                                 ("phm_b_right", phm_b_right), ("bias", bias)),
+                            optional=("phm_b", "phm_b_left", "phm_b_right", "bias"))
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [tokens, in_features] at the op level; got shape {_shape(x)}")
-    if not _registry.unit_stride_rows(x):
-        raise ValueError(f"{op}: x must be contiguous in its last dimension (call .contiguous())")
+    _registry.check_rows_contiguous(op, ("x", x))
     if phm_rule.dim() != 3 or phm_rule.shape[0] < 1 or phm_rule.shape[1:] != (phm_rule.shape[0],) * 2:
         raise ValueError(f"{op}: phm_rule must be [n, n, n] (Aᵢ = phm_rule[i], n = phm_dim >= 1); got {_shape(phm_rule)}")
     n = phm_rule.shape[0]
@@ -189,14 +176,13 @@ def _fake_fwd(x, phm_rule, phm_b=None, phm_b_left=None, phm_b_right=None, bias=N
 
 
 def _check_bwd(grad_y, x, phm_rule, phm_b=None, phm_b_left=None, phm_b_right=None):
-    check_phm_linear_args(x, phm_rule, phm_b, phm_b_left, phm_b_right, None, op="phm_linear_bwd")
+    op = "phm_linear_bwd"
+    check_phm_linear_args(x, phm_rule, phm_b, phm_b_left, phm_b_right, None, op=op)
+    _registry.check_tensors(op, (("x", x), ("grad_y", grad_y)))
     M, n, _, p, _ = phm_dims(x, phm_rule, phm_b, phm_b_left, phm_b_right)
-    if not isinstance(grad_y, torch.Tensor) or tuple(grad_y.shape) != (M, n * p):
-        raise ValueError(f"phm_linear_bwd: grad_y must be a [{M}, {n * p}] tensor")
-    if grad_y.dtype != x.dtype or grad_y.device != x.device:
-        raise TypeError(f"phm_linear_bwd: grad_y must share x's dtype {x.dtype} and device {x.device}")
-    if not _registry.unit_stride_rows(grad_y):
-        raise ValueError("phm_linear_bwd: grad_y must be contiguous in its last dimension")
+    if tuple(grad_y.shape) != (M, n * p):
+        raise ValueError(f"{op}: grad_y must be [{M}, {n * p}]; got {_shape(grad_y)}")
+    _registry.check_rows_contiguous(op, ("grad_y", grad_y))
 
 
 def _fake_bwd(grad_y, x, phm_rule, phm_b=None, phm_b_left=None, phm_b_right=None):
@@ -213,44 +199,23 @@ def _choose(device, x, phm_rule, phm_b=None, *args):
         # intermediates, while forming W costs only n·in·out; measured on 2 cores (M=512,
         # in=out=1024/2048, n=4/8) the factored fwd+bwd took 1.04-1.28x the reference's time.
         return ("torch", "cpu")
-    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
+    return None
 
 
 phm_linear_fwd = _registry.define(
     "phm_linear_fwd",
     "(Tensor x, Tensor phm_rule, Tensor? phm_b=None, Tensor? phm_b_left=None, Tensor? phm_b_right=None,"
     " Tensor? bias=None) -> Tensor",
-    check=_check_fwd, fake=_fake_fwd, reference=phm_linear_fwd_reference, choose=_choose)
+    check=_check_fwd, fake=_fake_fwd, reference=phm_linear_fwd_reference, choose=_choose, triton="phm_linear",
+    cpu_kernel=phm_linear_fwd_factored)
 
 phm_linear_bwd = _registry.define(
     "phm_linear_bwd",
     "(Tensor grad_y, Tensor x, Tensor phm_rule, Tensor? phm_b=None, Tensor? phm_b_left=None,"
     " Tensor? phm_b_right=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     check=_check_bwd, fake=_fake_bwd, reference=phm_linear_bwd_reference,
-    choose=lambda device, grad_y, x, *factors: _choose(device, x, *factors))
-
-
-def _register_cpu_faces():
-    """The factored torch computation as the ops' CPU kernels (see the module docstring for why not
-    C++). Registered on the dispatcher's CPU key like the extension's kernels, so the registry counts
-    it as the ``cpu`` face when ``fastpeft._C`` is loaded."""
-    for op, fn in ((phm_linear_fwd, phm_linear_fwd_factored), (phm_linear_bwd, phm_linear_bwd_factored)):
-        op.register_cpu_kernel(fn)
-
-
-_register_cpu_faces()
-
-
-def _register_triton_faces():
-    try:
-        from ..kernels import phm_linear as triton_phm
-    except ImportError:  # no triton: the package still works on its other faces
-        return
-    phm_linear_fwd.register_triton(triton_phm.phm_linear_fwd)
-    phm_linear_bwd.register_triton(triton_phm.phm_linear_bwd)
-
-
-_register_triton_faces()
+    choose=lambda device, grad_y, x, *factors: _choose(device, x, *factors), triton="phm_linear",
+    cpu_kernel=phm_linear_bwd_factored)
 
 
 # ---------------------------------------------------------------- autograd and public entry
@@ -295,8 +260,7 @@ def phm_linear(x: torch.Tensor, phm_rule: torch.Tensor, phm_b: torch.Tensor | No
     if not torch.compiler.is_compiling():
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise TypeError("phm_linear: x must be a Tensor with at least one dimension")
-        if not _registry.unit_stride_rows(x):
-            raise ValueError("phm_linear: x must be contiguous in its last dimension (call .contiguous())")
+        _registry.check_rows_contiguous("phm_linear", ("x", x))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     factors = (phm_rule, phm_b, phm_b_left, phm_b_right, bias)

@@ -4,7 +4,7 @@ Tokens are grouped by adapter once per batch (:class:`AdapterBatch`); each segme
 sharing a slot is one small GEMM against that slot's factors. Same math as BGMV
 (``fastpeft/ops/bgmv.py``), a different work split: many tokens per adapter.
 
-Faces: reference (this file: the per-row loop of BGMV's reference), Triton ``kernels/sgmv.py``,
+Faces: reference (this file: the per-row loop of BGMV's reference), Triton ``fastpeft/kernels/sgmv.py``,
 C++ CPU ``csrc/cpu/sgmv.cpp``.
 
 ``sgmv_shrink(x, lora_a, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len) -> s``
@@ -97,30 +97,13 @@ def sgmv_expand_reference(base, s, lora_b, scalings, *routing):
     return bgmv_expand_reference(base, s, lora_b, scalings, token_slots(base.shape[0], lora_b.shape[0], *routing))
 
 
-def _choose(device, *args):
-    if device.type == "cuda":
-        return ("triton", "cuda", "torch")
-    return _registry.DEFAULT_PREFERENCE.get(device.type, ("torch",))
-
-
+# No CUDA C++ face: on the GPU the Triton kernels serve.
 sgmv_shrink = _registry.define(
     "sgmv_shrink", f"(Tensor x, Tensor lora_a, {ROUTING}) -> Tensor",
     check=_check_sgmv_shrink, fake=lambda x, a, *routing: x.new_empty(x.shape[0], a.shape[1]),
-    reference=sgmv_shrink_reference, choose=_choose)
+    reference=sgmv_shrink_reference, triton="sgmv", cpp=("cpu",))
 
 sgmv_expand = _registry.define(
     "sgmv_expand", f"(Tensor base, Tensor s, Tensor lora_b, Tensor scalings, {ROUTING}) -> Tensor",
     check=_check_sgmv_expand, fake=lambda base, *rest: torch.empty_like(base),
-    reference=sgmv_expand_reference, choose=_choose)
-
-
-def _register_triton_faces():
-    try:
-        from ..kernels import sgmv as triton_sgmv
-    except ImportError:
-        return
-    sgmv_shrink.register_triton(triton_sgmv.sgmv_shrink)
-    sgmv_expand.register_triton(triton_sgmv.sgmv_expand)
-
-
-_register_triton_faces()
+    reference=sgmv_expand_reference, triton="sgmv", cpp=("cpu",))
