@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run through Triton's CPU interpreter: TRITON_IN
 before triton is first imported (``@triton.jit`` reads it at decoration), hence here, at the top.
 """
 
+import contextlib
 import os
 
 import torch
@@ -15,6 +16,7 @@ import pytest  # noqa: E402
 
 import fastpeft  # noqa: E402
 from fastpeft import backends  # noqa: E402
+from fastpeft.ops import record_faces  # noqa: E402
 from fastpeft.testing import TOLERANCES, assert_close  # noqa: E402,F401  (the one table; tests take it from here)
 
 HAS_GPU = torch.cuda.is_available()
@@ -26,11 +28,14 @@ def device_params():
     return [pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in DEVICES]
 
 
-def face_params():
-    """(device, backend) for every fast face that can run here; the reference is what they are tested against."""
+def face_params(op=None):
+    """(device, backend) for every fast face that can run here (of those `op` has, given one: an op
+    without a CUDA source has no cuda face to test); the reference is what they are tested against."""
     params = []
     for device in DEVICES:
         for backend in ("cpu", "triton", "cuda"):
+            if op is not None and backend not in op.faces(device):
+                continue
             avail = backends.availability(backend, torch.device(device))
             marks = [pytest.mark.gpu] if device == "cuda" else []
             if not avail.usable:
@@ -39,6 +44,29 @@ def face_params():
                 continue
             params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return params
+
+
+@contextlib.contextmanager
+def on_face(backend):
+    """Force `backend` inside the block and prove that it ran: some fastpeft op was called, and
+    every call took that face (a face test that quietly ran another path proves nothing).
+    Yields the recorded ``(op name, face)`` calls."""
+    with fastpeft.use_backend(backend), record_faces() as taken:
+        yield taken
+    assert taken, f"no fastpeft op ran under use_backend({backend!r})"
+    assert all(face == backend for _, face in taken), f"forced {backend!r}, but the calls took {taken}"
+
+
+def assert_refused_before_any_face(monkeypatch, op, call, exc, pattern):
+    """`call()` raises `exc` matching `pattern` before `op` picks a face or runs one. An op checks
+    its inputs before it chooses a face, so this one call speaks for every face."""
+    def no_face(*args, **kwargs):
+        raise AssertionError(f"{op.name} went on to a face with bad input")
+
+    monkeypatch.setattr(op, "select", no_face)
+    monkeypatch.setattr(op, "run", no_face)
+    with pytest.raises(exc, match=pattern):
+        call()
 
 
 def pytest_collection_modifyitems(config, items):

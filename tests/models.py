@@ -49,3 +49,17 @@ def model_inputs(kind: str, batch: int = 2, seq: int = 7, seed: int = 1):
 def output_of(model, inputs):
     out = model(**inputs)
     return out.logits
+
+
+def train_on_own_tokens(model, input_ids, steps: int, lr: float = 1e-2) -> list[float]:
+    """Adam over the trainable parameters of a causal LM, each step predicting `input_ids` from
+    themselves; the losses, one a step."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -6,13 +6,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fastpeft
 from fastpeft.methods.bottleneck import AdapterBlock
 from fastpeft.nn import PHMLinear
-from fastpeft.ops import adapter_block, adapter_block_fwd
+from fastpeft.ops import adapter_block, adapter_block_fwd, record_faces
 from fastpeft.ops.adapter_block import ACTIVATIONS, adapter_block_bwd_reference, adapter_block_fwd_reference
 
-from conftest import DTYPES, TOLERANCES, assert_close, face_params
+from conftest import DTYPES, TOLERANCES, assert_close, assert_refused_before_any_face, face_params, on_face
 
 TORCH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
                      "silu": F.silu, "tanh": torch.tanh, "identity": lambda z: z}
@@ -41,7 +40,7 @@ def run(inputs, scaling, activation, backend, sequential=False):
     """y and the gradients of every input through the public op on one backend (x is h when sequential)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
     x = leaves["h"] if sequential else leaves["x"]
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         y = adapter_block(x, leaves["h"], leaves["w_down"], leaves.get("b_down"), leaves["w_up"], leaves.get("b_up"),
                           scaling, activation)
         y.backward(upstream_grad(y.shape, y))
@@ -101,7 +100,7 @@ def test_reference_backward_matches_autograd(activation):
 
 # ---------------------------------------------------------------- every face against the reference
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("R", WIDTHS)
@@ -116,7 +115,7 @@ def test_face_matches_reference(device, backend, dtype, M, R):
             bias_grad_magnitudes(b, 1.5, activation, sequential))
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", list(FEATURES))
@@ -127,12 +126,12 @@ def test_each_activation_matches_reference(device, backend, dtype, activation, l
             f"{backend} vs reference, {activation}, {layout}", bias_grad_magnitudes(b, 0.8, activation, sequential))
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
 def test_without_biases_frozen_weights_and_leading_dimensions(device, backend):
     b = make_block(2 * 5, 24, 40, 6, torch.float32, device, bias=False)
     x = b["x"].view(2, 5, 24).requires_grad_()
     h = b["h"].view(2, 5, 40)
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         y = adapter_block(x, h, b["w_down"], None, b["w_up"], None, 2.0, "silu")
         y.square().sum().backward()
     assert y.shape == (2, 5, 40)
@@ -145,19 +144,19 @@ def test_without_biases_frozen_weights_and_leading_dimensions(device, backend):
     assert b["w_down"].grad is None and b["w_up"].grad is None
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_zero_up_projection_returns_h_exactly(device, backend, activation):
     """Identity init (Wu = 0, bu = 0) must leave h bit-for-bit: the bottleneck adapters promise it."""
     b = make_block(7, 24, 40, 5, torch.float32, device)
     b["w_up"].zero_()
     b["b_up"].zero_()
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         y = adapter_block(*b.values(), 3.0, activation)
     assert torch.equal(y, b["h"])
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
 def test_empty_batch(device, backend):
     b = make_block(0, 24, 40, 5, torch.float32, device)
     out = run(b, 1.0, "relu", backend)
@@ -165,11 +164,17 @@ def test_empty_batch(device, backend):
     assert torch.equal(out["grad_w_down"], torch.zeros(5, 24, device=device))
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
 def test_face_selected_is_the_face_that_runs(device, backend):
+    """Forward and backward both run the face forced, and the automatic choice is the one select() names."""
     b = make_block(4, 8, 8, 2, torch.float32, device)
-    with fastpeft.use_backend(backend):
-        assert adapter_block_fwd.select(b["x"].device, *b.values(), 1.0, "relu") == backend
+    trained = {**b, "w_down": b["w_down"].clone().requires_grad_()}
+    with on_face(backend) as taken:
+        adapter_block(*trained.values(), 1.0, "relu").sum().backward()
+    assert taken == [("adapter_block_fwd", backend), ("adapter_block_bwd", backend)]
+    with record_faces() as taken:
+        adapter_block_fwd(*b.values(), 1.0, "relu")
+    assert taken == [("adapter_block_fwd", adapter_block_fwd.select(b["x"].device, *b.values(), 1.0, "relu"))]
 
 
 def test_opcheck():
@@ -252,20 +257,12 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("device,backend", face_params())
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_raises_before_any_kernel(case, device, backend, monkeypatch):
-    if device != "cpu":
-        pytest.skip("the cases are built on the CPU; the checks are face-independent")
+def test_bad_input_raises_before_any_face(case, monkeypatch):
     change, exc, pattern = BAD[case]
     args = {**_good(), **change}
-
-    def no_kernel(*a, **k):
-        raise AssertionError("a kernel ran on bad input")
-
-    monkeypatch.setattr(adapter_block_fwd, "run", no_kernel)
-    with fastpeft.use_backend(backend), pytest.raises(exc, match=pattern):
-        adapter_block(*args.values(), 1.0, "relu")
+    assert_refused_before_any_face(monkeypatch, adapter_block_fwd, lambda: adapter_block(*args.values(), 1.0, "relu"),
+                                   exc, pattern)
 
 
 @pytest.mark.parametrize("kwargs,exc,pattern", [

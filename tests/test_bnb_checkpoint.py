@@ -15,7 +15,7 @@ from fastpeft.nn import Linear4bit, LoRALinear
 from fastpeft import load_quantized_model, save_quantized_model
 
 from conftest import assert_close
-from models import model_inputs, tiny_model
+from models import model_inputs, tiny_model, train_on_own_tokens
 
 bnb = pytest.importorskip("bitsandbytes")
 tf = pytest.importorskip("transformers")
@@ -117,15 +117,7 @@ def test_qlora_on_a_loaded_model_trains(bnb_saved):
     model = load_quantized_model(bnb_saved[0])
     fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert isinstance(model.model.layers[0].mlp.up_proj, LoRALinear) and model.model.layers[0].mlp.up_proj.quantized
-    ids = model_inputs("llama", batch=4, seq=10)["input_ids"]
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_on_own_tokens(model, model_inputs("llama", batch=4, seq=10)["input_ids"], steps=15)
     assert losses[-1] < losses[0] - 0.2, losses
 
 

@@ -1,21 +1,14 @@
-"""Linear4bit (NF4 base weights) and QLoRA through the public API."""
+"""Linear4bit (NF4 base weights) and QLoRA through the public API; the nf4_matmul op beneath is
+tested in test_nf4_matmul.py."""
 
 import pytest
 import torch
 
 import fastpeft
-from fastpeft import backends
 from fastpeft.nn import Linear4bit, LoRALinear
-from fastpeft.ops.nf4_matmul import nf4_matmul_reference
 
-from conftest import DTYPES, assert_close, face_params
-from models import model_inputs, tiny_model
-
-
-def nested_args(q) -> dict:
-    """nf4_matmul's double-quantisation arguments of an NF4Weight (none when it is single-quantised)."""
-    return ({"nested_absmax": q.nested_absmax, "nested_quant_map": q.nested_quant_map, "absmax_offset": q.offset}
-            if q.double_quant else {})
+from conftest import DTYPES, assert_close
+from models import model_inputs, tiny_model, train_on_own_tokens
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -92,14 +85,7 @@ def test_quantize_model_and_qlora_training():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {n for n, _ in model.named_parameters() if ".lora_" in n}
     ids = model_inputs("llama", batch=8, seq=12)["input_ids"]
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(25):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_on_own_tokens(model, ids, steps=25)
     assert losses[-1] < losses[0] - 0.3, losses
     with pytest.warns(UserWarning, match="requantised to NF4"):
         fastpeft.merge_and_unload(model)
@@ -170,235 +156,6 @@ def test_merge_into_nf4_is_the_requantised_sum():
     with pytest.warns(UserWarning, match="added to the dequantised weight"):
         layer.merge()
     assert torch.equal(base.q.packed, expected.packed) and torch.equal(base.q.absmax, expected.absmax)
-
-
-def test_reference_op_rejects_inconsistent_inputs():
-    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32))
-    q = layer.q
-    with pytest.raises(ValueError, match=r"packed bytes do not hold a \[32, 63\] weight"):
-        fastpeft.ops.nf4_matmul(torch.randn(2, 63), q.packed, q.absmax, q.quant_map, 64, 32, None, False)
-    with pytest.raises(ValueError, match="absmax must be torch.float32 with 32 entries"):
-        fastpeft.ops.nf4_matmul(torch.randn(2, 64), q.packed, q.absmax[:31], q.quant_map, 64, 32, None, False)
-    dq = Linear4bit.from_linear(torch.nn.Linear(64, 32), double_quant=True).q
-    with pytest.raises(ValueError, match="absmax must be torch.uint8 with 32 entries"):
-        fastpeft.ops.nf4_matmul(torch.randn(2, 64), dq.packed, dq.block_absmax(), dq.quant_map, 64, 32, None, False,
-                                nested_absmax=dq.nested_absmax, nested_quant_map=dq.nested_quant_map)
-    with pytest.raises(ValueError, match="nested_absmax and nested_quant_map come together"):
-        fastpeft.ops.nf4_matmul(torch.randn(2, 64), dq.packed, dq.absmax, dq.quant_map, 64, 32, None, False,
-                                nested_absmax=dq.nested_absmax)
-    with pytest.raises(ValueError, match="nested_absmax must be float32 with 1 entries"):
-        fastpeft.ops.nf4_matmul(torch.randn(2, 64), dq.packed, dq.absmax, dq.quant_map, 64, 32, None, False,
-                                nested_absmax=torch.ones(2), nested_quant_map=dq.nested_quant_map)
-    with pytest.raises(TypeError, match="absmax_offset must be a number, got NoneType"):
-        fastpeft.ops.nf4_matmul(torch.randn(2, 64), q.packed, q.absmax, q.quant_map, 64, 32, absmax_offset=q.offset)
-    assert nf4_matmul_reference(torch.randn(2, 64), q.packed, q.absmax, q.quant_map, 64, 32).shape == (2, 32)
-
-
-@pytest.mark.parametrize("device,backend", face_params())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,K,N", [(1, 96, 70), (17, 45, 33), (40, 128, 64), (3, 6208, 3)])  # last: 291 blocks
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_faces_match_the_reference(device, backend, dtype, M, K, N, double_quant):
-    op = fastpeft.ops.nf4_matmul
-    if not op.has_face(backend, device):
-        pytest.skip(f"nf4_matmul has no {backend} face yet")
-    lin = torch.nn.Linear(K, N).to(dtype)
-    q = Linear4bit.from_linear(lin, 64, double_quant).to(device).q
-    x, dy = torch.randn(M, K, dtype=dtype, device=device), torch.randn(M, N, dtype=dtype, device=device)
-    bias = lin.bias.detach().to(device)
-    # double quantisation in both forms: codes decoded in the kernel, and absmax decoded beforehand
-    nested = nested_args(q)
-    forms = [(q.absmax, nested), (q.block_absmax(), {})] if double_quant else [(q.absmax, {})]
-    expected = [nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, 64, N, bias, False),
-                nf4_matmul_reference(dy, q.packed, q.block_absmax(), q.quant_map, 64, N, None, True)]
-    for absmax, extra in forms:
-        with fastpeft.use_backend(backend):
-            got = [op(x, q.packed, absmax, q.quant_map, 64, N, bias, False, **extra),
-                   op(dy, q.packed, absmax, q.quant_map, 64, N, None, True, **extra)]
-        for g, e in zip(got, expected):
-            assert_close(g, e, dtype)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-ISAS = ["portable", "avx2", "avx512", "avx512_bf16"]  # the CPU kernels' levels, each a superset of the one before
-needs_extension = pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
-
-
-def _level_of_flags(flags: set[str]) -> str:
-    level = "portable"
-    if {"avx2", "fma"} <= flags:
-        level = "avx2"
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-            level = "avx512"
-            if "avx512_bf16" in flags:
-                level = "avx512_bf16"
-    return level
-
-
-@pytest.fixture(params=ISAS)
-def cpu_isa(request, monkeypatch):
-    """Each level the CPU has, forced through FASTPEFT_CPU_ISA; a level above the CPU's is skipped."""
-    supported = backends.extension().cpu_isa_supported()
-    if ISAS.index(request.param) > ISAS.index(supported):
-        pytest.skip(f"this CPU's kernels reach {supported}, not {request.param}")
-    monkeypatch.setenv("FASTPEFT_CPU_ISA", request.param)
-    return request.param
-
-
-@needs_extension
-def test_cpu_isa_follows_the_cpu_and_the_cap(monkeypatch):
-    ext = backends.extension()
-    flags = _cpu_flags()
-    if flags:  # Linux: what the kernel reports is what CPUID and XGETBV said
-        assert ext.cpu_isa_supported() == _level_of_flags(flags)
-        features = ext.cpu_features()
-        assert {name for name, present in features.items() if present} == set(features) & flags
-    monkeypatch.delenv("FASTPEFT_CPU_ISA", raising=False)
-    assert ext.cpu_isa() == ext.cpu_isa_supported()
-    for isa in ISAS:  # a cap, never a promotion
-        monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
-        assert ext.cpu_isa() == ISAS[min(ISAS.index(isa), ISAS.index(ext.cpu_isa_supported()))]
-    monkeypatch.setenv("FASTPEFT_CPU_ISA", "avx9000")
-    with pytest.raises(RuntimeError, match="FASTPEFT_CPU_ISA='avx9000' is not one of portable, avx2, avx512"):
-        ext.cpu_isa()
-    x = torch.randn(1, 64)
-    q = Linear4bit.from_linear(torch.nn.Linear(64, 8), 64).q
-    with fastpeft.use_backend("cpu"), pytest.raises(RuntimeError, match="FASTPEFT_CPU_ISA='avx9000'"):
-        fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, 64, 8)
-
-
-def expected_cpu_path(isa: str, dtype: torch.dtype, M: int, K: int, blocksize: int, transposed: bool) -> str:
-    """The path nf4_matmul's rule should pick (csrc/cpu/nf4_matmul.cpp), written out independently."""
-    simd = K % 32 == 0 and blocksize >= 32
-    at_least = lambda level: simd and ISAS.index(isa) >= ISAS.index(level)  # noqa: E731
-    bf16_dots = at_least("avx512_bf16") and dtype == torch.bfloat16
-    if not transposed and M <= (4 if bf16_dots else 16):
-        return ("gemv-bf16-avx512" if bf16_dots else "gemv-avx512" if at_least("avx512")
-                else "gemv-avx2" if at_least("avx2") else "gemv-portable")
-    return "tiles-bf16-avx512" if bf16_dots else "tiles-fp32-avx2" if at_least("avx2") else "tiles-portable"
-
-
-def varied_blocks(K: int, N: int, blocksize: int, double_quant: bool):
-    """The NF4Weight of a random [N, K] weight whose absmax blocks differ by factors of up to e^6
-    (each scaled by e^s, s in [-3, 3]: y stays far inside fp16's range): a kernel that scales a step
-    by the wrong block's absmax is off by far more than any tolerance (nn.Linear's uniform weights
-    give every block nearly the same absmax)."""
-    w = torch.randn(N * K)
-    blocks = -(-w.numel() // blocksize)
-    w *= torch.exp(1.5 * torch.randn(blocks).clamp(-2, 2)).repeat_interleave(blocksize)[: w.numel()]
-    return fastpeft.quant.quantize_nf4(w.reshape(N, K), blocksize, double_quant=double_quant)
-
-
-def run_cpu_face(isa, x, q, blocksize, N, bias, transposed):
-    """nf4_matmul on the CPU face; asserts the path it took is the one the rule names for `isa`."""
-    ext = backends.extension()
-    with fastpeft.use_backend("cpu"):
-        y = fastpeft.ops.nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, transposed,
-                                    **nested_args(q))
-    path = expected_cpu_path(isa, x.dtype, x.shape[0], q.shape[1], blocksize, transposed)
-    assert ext.nf4_cpu_last_path() == path
-    assert ext.nf4_cpu_path(x.shape[0], q.shape[1], blocksize, str(x.dtype).removeprefix("torch."), transposed) == path
-    return y
-
-
-@needs_extension
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
-@pytest.mark.parametrize("M,K,N,blocksize", [
-    (1, 32, 1, 32), (2, 96, 7, 32), (3, 160, 33, 32), (5, 96, 17, 64),  # 32-weight steps (K % 64 or blocksize 32)
-    (1, 320, 11, 64), (2, 64, 5, 64), (3, 128, 7, 128), (6, 192, 9, 64), (16, 256, 9, 128),  # 64-weight steps
-    (4, 256, 3, 64),                                             # the bf16 dot-product GEMV's last row count
-    (1, 128, 200, 64), (4, 96, 130, 64),                         # several row blocks for the threads
-    (2, 4096 + 64, 3, 4096),                                     # rows that start inside a block
-    (9, 6208, 3, 64),                                            # 291 blocks: two nested absmax groups
-    (4, 45, 6, 64)])                                             # K % 32 != 0: the portable loop
-def test_cpu_gemv_paths_match_the_reference(cpu_isa, dtype, double_quant, M, K, N, blocksize):
-    """M <= 16 takes a GEMV (bf16 x with AVX512_BF16: M <= 4, the bf16 tiles above): SIMD where
-    the level allows and K % 32 == 0 (64-weight steps when K % 64 == 0 and blocksize >= 64, else
-    32; up to 4 rows per decoded step), the portable loop otherwise; every level the CPU has."""
-    q = varied_blocks(K, N, blocksize, double_quant)
-    x, bias = torch.randn(M, K, dtype=dtype), torch.randn(N, dtype=dtype)
-    expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False)
-    assert_close(run_cpu_face(cpu_isa, x, q, blocksize, N, bias, False), expected, dtype)
-
-
-@needs_extension
-@pytest.mark.parametrize("isa", ["avx2", "avx512_bf16"])
-@pytest.mark.parametrize("M,K", [(1, 4096), (3, 4096), (1, 4096 - 32)])  # 64- and 32-weight steps
-def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(monkeypatch, isa, M, K):
-    """The bf16 GEMVs (AVX2 and AVX512_BF16) decode bf16 levels apart from the absmax. Rounded to the
-    nearest bf16 each, they err the same way often enough that x of nonzero mean (SiLU outputs) adds
-    the error up K times: 2.2e-2 RMS off the exact product here, 5.8x the reference's bf16 weights.
-    Dithered over 8 tables they stay near the cost of rounding y to bf16 (2.2e-3), below the
-    reference's own error (3.8e-3)."""
-    supported = backends.extension().cpu_isa_supported()
-    if ISAS.index(isa) > ISAS.index(supported):
-        pytest.skip(f"this CPU's kernels reach {supported}, not {isa}")
-    monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
-    torch.manual_seed(0)
-    q = Linear4bit.from_linear(torch.nn.Linear(K, 256, bias=False), 64, double_quant=True).q
-    x = (torch.randn(M, K) + 2).bfloat16()
-    exact = x.double() @ fastpeft.quant.dequantize_nf4(q).double().t()
-    y = run_cpu_face(isa, x, q, 64, 256, None, False)
-    assert backends.extension().nf4_cpu_last_path() in ("gemv-avx2", "gemv-bf16-avx512")
-    reference = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, 64, 256)
-    rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
-    error, reference_error = rms(y.double() - exact) / rms(exact), rms(reference.double() - exact) / rms(exact)
-    assert error < 4e-3 and error < reference_error, (error, reference_error)
-
-
-@needs_extension
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
-@pytest.mark.parametrize("M,K,N,blocksize", [
-    (17, 96, 300, 64), (20, 160, 40, 32),   # 32-weight steps; 300 rows: several panels and tiles
-    (33, 128, 257, 128),                     # 64-weight steps, a one-row last tile and a padded panel
-    (5, 64, 49, 64), (6, 64, 7, 64),         # the fewest rows the bf16 tiles take; padded panels
-    (7, 256, 13, 64),                        # x's rows in tiles of 4, 3 left over
-    (24, 4096 + 64, 3, 4096),                # rows that start inside a block; a ragged column tile
-    (17, 45, 6, 64)])                        # K % 32 != 0: the portable dequantiser
-def test_cpu_tiles_match_the_reference(cpu_isa, dtype, double_quant, M, K, N, blocksize):
-    """Above the GEMV's rows, and the backward (transposed), tiles: bf16 tiles and AVX512_BF16 dot
-    products for bf16 x where the level allows (the backward through torch's bf16 matmul on
-    natural-order column tiles), SIMD-decoded fp32 tiles and fp32 GEMMs with AVX2 and K % 32 == 0,
-    tiles in x's dtype from the portable loop otherwise; every level the CPU has."""
-    q = varied_blocks(K, N, blocksize, double_quant)
-    x, dy, bias = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype), torch.randn(N, dtype=dtype)
-    got = [run_cpu_face(cpu_isa, x, q, blocksize, N, bias, False),
-           run_cpu_face(cpu_isa, dy, q, blocksize, N, None, True)]
-    expected = [nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, False),
-                nf4_matmul_reference(dy, q.packed, q.block_absmax(), q.quant_map, blocksize, N, None, True)]
-    for g, e in zip(got, expected):
-        assert g.dtype == dtype
-        assert_close(g, e, dtype)
-
-
-@pytest.mark.parametrize("device,backend", face_params())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,K,N,r", [(1, 96, 70, 1), (3, 64, 33, 16), (17, 45, 33, 5), (40, 128, 64, 70)])
-def test_faces_add_the_fused_lora_term(device, backend, dtype, M, K, N, r):
-    """The LoRA term in the NF4 GEMM's accumulator: forward (s·Bᵀ) and transposed (t·A), ranks 1
-    to 70 (above one 64-wide rank chunk), the GEMV rows (M <= 16) and the tiled ones."""
-    op = fastpeft.ops.nf4_matmul
-    q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, double_quant=True).to(device).q
-    absmax = q.block_absmax()
-    nested = nested_args(q)
-    x, dy = torch.randn(M, K, dtype=dtype, device=device), torch.randn(M, N, dtype=dtype, device=device)
-    s, t = torch.randn(M, r, dtype=dtype, device=device), torch.randn(M, r, dtype=dtype, device=device)
-    b_t, a = torch.randn(r, N, dtype=dtype, device=device), torch.randn(r, K, dtype=dtype, device=device)
-    cases = [(x, None, False, s, b_t.t().contiguous().t()), (dy, None, True, t, a)]  # B as a transposed view
-    for inp, bias, transposed, ls, ll in cases:
-        expected = nf4_matmul_reference(inp, q.packed, absmax, q.quant_map, 64, N, bias, transposed, ls, ll, 0.5)
-        with fastpeft.use_backend(backend):
-            got = op(inp, q.packed, q.absmax, q.quant_map, 64, N, bias, transposed, ls, ll, 0.5, **nested)
-        assert_close(got, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-import fastpeft
-from fastpeft.ops import lora_linear
+from fastpeft.ops import lora_linear, record_faces
 from fastpeft.ops.lora_linear import (lora_linear_bwd_reference, lora_linear_fwd,
                                       lora_linear_fwd_reference)
 
-from conftest import DTYPES, assert_close, device_params, face_params
+from conftest import DTYPES, assert_close, device_params, face_params, on_face
 
 # (M, K, N, r): one token; sizes that are not multiples of any block (32, 64, 128); r = 1 and r = 128
 # (128 > the 64-wide rank chunk: the rank loop runs twice); K smaller than r.
@@ -34,7 +33,7 @@ def run_op(x, w, b, a, bb, scaling, backend, dropout_p=0.0, seed=0):
     bias = None if b is None else b.detach().clone().requires_grad_()
     xx, aa, bbb = leaves
     torch.manual_seed(seed)
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         y = lora_linear(xx, w, bias, aa, bbb, scaling, dropout_p=dropout_p)
         grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
         y.backward(grad_y)
@@ -77,7 +76,7 @@ def test_autograd_of_reference_matches_torch_autograd():
 
 # ---------------------------------------------------------------- every face against the reference
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(lora_linear_fwd))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K,N,r", SHAPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -91,14 +90,19 @@ def test_face_matches_reference(device, backend, dtype, M, K, N, r, bias):
         assert_close(got, exp, dtype, msg=f"{name} ({backend} vs reference)")
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(lora_linear_fwd))
 def test_face_selected_is_the_face_that_runs(device, backend):
+    """Forward and backward both run the face forced, and the automatic choice is the one select() names."""
     x, w, b, a, bb = make_inputs(4, 8, 8, 2, torch.float32, device)
-    with fastpeft.use_backend(backend):
-        assert lora_linear_fwd.select(x.device, x, w, b, a, bb, 1.0, None) == backend
+    with on_face(backend) as taken:
+        lora_linear(x, w, b, a.clone().requires_grad_(), bb, 1.0).sum().backward()
+    assert taken == [("lora_linear_fwd", backend), ("lora_linear_bwd", backend)]
+    with record_faces() as taken:
+        lora_linear_fwd(x, w, b, a, bb, 1.0)
+    assert taken == [("lora_linear_fwd", lora_linear_fwd.select(x.device, x, w, b, a, bb, 1.0, None))]
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(lora_linear_fwd))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_face_with_dropout_matches_reference_under_same_mask(device, backend, dtype):
     """With dropout the LoRA branch sees a masked x: same seed, same mask, same results on every face."""
@@ -111,13 +115,13 @@ def test_face_with_dropout_matches_reference_under_same_mask(device, backend, dt
         assert_close(got, exp, dtype)
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(lora_linear_fwd))
 def test_face_accepts_transposed_weight_views(device, backend):
     """Conv1D-style weights arrive as Wᵀ views: no copy, same result."""
     x, w, b, a, bb = make_inputs(17, 36, 50, 8, torch.float32, device)
     w_view = w.t().contiguous().t()
     assert not w_view.is_contiguous()
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         y_view, _ = lora_linear_fwd(x, w_view, b, a, bb, 0.5)
     assert_close(y_view, lora_linear_fwd_reference(x, w, b, a, bb, 0.5)[0])
 
@@ -164,13 +168,13 @@ def test_opcheck_triton_face(dtype):
     torch.library.opcheck(torch.ops.fastpeft.lora_linear_bwd_triton.default, (dy, x, w, a, bb, s, 0.5, None))
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(lora_linear_fwd))
 def test_face_accepts_a_strided_bias(device, backend):
     """A bias that is a strided view (a column of a matrix) is read through its stride."""
     x, w, _, a, bb = make_inputs(19, 24, 30, 4, torch.float32, device)
     bias = torch.randn(30, 3, device=device)[:, 1]
     assert bias.stride(0) == 3
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         y, _ = lora_linear_fwd(x, w, bias, a, bb, 0.5)
     assert_close(y, lora_linear_fwd_reference(x, w, bias.contiguous(), a, bb, 0.5)[0])
 

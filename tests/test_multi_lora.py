@@ -1,134 +1,15 @@
-"""Mixed-adapter batches: BGMV/SGMV faces against the per-row reference, MultiLoRALinear, gradients."""
+"""MultiLoRALinear: each row gets its own adapter, per token or per sequence, and gradients reach only those.
+
+The ops beneath it are tested in test_bgmv.py and test_sgmv.py."""
 
 import pytest
 import torch
 
-import fastpeft
 from fastpeft.nn import LoRALinear, MultiLoRALinear, use_adapter_batch
-from fastpeft.ops import AdapterBatch, bgmv_expand, bgmv_shrink, sgmv_expand, sgmv_shrink
-from fastpeft.ops.bgmv import bgmv_expand_reference, bgmv_shrink_reference
 
-from conftest import DTYPES, assert_close, device_params, face_params
+from adapter_stacks import S
+from conftest import assert_close, device_params
 
-S = 6  # slots
-
-
-def id_patterns(T, seed=0):
-    """Slot-id patterns of length T (the first entries of a longer pattern when T is small)."""
-    T = max(T, 2 * S)
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "random with -1 and the last slot": torch.cat([torch.tensor([-1, S - 1]), torch.randint(-1, S, (T - 2,), generator=g)]),
-        "one adapter for all rows": torch.full((T,), 2),
-        "all distinct": torch.cat([torch.randperm(S, generator=g), torch.arange(T - S) % S]),
-        "base model only": torch.full((T,), -1),
-    }
-
-
-def stacks(K, N, R, dtype, device, ranks=(1, 3, 8, 2, 5, 8), seed=0):
-    """Stacked factors with mixed ranks: slot i uses ranks[i] <= R rows, the rest zero."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.zeros(S, R, K)
-    b = torch.zeros(S, N, R)
-    for i, r in enumerate(ranks):
-        a[i, :r] = torch.randn(r, K, generator=g) / K ** 0.5
-        b[i, :, :r] = torch.randn(N, r, generator=g) / r ** 0.5
-    scalings = torch.rand(S, generator=g) + 0.5
-    return a.to(device, dtype), b.to(device, dtype), scalings.to(device)
-
-
-@pytest.mark.parametrize("device,backend", face_params())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,K,N,R", [(1, 16, 24, 8), (37, 45, 70, 8), (20, 33, 17, 16), (70, 24, 40, 8)])
-@pytest.mark.parametrize("pattern", list(id_patterns(8)))
-def test_faces_match_per_row_reference(device, backend, dtype, T, K, N, R, pattern):
-    ids = id_patterns(T)[pattern][:T]
-    a, b, scalings = stacks(K, N, R, dtype, device, ranks=[min(r, R) for r in (1, 3, 8, 2, 5, 8)])
-    x = torch.randn(T, K).to(device, dtype)
-    base = torch.randn(T, N).to(device, dtype)
-    batch = AdapterBatch.build(ids, S, device=device)
-    s_ref = bgmv_shrink_reference(x, a, batch.adapter_ids)
-    out_ref = bgmv_expand_reference(base, s_ref, b, scalings, batch.adapter_ids)
-    with fastpeft.use_backend(backend):
-        s1 = bgmv_shrink(x, a, batch.adapter_ids)
-        out1 = bgmv_expand(base, s_ref, b, scalings, batch.adapter_ids)
-        assert_close(s1, s_ref, dtype, msg="bgmv_shrink")
-        assert_close(out1, out_ref, dtype, msg="bgmv_expand")
-        if backend != "cuda":  # SGMV has no CUDA face (Triton serves it on the GPU)
-            s2 = sgmv_shrink(x, a, *batch.routing)
-            out2 = sgmv_expand(base, s_ref, b, scalings, *batch.routing)
-            assert_close(s2, s_ref, dtype, msg="sgmv_shrink")
-            assert_close(out2, out_ref, dtype, msg="sgmv_expand")
-    assert torch.equal(out_ref[ids == -1], base[ids == -1])
-
-
-def test_reference_is_the_per_row_formula():
-    a, b, scalings = stacks(12, 10, 8, torch.float64, "cpu")
-    x, base = torch.randn(9, 12, dtype=torch.float64), torch.randn(9, 10, dtype=torch.float64)
-    ids = torch.tensor([0, -1, 5, 5, 2, 1, -1, 3, 4], dtype=torch.int32)
-    s = bgmv_shrink_reference(x, a, ids)
-    out = bgmv_expand_reference(base, s, b, scalings, ids)
-    for t, slot in enumerate(ids.tolist()):
-        if slot < 0:
-            assert torch.equal(out[t], base[t]) and torch.equal(s[t], torch.zeros(8, dtype=torch.float64))
-        else:
-            torch.testing.assert_close(out[t], base[t] + scalings[slot].double() * b[slot] @ (a[slot] @ x[t]))
-
-
-@pytest.mark.parametrize("device", device_params())
-def test_opcheck(device):
-    a, b, scalings = stacks(20, 12, 8, torch.float32, device)
-    x, base = torch.randn(11, 20, device=device), torch.randn(11, 12, device=device)
-    batch = AdapterBatch.build(torch.tensor([0, 1, -1, 5, 5, 2, 2, 2, -1, 3, 4]), S, device=device)
-    s = bgmv_shrink_reference(x, a, batch.adapter_ids)
-    for op, args in [("bgmv_shrink", (x, a, batch.adapter_ids)), ("bgmv_expand", (base, s, b, scalings, batch.adapter_ids)),
-                     ("sgmv_shrink", (x, a, *batch.routing)), ("sgmv_expand", (base, s, b, scalings, *batch.routing))]:
-        torch.library.opcheck(getattr(torch.ops.fastpeft, op).default, args)
-
-
-# ---------------------------------------------------------------- bad input
-
-def test_adapter_batch_refuses_bad_ids():
-    loaded = [True] * 4 + [False] * 2
-    with pytest.raises(ValueError, match=r"adapter id 6 is out of range: ids must be -1 \(base model\) or a slot in \[0, 6\)"):
-        AdapterBatch.build(torch.tensor([0, 6]), S)
-    with pytest.raises(ValueError, match=r"adapter id -2 is out of range"):
-        AdapterBatch.build(torch.tensor([-2, 0]), S)
-    with pytest.raises(ValueError, match="adapter id 5 points at an empty slot"):
-        AdapterBatch.build(torch.tensor([0, 5, -1]), S, loaded)
-    with pytest.raises(TypeError, match="adapter_ids must be int32 or int64, got torch.float32"):
-        AdapterBatch.build(torch.tensor([0.0, 1.0]), S)
-    with pytest.raises(ValueError, match="adapter_ids must be 1-D"):
-        AdapterBatch.build(torch.zeros(2, 2, dtype=torch.int64), S)
-
-
-@pytest.mark.parametrize("device,backend", face_params())
-def test_kernels_never_read_out_of_bounds_for_raw_ids(device, backend):
-    """Called directly with ids the builder would refuse, kernels treat them as 'no adapter'
-    (or the C++ segment path refuses the routing): never garbage, never a crash."""
-    a, b, scalings = stacks(16, 12, 8, torch.float32, device)
-    x, base = torch.randn(4, 16, device=device), torch.randn(4, 12, device=device)
-    ids = torch.tensor([0, 99, -7, 2**30], dtype=torch.int32, device=device)
-    with fastpeft.use_backend(backend):
-        s = bgmv_shrink(x, a, ids)
-        out = bgmv_expand(base, s, b, scalings, ids)
-    assert torch.equal(s[1:], torch.zeros(3, 8, device=device)) and torch.equal(out[1:], base[1:])
-
-
-def test_op_checks_name_the_problem():
-    a, b, scalings = stacks(16, 12, 8, torch.float32, "cpu")
-    x = torch.randn(4, 16)
-    with pytest.raises(TypeError, match="bgmv_shrink: adapter_ids must be int32, got torch.int64"):
-        bgmv_shrink(x, a, torch.zeros(4, dtype=torch.int64))
-    with pytest.raises(ValueError, match="bgmv_shrink: adapter_ids has 3 entries, expected 4"):
-        bgmv_shrink(x, a, torch.zeros(3, dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"bgmv_shrink: lora_a must be \[slots, max_rank, 16\]"):
-        bgmv_shrink(x, a[:, :, :15], torch.zeros(4, dtype=torch.int32))
-    with pytest.raises(ValueError, match="scalings must have one entry per slot"):
-        bgmv_expand(torch.randn(4, 12), torch.randn(4, 8), b, scalings[:5], torch.zeros(4, dtype=torch.int32))
-
-
-# ---------------------------------------------------------------- the module
 
 def multi_layer(K=24, N=18, max_adapters=S, max_rank=8, ranks=(4, 8, 2), dtype=torch.float32, device="cpu"):
     torch.manual_seed(0)

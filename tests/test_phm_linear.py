@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastpeft
 from fastpeft.nn import PHMLinear
-from fastpeft.ops import phm_linear, phm_linear_fwd
+from fastpeft.ops import phm_linear, phm_linear_fwd, record_faces
 from fastpeft.ops.phm_linear import phm_dense_weight, phm_linear_fwd_reference
 
-from conftest import DTYPES, assert_close, face_params
+from conftest import DTYPES, assert_close, face_params, on_face
 
 # (phm_dim, in/n, out/n): n = 2, 4, 8 with blocks that are not multiples of any tile (16, 32).
 DIMS = [(2, 9, 5), (4, 5, 3), (8, 3, 2)]
@@ -29,7 +28,7 @@ def make_factors(n, q, p, rank, dtype, device="cpu", generator=None):
 def run(x, factors, bias, backend):
     """y and the gradients of x, every factor and bias through the public op on one backend."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in dict(factors, x=x, bias=bias).items()}
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         y = phm_linear(leaves["x"], leaves["phm_rule"], leaves.get("phm_b"), leaves.get("phm_b_left"),
                        leaves.get("phm_b_right"), leaves["bias"])
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y))
@@ -64,7 +63,7 @@ def test_reference_backward_matches_autograd(rank):
         assert_close(got[f"grad_{k}"], v.grad, msg=k)
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(phm_linear_fwd))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,q,p", DIMS)
 @pytest.mark.parametrize("rank", [None, 2], ids=["fullB", "rank2"])
@@ -82,19 +81,25 @@ def test_face_matches_reference(device, backend, dtype, n, q, p, rank, M):
         assert_close(got, exp, dtype, msg=f"{name} ({backend} vs reference, n={n}, rank={rank}, M={M})")
 
 
-@pytest.mark.parametrize("device,backend", face_params())
+@pytest.mark.parametrize("device,backend", face_params(phm_linear_fwd))
 def test_face_selected_is_the_face_that_runs(device, backend):
+    """Forward and backward both run the face forced, and the automatic choice is the one select() names."""
     f = make_factors(2, 3, 3, None, torch.float32, device)
     x = torch.randn(4, 6, device=device)
-    with fastpeft.use_backend(backend):
-        assert phm_linear_fwd.select(x.device, x, f["phm_rule"], f["phm_b"], None, None, None) == backend
+    args = (f["phm_rule"], f["phm_b"], None, None, None)
+    with on_face(backend) as taken:
+        phm_linear(x, f["phm_rule"].clone().requires_grad_(), f["phm_b"]).sum().backward()
+    assert taken == [("phm_linear_fwd", backend), ("phm_linear_bwd", backend)]
+    with record_faces() as taken:
+        phm_linear_fwd(x, *args)
+    assert taken == [("phm_linear_fwd", phm_linear_fwd.select(x.device, x, *args))]
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_leading_dimensions_and_no_bias(backend):
     f = make_factors(4, 2, 3, 1, torch.float32)
     x = torch.randn(2, 3, 8)
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         y = phm_linear(x, **f)
     assert y.shape == (2, 3, 12)
     assert_close(y, F.linear(x, phm_dense_weight(**f)))
@@ -109,13 +114,13 @@ def test_shared_rule_gradient_is_summed_across_layers(backend, rank):
     second = PHMLinear(16, 8, 4, phm_rank=rank, shared_A=rule)
     assert first.phm_rule is second.phm_rule is rule
     x = torch.randn(5, 8)
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         second(torch.tanh(first(x))).square().sum().backward()
     together = rule.grad.clone()
     # The same computation with two independent copies of the rule: their gradients add up to it.
     copies = [torch.nn.Parameter(rule.detach().clone()) for _ in range(2)]
     first.phm_rule, second.phm_rule = copies
-    with fastpeft.use_backend(backend):
+    with on_face(backend):
         second(torch.tanh(first(x))).square().sum().backward()
     assert copies[0].grad.abs().max() > 0 and copies[1].grad.abs().max() > 0
     assert_close(together, copies[0].grad + copies[1].grad)

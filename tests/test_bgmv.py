@@ -1,0 +1,75 @@
+"""BGMV (per-token gathered LoRA products): every face against the per-row reference, and clear refusals."""
+
+import pytest
+import torch
+
+from fastpeft.ops import AdapterBatch, bgmv_expand, bgmv_shrink
+from fastpeft.ops.bgmv import bgmv_expand_reference, bgmv_shrink_reference
+
+from adapter_stacks import FACE_SHAPES, S, id_patterns, mixed_batch, stacks
+from conftest import DTYPES, assert_close, device_params, face_params, on_face
+
+
+@pytest.mark.parametrize("device,backend", face_params(bgmv_shrink))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,K,N,R", FACE_SHAPES)
+@pytest.mark.parametrize("pattern", list(id_patterns(8)))
+def test_faces_match_per_row_reference(device, backend, dtype, T, K, N, R, pattern):
+    m = mixed_batch(T, K, N, R, pattern, dtype, device)
+    ids = m["batch"].adapter_ids
+    with on_face(backend):
+        s = bgmv_shrink(m["x"], m["a"], ids)
+        out = bgmv_expand(m["base"], m["s_ref"], m["b"], m["scalings"], ids)
+    assert_close(s, m["s_ref"], dtype, msg="bgmv_shrink")
+    assert_close(out, m["out_ref"], dtype, msg="bgmv_expand")
+
+
+def test_reference_is_the_per_row_formula():
+    a, b, scalings = stacks(12, 10, 8, torch.float64, "cpu")
+    x, base = torch.randn(9, 12, dtype=torch.float64), torch.randn(9, 10, dtype=torch.float64)
+    ids = torch.tensor([0, -1, 5, 5, 2, 1, -1, 3, 4], dtype=torch.int32)
+    s = bgmv_shrink_reference(x, a, ids)
+    out = bgmv_expand_reference(base, s, b, scalings, ids)
+    for t, slot in enumerate(ids.tolist()):
+        if slot < 0:
+            assert torch.equal(out[t], base[t]) and torch.equal(s[t], torch.zeros(8, dtype=torch.float64))
+        else:
+            torch.testing.assert_close(out[t], base[t] + scalings[slot].double() * b[slot] @ (a[slot] @ x[t]))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck(device):
+    a, b, scalings = stacks(20, 12, 8, torch.float32, device)
+    x, base = torch.randn(11, 20, device=device), torch.randn(11, 12, device=device)
+    ids = AdapterBatch.build(torch.tensor([0, 1, -1, 5, 5, 2, 2, 2, -1, 3, 4]), S, device=device).adapter_ids
+    s = bgmv_shrink_reference(x, a, ids)
+    torch.library.opcheck(torch.ops.fastpeft.bgmv_shrink.default, (x, a, ids))
+    torch.library.opcheck(torch.ops.fastpeft.bgmv_expand.default, (base, s, b, scalings, ids))
+
+
+@pytest.mark.parametrize("device,backend", face_params(bgmv_shrink))
+def test_kernels_never_read_out_of_bounds_for_raw_ids(device, backend):
+    """Called directly with ids AdapterBatch would refuse, kernels treat them as 'no adapter':
+    never garbage, never a crash."""
+    a, b, scalings = stacks(16, 12, 8, torch.float32, device)
+    x, base = torch.randn(4, 16, device=device), torch.randn(4, 12, device=device)
+    ids = torch.tensor([0, 99, -7, 2**30], dtype=torch.int32, device=device)
+    with on_face(backend):
+        s = bgmv_shrink(x, a, ids)
+        out = bgmv_expand(base, s, b, scalings, ids)
+    assert torch.equal(s[1:], torch.zeros(3, 8, device=device)) and torch.equal(out[1:], base[1:])
+
+
+def test_op_checks_name_the_problem():
+    a, b, scalings = stacks(16, 12, 8, torch.float32, "cpu")
+    x = torch.randn(4, 16)
+    with pytest.raises(TypeError, match="bgmv_shrink: adapter_ids must be int32, got torch.int64"):
+        bgmv_shrink(x, a, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bgmv_shrink: adapter_ids has 3 entries, expected 4"):
+        bgmv_shrink(x, a, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"bgmv_shrink: lora_a must be \[slots, max_rank, 16\]"):
+        bgmv_shrink(x, a[:, :, :15], torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="scalings must have one entry per slot"):
+        bgmv_expand(torch.randn(4, 12), torch.randn(4, 8), b, scalings[:5], torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="bgmv_expand: scalings must be float32, got torch.float16"):
+        bgmv_expand(torch.randn(4, 12), torch.randn(4, 8), b, scalings.half(), torch.zeros(4, dtype=torch.int32))
