@@ -28,10 +28,10 @@ from .methods.ia3 import IA3Config  # noqa: E402
 from .methods.layer_freezing import LayerFreezingConfig  # noqa: E402
 from .methods.prefix_tuning import PrefixTuningConfig  # noqa: E402
 from .methods.prompt_tuning import PromptTuningConfig  # noqa: E402
-from .nn.linear4bit import load_quantized_model, quantize_model, save_quantized_model  # noqa: E402
+from .methods import (add_adapter, delete_adapter, disable_adapters, from_peft, get_peft_model,  # noqa: E402
+                      merge_and_unload, print_trainable_parameters, set_adapter)
 from .pool import AdapterPool  # noqa: E402
-from .peft_model import (add_adapter, delete_adapter, disable_adapters, from_peft, get_peft_model,  # noqa: E402
-                         merge_and_unload, print_trainable_parameters, set_adapter)
+from .quantize import load_quantized_model, quantize_model, save_quantized_model  # noqa: E402
 
 __all__ = ["ops", "nn", "icl", "backends", "use_backend", "BackendUnavailable", "__version__",
            "get_peft_model", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_and_unload",

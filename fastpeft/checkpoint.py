@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 
 from .config import CONFIG_NAME, PREFIX, LoraConfig
-from .methods import load_config, method_for
+from .methods import add_adapter, adapters_of, get_peft_model, load_config, method_for, method_of, set_adapter
 from .nn.lora import LoRALinear
-from .peft_model import (ModulesToSaveWrapper, _method_of, _own_modules, add_adapter, adapters_of,
-                         find_modules_to_save, find_targets, get_peft_model, layer_features,
-                         refuse_targets_inside_modules_to_save, set_adapter, with_task_heads)
+from .nn.modules_to_save import ModulesToSaveWrapper
+from .targeting import (find_modules_to_save, find_targets, layer_features, own_modules,
+                        refuse_targets_inside_modules_to_save, with_task_heads)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -47,7 +47,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     if not isinstance(config, LoraConfig):
         return method_for(config).state_dict(model, adapter_name)
     state = {}
-    for name, module in _own_modules(model):
+    for name, module in own_modules(model):
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             state[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A[adapter_name].weight
             state[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B[adapter_name].weight
@@ -148,7 +148,9 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         raise
 
 
-def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+def read_weights(directory: str) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter saved in `directory` (safetensors, or a legacy .bin read as plain
+    tensors only); a CheckpointError when missing or unreadable."""
     st_path = os.path.join(directory, WEIGHTS_NAME)
     bin_path = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if os.path.exists(st_path):
@@ -191,7 +193,7 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
     targets, config = find_targets(model, config)
     shapes, what = {}, {}
     for t in targets:
-        in_f, out_f, _ = layer_features(t.module, config)
+        in_f, out_f, _ = layer_features(t.module)
         shapes[f"{PREFIX}{t.name}.lora_A.weight"] = (t.r, in_f)
         shapes[f"{PREFIX}{t.name}.lora_B.weight"] = (out_f, t.r)
         what[f"{PREFIX}{t.name}.lora_A.weight"] = what[f"{PREFIX}{t.name}.lora_B.weight"] = f"rank {t.r}"
@@ -245,7 +247,7 @@ def _load_method_adapter(model: nn.Module, directory: str, config, adapter_name:
         raise CheckpointError(f"the model already has adapters {sorted(adapters_of(model))}; a "
                               f"{type(config).__name__} adapter must be the model's only one")
     method = method_for(config)
-    state = _read_weights(directory)
+    state = read_weights(directory)
     try:
         expected = method.expected_shapes(model, config)
     except (ValueError, TypeError) as e:
@@ -281,12 +283,12 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         raise CheckpointError(str(e)) from None
     if not isinstance(config, LoraConfig):
         return _load_method_adapter(model, directory, config, adapter_name, is_trainable)
-    other = _method_of(model)
+    other = method_of(model)
     if other is not None:
         raise CheckpointError(f"the model already has adapters {sorted(adapters_of(model))} "
                               f"({other.config_cls.__name__}), which must be its only one; load this LoRA adapter "
                               "into the base model")
-    state = _read_weights(directory)
+    state = read_weights(directory)
     try:
         expected, what, optional = _expected_shapes(model, config)
     except (ValueError, TypeError) as e:
@@ -296,7 +298,7 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     add_adapter(model, config, adapter_name)
     own = adapter_state_dict(model, adapter_name)
     if optional:  # PEFT's bias copies load where PEFT loads them
-        for name, module in _own_modules(model):
+        for name, module in own_modules(model):
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for key, (where, k) in _peft_bias_copies(name, module).items():
                     holder = module.original_module if where == "original" else module.modules_to_save[adapter_name]

@@ -173,7 +173,7 @@ def run_method(method: str, s: CompareSettings) -> dict:
     model = model.to(s.device)
     row = CompareRow(method)
     if method == ICL:
-        from .peft_model import count_parameters
+        from .methods import count_parameters
 
         row.total_params = count_parameters(model)[1]
         base = finetune._rss_mb()

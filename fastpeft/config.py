@@ -32,7 +32,7 @@ class LoraConfig:
         (``re.fullmatch``); a list matches exact names or name suffixes after a dot
         (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``); ``"all-linear"`` is every
         ``nn.Linear``/``Conv1D`` but the output layer. None: the model's usual attention
-        projections are looked up by name (see ``fastpeft.peft_model.DEFAULT_TARGETS``).
+        projections are looked up by name (see ``fastpeft.targeting.DEFAULT_TARGETS``).
     exclude_modules: the same matching rules; matches are never adapted.
     rank_pattern / alpha_pattern: ``{regex: r}`` / ``{regex: alpha}`` overrides, a key matching
         the end of a module name (PEFT's ``(.*\\.)?(key)$``).

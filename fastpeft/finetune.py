@@ -113,10 +113,10 @@ def _bnb_quantize(model, compute_dtype):
     """QLoRA's base as bitsandbytes makes it: every linear but the output layer in NF4, double-quantised."""
     import bitsandbytes as bnb
 
-    from .peft_model import _output_layer_names
+    from .targeting import output_layer_names
     from .targeting import replace_module
 
-    skip = _output_layer_names(model)
+    skip = output_layer_names(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and name not in skip:
             q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
@@ -241,7 +241,7 @@ def train_model(model, batches, s: FinetuneSettings, library: str = "fastpeft", 
     it is now. Leaves the model in train mode."""
     from tqdm import tqdm
 
-    from .peft_model import count_parameters
+    from .methods import count_parameters
 
     model.train()
     trainable, total = count_parameters(model)

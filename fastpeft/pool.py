@@ -20,12 +20,11 @@ import threading
 import torch
 import torch.nn as nn
 
-from .checkpoint import PREFIX, CheckpointError, _read_weights
+from .checkpoint import PREFIX, CheckpointError, read_weights
 from .config import LoraConfig, read_config
-from .nn.multi_lora import MultiLoRALinear, _current
+from .nn.multi_lora import MultiLoRALinear, pop_adapter_batch, push_adapter_batch
 from .ops.adapter_batch import AdapterBatch
-from .peft_model import _pattern_value, find_targets
-from .targeting import replace_module
+from .targeting import find_targets, pattern_value, replace_module
 
 
 class _SlotLease:
@@ -90,7 +89,7 @@ class AdapterPool:
 
     def _plan_ia3(self, directory: str):
         """(write, layer, args) for every layer a PEFT (IA)³ checkpoint scales."""
-        state = _read_weights(directory)
+        state = read_weights(directory)
         plan = []
         for key, vector in sorted(state.items()):
             if not (key.startswith(PREFIX) and key.endswith(".ia3_l")):
@@ -121,7 +120,7 @@ class AdapterPool:
         if config.modules_to_save or config.bias != "none":
             raise CheckpointError("adapter pools hold LoRA factors only: modules_to_save and trained biases "
                                   f"are not supported (adapter_config.json of {directory})")
-        state = _read_weights(directory)
+        state = read_weights(directory)
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             for part in ("lora_A", "lora_B"):
@@ -147,7 +146,7 @@ class AdapterPool:
                 raise CheckpointError(f"checkpoint factors for {module!r} have shapes {list(a.shape)} and "
                                       f"{list(b.shape)}; the layer expects [r, {layer.in_features}] and "
                                       f"[{layer.out_features}, r]")
-            alpha = _pattern_value(config.alpha_pattern, module, config.lora_alpha)
+            alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
             scaling = alpha / (r ** 0.5 if config.use_rslora else r)
             plan.append((layer.set_adapter, (a.to(layer.lora_a.dtype), b.to(layer.lora_b.dtype), scaling)))
         if not plan:
@@ -246,9 +245,8 @@ class AdapterPool:
             return ids, _SlotLease(self, used)
 
     def _enter(self, module, args, kwargs):
-        # Pushed first: if routing fails below, the always-called exit hook still pops exactly this.
-        _current.stack = getattr(_current, "stack", [])
-        _current.stack.append(getattr(_current, "batch", None))
+        # No routing pushed yet: if routing fails below, the always-called exit hook pops exactly this.
+        push_adapter_batch(None)
         names = kwargs.pop("adapter_names", None)
         ids = kwargs.pop("adapter_ids", None)
         if names is not None and ids is not None:
@@ -278,11 +276,12 @@ class AdapterPool:
             batch = AdapterBatch.build(ids, self.max_adapters, loaded, tokens_per_row=None if per_token else seq,
                                        device=device, per_sequence=not per_token)
             batch = batch.with_lease(_SlotLease(self, sorted({slot for _, _, slot in batch.segments})))
-        _current.batch = batch
+        pop_adapter_batch()
+        push_adapter_batch(batch)
         return args, kwargs
 
     def _exit(self, module, args, kwargs, output):
         # The lease goes with the last reference to the batch: here, or when a graph that kept it is freed.
-        _current.batch = _current.stack.pop()
+        pop_adapter_batch()
         return output
 

@@ -88,7 +88,7 @@ def test_merge_and_unload_keeps_outputs(kind, tmp_path):
     inputs = model_inputs(kind)
     expected = output_of(model, inputs).detach()
     merged = fastpeft.merge_and_unload(model)
-    assert not any(isinstance(m, (LoRALinear, fastpeft.peft_model.ModulesToSaveWrapper)) for m in merged.modules())
+    assert not any(isinstance(m, (LoRALinear, fastpeft.nn.ModulesToSaveWrapper)) for m in merged.modules())
     assert not hasattr(merged, "fastpeft_config")
     assert_close(output_of(merged, inputs), expected)
 
@@ -136,7 +136,7 @@ def test_all_linear_skips_the_output_layer_and_counts_parameters(capsys):
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     fastpeft.print_trainable_parameters(model)
     out = capsys.readouterr().out
-    t, total = fastpeft.peft_model.count_parameters(model)
+    t, total = fastpeft.methods.count_parameters(model)
     assert f"trainable params: {t:,d} || all params: {total:,d}" in out
 
 

@@ -121,7 +121,7 @@ def test_target_modules_rules_are_pefts():
     indices, raises as in PEFT (fastpeft silently ignored the layer list)."""
     model = tiny_model("llama")
     fastpeft.get_peft_model(model, LoraConfig(r=2, target_modules="ALL-LINEAR"))
-    assert len(fastpeft.peft_model.lora_layers(model)) == 14
+    assert len(fastpeft.methods.lora_layers(model)) == 14
     with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
         LoraConfig(target_modules=r".*q_proj", layers_to_transform=[0])
     with pytest.raises(ValueError, match="`layers_pattern` cannot be used when `target_modules` is a str"):
@@ -318,7 +318,7 @@ def test_a_qlora_models_counts_include_its_4bit_weights(capsys):
     fastpeft.quantize_model(model)
     fastpeft.get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert fastpeft.peft_model.count_parameters(model) == (trainable, full + trainable)
+    assert fastpeft.methods.count_parameters(model) == (trainable, full + trainable)
     fastpeft.print_trainable_parameters(model)
     assert f"all params: {full + trainable:,d}" in capsys.readouterr().out
 
@@ -381,13 +381,13 @@ def test_review_edge_cases_of_peft_parity(tmp_path):
     peft = pytest.importorskip("peft")
     model = tiny_model("bert")
     fastpeft.get_peft_model(model, LoraConfig(r=2, target_modules=["query"], task_type=peft.TaskType.SEQ_CLS))
-    assert isinstance(model.classifier, fastpeft.peft_model.ModulesToSaveWrapper)
+    assert isinstance(model.classifier, fastpeft.nn.ModulesToSaveWrapper)
     fastpeft.save_adapter(model, tmp_path / "a")
     fastpeft.load_adapter(tiny_model("bert"), tmp_path / "a")
     llama = tiny_model("llama")
     with pytest.raises(ValueError, match="modules_to_save names .*q_proj.*a target of target_modules"):
         fastpeft.get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["proj"]))
-    assert not fastpeft.peft_model.lora_layers(llama)
+    assert not fastpeft.methods.lora_layers(llama)
     os.symlink(tmp_path / "a", tmp_path / "link")
     fastpeft.save_adapter(model, tmp_path / "link")
     assert os.path.islink(tmp_path / "link") and (tmp_path / "a" / "adapter_model.safetensors").exists()

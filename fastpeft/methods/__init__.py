@@ -1,171 +1,103 @@
-"""PEFT methods besides LoRA, each a config class plus a :class:`Method` that applies it.
+"""PEFT methods, each a config class plus a :class:`~fastpeft.methods.base.Method` that applies it,
+and the calls that act on whatever method a model holds.
 
-LoRA keeps its own path (``fastpeft.peft_model``: several named adapters per model, merging,
-conversion from ``peft``). Every other method is one module here defining
-
-* a config dataclass deriving from :class:`MethodConfig`, with a ``peft_type`` class attribute
-  (PEFT's string where PEFT has the method, so ``adapter_config.json`` files are interchangeable);
-* a :class:`Method` subclass, decorated with :func:`register`, that applies the config to a model
-  and names the tensors its checkpoint holds.
-
-``fastpeft.get_peft_model``, ``save_adapter`` and ``load_adapter`` dispatch on ``peft_type``. A model
-holds at most one adapter of such a method (``model.fastpeft_config == {name: config}``).
+``get_peft_model``, ``set_adapter``, ``disable_adapters`` and ``merge_and_unload`` dispatch on the
+config's ``peft_type``: LoRA (:mod:`.lora`, several named adapters per model) or one of the
+registered methods (one adapter per model). ``save_adapter`` / ``load_adapter`` live in
+:mod:`fastpeft.checkpoint`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from typing import Any, ClassVar
+import contextlib
 
-import torch
 import torch.nn as nn
 
-from ..config import LoraConfig, read_config, write_config
+from ..config import LoraConfig
+from ..nn.linear4bit import Linear4bit
+from .base import (METHODS, Method, MethodConfig, adapters_of, as_config, config_from_dict, forget_adapters,
+                   load_config, method_for, method_of, register)
+from .lora import add_adapter, delete_adapter, from_peft, lora_layers
+from . import lora
+# Each method module registers itself on import (add new modules here).
+from . import (bitfit, bottleneck, compacter, diff_pruning, full_finetune, ia3, layer_freezing,  # noqa: F401
+               prefix_tuning, prompt_tuning)
 
 
-@dataclasses.dataclass(kw_only=True)
-class MethodConfig:
-    """Base of a method's config dataclass: ``adapter_config.json`` reading and writing.
+def get_peft_model(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
+    """Apply a PEFT method to `model`, in place, and return it.
 
-    Subclasses are ``@dataclass`` classes with a ``peft_type: ClassVar[str]``; their fields are
-    what ``to_dict`` writes, and ``from_dict`` ignores keys it does not know but refuses another
-    ``peft_type``. PEFT's bookkeeping fields every config has (keyword-only here) never change
-    what an adapter computes.
+    LoRA (:class:`LoraConfig`): replace the layers `config` targets with fastpeft LoRA layers;
+    freeze everything but the adapter (and the biases / modules_to_save it names); make it the
+    active adapter. Any other config: its method applies it; such a model holds that one adapter.
+    A ``peft`` config (``peft.LoraConfig``...) is read as fastpeft's.
     """
-
-    peft_type: ClassVar[str] = ""
-    auto_mapping: dict | None = None
-    peft_version: str | None = None
-    revision: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["peft_type"] = self.peft_type
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        if d.get("peft_type") != cls.peft_type:
-            raise ValueError(f"adapter config: peft_type {d.get('peft_type')!r} is not {cls.peft_type!r}")
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def save(self, directory: str) -> str:
-        return write_config(self.to_dict(), directory)
-
-    def check_peft_type(self, expected: str) -> None:
-        """For configs of PEFT's methods, whose peft_type is a field as in PEFT (PEFT fills it in;
-        passing it is allowed): it must name this method."""
-        if self.peft_type is None:
-            self.peft_type = expected
-        elif str(getattr(self.peft_type, "value", self.peft_type)) != expected:
-            raise ValueError(f"{type(self).__name__}: peft_type must be {expected!r}, got {self.peft_type!r}")
-        self.peft_type = expected
-        task_type = getattr(self, "task_type", None)
-        if task_type is not None:  # peft.TaskType.CAUSAL_LM -> "CAUSAL_LM"
-            self.task_type = str(getattr(task_type, "value", task_type))
-
-    def save_pretrained(self, directory: str) -> str:
-        """Write ``adapter_config.json`` into `directory` (made if needed), as PEFT's configs do."""
-        os.makedirs(directory, exist_ok=True)
-        return self.save(directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str):
-        return cls.from_dict(read_config(directory))
-
-
-class Method:
-    """How one PEFT method changes a model. Subclasses set ``config_cls`` and implement the three
-    methods below; ``fastpeft.get_peft_model`` calls ``apply``, checkpoints use the other two."""
-
-    config_cls: ClassVar[type]
-
-    def apply(self, model: nn.Module, config, adapter_name: str) -> nn.Module:
-        """Change `model` in place (inject modules, hooks), freeze everything but what the method
-        trains, and return the model. Raise, changing nothing, when the config does not fit."""
-        raise NotImplementedError
-
-    def state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The live tensors (parameters or buffers, not copies) a checkpoint of the adapter holds,
-        under the keys written to ``adapter_model.safetensors`` (PEFT's keys where PEFT has the method)."""
-        raise NotImplementedError
-
-    def expected_shapes(self, model: nn.Module, config) -> dict[str, tuple[int, ...]]:
-        """key -> shape that a checkpoint of `config` must hold for `model` (the model unchanged)."""
-        raise NotImplementedError
-
-    def merge_and_unload(self, model: nn.Module) -> nn.Module:
-        """Fold the adapter into the model's own weights and remove what the method added. A method
-        whose adapter is not a weight delta (prompts, hooks, blocks) refuses rather than pretend."""
-        raise TypeError(f"merge_and_unload: a {self.config_cls.__name__} adapter is not a weight delta; it cannot be "
-                        "merged into the base weights (save it with fastpeft.save_adapter instead)")
-
-    def disabled(self, model: nn.Module):
-        """A context manager in which the model computes as its base model; methods that cannot
-        switch off refuse (a silent no-op would return adapted outputs as the base model's)."""
-        raise TypeError(f"disable_adapters: fastpeft cannot switch a {self.config_cls.__name__} adapter off; load the "
-                        "base model separately to compare")
-
-
-METHODS: dict[str, Method] = {}
-
-
-def forget_adapters(model: nn.Module) -> nn.Module:
-    """Remove fastpeft's adapter records from a model (after merging: it is a plain model again)."""
-    for attr in ("fastpeft_config", "fastpeft_active_adapter"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    config = as_config(config)
+    if not isinstance(config, LoraConfig):
+        method = method_for(config)
+        if adapters_of(model):
+            raise ValueError(f"the model already has adapters {sorted(adapters_of(model))}; a {type(config).__name__} "
+                             "adapter must be the model's only one")
+        model = method.apply(model, config, adapter_name)
+        model.fastpeft_config = {adapter_name: config}
+        model.fastpeft_active_adapter = adapter_name
+        return model
+    add_adapter(model, config, adapter_name)
+    set_adapter(model, adapter_name)
     return model
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make `cls` the method for ``cls.config_cls.peft_type``."""
-    peft_type = cls.config_cls.peft_type
-    if not peft_type or peft_type == "LORA":
-        raise ValueError(f"{cls.__name__}: config_cls needs its own peft_type")
-    METHODS[peft_type] = cls()
-    return cls
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make `adapter_name` the active (and only trainable) adapter. A model with an adapter of
+    another method than LoRA has that one adapter, always active: naming it changes nothing."""
+    configs = adapters_of(model)
+    if adapter_name not in configs:
+        raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
+    if method_of(model) is None:
+        lora.activate(model, adapter_name)
 
 
-def method_for(config) -> Method:
-    method = METHODS.get(getattr(config, "peft_type", None))
-    if method is None or not isinstance(config, method.config_cls):
-        raise TypeError(f"{type(config).__name__} is not a fastpeft adapter config (expected LoraConfig or one of "
-                        f"{sorted(m.config_cls.__name__ for m in METHODS.values())})")
-    return method
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside the block the model computes as its base model (merged adapters are unmerged first).
+    A method that cannot switch off (see :meth:`Method.disabled`) raises instead."""
+    method = method_of(model)
+    with (method.disabled(model) if method is not None else lora.disabled(model)):
+        yield model
 
 
-def as_config(config):
-    """`config` itself, or a ``peft`` config (``peft.LoraConfig``, ``peft.IA3Config``...) read as the
-    fastpeft config of the same method, field for field (what its ``adapter_config.json`` would say)."""
-    if not type(config).__module__.startswith("peft."):
-        return config
-    import json
-
-    def plain(value):  # PEFT's enums are str subclasses, its target sets become sorted lists
-        return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
-
-    return config_from_dict(json.loads(json.dumps(config.to_dict(), default=plain)))
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the active adapter into the base weights and put the plain modules back (in place).
+    LoRA: modules in modules_to_save keep the active adapter's trained copy. Other methods: their
+    :meth:`Method.merge_and_unload` (DiffPruning folds its sparse delta; methods that train the
+    model's own weights just detach; prompt, prefix, IA3 and adapter blocks refuse)."""
+    method = method_of(model)
+    return method.merge_and_unload(model) if method is not None else lora.merge_and_unload(model)
 
 
-def config_from_dict(d: dict[str, Any]):
-    """The config object an ``adapter_config.json`` describes, by its ``peft_type``."""
-    peft_type = d.get("peft_type")
-    if peft_type == "LORA":
-        return LoraConfig.from_dict(d)
-    if peft_type not in METHODS:
-        raise ValueError(f"adapter config: peft_type {peft_type!r} is not supported "
-                         f"(fastpeft has LORA, {', '.join(sorted(METHODS))})")
-    return METHODS[peft_type].config_cls.from_dict(d)
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a shared tensor counts once, and a 4-bit weight counts its
+    weights (as PEFT counts bitsandbytes' packed ones): a QLoRA model is mostly frozen 4-bit weights."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and id(m.q) not in seen:
+            seen.add(id(m.q))
+            total += m.q.numel
+    return trainable, total
 
 
-def load_config(directory: str):
-    """The config of the adapter saved in `directory`, whatever its method."""
-    return config_from_dict(read_config(directory))
+def print_trainable_parameters(model: nn.Module) -> None:
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
-# Each method module registers itself on import (add new modules here).
-from . import (bitfit, bottleneck, compacter, diff_pruning, full_finetune, ia3, layer_freezing,  # noqa: E402,F401
-               prefix_tuning, prompt_tuning)
+__all__ = ["Method", "MethodConfig", "METHODS", "register", "method_for", "method_of", "adapters_of", "as_config",
+           "config_from_dict", "load_config", "forget_adapters", "get_peft_model", "add_adapter", "set_adapter",
+           "delete_adapter", "disable_adapters", "merge_and_unload", "from_peft", "lora_layers", "count_parameters",
+           "print_trainable_parameters"]

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from . import MethodConfig, register
-from ..peft_model import _matches, _own_modules
-from .full_finetune import SelectiveMethod, find_named_modules, own_parameters, parameters_under
+from ..targeting import find_named_modules, name_matches, own_modules
+from .base import MethodConfig, register
+from .full_finetune import SelectiveMethod, own_parameters, parameters_under
 
 # Names transformers gives the classification heads of its *ForSequenceClassification,
 # *ForTokenClassification and *ForQuestionAnswering models.
@@ -37,7 +37,7 @@ def bias_names(model: nn.Module) -> list[str]:
 
 
 def task_heads(model: nn.Module) -> list[str]:
-    return [n for n, _ in _own_modules(model) if n and _matches(n, TASK_HEAD_NAMES)]
+    return [n for n, _ in own_modules(model) if n and name_matches(n, TASK_HEAD_NAMES)]
 
 
 @register

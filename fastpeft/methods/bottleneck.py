@@ -35,9 +35,8 @@ import torch.nn as nn
 from ..config import PREFIX
 from ..nn.linear4bit import Linear4bit
 from ..ops.adapter_block import adapter_block
-from ..peft_model import DEFAULT_LAYERS_PATTERNS, _matches, _own_modules
-from ..targeting import attach_module
-from . import Method, MethodConfig, register
+from ..targeting import attach_module, layer_index, name_matches, own_modules
+from .base import Method, MethodConfig, register
 
 ADAPTER_ATTR = "fastpeft_adapter"     # the block's attribute on the module it adapts
 DROP_ATTR = "fastpeft_adapter_drop"   # the AdapterDrop state on the root model
@@ -46,13 +45,13 @@ DROP_ATTR = "fastpeft_adapter_drop"   # the AdapterDrop state on the root model
 DEFAULT_ATTN_MODULES = r".*\.(self_attn|attn|attention\.output\.dense)"
 DEFAULT_FFN_MODULES = r".*\.(mlp|layer\.\d+\.output\.dense)"
 LAYOUTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",), "parallel": ("ffn",)}
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity,
+# non_linearity -> (the module it is, the activation of fastpeft.ops.adapter_block computing it);
+# nn.GELU() is the exact, erf form, the op's "gelu".
+ACTIVATIONS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "relu": (nn.ReLU, "relu"), "gelu": (nn.GELU, "gelu"), "silu": (nn.SiLU, "silu"), "swish": (nn.SiLU, "silu"),
+    "tanh": (nn.Tanh, "tanh"), "identity": (nn.Identity, "identity"),
 }
 INITS = ("identity", "near_identity")
-# non_linearity -> the activation name of fastpeft.ops.adapter_block (nn.GELU() is the exact, erf form)
-FUSED_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu", "tanh": "tanh",
-                     "identity": "identity"}
 
 
 @dataclass
@@ -134,7 +133,7 @@ class AdapterBlock(nn.Module):
 
     def __init__(self, down: nn.Module, up: nn.Module, non_linearity: str, scaling: float):
         super().__init__()
-        self.down, self.act, self.up = down, ACTIVATIONS[non_linearity](), up
+        self.down, self.act, self.up = down, ACTIVATIONS[non_linearity][0](), up
         self.scaling = scaling
         self.non_linearity = non_linearity
 
@@ -148,7 +147,7 @@ class AdapterBlock(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if self._fusable(x, residual):
             return adapter_block(x, residual, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-                                 self.scaling, FUSED_ACTIVATIONS[self.non_linearity])
+                                 self.scaling, ACTIVATIONS[self.non_linearity][1])
         delta = self.up(self.act(self.down(x)))
         return residual + (delta if self.scaling == 1.0 else self.scaling * delta)
 
@@ -201,22 +200,13 @@ def module_features(module: nn.Module) -> tuple[int, int]:
     return linears[0][0], linears[-1][1]
 
 
-def layer_index(name: str, layers_pattern=None) -> int | None:
-    patterns = layers_pattern or DEFAULT_LAYERS_PATTERNS
-    for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        m = re.match(rf"(?:.*\.)?{pattern}\.(\d+)(?:\.|$)", name)
-        if m:
-            return int(m.group(1))
-    return None
-
-
 def find_insertion_points(model: nn.Module, config: AdapterLayoutConfig) -> list[InsertionPoint]:
     """The modules `config` puts blocks at, in model order. Raises, changing nothing, when a kind of
     point matches nothing (naming the patterns to set) or a module already has a block."""
     patterns = {"attn": config.attn_modules or DEFAULT_ATTN_MODULES, "ffn": config.ffn_modules or DEFAULT_FFN_MODULES}
     found: list[InsertionPoint] = []
     for kind in config.point_kinds():
-        matched = [(n, m) for n, m in _own_modules(model) if n and _matches(n, patterns[kind])]
+        matched = [(n, m) for n, m in own_modules(model) if n and name_matches(n, patterns[kind])]
         # A pattern may match a container and a module inside it: keep the outermost.
         matched = [(n, m) for n, m in matched if not any(n.startswith(o + ".") for o, _ in matched)]
         if not matched:

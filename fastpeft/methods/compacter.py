@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.phm import PHMLinear
-from . import MethodConfig, register
+from .base import MethodConfig, register
 from .bottleneck import AdapterBlock, AdapterLayoutConfig, AdapterMethod
 
 

@@ -32,8 +32,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..nn.linear4bit import Linear4bit
-from . import Method, MethodConfig, forget_adapters, register
-from ..peft_model import _matches, _own_modules, resolve_target_modules
+from ..targeting import name_matches, own_modules, resolve_target_modules
+from .base import Method, MethodConfig, forget_adapters, register
 
 
 @dataclass
@@ -125,8 +125,8 @@ def _targets(model: nn.Module, config: DiffPruningConfig) -> list[tuple[str, nn.
     """(module name, module, parameter name, parameter) for every parameter `config` targets."""
     patterns = resolve_target_modules(model, config)
     found = []
-    for name, module in _own_modules(model):
-        if not name or not _matches(name, patterns) or parametrize.is_parametrized(module):
+    for name, module in own_modules(model):
+        if not name or not name_matches(name, patterns) or parametrize.is_parametrized(module):
             continue
         if isinstance(module, Linear4bit):
             raise ValueError(f"DiffPruningConfig.target_modules: {name!r} holds 4-bit NF4 weights, which cannot take "
@@ -137,7 +137,7 @@ def _targets(model: nn.Module, config: DiffPruningConfig) -> list[tuple[str, nn.
                              "parameters of its own; name the layers inside it")
         found += [(name, module, pname, p) for pname, p in params]
     if not found:
-        names = [n for n, m in _own_modules(model) if n and list(m.parameters(recurse=False))][:6]
+        names = [n for n, m in own_modules(model) if n and list(m.parameters(recurse=False))][:6]
         raise ValueError(f"DiffPruningConfig.target_modules {config.target_modules!r} matched no module of "
                          f"{type(model).__name__} (modules with parameters are named like {names})")
     return found

@@ -14,27 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import Method, MethodConfig, forget_adapters, register
-from ..peft_model import _own_modules
+from ..targeting import find_named_modules, own_modules
+from .base import Method, MethodConfig, forget_adapters, register
 
 
 def own_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """name -> parameter of the model, each tensor once (tied weights under their first name)."""
     return dict(model.named_parameters())
-
-
-def find_named_modules(model: nn.Module, names, what: str) -> list[str]:
-    """Full names of the modules `names` designate (exact names or name suffixes after a dot);
-    a name matching nothing is an error naming the first few modules the model has."""
-    found = []
-    for wanted in names or []:
-        matches = [n for n, _ in _own_modules(model) if n and (n == wanted or n.endswith("." + wanted))]
-        if not matches:
-            children = [n for n, _ in model.named_children()]
-            raise ValueError(f"{what}: no module named {wanted!r} in {type(model).__name__} (its top-level modules: "
-                             f"{children})")
-        found += [m for m in matches if m not in found]
-    return found
 
 
 def parameters_under(model: nn.Module, module_names) -> list[str]:

@@ -22,9 +22,8 @@ import torch.nn as nn
 
 from ..config import PREFIX, LoraConfig
 from ..nn.lora import is_conv1d
-from ..peft_model import _matches, _own_modules, find_targets, layer_features
-from ..targeting import replace_module
-from . import Method, MethodConfig, register
+from ..targeting import find_targets, layer_features, name_ends_with, name_matches, own_modules, replace_module
+from .base import Method, MethodConfig, register
 
 # Used when target_modules is None: the key and value projections (or a fused qkv projection) and
 # the feed-forward down projection under the names transformers families give them; only names
@@ -131,12 +130,6 @@ class _Target:
     out_features: int
 
 
-def _is_feedforward(name: str, feedforward) -> bool:
-    if isinstance(feedforward, str):
-        return re.fullmatch(feedforward, name) is not None
-    return any(name.endswith(f) for f in feedforward)  # PEFT's rule: a plain suffix, no dot needed
-
-
 def _resolve(model: nn.Module, config: IA3Config) -> tuple[list[_Target], dict[str, Any]]:
     """The layers `config` adapts and the config fields as resolved for this model; raises (changing
     nothing) when a target is not a linear layer or nothing matches."""
@@ -144,25 +137,25 @@ def _resolve(model: nn.Module, config: IA3Config) -> tuple[list[_Target], dict[s
         raise ValueError("the model already has (IA)3 layers")
     targets = config.target_modules
     if targets is None:
-        names = [n for n, _ in _own_modules(model) if n]
-        targets = [t for t in DEFAULT_TARGETS + DEFAULT_FEEDFORWARD if any(_matches(n, [t]) for n in names)]
+        names = [n for n, _ in own_modules(model) if n]
+        targets = [t for t in DEFAULT_TARGETS + DEFAULT_FEEDFORWARD if any(name_matches(n, [t]) for n in names)]
         if not any(t in DEFAULT_TARGETS for t in targets):
             raise ValueError("IA3Config.target_modules is None and none of the usual key/value projections "
                              f"{list(DEFAULT_TARGETS)} is in the model; name the modules to adapt")
     found, lora_view = find_targets(model, LoraConfig(r=1, target_modules=targets,
                                                       exclude_modules=config.exclude_modules))
     if isinstance(targets, list):  # stricter than PEFT: a misspelt name is an error, not a silent no-op
-        names = [n for n, _ in _own_modules(model) if n]
+        names = [n for n, _ in own_modules(model) if n]
         for wanted in targets:
-            if not any(_matches(n, [wanted]) for n in names):
+            if not any(name_matches(n, [wanted]) for n in names):
                 raise ValueError(f"IA3Config: target_modules entry {wanted!r} matches no module of the model")
     feedforward = config.feedforward_modules
     if feedforward is None:
-        feedforward = sorted({f for f in DEFAULT_FEEDFORWARD if any(_is_feedforward(t.name, [f]) for t in found)})
+        feedforward = sorted({f for f in DEFAULT_FEEDFORWARD if any(name_ends_with(t.name, [f]) for t in found)})
     result = []
     for t in found:
-        in_features, out_features, _ = layer_features(t.module, lora_view)
-        result.append(_Target(t.name, t.module, _is_feedforward(t.name, feedforward), in_features, out_features))
+        in_features, out_features, _ = layer_features(t.module)
+        result.append(_Target(t.name, t.module, name_ends_with(t.name, feedforward), in_features, out_features))
     resolved = dict(target_modules=lora_view.target_modules, feedforward_modules=feedforward,
                     fan_in_fan_out=config.fan_in_fan_out or any(is_conv1d(t.module) for t in found))
     return result, resolved

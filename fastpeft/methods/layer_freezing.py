@@ -2,7 +2,7 @@
 named modules; everything else stays frozen.
 
 The layer stack is found by rule: the ``nn.ModuleList`` whose name ends in one of PEFT's
-layer-container names (``fastpeft.peft_model.DEFAULT_LAYERS_PATTERNS``: ``layers``, ``h``,
+layer-container names (``fastpeft.targeting.DEFAULT_LAYERS_PATTERNS``: ``layers``, ``h``,
 ``block``...), or the one ``layers_pattern`` names. The checkpoint holds the trained tensors under
 the model's own parameter names (see :mod:`fastpeft.methods.full_finetune`).
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from . import MethodConfig, register
-from ..peft_model import DEFAULT_LAYERS_PATTERNS, _own_modules
-from .full_finetune import SelectiveMethod, find_named_modules, parameters_under
+from ..targeting import DEFAULT_LAYERS_PATTERNS, find_named_modules, name_matches, own_modules
+from .base import MethodConfig, register
+from .full_finetune import SelectiveMethod, parameters_under
 
 
 @dataclass
@@ -43,12 +43,12 @@ def layer_stack(model: nn.Module, layers_pattern: str | None = None) -> tuple[st
     """(name, container) of the model's stack of transformer layers."""
     def fits(name: str) -> bool:
         if layers_pattern is not None:
-            return name == layers_pattern or name.endswith("." + layers_pattern)
+            return name_matches(name, [layers_pattern])
         return name.rpartition(".")[2] in DEFAULT_LAYERS_PATTERNS
 
-    stacks = [(n, m) for n, m in _own_modules(model) if n and isinstance(m, nn.ModuleList) and fits(n)]
+    stacks = [(n, m) for n, m in own_modules(model) if n and isinstance(m, nn.ModuleList) and fits(n)]
     if not stacks:
-        lists = [n for n, m in _own_modules(model) if isinstance(m, nn.ModuleList)]
+        lists = [n for n, m in own_modules(model) if isinstance(m, nn.ModuleList)]
         wanted = repr(layers_pattern) if layers_pattern else f"one of {list(DEFAULT_LAYERS_PATTERNS)}"
         raise ValueError(f"layer freezing: {type(model).__name__} has no nn.ModuleList named {wanted} "
                          f"(its ModuleLists: {lists}); set layers_pattern")

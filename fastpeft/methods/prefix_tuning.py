@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import Method, register
-from .prompt_tuning import (PromptLearningConfig, VirtualTokenHooks, _cache_of, check_matches, check_positive_int,
+from .base import Method, register
+from .prompt_tuning import (PromptLearningConfig, VirtualTokenHooks, cache_of, check_matches, check_positive_int,
                             decoder_geometry, encoder_of, install_encoder, prompt_learning_fields, virtual_tokens_off)
 
 INIT_WEIGHTS = (None, "zero")
@@ -140,7 +140,7 @@ class PrefixTuningHooks(VirtualTokenHooks):
         self.encoder = encoder
 
     def first_call(self, model, named, batch_size):
-        cache = _cache_of(named)
+        cache = cache_of(named)
         if cache is None:
             from transformers import DynamicCache
 

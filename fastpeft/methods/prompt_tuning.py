@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..targeting import attach_module
-from . import Method, MethodConfig, register
+from .base import Method, MethodConfig, register
 
 PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 ENCODER_ATTRIBUTE = "fastpeft_prompt_encoder"  # where the trained prompt (or prefix) lives on the model
@@ -101,7 +101,8 @@ def _named_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, A
     return named
 
 
-def _cache_of(named: dict[str, Any]):
+def cache_of(named: dict[str, Any]):
+    """The transformers Cache among a forward's named arguments (None when there is none)."""
     cache = next((named[n] for n in _CACHE_NAMES if named.get(n) is not None), None)
     if cache is not None and not hasattr(cache, "get_seq_length"):
         raise TypeError(f"virtual tokens need a transformers Cache object as the cache, got {type(cache).__name__} "
@@ -151,7 +152,7 @@ class VirtualTokenHooks:
         mask = named.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"a model with virtual tokens takes a 2-D attention_mask [batch, seq], got {mask.dim()}-D")
-        cache = _cache_of(named)
+        cache = cache_of(named)
         first = cache is None or cache.get_seq_length() == 0
         positions = named.get("position_ids")
         dropped = self.first_call(model, named, batch_size) if first else 0

@@ -1,10 +1,12 @@
-"""torch.nn modules that replace layers of existing models."""
+"""torch.nn modules that replace layers of existing models. They know nothing of models, methods
+or checkpoints: whole-model actions live in :mod:`fastpeft.targeting`, :mod:`fastpeft.methods` and
+:mod:`fastpeft.quantize`."""
 
-from .linear4bit import Linear4bit, load_quantized_model, quantize_model, save_quantized_model
+from .linear4bit import Linear4bit
 from .lora import LoRALinear, QLoRALinear
+from .modules_to_save import ModulesToSaveWrapper
 from .multi_lora import MultiLoRALinear, use_adapter_batch
 from .phm import PHMLinear
 
-__all__ = ["LoRALinear", "QLoRALinear", "Linear4bit", "MultiLoRALinear", "PHMLinear", "quantize_model",
-           "load_quantized_model",
-           "save_quantized_model", "use_adapter_batch"]
+__all__ = ["LoRALinear", "QLoRALinear", "Linear4bit", "MultiLoRALinear", "PHMLinear", "ModulesToSaveWrapper",
+           "use_adapter_batch"]

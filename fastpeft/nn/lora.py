@@ -84,7 +84,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout: dict[str, float] = {}
         self.active_adapter = adapter_name
         self.merged_adapters: list[str] = []
-        self._disabled = False
+        self.disabled = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
         if adapter_name is not None:
@@ -195,20 +195,20 @@ class LoRALinear(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Inside the block the layer computes its base layer alone (merged adapters are unmerged first)."""
-        merged, was_disabled = list(self.merged_adapters), self._disabled
+        merged, was_disabled = list(self.merged_adapters), self.disabled
         self.unmerge()
-        self._disabled = True
+        self.disabled = True
         try:
             yield self
         finally:
-            self._disabled = was_disabled
+            self.disabled = was_disabled
             self.merge(merged)
 
     # ------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
-        if self._disabled or self.merged_adapters or name not in self.lora_A:
+        if self.disabled or self.merged_adapters or name not in self.lora_A:
             return self.base_layer(x)  # (a model's active adapter may not cover this layer)
         if self.quantized:  # QLoRA: the delta fused into the NF4 GEMMs, forward and backward
             return self._qlora_forward(x, name)

@@ -16,23 +16,35 @@ from ..ops.bgmv import bgmv_expand, bgmv_shrink
 from ..ops.sgmv import sgmv_expand, sgmv_shrink
 from .lora import is_conv1d
 
-_current = threading.local()  # the AdapterBatch of the forward running on this thread
+_current = threading.local()  # .stack: the AdapterBatches of the forwards running on this thread, innermost last
+
+
+def push_adapter_batch(batch: AdapterBatch | None) -> None:
+    """Route every MultiLoRALinear called without adapter_ids by `batch` (on this thread) until the
+    matching :func:`pop_adapter_batch`. For hooks that open and close a model's forward; elsewhere
+    use :func:`use_adapter_batch`."""
+    _current.__dict__.setdefault("stack", []).append(batch)
+
+
+def pop_adapter_batch() -> AdapterBatch | None:
+    """End the innermost :func:`push_adapter_batch`; returns its batch."""
+    return _current.stack.pop()
 
 
 @contextlib.contextmanager
 def use_adapter_batch(batch: AdapterBatch):
     """Every MultiLoRALinear called without adapter_ids inside the block routes by `batch`: the
     metadata is built once per forward and shared by every layer (per thread)."""
-    previous = getattr(_current, "batch", None)
-    _current.batch = batch
+    push_adapter_batch(batch)
     try:
         yield batch
     finally:
-        _current.batch = previous
+        pop_adapter_batch()
 
 
 def current_adapter_batch() -> AdapterBatch | None:
-    return getattr(_current, "batch", None)
+    stack = getattr(_current, "stack", None)
+    return stack[-1] if stack else None
 
 
 def _shrink(x, stack, batch: AdapterBatch):

@@ -29,7 +29,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ..quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, _per_block
+from ..quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, scale_blocks
 from . import _registry
 
 
@@ -37,14 +37,14 @@ def dequantize_packed(packed, absmax, quant_map, blocksize, out_features, in_fea
     """The ``[out, in]`` weight of NF4 bytes, in `dtype` (the reference's one full-precision copy)."""
     raw = packed.reshape(-1).view(torch.uint8)
     codes = torch.stack([raw >> 4, raw & 0xF], dim=1).reshape(-1)[: out_features * in_features].long()
-    return _per_block(quant_map[codes], absmax, blocksize).reshape(out_features, in_features).to(dtype)
+    return scale_blocks(quant_map[codes], absmax, blocksize).reshape(out_features, in_features).to(dtype)
 
 
 def decode_absmax(absmax, nested_absmax=None, nested_quant_map=None, absmax_offset=0.0):
     """The float32 absmax per block: as given, or decoded from double quantisation's codes."""
     if nested_absmax is None:
         return absmax
-    return _per_block(nested_quant_map[absmax.long()], nested_absmax, NESTED_BLOCKSIZE) + absmax_offset
+    return scale_blocks(nested_quant_map[absmax.long()], nested_absmax, NESTED_BLOCKSIZE) + absmax_offset
 
 
 def _in_features(x, packed, out_features, transposed):

@@ -104,7 +104,7 @@ def _nested_codes(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     return torch.where(normed.isnan(), 0, codes).to(torch.uint8), absmax  # 0/0 in an all-zero block: code 0
 
 
-def _per_block(values: torch.Tensor, scale: torch.Tensor, blocksize: int) -> torch.Tensor:
+def scale_blocks(values: torch.Tensor, scale: torch.Tensor, blocksize: int) -> torch.Tensor:
     """values * the scale of each one's block (a short last block has its own scale)."""
     n = values.numel()
     full = n - n % blocksize
@@ -143,7 +143,7 @@ class NF4Weight:
         """The float32 absmax of every block (decoded when double-quantised)."""
         if not self.double_quant:
             return self.absmax
-        return _per_block(self.nested_quant_map[self.absmax.long()], self.nested_absmax, self.nested_blocksize) + \
+        return scale_blocks(self.nested_quant_map[self.absmax.long()], self.nested_absmax, self.nested_blocksize) + \
             self.offset
 
     def to(self, device) -> "NF4Weight":
@@ -223,7 +223,7 @@ def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
     codes[0::2] = (packed >> 4).long()
     codes[1::2] = (packed & 0xF).long()
     values = q.quant_map[codes[: q.numel]]
-    return _per_block(values, q.block_absmax(), q.blocksize).reshape(q.shape).to(q.dtype)
+    return scale_blocks(values, q.block_absmax(), q.blocksize).reshape(q.shape).to(q.dtype)
 
 
 def nf4_from_state_dict(state: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Weight:
