@@ -111,9 +111,9 @@ def save_quantized_model(model: nn.Module, directory: str) -> None:
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if not layers:
         raise ValueError("save_quantized_model: the model has no fastpeft Linear4bit layer (quantize_model first)")
-    blocksizes = {m.q.blocksize for m in layers}
-    double = {m.q.double_quant for m in layers}
-    storage = {m.q.packed.dtype for m in layers}
+    blocksizes = {m.blocksize for m in layers}
+    double = {m.nested_absmax is not None for m in layers}
+    storage = {m.weight.dtype for m in layers}
     if len(double) != 1 or len(storage) != 1:
         raise ValueError("save_quantized_model: transformers' quantization_config holds one double-quant setting "
                          "and one storage dtype; this model mixes them")
@@ -123,7 +123,7 @@ def save_quantized_model(model: nn.Module, directory: str) -> None:
     config = copy.deepcopy(model.config)
     config.quantization_config = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": double.pop(), "bnb_4bit_compute_dtype": str(layers[0].q.dtype).split(".")[-1],
+        "bnb_4bit_use_double_quant": double.pop(), "bnb_4bit_compute_dtype": str(layers[0].weight_dtype).split(".")[-1],
         "bnb_4bit_quant_storage": str(storage.pop()).split(".")[-1], "_load_in_4bit": True, "_load_in_8bit": False}
     tied = _tied_keys(model, config)
     # a tied output layer is written once, under the embedding's key, as transformers writes it

@@ -69,6 +69,66 @@ def test_state_dict_round_trip_and_bad_loads():
         other.load_state_dict(broken)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_the_4bit_weight_is_registered_module_state(double_quant):
+    """Every torch tool sees the NF4 weight: a frozen parameter of packed bytes and the quantisation
+    state as buffers, and nothing else the module holds."""
+    layer = Linear4bit.from_linear(torch.nn.Linear(96, 40), double_quant=double_quant)
+    params, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())
+    assert params["weight"].dtype == torch.uint8 and not params["weight"].requires_grad
+    assert params["weight"].numel() == 96 * 40 // 2
+    expected = {"absmax", "quant_map"} | ({"nested_absmax", "nested_quant_map"} if double_quant else set())
+    assert set(buffers) == expected
+    q = layer.q
+    assert q.packed is layer.weight and q.absmax is layer.absmax and q.double_quant == double_quant
+    held = sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()])
+    state = {k: v for k, v in layer.state_dict().items() if not k.endswith("bitsandbytes__nf4")}
+    assert held == sum(t.numel() * t.element_size() for t in state.values())
+
+
+def test_dtype_casts_keep_the_nf4_tensors_and_device_moves_take_them():
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32), double_quant=True, quant_storage=torch.bfloat16)
+    x = torch.randn(3, 64)
+    before = layer(x)
+    packed, absmax, bias = layer.weight.clone(), layer.absmax.clone(), layer.bias.detach().clone()
+    layer.half().float().to(torch.bfloat16)  # a model-wide cast must not rewrite the bytes or the scales
+    assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight.view(torch.uint8), packed.view(torch.uint8))
+    assert layer.absmax.dtype == absmax.dtype and torch.equal(layer.absmax, absmax)
+    assert layer.bias.dtype == torch.bfloat16  # the bias is a regular parameter and takes the cast
+    layer.bias.data = bias  # (rounded through float16 above)
+    assert torch.equal(layer(x), before)
+    moved = layer.to("meta")
+    assert all(t.device.type == "meta" for t in [*moved.parameters(), *moved.buffers()])
+
+
+def test_a_qlora_model_state_dict_round_trip():
+    """A quantised model with LoRA saves every tensor under bitsandbytes' and PEFT's module keys, and a
+    model built the same way from other random weights computes the same after loading it."""
+    def build(seed):
+        model = fastpeft.quantize_model(tiny_model("llama", seed=seed, hidden_size=64, intermediate_size=96),
+                                        double_quant=True)
+        torch.manual_seed(seed)
+        return fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                   init_lora_weights=False))
+
+    source, target = build(0), build(1)
+    state = source.state_dict()
+    key = "model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert {key, key + ".absmax", key + ".nested_absmax", key + ".quant_state.bitsandbytes__nf4",
+            "model.layers.0.self_attn.q_proj.lora_A.default.weight"} <= set(state)
+    ids = model_inputs("llama", batch=2, seq=7)["input_ids"]
+    assert not torch.equal(target(input_ids=ids).logits, source(input_ids=ids).logits)
+    target.load_state_dict(state)
+    assert torch.equal(target(input_ids=ids).logits, source(input_ids=ids).logits)
+    trainable, total = fastpeft.methods.count_parameters(source)
+    assert total == sum(p.numel() for n, p in source.named_parameters() if ".weight" not in n or "lora_" in n
+                        or "norm" in n or "embed" in n or "lm_head" in n) + sum(
+        m.out_features * m.in_features for m in source.modules() if isinstance(m, Linear4bit))
+    assert trainable == sum(p.numel() for n, p in source.named_parameters() if "lora_" in n)
+    footprint = source.get_memory_footprint()
+    assert footprint == sum(t.numel() * t.element_size() for t in [*source.parameters(), *source.buffers()])
+
+
 def test_torch_compile_fullgraph():
     layer = Linear4bit.from_linear(torch.nn.Linear(64, 48))
     x = torch.randn(7, 64)

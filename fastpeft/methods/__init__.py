@@ -77,18 +77,17 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a shared tensor counts once, and a 4-bit weight counts its
-    weights (as PEFT counts bitsandbytes' packed ones): a QLoRA model is mostly frozen 4-bit weights."""
+    weights, not its packed bytes (as PEFT counts bitsandbytes' packed ones): a QLoRA model is mostly
+    frozen 4-bit weights."""
+    weights_4bit = {id(m.weight): m.out_features * m.in_features for m in model.modules() if isinstance(m, Linear4bit)}
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    for m in model.modules():
-        if isinstance(m, Linear4bit) and id(m.q) not in seen:
-            seen.add(id(m.q))
-            total += m.q.numel
+        n = weights_4bit.get(id(p), p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 

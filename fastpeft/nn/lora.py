@@ -104,7 +104,7 @@ class LoRALinear(nn.Module):
         _check_adapter_args(r, lora_alpha, lora_dropout, init_lora_weights)
         if name in self.lora_A:
             raise ValueError(f"LoRALinear: adapter {name!r} already exists")
-        factory = (dict(device=self.base_layer.q.packed.device, dtype=self.base_layer.weight_dtype) if self.quantized
+        factory = (dict(device=self.base_layer.weight.device, dtype=self.base_layer.weight_dtype) if self.quantized
                    else dict(device=self.weight.device, dtype=self.weight.dtype))
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
@@ -185,9 +185,9 @@ class LoRALinear(nn.Module):
             warnings.warn("merging a LoRA adapter into a 4-bit (NF4) base: it is added to the dequantised weight and "
                           "the sum requantised to NF4, which rounds (unmerge does not restore the exact bytes)")
             base = self.base_layer
-            merged = base.dequantized_weight().float() + delta_out_in.to(base.q.packed.device)
-            base.q = quantize_nf4(merged.to(base.weight_dtype), base.q.blocksize, base.q.double_quant,
-                                  base.q.packed.dtype)
+            merged = base.dequantized_weight().float() + delta_out_in.to(base.weight.device)
+            base.q = quantize_nf4(merged.to(base.weight_dtype), base.blocksize, base.nested_absmax is not None,
+                                  base.weight.dtype)
             return
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         w.copy_((w.float() + delta_out_in).to(w.dtype))
