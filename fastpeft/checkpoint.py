@@ -10,16 +10,18 @@ and saving is atomic.
 from __future__ import annotations
 
 import dataclasses
-
+import json
 import os
 import shutil
 import tempfile
+import types
 
 import torch
 import torch.nn as nn
 
 from .config import CONFIG_NAME, PREFIX, LoraConfig
-from .methods import add_adapter, adapters_of, get_peft_model, load_config, method_for, method_of, set_adapter
+from .methods import (ADAPTERS_CHANGED, add_adapter, adapters_of, get_peft_model, load_config, method_for, method_of,
+                      set_adapter)
 from .nn.lora import LoRALinear
 from .nn.modules_to_save import ModulesToSaveWrapper
 from .targeting import (find_modules_to_save, find_targets, layer_features, own_modules,
@@ -54,7 +56,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             if config.bias == "lora_only" and module.bias is not None:
                 state[f"{PREFIX}{name}.base_layer.bias"] = module.bias
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            for k, v in module.modules_to_save[adapter_name].state_dict().items():
+            for k, v in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                 state[f"{PREFIX}{name}.{k}"] = v
     if config.bias == "all":
         for name, param in model.named_parameters():
@@ -72,9 +74,12 @@ def _fsync(path: str) -> None:
 
 
 def _saved_config(model: nn.Module, config):
-    """The config as PEFT writes it: inference_mode true, and, for a config without a task_type,
-    auto_mapping naming the model's class (what PEFT's AutoPeftModel reads) unless already set."""
+    """The config as PEFT writes it: inference_mode true, base_model_name_or_path the model's own
+    when unset, and, for a config without a task_type, auto_mapping naming the model's class (what
+    PEFT's AutoPeftModel reads) unless already set."""
     changes = {"inference_mode": True} if hasattr(config, "inference_mode") else {}
+    if getattr(config, "base_model_name_or_path", 0) is None and getattr(model, "name_or_path", None):
+        changes["base_model_name_or_path"] = model.name_or_path  # what transformers and AutoPeftModel load first
     if hasattr(config, "task_type") and config.task_type is None and getattr(config, "auto_mapping", 0) is None:
         changes["auto_mapping"] = {"base_model_class": type(model).__name__,
                                    "parent_library": type(model).__module__}
@@ -146,6 +151,79 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# transformers' name for a sharded checkpoint's index; Trainer's resume reads it (see save_pretrained).
+RESUME_INDEX_NAME = "model.safetensors.index.json"
+
+
+def save_pretrained(model: nn.Module, save_directory: str, selected_adapters: list[str] | None = None,
+                    is_main_process: bool = True, push_to_hub: bool = False, **ignored) -> None:
+    """``model.save_pretrained`` of a model holding fastpeft adapters, as a ``peft.PeftModel`` saves:
+    each adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), the one
+    named "default" in `save_directory`, the others in ``save_directory/<name>``; never the base
+    weights, and no ``config.json``, so transformers cannot read the folder as a whole model with its
+    projections re-initialised. transformers' Trainer calls this for every checkpoint and for
+    ``save_model()``; ``PeftModel.from_pretrained``, :func:`load_adapter` and, with
+    ``base_model_name_or_path`` set, ``AutoModelFor*.from_pretrained`` read what it writes.
+
+    For Trainer's ``resume_from_checkpoint`` (which reads adapters back only into a ``PeftModel``)
+    an index in transformers' sharded-checkpoint format names the active adapter's file; the
+    model's load hook (:func:`attach_saving`) reads PEFT's keys there. Live tensors are written:
+    a `state_dict` Trainer passes (``**ignored``, like ``safe_serialization``: always safetensors)
+    is not used."""
+    if push_to_hub:
+        raise ValueError("save_pretrained(push_to_hub=True): fastpeft writes locally only; push the folder yourself")
+    if not is_main_process:
+        return
+    names = list(selected_adapters or adapters_of(model))
+    unknown = [n for n in names if n not in adapters_of(model)]
+    if unknown:
+        raise KeyError(f"save_pretrained: no adapter named {unknown[0]!r}; adapters: {sorted(adapters_of(model))}")
+    for name in sorted(names, key=lambda n: n != "default"):  # the root first: later saves keep subfolders
+        save_adapter(model, save_directory if name == "default" else os.path.join(save_directory, name), name)
+    active = getattr(model, "fastpeft_active_adapter", None)
+    if active in names:
+        weights = WEIGHTS_NAME if active == "default" else f"{active}/{WEIGHTS_NAME}"
+        module_keys = _module_keys(model, active)
+        index = {"metadata": {"format": "fastpeft adapter, PEFT keys (model.load_state_dict reads them)"},
+                 "weight_map": {module_keys.get(k, k): weights for k in adapter_state_dict(model, active)}}
+        with open(os.path.join(save_directory, RESUME_INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def _module_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """PEFT checkpoint key -> the model's own state_dict key of the same tensor, for one adapter."""
+    own = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    return {k: own[id(t)] for k, t in adapter_state_dict(model, adapter_name).items() if id(t) in own}
+
+
+def _read_peft_keys(model: nn.Module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook: PEFT's keys of the active adapter (``base_model.model.<module>...``)
+    become the model's own, so ``model.load_state_dict(peft_weights, strict=False)`` loads them."""
+    active = getattr(model, "fastpeft_active_adapter", None)
+    if prefix or active is None or not any(k.startswith(PREFIX) for k in state_dict):
+        return
+    for peft_key, own_key in _module_keys(model, active).items():
+        if peft_key in state_dict:
+            state_dict[own_key] = state_dict.pop(peft_key)
+
+
+def attach_saving(model: nn.Module) -> None:
+    """Make a transformers model's ``save_pretrained`` write its fastpeft adapters (see
+    :func:`save_pretrained`) while it holds some, and its own again once it holds none."""
+    if not callable(getattr(type(model), "save_pretrained", None)):
+        return  # not a transformers model: nothing saves it by that name
+    hook = model.__dict__.pop("_fastpeft_load_hook", None)
+    if hook is not None:
+        hook.remove()
+    model.__dict__.pop("save_pretrained", None)
+    if adapters_of(model):
+        model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
+        model.__dict__["_fastpeft_load_hook"] = model.register_load_state_dict_pre_hook(_read_peft_keys)
+
+
+ADAPTERS_CHANGED.append(attach_saving)
 
 
 def read_weights(directory: str) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..nn.linear4bit import Linear4bit
-from .base import (METHODS, Method, MethodConfig, adapters_of, as_config, config_from_dict, forget_adapters,
-                   load_config, method_for, method_of, register)
+from .base import (ADAPTERS_CHANGED, METHODS, Method, MethodConfig, adapters_changed, adapters_of, as_config,
+                   config_from_dict, forget_adapters, load_config, method_for, method_of, register)
 from .lora import add_adapter, delete_adapter, from_peft, lora_layers
 from . import lora
 # Each method module registers itself on import (add new modules here).
@@ -41,7 +41,7 @@ def get_peft_model(model: nn.Module, config, adapter_name: str = "default") -> n
         model = method.apply(model, config, adapter_name)
         model.fastpeft_config = {adapter_name: config}
         model.fastpeft_active_adapter = adapter_name
-        return model
+        return adapters_changed(model)
     add_adapter(model, config, adapter_name)
     set_adapter(model, adapter_name)
     return model
@@ -96,7 +96,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
-__all__ = ["Method", "MethodConfig", "METHODS", "register", "method_for", "method_of", "adapters_of", "as_config",
-           "config_from_dict", "load_config", "forget_adapters", "get_peft_model", "add_adapter", "set_adapter",
-           "delete_adapter", "disable_adapters", "merge_and_unload", "from_peft", "lora_layers", "count_parameters",
-           "print_trainable_parameters"]
+__all__ = ["Method", "MethodConfig", "METHODS", "ADAPTERS_CHANGED", "adapters_changed", "register", "method_for",
+           "method_of", "adapters_of", "as_config", "config_from_dict", "load_config", "forget_adapters",
+           "get_peft_model", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_and_unload",
+           "from_peft", "lora_layers", "count_parameters", "print_trainable_parameters"]

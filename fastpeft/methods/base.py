@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -112,12 +112,25 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
+# Called with a model whenever fastpeft adds or removes its adapters. The layers above methods hook
+# in here (checkpoint.py makes ``model.save_pretrained`` write the adapters in PEFT's format)
+# without methods importing them.
+ADAPTERS_CHANGED: list[Callable[[nn.Module], None]] = []
+
+
+def adapters_changed(model: nn.Module) -> nn.Module:
+    """Tell the ADAPTERS_CHANGED hooks that `model`'s adapters changed; returns the model."""
+    for hook in ADAPTERS_CHANGED:
+        hook(model)
+    return model
+
+
 def forget_adapters(model: nn.Module) -> nn.Module:
     """Remove fastpeft's adapter records from a model (after merging: it is a plain model again)."""
     for attr in ("fastpeft_config", "fastpeft_active_adapter"):
         if hasattr(model, attr):
             delattr(model, attr)
-    return model
+    return adapters_changed(model)
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -18,7 +18,7 @@ from ..nn.lora import LoRALinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from ..targeting import (adaptable, fan_in_fan_out_of_targets, find_modules_to_save, find_targets, layer_features,
                          own_modules, refuse_targets_inside_modules_to_save, replace_module, with_task_heads)
-from .base import adapters_of, as_config, forget_adapters, method_of
+from .base import adapters_changed, adapters_of, as_config, forget_adapters, method_of
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -66,7 +66,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         model.fastpeft_config = {}
     model.fastpeft_config[adapter_name] = config
     activate(model, getattr(model, "fastpeft_active_adapter", None) or adapter_name)
-    return model
+    return adapters_changed(model)
 
 
 def activate(model: nn.Module, adapter_name: str) -> None:
@@ -111,6 +111,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         model.fastpeft_active_adapter = None
         if configs:
             activate(model, next(iter(configs)))
+    adapters_changed(model)
 
 
 @contextlib.contextmanager
@@ -178,4 +179,4 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 module.original_module, module.modules_to_save, active, disabled=bool(module.disable_adapters)))
     model.fastpeft_config = configs
     model.fastpeft_active_adapter = active
-    return model
+    return adapters_changed(model)
