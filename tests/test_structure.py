@@ -19,7 +19,8 @@ EXTENSION = "fastpeft._C"
 
 # Lowest first. A module may import from its own layer and every layer before it in this list.
 LAYERS = [
-    ("base", ("fastpeft.backends", "fastpeft.quant", "fastpeft.config", "fastpeft.testing", EXTENSION)),
+    ("base", ("fastpeft.backends", "fastpeft.quant", "fastpeft.config", "fastpeft.testing", "fastpeft.activations",
+              EXTENSION)),
     ("faces", ("fastpeft.kernels",)),
     ("ops", ("fastpeft.ops",)),
     ("modules", ("fastpeft.nn",)),

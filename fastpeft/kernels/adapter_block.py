@@ -20,7 +20,7 @@ gradients ``dWd = dzᵀ·x`` and ``dWu = scaling·dyᵀ·a`` reduce over all M r
 to ``torch.mm``, whose cuBLAS kernels split that long reduction across SMs (as ``lora_linear``'s
 dA and dB are).
 
-The activation is a runtime argument (an index into ``fastpeft.ops.adapter_block.ACTIVATIONS``),
+The activation is a runtime argument (an index into ``fastpeft.activations.ADAPTER_ACTIVATIONS``),
 not a constexpr: one uniform branch per tile costs nothing next to the GEMMs, and it keeps the
 compiled configurations (``aot_configs``, compiled by CI for sm_80 and sm_90) to 24, as do the
 runtime bias flags. gelu is the exact (erf) form or the tanh approximation, as asked.
@@ -33,10 +33,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..activations import ADAPTER_ACTIVATIONS
 from ..backends import triton_interpreting
 from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")  # = fastpeft.ops.adapter_block's
+ACTIVATIONS = ADAPTER_ACTIVATIONS
 
 
 @triton.jit

@@ -40,10 +40,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..activations import ADAPTER_ACTIVATIONS
 from . import _registry
 
-# Index of each activation in the kernels' runtime switch (fastpeft/kernels/adapter_block.py).
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")
+ACTIVATIONS = ADAPTER_ACTIVATIONS  # in the order the kernels' runtime switch indexes them
 
 
 def _shape(t):
