@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastpeft.quant import dequantize_nf4, dynamic_map, nf4_code, nf4_from_state_dict, quantize_nf4
-from fastpeft.quant.nf4 import _nested_codes
+from fastpeft.quant.nf4 import dynamic_codes
 
 # bitsandbytes is a peer (the `test` extra installs it), not a dependency: without it only the
 # tests that compare with it skip, and say so.
@@ -80,7 +80,7 @@ def test_nested_codes_equal_bitsandbytes_near_code_midpoints():
     picks = mids[torch.randint(0, mids.numel(), (256 * 64,), generator=g)]
     values = picks * (1 + 1e-4 * torch.randn(picks.shape, generator=g))
     values[::256] = 1.0  # every block's absmax is 1: the normalised value is the value
-    ours, absmax = _nested_codes(values, dynamic_map(), 256)
+    ours, absmax = dynamic_codes(values, dynamic_map(), 256)
     theirs, state = BF.quantize_blockwise(values, code=code, blocksize=256)
     assert torch.equal(absmax, state.absmax)
     assert torch.equal(ours, theirs)

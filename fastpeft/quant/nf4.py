@@ -89,7 +89,7 @@ def _grid_codes(code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(grid, midpoints, right=False)
 
 
-def _nested_codes(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_codes(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit dynamic codes of `values` blockwise, as bitsandbytes' CPU quantiser makes them:
     multiply by the reciprocal of the block's absmax, clamp to [-1, 1], look the grid point up."""
     n = values.numel()
@@ -210,7 +210,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     if double_quant:
         offset = absmax.mean()
         dyn = dynamic_map(w.device)
-        result.absmax, result.nested_absmax = _nested_codes(absmax - offset, dyn, NESTED_BLOCKSIZE)
+        result.absmax, result.nested_absmax = dynamic_codes(absmax - offset, dyn, NESTED_BLOCKSIZE)
         result.nested_quant_map, result.offset = dyn, offset.item()
     return result
 
