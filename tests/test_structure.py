@@ -164,3 +164,13 @@ def test_the_checks_catch_a_violation(checker, monkeypatch):
     monkeypatch.setitem(globals(), "GRAPH", broken)
     with pytest.raises(AssertionError):
         checker()
+
+
+def test_tests_and_benchmarks_use_public_names_only():
+    private = []
+    for path in [*ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastpeft"):
+                private += [f"{path.name} line {node.lineno}: {a.name} from {node.module}" for a in node.names
+                            if a.name.startswith("_") and not is_module(f"{node.module}.{a.name}")]
+    assert not private, private
