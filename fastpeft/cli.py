@@ -54,7 +54,7 @@ def info() -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for name, op in all_ops().items():
         for dev in devices:
-            faces = ", ".join(f + ("" if op.has_face(f, dev) or f in ("torch", "triton") else " (not built)")
+            faces = ", ".join(f if op.has_face(f, dev) else f"{f} (missing: {op.missing_face(f, dev)})"
                               for f in op.faces(dev))
             print(f"  {name:<18} {dev:<5} {faces}")
     return 0
