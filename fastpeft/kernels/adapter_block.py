@@ -197,7 +197,7 @@ BLOCK_R_CHOICES = (16, 64, 256)   # the bottleneck rounded up to one of these; w
 # intermediate (and in the backward da beside it) lives in registers, so wide bottlenecks and fp32
 # take fewer rows or narrower K/N tiles. Chosen so that ptxas spills at most 16 bytes for sm_90
 # (cuobjdump --dump-resource-usage on the AOT cubins), except fp32 without TF32 at BLOCK_R 256
-# (288 bytes in the forward); speed not yet measured (no GPU in the session that wrote them).
+# (288 bytes in the forward); speed not yet measured (no GPU run of this kernel yet).
 _TILES = {
     ("fwd", False, 16): (64, 64, 64, 8, 3),
     ("fwd", False, 64): (64, 64, 64, 8, 3),

@@ -134,7 +134,7 @@ def _phm_grad_factor_kernel(
 
 # NB -> (BLOCK_M, BLOCK_C, BLOCK_D): the mix kernel holds NB·BM·BC fp32 accumulators (twice that
 # with the dA shares), so the tile shrinks as n grows. By design, not yet by measurement (no GPU
-# in the session that wrote them).
+# run of this kernel yet).
 _MIX_TILES = {2: (64, 64, 32), 4: (32, 64, 32), 8: (32, 32, 32), 16: (16, 32, 32)}
 _FACTOR_TILES = {2: (32, 64, 64), 4: (32, 64, 64), 8: (32, 32, 64), 16: (16, 32, 64)}
 _INTERPRET_TILES = (16, 16, 16)  # the CPU interpreter: small tiles keep tests fast and hit ragged edges

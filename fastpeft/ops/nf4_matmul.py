@@ -132,8 +132,8 @@ nf4_matmul = _registry.define(
     " Tensor? nested_absmax=None, Tensor? nested_quant_map=None, float absmax_offset=0.0) -> Tensor",
     check=_check, fake=_fake, reference=nf4_matmul_reference,
     # Triton first on the GPU for every shape: the CUDA decode GEMV (csrc/cuda/nf4_matmul.cu)
-    # compiles but has not run on a GPU yet; the first device session that passes its tests and
-    # measures it puts it first for M <= 16 (what it is built for).
+    # compiles but has not run on a GPU yet; once it passes its tests there and measures faster,
+    # it goes first for M <= 16 (what it is built for).
     prefer={"cuda": ("triton", "cuda", "torch")}, triton="nf4_matmul", cpp=("cpu", "cuda"))
 
 
