@@ -12,8 +12,8 @@ from fastpeft.methods.prompt_tuning import ENCODER_ATTRIBUTE
 
 from conftest import assert_close
 from models import VOCAB, tiny_model
-from test_prompt_tuning import (assert_generate_is_greedy, no_eos, randomise_, sharp_model, subset_task,
-                                train_with_base_frozen, user_inputs)
+from test_prompt_tuning import (assert_generate_is_greedy, assert_untouched, no_eos, randomise_, sharp_model,
+                                subset_task, train_with_base_frozen, user_inputs)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -172,12 +172,6 @@ def test_a_cache_the_model_filled_continues_the_sequence(kind):
     assert_close(rest.logits, whole[:, 4:])
 
 
-def _untouched(model):
-    assert not hasattr(model, ENCODER_ATTRIBUTE) and not hasattr(model, "fastpeft_config")
-    assert not model._forward_pre_hooks and not model._forward_hooks
-    assert all(p.requires_grad for p in model.parameters())
-
-
 @pytest.mark.parametrize("kw, pattern", [
     (dict(num_virtual_tokens=0), "num_virtual_tokens must be an integer >= 1"),
     (dict(), "num_virtual_tokens must be an integer >= 1"),
@@ -195,7 +189,7 @@ def test_geometry_that_does_not_fit_the_model_changes_nothing():
     # the hidden size is not the key/value width under grouped-query attention
     with pytest.raises(ValueError, match="token_dim=32 does not fit this model .token_dim should be 16"):
         fastpeft.get_peft_model(model, fastpeft.PrefixTuningConfig(num_virtual_tokens=2, token_dim=32))
-    _untouched(model)
+    assert_untouched(model)
 
 
 def test_zero_init_starts_from_zero_keys_and_values():

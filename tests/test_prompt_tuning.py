@@ -234,7 +234,8 @@ def test_a_refused_call_leaves_the_model_usable():
         assert model(input_ids=ids, attention_mask=mask).logits.shape == (*ids.shape, VOCAB)
 
 
-def _untouched(model):
+def assert_untouched(model):
+    """The model as it was before a refused virtual-token method: no encoder, no hooks, nothing frozen."""
     assert not hasattr(model, ENCODER_ATTRIBUTE) and not hasattr(model, "fastpeft_config")
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert all(p.requires_grad for p in model.parameters())
@@ -270,7 +271,7 @@ def test_configs_that_do_not_fit_the_model_change_nothing(kw, pattern):
     model.requires_grad_(True)
     with pytest.raises(ValueError, match=pattern):
         fastpeft.get_peft_model(model, fastpeft.PromptTuningConfig(num_virtual_tokens=4, **kw))
-    _untouched(model)
+    assert_untouched(model)
 
 
 def test_encoder_decoder_models_are_refused():
@@ -278,5 +279,5 @@ def test_encoder_decoder_models_are_refused():
         vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
     with pytest.raises(TypeError, match="encoder-decoder models are not supported"):
         fastpeft.get_peft_model(model, fastpeft.PromptTuningConfig(num_virtual_tokens=2))
-    _untouched(model)
+    assert_untouched(model)
 
