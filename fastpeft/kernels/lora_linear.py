@@ -124,7 +124,7 @@ def _fused_matmul_kernel(
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Half precision tiles follow the Triton
 # matmul tutorial's best Hopper/Ampere entries; not yet re-measured on our kernels (no GPU in the
 # session that wrote them: see benchmarks/results/ for the first measured run).
-_MATMUL_TILES = {
+MATMUL_TILES = {
     "small_m": (32, 128, 64, 4, 4),    # M <= 64: decode and short prompts
     "large": (128, 256, 64, 8, 3),     # 147 KiB of shared memory in 3 stages: fits sm_80 and sm_90
     "fp32": (64, 128, 32, 4, 3),
@@ -134,7 +134,7 @@ _SHRINK_TILES = {"gpu": (64, 128), "interpret": (32, 32)}  # (BLOCK_M, BLOCK_K)
 GROUP_M = 8
 
 
-def _matmul_tile(M: int, dtype: torch.dtype) -> str:
+def matmul_tile(M: int, dtype: torch.dtype) -> str:
     if triton_interpreting():
         return "interpret"
     if dtype == torch.float32:
@@ -171,7 +171,7 @@ def fused_matmul(x, w, bias, s, b, scaling: float) -> torch.Tensor:
         return y
     has_lora = s is not None
     R = s.shape[1] if has_lora else 0
-    block_m, block_n, block_k, warps, stages = _MATMUL_TILES[_matmul_tile(M, x.dtype)]
+    block_m, block_n, block_k, warps, stages = MATMUL_TILES[matmul_tile(M, x.dtype)]
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     # Unused pointer arguments get y, a valid tensor of the right dtype, never dereferenced.
     s_, b_ = (s, b) if has_lora else (y, y)
@@ -233,7 +233,7 @@ def aot_configs():
                     dict(num_warps=4, num_stages=3)
             tiles = ["fp32"] if dtype == torch.float32 else ["small_m", "large"]
             for tile in tiles:
-                bm, bn, bk, warps, stages = _MATMUL_TILES[tile]
+                bm, bn, bk, warps, stages = MATMUL_TILES[tile]
                 for has_bias in (False, True):
                     for has_lora in (False, True):
                         for rb in (BLOCK_R_CHOICES if has_lora else (16,)):
