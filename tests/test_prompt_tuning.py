@@ -124,6 +124,25 @@ def test_outputs_cover_the_users_tokens_and_equal_peft(kind, tmp_path):
     assert_close(y.loss, y_ref.loss)
 
 
+def test_a_sequence_classifier_takes_its_labels_as_they_are():
+    """A BERT classifier's labels are one per sequence: they are not padded like per-token labels
+    (that crashed), and logits and loss equal PEFT's SEQ_CLS prompt tuning with the same prompt."""
+    torch.manual_seed(2)
+    ours = fastpeft.get_peft_model(tiny_model("bert"), fastpeft.PromptTuningConfig(num_virtual_tokens=N_VIRTUAL))
+    ref = peft.get_peft_model(tiny_model("bert"), peft.PromptTuningConfig(task_type="SEQ_CLS",
+                                                                          num_virtual_tokens=N_VIRTUAL))
+    with torch.no_grad():
+        ref.prompt_encoder["default"].embedding.weight.copy_(getattr(ours, ENCODER_ATTRIBUTE).embedding.weight)
+    ids, mask = user_inputs(pad_first=2)
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        y = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        y_ref = ref.eval()(input_ids=ids, attention_mask=mask, labels=labels)
+    assert y.logits.shape == (3, 3)
+    assert_close(y.logits, y_ref.logits)
+    assert_close(y.loss, y_ref.loss)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_fastpeft_loads_what_peft_writes(kind, tmp_path):
     torch.manual_seed(3)

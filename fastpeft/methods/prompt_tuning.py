@@ -366,7 +366,10 @@ class PromptTuningHooks(VirtualTokenHooks):
             lead = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], n)
             named["position_ids"] = torch.cat([lead, positions + n], dim=1)
         labels = named.get("labels")
-        if labels is not None:  # no loss on the virtual tokens; the last one predicts the first user token
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1] \
+                and not labels.is_floating_point():
+            # Per-token labels: no loss on the virtual tokens; the last one predicts the first user
+            # token. A sequence's label ([batch], or [batch, num_labels] floats) is left as it is.
             named["labels"] = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
         token_types = named.get("token_type_ids")
         if token_types is not None:
