@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ..ops.nf4_matmul import dequantize_packed, nf4_linear
 from ..quant.nf4 import NF4Weight, dequantize_nf4, nf4_from_state_dict, quantize_nf4
+from .dtypes import compute_dtype
 
 # The quantisation state's tensors, registered as buffers under these names; in the state dict they
 # are bitsandbytes' ``weight.<name>`` keys.
@@ -138,7 +139,7 @@ class Linear4bit(nn.Module):
     def compute_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype]:
         """x as the NF4 ops take it ([M, in], unit stride, in the compute dtype: autocast's when it is
         on, else the weight's original dtype), the bias in that dtype, and the dtype."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.weight_dtype
+        dtype = compute_dtype(x.device.type, self.weight_dtype)
         x2 = x.reshape(-1, self.in_features).to(dtype)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()

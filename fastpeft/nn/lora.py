@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..ops.lora_linear import lora_linear
 from ..ops.nf4_matmul import qlora_linear
 from ..quant.nf4 import quantize_nf4
+from .dtypes import compute_dtype
 from .linear4bit import Linear4bit
 
 DEFAULT_ADAPTER = "default"
@@ -217,7 +218,7 @@ class LoRALinear(nn.Module):
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         # The op runs in one dtype: autocast's when it is on, else the base weight's. Adapters kept in
         # float32 over a bf16 base are cast for the product (as PEFT does); their grads stay float32.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        dtype = compute_dtype(x.device.type, weight.dtype)
         if x.dtype != dtype:
             x = x.to(dtype)
         if weight.dtype != dtype:
