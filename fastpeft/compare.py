@@ -192,8 +192,7 @@ def run_method(method: str, s: CompareSettings) -> dict:
     row.trainable_params, row.total_params = result.trainable_params, result.total_params
     row.peak_memory_mb, row.memory_kind = result.peak_memory_mb, result.memory_kind
     row.step_ms, row.seconds = 1000 * result.step_seconds, result.seconds
-    n = max(1, min(10, len(result.losses)))
-    row.first_loss, row.final_loss = result.loss_at(0, n), result.loss_at(-n, None)
+    row.first_loss, row.final_loss, _ = result.first_and_final_loss()
     row.accuracy = icl.accuracy(model, tokenizer, task.eval_texts, task.eval_labels, TEMPLATE, LABEL_WORDS,
                                 batch_size=s.batch_size)
     import fastpeft

@@ -70,9 +70,12 @@ class RunResult:
     seconds: float = 0.0
     step_seconds: float = 0.0  # mean time of a step, the first (one-off costs) left out
 
-    def loss_at(self, start: int, end: int) -> float:
-        window = self.losses[start:end]
-        return sum(window) / len(window)
+    def first_and_final_loss(self) -> tuple[float, float, int]:
+        """(mean loss of the first n steps, of the last n steps, n): n is 10, or half the steps
+        when there are fewer than 20, so the two windows never share a step."""
+        n = max(1, min(10, len(self.losses) // 2))
+        first, final = self.losses[:n], self.losses[-n:]
+        return sum(first) / n, sum(final) / n, n
 
 
 def default_model(seed: int, vocab_size: int = 64, bias: bool = False):
@@ -337,15 +340,18 @@ def train_in_fresh_process(s: FinetuneSettings, library: str) -> RunResult:
 def format_results(results: list[RunResult]) -> str:
     rows = [("library", "method", "steps", "first loss", "final loss", "tokens/s", "peak MB", "trainable params",
              "seconds")]
+    windows = set()
     for r in results:
-        n = max(1, min(10, len(r.losses)))
-        rows.append((r.library, r.method, str(r.steps), f"{r.loss_at(0, n):.4f}", f"{r.loss_at(-n, None):.4f}",
+        first, final, n = r.first_and_final_loss()
+        windows.add(n)
+        rows.append((r.library, r.method, str(r.steps), f"{first:.4f}", f"{final:.4f}",
                      f"{r.tokens_per_s:,.0f}", f"{r.peak_memory_mb:,.1f}",
                      f"{r.trainable_params:,d} / {r.total_params:,d}", f"{r.seconds:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"(first/final loss: mean of the first/last 10 steps; peak MB: {results[0].memory_kind})")
+    steps = "/".join(str(n) for n in sorted(windows))
+    lines.append(f"(first/final loss: mean of the first/last {steps} steps; peak MB: {results[0].memory_kind})")
     if len(results) == 2 and results[1].tokens_per_s:
         a, b = results
         lines.append(f"{a.library}/{b.library}: tokens/s x{a.tokens_per_s / b.tokens_per_s:.3f}, "

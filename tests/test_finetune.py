@@ -14,7 +14,7 @@ from conftest import assert_close
 
 def test_default_run_learns_the_copy_task():
     result = train(FinetuneSettings(steps=150, progress=False, log_every=0), "fastpeft")
-    first, last = result.loss_at(0, 10), result.loss_at(-10, None)
+    first, last, _ = result.first_and_final_loss()
     assert first > 3.5  # about ln(60): the copy is unknown at the start
     assert last < 0.7 * first, (first, last)
     assert result.tokens_per_s > 0 and result.trainable_params > 0 and result.peak_memory_mb > 0
@@ -53,11 +53,24 @@ def test_cli_takes_a_local_model_directory(tmp_path, capsys):
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()
 
 
+def test_first_and_final_loss_never_share_a_step():
+    from fastpeft.finetune import RunResult
+
+    def run(losses):
+        return RunResult("fastpeft", "lora", len(losses), 1, losses=losses)
+
+    short = run([4.0, 3.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05])
+    assert short.first_and_final_loss() == pytest.approx((2.5, 0.225, 4))
+    assert run([float(i) for i in range(30)]).first_and_final_loss() == (4.5, 24.5, 10)
+    assert run([2.0]).first_and_final_loss() == (2.0, 2.0, 1)
+
+
 def test_qlora_method_learns_on_an_nf4_base():
     from fastpeft.nn import Linear4bit
 
     result = train(FinetuneSettings(method="qlora", steps=50, progress=False, log_every=0), "fastpeft")
-    assert result.loss_at(-10, None) < 0.8 * result.loss_at(0, 10)
+    first, last, _ = result.first_and_final_loss()
+    assert last < 0.8 * first, (first, last)
     model = default_model(seed=0)
     from fastpeft.finetune import apply_method
 
