@@ -99,6 +99,11 @@ def imports_of(name: str) -> list[tuple[str, str | None, int]]:
 GRAPH = {name: imports_of(name) for name in MODULES}
 
 
+def is_private(name: str) -> bool:
+    """`_name`, not a dunder such as ``__version__`` or ``__path__``."""
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def layer_of(name: str) -> int:
     best = None
     for index, (_, prefixes) in enumerate(LAYERS):
@@ -141,7 +146,7 @@ def test_the_module_graph_has_no_cycle():
 
 def test_no_file_imports_another_files_private_name():
     private = [f"{m} line {line}: {name} from {target}" for m, edges in GRAPH.items()
-               for target, name, line in edges if name is not None and name.startswith("_") and name != "__version__"]
+               for target, name, line in edges if name is not None and is_private(name)]
     assert not private, private
 
 
@@ -172,5 +177,5 @@ def test_tests_and_benchmarks_use_public_names_only():
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastpeft"):
                 private += [f"{path.name} line {node.lineno}: {a.name} from {node.module}" for a in node.names
-                            if a.name.startswith("_") and not is_module(f"{node.module}.{a.name}")]
+                            if is_private(a.name) and not is_module(f"{node.module}.{a.name}")]
     assert not private, private
