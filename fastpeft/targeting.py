@@ -240,6 +240,25 @@ def task_heads(config) -> tuple[str, ...]:
     return TASK_HEADS.get(str(task_type).upper() if task_type else "", ())
 
 
+# PEFT's task types of the transformers head classes, by the class name's ending (rule-driven: any
+# model family whose classes follow transformers' naming is covered).
+TASK_TYPES_BY_HEAD = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                      ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """The PEFT task_type a model's head implies (what PEFT's checkpoints record and its loaders
+    need to put a prompt in front): a classifier's class name, else for a model that generates
+    SEQ_2_SEQ_LM (encoder-decoder) or CAUSAL_LM; None for a bare encoder."""
+    name = type(model).__name__
+    for ending, task_type in TASK_TYPES_BY_HEAD:
+        if name.endswith(ending):
+            return task_type
+    if not callable(getattr(model, "generate", None)):
+        return None
+    return "SEQ_2_SEQ_LM" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "CAUSAL_LM"
+
+
 def with_task_heads(config: LoraConfig) -> LoraConfig:
     """The config with its task_type's heads added to modules_to_save, as PEFT does (and saves)."""
     wanted = list(config.modules_to_save or [])

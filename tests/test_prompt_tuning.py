@@ -143,6 +143,18 @@ def test_a_sequence_classifier_takes_its_labels_as_they_are():
     assert_close(y.loss, y_ref.loss)
 
 
+def test_a_classifiers_prompt_is_saved_for_its_task(tmp_path):
+    """A prompt trained on a BERT classifier records task_type SEQ_CLS: PEFT's loaders need it to put
+    the prompt in front (with task_type null PEFT ran the model without the prompt)."""
+    ours = fastpeft.get_peft_model(tiny_model("bert"), fastpeft.PromptTuningConfig(num_virtual_tokens=N_VIRTUAL))
+    fastpeft.save_adapter(ours, str(tmp_path / "pt"))
+    assert json.loads((tmp_path / "pt" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    prefix = fastpeft.get_peft_model(tiny_model("bert"), fastpeft.PrefixTuningConfig(num_virtual_tokens=N_VIRTUAL))
+    assert prefix.fastpeft_config["default"].task_type == "SEQ_CLS"
+    assert fastpeft.get_peft_model(tiny_model("llama"), fastpeft.PromptTuningConfig(
+        num_virtual_tokens=N_VIRTUAL)).fastpeft_config["default"].task_type == "CAUSAL_LM"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_fastpeft_loads_what_peft_writes(kind, tmp_path):
     torch.manual_seed(3)

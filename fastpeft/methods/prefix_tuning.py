@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..targeting import task_type_of
 from .base import Method, register
 from .prompt_tuning import (PromptLearningConfig, VirtualTokenHooks, cache_of, check_matches, check_positive_int,
                             decoder_geometry, encoder_of, install_encoder, prompt_learning_fields, virtual_tokens_off)
@@ -190,8 +191,8 @@ class PrefixTuning(Method):
             setattr(config, name, value)
         if config.encoder_hidden_size is None:
             config.encoder_hidden_size = resolved["token_dim"]
-        if config.task_type is None and callable(getattr(model, "generate", None)):
-            config.task_type = "CAUSAL_LM"
+        if config.task_type is None:
+            config.task_type = task_type_of(model)
         return model
 
     def state_dict(self, model, adapter_name):

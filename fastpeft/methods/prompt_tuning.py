@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..targeting import attach_module
+from ..targeting import attach_module, task_type_of
 from .base import Method, MethodConfig, register
 
 PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -427,8 +427,8 @@ class PromptTuning(Method):
         install_encoder(model, encoder, PromptTuningHooks(model, encoder))
         for name, value in resolved.items():
             setattr(config, name, value)
-        if config.task_type is None and callable(getattr(model, "generate", None)):
-            config.task_type = "CAUSAL_LM"
+        if config.task_type is None:
+            config.task_type = task_type_of(model)
         return model
 
     def state_dict(self, model, adapter_name):
