@@ -90,7 +90,8 @@ class HardConcreteDelta(nn.Module):
     def deterministic_gate(self, project: bool = True) -> torch.Tensor:
         """ẑ, with entries beyond the sparsity target's budget closed (largest |ẑ δ| kept) if `project`."""
         gate = (torch.sigmoid(self.log_alpha) * (self.high - self.low) + self.low).clamp(0.0, 1.0)
-        return gate * self._projection_mask(gate) if project else gate
+        # on the meta device (a model built before its weights are loaded) only the shape is known
+        return gate * self._projection_mask(gate) if project and not gate.is_meta else gate
 
     def _apply(self, fn, recurse=True):
         self._mask_cache = None  # .to()/.double() swap the tensors in at version 0: the key would not see it

@@ -7,11 +7,19 @@ import torch.nn as nn
 
 from ..ops.nf4_matmul import dequantize_packed, nf4_linear
 from ..quant.nf4 import NF4Weight, dequantize_nf4, nf4_from_state_dict, quantize_nf4
-from .dtypes import compute_dtype
+from .dtypes import compute_dtype, is_dtensor
 
 # The quantisation state's tensors, registered as buffers under these names; in the state dict they
 # are bitsandbytes' ``weight.<name>`` keys.
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def _absmax_bytes(absmax: torch.Tensor) -> torch.Tensor:
+    """The scales' bytes as a sharded layer holds them: float32 scales as ``[blocks, 4]`` uint8 (a
+    row per scale), uint8 codes as they are."""
+    if absmax.dtype == torch.uint8:
+        return absmax
+    return absmax.reshape(-1, 1).view(torch.uint8)
 
 
 class Linear4bit(nn.Module):
@@ -59,16 +67,25 @@ class Linear4bit(nn.Module):
         decode step calls hundreds of layers, and building it each call cost 3.6 µs of a 64×64
         layer's 34 µs (AMD EPYC Zen 4, one thread)."""
         params, buffers = self._parameters, self._buffers
+        weight = params["weight"]
+        absmax = params["absmax"] if self.quant_state_sharded else buffers["absmax"]
         held = self.__dict__.get("_nf4_view")
-        if (held is not None and held.packed is params["weight"] and held.absmax is buffers["absmax"]
-                and held.quant_map is buffers["quant_map"] and held.nested_absmax is buffers["nested_absmax"]
-                and held.nested_quant_map is buffers["nested_quant_map"]):
-            return held
-        held = NF4Weight(params["weight"], buffers["absmax"], self.blocksize, self.weight_shape, self.weight_dtype,
+        if (held is not None and held[0] is weight and held[1] is absmax and held[2] is buffers["quant_map"]
+                and held[3] is buffers["nested_absmax"] and held[4] is buffers["nested_quant_map"]):
+            return held[5]
+        if weight.dtype != self.quant_storage:
+            raise RuntimeError(
+                f"Linear4bit: the packed NF4 weight was stored as {self.quant_storage} but is now {weight.dtype}: "
+                "something cast its bytes as numbers (FSDP2's MixedPrecisionPolicy(param_dtype=...) casts every "
+                "floating parameter whose dtype differs from param_dtype). Quantise with quant_storage=torch.uint8 "
+                "(never cast) or with the param_dtype as quant_storage")
+        view = NF4Weight(weight, self._absmax_of(absmax), self.blocksize, self.weight_shape, self.weight_dtype,
                          buffers["quant_map"], buffers["nested_absmax"], buffers["nested_quant_map"],
                          self.absmax_offset, self.nested_blocksize)
-        self.__dict__["_nf4_view"] = held
-        return held
+        if not (is_dtensor(weight) or is_dtensor(absmax)):  # a sharded layer's view is rebuilt when asked
+            self.__dict__["_nf4_view"] = (weight, absmax, buffers["quant_map"], buffers["nested_absmax"],
+                                          buffers["nested_quant_map"], view)
+        return view
 
     @q.setter
     def q(self, q: NF4Weight) -> None:
@@ -77,11 +94,51 @@ class Linear4bit(nn.Module):
         if hasattr(self, "out_features") and tuple(q.shape) != (self.out_features, self.in_features):
             raise ValueError(f"Linear4bit: a [{', '.join(map(str, q.shape))}] weight cannot replace this layer's "
                              f"[{self.out_features}, {self.in_features}] one")
+        sharded = self.__dict__.get("quant_state_sharded", False)
         self.weight = nn.Parameter(q.packed, requires_grad=False)
+        self.quant_storage, self.absmax_dtype = q.packed.dtype, q.absmax.dtype
         for name in _STATE_BUFFERS:
-            self.register_buffer(name, getattr(q, name))
+            if name == "absmax" and sharded:
+                self._buffers.pop("absmax", None)
+                self.absmax = nn.Parameter(_absmax_bytes(q.absmax), requires_grad=False)
+            else:
+                self._parameters.pop(name, None)
+                self.register_buffer(name, getattr(q, name))
         self.blocksize, self.weight_shape, self.weight_dtype = q.blocksize, torch.Size(q.shape), q.dtype
         self.absmax_offset, self.nested_blocksize = q.offset, q.nested_blocksize
+
+    quant_state_sharded = False
+
+    def shard_quant_state(self, enabled: bool = True) -> "Linear4bit":
+        """Hold the per-block scales (``absmax``) as a frozen parameter instead of a buffer, so that
+        FSDP2 (``fully_shard``), which shards parameters and replicates buffers, shards them with
+        the packed bytes and gathers both in the same all-gather. The parameter holds the scales'
+        bytes (uint8; ``[blocks, 4]`` for float32 scales, a row per scale so a shard never splits
+        one): a mixed-precision policy casts floating parameters, never these. ``state_dict`` is
+        unchanged (bitsandbytes' keys, float32 ``weight.absmax``). The 16 NF4 levels and double
+        quantisation's second-level tables (one float per 256 blocks) stay buffers. Returns self."""
+        if self.quant_state_sharded == enabled:
+            return self
+        if is_dtensor(self._parameters["weight"]):
+            raise RuntimeError("Linear4bit.shard_quant_state: the layer is already sharded; call it before fully_shard")
+        q = self.q
+        self.__dict__["quant_state_sharded"] = enabled
+        self.q = q
+        return self
+
+    def _absmax_of(self, held: torch.Tensor) -> torch.Tensor:
+        """The scales as the NF4 format has them (float32, or uint8 codes when double-quantised) from
+        what the layer holds (with sharded scales: their bytes, ``[blocks, 4]`` uint8, or a DTensor
+        shard of them)."""
+        if not self.quant_state_sharded or self.absmax_dtype == torch.uint8:
+            return held
+        if is_dtensor(held):
+            from torch.distributed.tensor import DTensor
+
+            blocks = held.shape[0]
+            return DTensor.from_local(held.to_local().view(self.absmax_dtype).reshape(-1), held.device_mesh,
+                                      held.placements, run_check=False, shape=torch.Size([blocks]), stride=(1,))
+        return held.view(self.absmax_dtype).reshape(-1)
 
     def block_absmax(self) -> torch.Tensor:
         return self.q.block_absmax()
@@ -90,19 +147,29 @@ class Linear4bit(nn.Module):
         """The weight in full precision: ``[out, in]`` in the original dtype (a new tensor)."""
         return dequantize_nf4(self.q)
 
+    def _nf4_tables(self) -> list[tuple[str, dict]]:
+        """(name, the dict that holds it) for each NF4 tensor: the packed bytes and the quantisation state."""
+        return [(name, self._parameters if name in self._parameters else self._buffers)
+                for name in ("weight", *_STATE_BUFFERS)]
+
     def _apply(self, fn, recurse=True):
         # .half(), .to(bfloat16)... would convert bf16-stored bytes and the float32 scales: the NF4
-        # tensors only move to where fn sends tensors, keeping their dtypes; the rest gets fn.
-        held = {name: getattr(self, name) for name in ("weight", *_STATE_BUFFERS)}
-        for name in held:
-            (self._parameters if name == "weight" else self._buffers).pop(name)
+        # tensors only go where fn sends a tensor of their device (meta ones, as to_empty makes
+        # them: new, uninitialised), keeping their dtypes; the rest gets fn.
+        tables = self._nf4_tables()
+        held = {name: table.pop(name) for name, table in tables}
         try:
             super()._apply(fn, recurse)
         finally:
-            device = fn(torch.empty(0)).device
-            self.weight = nn.Parameter(held["weight"].to(device), requires_grad=False)
-            for name in _STATE_BUFFERS:
-                self.register_buffer(name, None if held[name] is None else held[name].to(device))
+            weight = held["weight"]
+            device = fn(torch.empty(0, device=weight.device)).device
+            for name, table in tables:
+                t = held[name]
+                if t is not None and t.device != device:
+                    t = torch.empty_like(t, device=device) if t.is_meta else t.to(device)
+                    if table is self._parameters:
+                        t = nn.Parameter(t, requires_grad=False)
+                table[name] = t
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -124,15 +191,53 @@ class Linear4bit(nn.Module):
                 error_msgs.append(f"{prefix}weight: shape {list(q.shape)} does not match "
                                   f"[{self.out_features}, {self.in_features}]")
                 return
-            self.q = q.to(self.weight.device)
+            here = self._parameters["weight"]
+            if is_dtensor(here):
+                error = self._load_into_shards(q)
+                if error:
+                    error_msgs.append(f"{prefix}weight: {error}")
+                    return
+            elif local_metadata.get("assign_to_params_buffers", False) or here.is_meta:
+                self.q = q  # assign=True, or a layer on the meta device: take the tensors as they are
+            else:
+                self.q = q.to(here.device)
         elif strict:
             missing_keys.append(prefix + "weight")
         # The rest (the bias, hooks, unexpected keys) as any module loads it, the NF4 tensors given
         # as what the layer now holds: they are read above, under bitsandbytes' keys.
         rest = {k: v for k, v in state_dict.items() if not k.startswith(prefix + "weight")}
-        rest.update({prefix + name: getattr(self, name) for name in ("weight", *_STATE_BUFFERS)
-                     if getattr(self, name) is not None})
+        rest.update({prefix + name: table[name] for name, table in self._nf4_tables() if table[name] is not None})
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _load_into_shards(self, q: NF4Weight) -> str | None:
+        """Load a full (or sharded) NF4 weight into this layer while FSDP2 holds it sharded: each
+        tensor's values copied into the shard this rank keeps, in place (FSDP2 owns the parameter
+        objects). The quantisation layout must be the layer's own. An error message, or None."""
+        if (q.blocksize, q.packed.dtype, q.absmax.dtype, q.double_quant) != \
+                (self.blocksize, self.quant_storage, self.absmax_dtype, self.nested_absmax is not None):
+            return ("a sharded layer loads only a weight quantised as it is (blocksize, storage dtype, double "
+                    "quantisation): its tensors are FSDP2's and keep their shapes")
+        with torch.no_grad():
+            for name, table in self._nf4_tables():
+                own, value = table[name], getattr(q, name if name != "weight" else "packed")
+                if value is None:
+                    continue
+                if name == "absmax" and self.quant_state_sharded:
+                    value = _absmax_bytes(value)
+                if is_dtensor(own):
+                    if is_dtensor(value):
+                        own.to_local().copy_(value.to_local())
+                    else:
+                        from torch.distributed.tensor import distribute_tensor
+
+                        local = distribute_tensor(value.to(own.device), own.device_mesh, own.placements,
+                                                  src_data_rank=None).to_local()
+                        own.to_local().copy_(local)
+                else:
+                    own.copy_(value.full_tensor() if is_dtensor(value) else value)
+        self.absmax_offset = q.offset
+        self.__dict__.pop("_nf4_view", None)
+        return None
 
     # --------------------------------------------------------------- forward
 

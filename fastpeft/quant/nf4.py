@@ -185,6 +185,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         raise ValueError("quantize_nf4: the weight is empty")
     if nonfinite not in ("warn", "raise"):
         raise ValueError(f"quantize_nf4: nonfinite must be 'warn' or 'raise', got {nonfinite!r}")
+    if w.is_meta:  # a model built on the meta device: shapes only, the bytes come with a state dict
+        return empty_nf4(w.shape, w.dtype, blocksize, double_quant, quant_storage, w.device)
     finite = torch.isfinite(w)
     if not bool(finite.all()):
         bad = (~finite).nonzero()
@@ -213,6 +215,29 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         result.absmax, result.nested_absmax = dynamic_codes(absmax - offset, dyn, NESTED_BLOCKSIZE)
         result.nested_quant_map, result.offset = dyn, offset.item()
     return result
+
+
+def empty_nf4(shape, dtype: torch.dtype, blocksize: int = 64, double_quant: bool = False,
+              quant_storage: torch.dtype = torch.uint8, device=None) -> NF4Weight:
+    """An NF4 weight of `shape` whose tensors have the right shapes and dtypes but no values
+    (``torch.empty``; on the meta device, none at all): what a layer built before its weights are
+    loaded holds. The double-quantisation offset is 0.0 until a state dict brings the real one."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    width = torch.empty(0, dtype=quant_storage).element_size()
+    nbytes = (numel + 1) // 2
+    if nbytes % width:
+        raise ValueError(f"{nbytes} packed bytes of a {list(shape)} weight cannot be stored as {quant_storage} "
+                         f"({width} bytes each); use quant_storage=torch.uint8 for this shape")
+    blocks = -(-numel // blocksize)
+    q = NF4Weight(torch.empty(nbytes // width, 1, dtype=quant_storage, device=device),
+                  torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32, device=device),
+                  blocksize, torch.Size(shape), dtype, torch.empty(16, dtype=torch.float32, device=device))
+    if double_quant:
+        q.nested_absmax = torch.empty(-(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=device)
+        q.nested_quant_map, q.offset = torch.empty(256, dtype=torch.float32, device=device), 0.0
+    return q
 
 
 def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
