@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..config import PREFIX
+from ..nn.dtypes import autocast_enabled
 from ..nn.linear4bit import Linear4bit
 from ..ops.adapter_block import adapter_block
 from ..targeting import attach_module, layer_index, name_matches, own_modules
@@ -141,7 +142,7 @@ class AdapterBlock(nn.Module):
         """Plain linear projections in one dtype, no autocast: the fused op takes the whole block."""
         return (type(self.down) is nn.Linear and type(self.up) is nn.Linear
                 and x.dtype == residual.dtype == self.down.weight.dtype == self.up.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type)
+                and not autocast_enabled(x.device.type)
                 and x.stride(-1) == 1 and residual.stride(-1) == 1)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
