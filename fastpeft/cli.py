@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from . import __version__, backends
+from . import __version__, backends, models
+from .models import MODELS
 from . import bench as fb  # its op list names --op's choices
 from .compare import COMPARE_METHODS, CompareSettings
 from .finetune import METHODS, PEFT_METHODS, FinetuneSettings
@@ -117,7 +118,7 @@ def finetune(args) -> int:
     from .finetune import run
 
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
-    settings = FinetuneSettings(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
+    settings = FinetuneSettings(method=args.method, model=models.resolve(args.model), steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, r=args.r, lora_alpha=args.lora_alpha, target_modules=targets,
                                 seed=args.seed, dtype=args.dtype, device=_device(args), log_every=args.log_every,
                                 save=args.save, progress=not args.no_progress,
@@ -130,7 +131,7 @@ def finetune(args) -> int:
 def compare(args) -> int:
     from .compare import CompareSettings, run
 
-    settings = CompareSettings(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    settings = CompareSettings(model=models.resolve(args.model), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                eval_size=args.eval_size, few_shot=args.few_shot, seed=args.seed,
                                device=_device(args), threads=args.threads, progress=not args.no_progress)
     if args.methods:
@@ -171,11 +172,19 @@ def fraction(text: str) -> float:
     return value
 
 
-def model_directory(text: str) -> str:
-    """A local Hugging Face model folder: checked here, so a typo is not taken for a Hub name."""
+def causal_model(text: str) -> str:
+    """--model of the commands that train causal LMs: a pretrained model fastpeft knows by name (see
+    fastpeft.models; its folder is found, or converted once, when the command runs) or a local
+    Hugging Face model folder, checked here so that a typo is not taken for a Hub name."""
+    if text in MODELS:
+        if MODELS[text].kind != "causal":
+            raise argparse.ArgumentTypeError(f"{text} is an encoder ({MODELS[text].distribution}); this command "
+                                             "trains causal LMs: use " + ", ".join(
+                                                 n for n, m in MODELS.items() if m.kind == "causal"))
+        return text
     if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such directory (a local Hugging Face model folder; "
-                                         "nothing is downloaded)")
+        raise argparse.ArgumentTypeError(f"{text}: neither a model fastpeft knows ({', '.join(MODELS)}) nor a "
+                                         "directory (a local Hugging Face model folder; nothing is downloaded)")
     if not os.path.isfile(os.path.join(text, "config.json")):
         raise argparse.ArgumentTypeError(f"{text}: no config.json in it, so it is not a Hugging Face model folder")
     return text
@@ -236,8 +245,9 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     f = command("finetune", "fine-tune a causal LM with a PEFT method; loss, tokens/s, peak memory")
     f.add_argument("--method", choices=METHODS, default="lora", metavar="METHOD",
                    help=f"the PEFT method: {', '.join(METHODS)}")
-    f.add_argument("--model", metavar="DIR", type=model_directory,
-                   help="local Hugging Face model folder (default: a tiny random Llama)")
+    f.add_argument("--model", metavar="NAME|DIR", type=causal_model,
+                   help="smollm2 (pretrained, see fastpeft.models) or a local Hugging Face model folder "
+                        "(default: a tiny random Llama)")
     f.add_argument("--compare", choices=["peft"],
                    help=f"also train with the peft package, same data and seed ({', '.join(PEFT_METHODS)} only; default: fastpeft alone)")
     f.add_argument("--steps", type=positive_int, default=FinetuneSettings.steps, help="training steps")
@@ -266,8 +276,9 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                            "step time, accuracy")
     c.add_argument("--methods", metavar="M1,M2", type=method_list,
                    help=f"a subset of {','.join(COMPARE_METHODS)} (default: all)")
-    c.add_argument("--model", metavar="DIR", type=model_directory,
-                   help="local Hugging Face model folder with its tokenizer (default: a tiny random Llama)")
+    c.add_argument("--model", metavar="NAME|DIR", type=causal_model,
+                   help="smollm2 (pretrained, see fastpeft.models) or a local Hugging Face model folder with its "
+                        "tokenizer (default: a tiny random Llama)")
     c.add_argument("--steps", type=positive_int, default=CompareSettings.steps,
                    help="training steps per method (the same batches for each)")
     c.add_argument("--batch-size", type=positive_int, default=CompareSettings.batch_size, help="examples per step")

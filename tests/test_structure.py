@@ -25,9 +25,10 @@ LAYERS = [
     ("ops", ("fastpeft.ops",)),
     ("modules", ("fastpeft.nn",)),
     ("targeting", ("fastpeft.targeting",)),
-    ("methods", ("fastpeft.methods", "fastpeft.quantize")),
+    ("methods", ("fastpeft.methods", "fastpeft.quantize", "fastpeft.distributed")),
     ("adapters", ("fastpeft.checkpoint", "fastpeft.pool")),
     ("commands", ("fastpeft.cli", "fastpeft.bench", "fastpeft.compare", "fastpeft.finetune", "fastpeft.icl",
+                  "fastpeft.models",
                   "fastpeft.__main__", "fastpeft")),
 ]
 
