@@ -127,6 +127,18 @@ def test_each_activation_matches_reference(device, backend, dtype, activation, l
 
 
 @pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("R", [257, 300])
+def test_bottleneck_wider_than_the_largest_rank_block(device, backend, dtype, R):
+    # Above 256 the GPU kernels loop over 256-wide chunks, each adding onto y (forward) and dx
+    # (backward) written by the previous chunk, with a barrier between; the interpreter's 16-wide
+    # chunks take the same loop 17-19 times.
+    b = make_block(33, *FEATURES["parallel"], R, dtype, device)
+    compare(run(b, 1.25, "gelu", backend), run(b, 1.25, "gelu", "torch"), dtype, f"{backend} vs reference, R={R}",
+            bias_grad_magnitudes(b, 1.25, "gelu"))
+
+
+@pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
 def test_without_biases_frozen_weights_and_leading_dimensions(device, backend):
     b = make_block(2 * 5, 24, 40, 6, torch.float32, device, bias=False)
     x = b["x"].view(2, 5, 24).requires_grad_()

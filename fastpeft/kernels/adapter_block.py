@@ -11,7 +11,8 @@ The intermediate never leaves the chip, and each element of y is written exactly
 read once, y written once, the weights come from L2. With R up to the largest BLOCK_R (256) that
 is the whole story; a wider bottleneck loops over R chunks, each adding its share onto y (read
 back from memory after the first chunk): correct for any R, one extra read and write of y per
-extra chunk.
+extra chunk. A barrier (``tl.debug_barrier``, bar.sync) between chunks orders the read-back after
+every thread's stores, so correctness does not rest on loads and stores sharing a layout.
 
 Backward (grad_y = dy): one program per row tile recomputes ``z`` and ``a = act(z)`` (never saved
 by the forward), forms ``da = dy·Wu`` over the N loop and ``dz = scaling·da⊙act'(z)`` in registers,
@@ -125,6 +126,11 @@ def _adapter_block_fwd_kernel(
                              BLOCK_M, BLOCK_K, BLOCK_R, INPUT_PRECISION, BF16_VIA_FP32)
         # Padded columns have z = 0 and act(0) = 0 for every activation; Wu's padded rows load as 0 too.
         a = _activate(z, ACT).to(x_ptr.dtype.element_ty)
+        if r0 != 0:
+            # The chunk loop below reads y back, written by the previous chunk: threads of this CTA
+            # may read elements another thread stored (store and load layouts need not match).
+            # A CTA barrier makes those global writes visible to every thread of the block.
+            tl.debug_barrier()
         for n0 in range(0, N, BLOCK_N):
             n = n0 + offs_n
             n_mask = n < N
@@ -177,6 +183,8 @@ def _adapter_block_bwd_kernel(
             da = dot(dy, wu, da, INPUT_PRECISION, BF16_VIA_FP32)
         dz = (scaling * da * _activate_grad(z, ACT)).to(dz_ptr.dtype.element_ty)
         tl.store(dz_ptr + mr_offsets, dz, mask=mr_mask)
+        if r0 != 0:  # dx is read back below, written by the previous chunk: see the forward
+            tl.debug_barrier()
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_mask = k < K
@@ -231,6 +239,13 @@ def _launch_params(kernel: str, R: int, dtype: torch.dtype) -> dict:
                 num_warps=warps, num_stages=stages)
 
 
+def _partial_sums_dtype(R: int, params: dict, dtype: torch.dtype) -> torch.dtype:
+    """y (forward) or dx (backward) holds the partial sums of a bottleneck wider than BLOCK_R between
+    chunks: in float32 then (cast once at the end), or each chunk's share would round to a half
+    type again (19 roundings at R = 300 in the interpreter's 16-wide chunks: 5 % off in bf16)."""
+    return torch.float32 if R > params["BLOCK_R"] else dtype
+
+
 # ---------------------------------------------------------------- the op's Triton face
 
 def adapter_block_fwd(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
@@ -239,10 +254,10 @@ def adapter_block_fwd(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_
     """Triton face of ``fastpeft::adapter_block_fwd`` (shapes and dtypes: fastpeft/ops/adapter_block.py)."""
     M, K = x.shape
     R, N = w_down.shape[0], w_up.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if y.numel() == 0:
-        return y  # an empty grid is not a valid launch
     params = _launch_params("fwd", R, x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=_partial_sums_dtype(R, params, x.dtype))
+    if y.numel() == 0:
+        return y.to(x.dtype)  # an empty grid is not a valid launch
     # Absent biases get a valid pointer of the right dtype, never dereferenced (the flag masks the load).
     wrap_triton(_adapter_block_fwd_kernel)[(triton.cdiv(M, params["BLOCK_M"]),)](
         x, h, w_down, w_down if b_down is None else b_down, w_up, w_up if b_up is None else b_up, y,
@@ -251,7 +266,7 @@ def adapter_block_fwd(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_
         w_up.stride(0), w_up.stride(1), y.stride(0), y.stride(1),
         **params,
     )
-    return y
+    return y.to(x.dtype)
 
 
 def adapter_block_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
@@ -260,11 +275,11 @@ def adapter_block_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_down: torch.Tenso
     """Triton face of ``fastpeft::adapter_block_bwd``."""
     M, K = x.shape
     R, N = w_down.shape[0], w_up.shape[0]
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    params = _launch_params("bwd", R, x.dtype)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format, dtype=_partial_sums_dtype(R, params, x.dtype))
     a = x.new_empty((M, R))
     dz = x.new_empty((M, R))
     if M:  # with no rows every output is empty or (the weight gradients below) zero
-        params = _launch_params("bwd", R, x.dtype)
         wrap_triton(_adapter_block_bwd_kernel)[(triton.cdiv(M, params["BLOCK_M"]),)](
             grad_y, x, w_down, w_down if b_down is None else b_down, w_up, grad_x, dz, a,
             M, K, N, R, scaling, ACTIVATIONS.index(activation), int(b_down is not None),
@@ -272,6 +287,7 @@ def adapter_block_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_down: torch.Tenso
             w_up.stride(0), w_up.stride(1), grad_x.stride(0), grad_x.stride(1), dz.stride(0), dz.stride(1),
             **params,
         )
+    grad_x = grad_x.to(x.dtype)
     grad_b_down = dz.sum(0) if b_down is not None else x.new_empty(0)
     return grad_x, torch.mm(dz.t(), x), grad_b_down, torch.mm(grad_y.t(), a).mul_(scaling)
 
