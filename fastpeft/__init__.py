@@ -32,11 +32,12 @@ from .methods import (add_adapter, delete_adapter, disable_adapters, from_peft, 
                       merge_and_unload, print_trainable_parameters, set_adapter)
 from .pool import AdapterPool  # noqa: E402
 from .quantize import load_quantized_model, quantize_model, save_quantized_model  # noqa: E402
+from .distributed import shard_model  # noqa: E402
 
 __all__ = ["ops", "nn", "icl", "backends", "use_backend", "BackendUnavailable", "__version__",
            "get_peft_model", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_and_unload",
            "from_peft", "print_trainable_parameters", "save_adapter", "load_adapter", "CheckpointError", "AdapterPool",
-           "quantize_model", "load_quantized_model", "save_quantized_model",
+           "quantize_model", "load_quantized_model", "save_quantized_model", "shard_model",
            # one config per method
            "LoraConfig", "PromptTuningConfig", "PrefixTuningConfig", "IA3Config", "BottleneckConfig", "CompacterConfig",
            "BitFitConfig", "DiffPruningConfig", "LayerFreezingConfig", "FullFinetuneConfig"]

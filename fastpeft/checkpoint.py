@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 
 from .config import CONFIG_NAME, PREFIX, LoraConfig
+from .distributed import full_tensor
+from .distributed import is_main_process as is_rank_zero
 from .methods import (ADAPTERS_CHANGED, add_adapter, adapters_of, get_peft_model, load_config, method_for, method_of,
                       set_adapter)
 from .nn.lora import LoRALinear
@@ -120,16 +122,25 @@ def _swap_in(staging: str, directory: str) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> None:
+def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default",
+                 is_main_process: bool | None = None) -> None:
     """Write adapter `adapter_name` to `directory` in PEFT's format, atomically.
 
     Files are written to a fresh folder beside `directory`, synced, and the folder swapped in
     (:func:`_swap_in`); other files already in `directory` (a tokenizer, say) are carried over.
     Whatever fails, `directory` holds the old checkpoint or the new one, never a mix or nothing.
+
+    Under ``torch.distributed`` only the main process writes (`is_main_process`; default: rank 0,
+    or True without a process group). A model sharded by FSDP2 (:func:`fastpeft.shard_model`)
+    holds shards of the adapter: they are gathered into the full tensors first, which every rank
+    takes part in, so every rank calls this.
     """
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, adapter_name).items()}
+    state = {k: full_tensor(v.detach()).to("cpu").contiguous().clone()
+             for k, v in adapter_state_dict(model, adapter_name).items()}
+    if not (is_rank_zero() if is_main_process is None else is_main_process):
+        return
     directory = os.path.realpath(directory)  # a link to the checkpoint folder: save into what it names
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
@@ -158,7 +169,7 @@ RESUME_INDEX_NAME = "model.safetensors.index.json"
 
 
 def save_pretrained(model: nn.Module, save_directory: str, selected_adapters: list[str] | None = None,
-                    is_main_process: bool = True, push_to_hub: bool = False, **ignored) -> None:
+                    is_main_process: bool | None = None, push_to_hub: bool = False, **ignored) -> None:
     """``model.save_pretrained`` of a model holding fastpeft adapters, as a ``peft.PeftModel`` saves:
     each adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), the one
     named "default" in `save_directory`, the others in ``save_directory/<name>``; never the base
@@ -171,19 +182,23 @@ def save_pretrained(model: nn.Module, save_directory: str, selected_adapters: li
     an index in transformers' sharded-checkpoint format names the active adapter's file; the
     model's load hook (:func:`attach_saving`) reads PEFT's keys there. Live tensors are written:
     a `state_dict` Trainer passes (``**ignored``, like ``safe_serialization``: always safetensors)
-    is not used."""
+    is not used.
+
+    Under ``torch.distributed`` only the main process writes (`is_main_process`, as Trainer passes
+    it; default: rank 0). An FSDP2-sharded model's adapters are gathered on every rank first (see
+    :func:`save_adapter`), so every rank calls this."""
     if push_to_hub:
         raise ValueError("save_pretrained(push_to_hub=True): fastpeft writes locally only; push the folder yourself")
-    if not is_main_process:
-        return
+    main = is_rank_zero() if is_main_process is None else is_main_process
     names = list(selected_adapters or adapters_of(model))
     unknown = [n for n in names if n not in adapters_of(model)]
     if unknown:
         raise KeyError(f"save_pretrained: no adapter named {unknown[0]!r}; adapters: {sorted(adapters_of(model))}")
     for name in sorted(names, key=lambda n: n != "default"):  # the root first: later saves keep subfolders
-        save_adapter(model, save_directory if name == "default" else os.path.join(save_directory, name), name)
+        save_adapter(model, save_directory if name == "default" else os.path.join(save_directory, name), name,
+                     is_main_process=main)
     active = getattr(model, "fastpeft_active_adapter", None)
-    if active in names:
+    if main and active in names:
         weights = WEIGHTS_NAME if active == "default" else f"{active}/{WEIGHTS_NAME}"
         module_keys = _module_keys(model, active)
         index = {"metadata": {"format": "fastpeft adapter, PEFT keys (model.load_state_dict reads them)"},
