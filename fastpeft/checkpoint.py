@@ -1,10 +1,11 @@
 """Adapter checkpoints in PEFT's on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are PEFT's: ``base_model.model.<module>.lora_A.weight`` (the adapter name removed), the
-weights of modules_to_save under ``base_model.model.<module>.<param>``, and biases when the config
-trains them. Loading never runs code from a file (safetensors, or a legacy ``adapter_model.bin``
-through ``torch.load(weights_only=True)``), checks every key and shape before touching the model,
-and saving is atomic.
+Keys are PEFT's: ``base_model.model.<module>.lora_A.weight`` (the adapter name removed), DoRA's
+``base_model.model.<module>.lora_magnitude_vector``, the weights of modules_to_save under
+``base_model.model.<module>.<param>``, and biases when the config trains them. Loading never runs
+code from a file (safetensors, or a legacy ``adapter_model.bin`` through
+``torch.load(weights_only=True)``), checks every key and shape before touching the model, and
+saving is atomic.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from .targeting import (find_modules_to_save, find_targets, layer_features, own_
                         refuse_targets_inside_modules_to_save, with_task_heads)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# DoRA's magnitude vector in a checkpoint: base_model.model.<module>.lora_magnitude_vector, as PEFT
+# writes it (its layer holds the vector as lora_magnitude_vector.<adapter>.weight; it saves it
+# without the ".weight" and adds it back when loading).
+DORA_KEY = "lora_magnitude_vector"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
@@ -55,6 +60,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             state[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A[adapter_name].weight
             state[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B[adapter_name].weight
+            if module.uses_dora(adapter_name):  # PEFT's key: no ".weight" (its DoRA layer kept the old name)
+                state[f"{PREFIX}{name}.{DORA_KEY}"] = module.lora_magnitude_vector[adapter_name].weight
             if config.bias == "lora_only" and module.bias is not None:
                 state[f"{PREFIX}{name}.base_layer.bias"] = module.bias
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
@@ -290,6 +297,9 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tu
         shapes[f"{PREFIX}{t.name}.lora_A.weight"] = (t.r, in_f)
         shapes[f"{PREFIX}{t.name}.lora_B.weight"] = (out_f, t.r)
         what[f"{PREFIX}{t.name}.lora_A.weight"] = what[f"{PREFIX}{t.name}.lora_B.weight"] = f"rank {t.r}"
+        if config.use_dora:
+            shapes[f"{PREFIX}{t.name}.{DORA_KEY}"] = (out_f,)
+            what[f"{PREFIX}{t.name}.{DORA_KEY}"] = "use_dora"
         bias = getattr(t.module, "bias", None)
         if config.bias == "lora_only" and bias is not None:
             shapes[f"{PREFIX}{t.name}.base_layer.bias"] = tuple(bias.shape)

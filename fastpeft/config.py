@@ -15,7 +15,7 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 # PEFT LoraConfig fields of features fastpeft does not implement: each is accepted at its neutral
 # value (None, False, empty) and refused, naming it, at any other, so a recipe or checkpoint using
 # one never loads into something that computes otherwise.
-UNSUPPORTED_LORA_FEATURES = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "target_parameters",
+UNSUPPORTED_LORA_FEATURES = ("lora_bias", "use_qalora", "layer_replication", "target_parameters",
                              "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config",
                              "megatron_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
                              "velora_config", "monteclora_config", "kasa_config", "ensure_weight_tying")
@@ -40,8 +40,10 @@ class LoraConfig:
     bias: "none", "all" (train every bias) or "lora_only" (biases of adapted layers).
     modules_to_save: modules (name suffixes) trained fully and saved with the adapter.
     task_type: PEFT's; "SEQ_CLS", "TOKEN_CLS" and "QUESTION_ANS" also train their task heads.
+    use_dora: DoRA (weight-decomposed LoRA): each adapted layer also learns a magnitude per output
+        row, ``W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row`` (saved as PEFT saves it).
     Every other ``peft.LoraConfig`` field is accepted too: bookkeeping ones (``revision``,
-    ``auto_mapping``...) as given; those of features fastpeft does not implement (``use_dora``,
+    ``auto_mapping``...) as given; those of features fastpeft does not implement (``lora_bias``,
     ``loftq_config``...; :data:`UNSUPPORTED_LORA_FEATURES`) only at their neutral value.
     """
 
@@ -70,8 +72,8 @@ class LoraConfig:
     megatron_core: str | None = "megatron.core"
     qalora_group_size: int = 16
     runtime_config: Any = None  # runtime-only in PEFT (ephemeral GPU offload): never saved
-    # features fastpeft does not implement, at their neutral values (PEFT's defaults)
     use_dora: bool = False
+    # features fastpeft does not implement, at their neutral values (PEFT's defaults)
     lora_bias: bool = False
     use_qalora: bool = False
     layer_replication: list | None = None
@@ -106,7 +108,7 @@ class LoraConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"LoraConfig: {name} must be a finite number, got {value!r}")
-        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+        for name in ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoraConfig: {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
@@ -160,7 +162,7 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
         """From PEFT's or our ``adapter_config.json``; fields fastpeft does not implement must be at
-        their neutral values (DoRA, LoRA bias, other init schemes are refused, never ignored)."""
+        their neutral values (LoRA bias, other init schemes... are refused, never ignored)."""
         peft_type = d.get("peft_type")
         if peft_type != "LORA":
             raise ValueError(f"adapter config: peft_type {peft_type!r} is not supported here (expected 'LORA')")

@@ -21,15 +21,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-# qlora: NF4 base (double-quantised), LoRA on top; prompt/prefix: prompt and prefix tuning;
-# bottleneck/compacter: adapters; layerfreeze: the top layers only; full: full fine-tuning.
-METHODS = ("lora", "qlora", "prompt", "prefix", "ia3", "bottleneck", "compacter", "bitfit", "diffpruning",
+# qlora: NF4 base (double-quantised), LoRA on top; dora: LoRA with use_dora (a magnitude per output
+# row); prompt/prefix: prompt and prefix tuning; bottleneck/compacter: adapters; layerfreeze: the
+# top layers only; full: full fine-tuning.
+METHODS = ("lora", "qlora", "dora", "prompt", "prefix", "ia3", "bottleneck", "compacter", "bitfit", "diffpruning",
            "layerfreeze", "full")
-PEFT_METHODS = ("lora", "qlora")  # those --compare peft can also train with the peft package
+LORA_METHODS = ("lora", "qlora", "dora")  # a LoraConfig each
+PEFT_METHODS = LORA_METHODS  # those --compare peft can also train with the peft package
 # Each method's usual AdamW learning rate for small models: methods training few parameters far
 # from the output (soft prompts, scaling vectors, biases) take larger steps; full fine-tuning smaller.
-DEFAULT_LR = {"lora": 5e-3, "qlora": 5e-3, "prompt": 3e-2, "prefix": 1e-2, "ia3": 5e-2, "bottleneck": 5e-3,
-              "compacter": 5e-3, "bitfit": 1e-2, "diffpruning": 5e-3, "layerfreeze": 1e-3, "full": 1e-3}
+DEFAULT_LR = {"lora": 5e-3, "qlora": 5e-3, "dora": 5e-3, "prompt": 3e-2, "prefix": 1e-2, "ia3": 5e-2,
+              "bottleneck": 5e-3, "compacter": 5e-3, "bitfit": 1e-2, "diffpruning": 5e-3, "layerfreeze": 1e-3,
+              "full": 1e-3}
 BOS, SEP, FIRST_TOKEN = 1, 2, 4
 
 
@@ -137,10 +140,11 @@ def method_config(s: FinetuneSettings):
     classes are imported here, one at a time, so that one that fails to import fails its own run only."""
     if s.method not in METHODS:
         raise ValueError(f"unknown method {s.method!r}; choose from {METHODS}")
-    if s.method in ("lora", "qlora"):
+    if s.method in LORA_METHODS:
         from .config import LoraConfig
 
-        return LoraConfig(r=s.r, lora_alpha=s.lora_alpha, target_modules=s.target_modules)
+        return LoraConfig(r=s.r, lora_alpha=s.lora_alpha, target_modules=s.target_modules,
+                          use_dora=s.method == "dora")
     if s.method == "prompt":
         from .methods.prompt_tuning import PromptTuningConfig
 
@@ -191,8 +195,8 @@ def apply_method(model, s: FinetuneSettings, library: str):
             fastpeft.quantize_model(model, double_quant=True)
         return fastpeft.get_peft_model(model, config)
     if s.method not in PEFT_METHODS:
-        raise ValueError(f"--compare peft trains {' and '.join(PEFT_METHODS)} only, not {s.method!r}")
-    kwargs = dict(r=s.r, lora_alpha=s.lora_alpha, target_modules=s.target_modules)
+        raise ValueError(f"--compare peft trains {', '.join(PEFT_METHODS)} only, not {s.method!r}")
+    kwargs = dict(r=s.r, lora_alpha=s.lora_alpha, target_modules=s.target_modules, use_dora=s.method == "dora")
     import peft
 
     if s.method == "qlora":
@@ -364,7 +368,7 @@ def run(s: FinetuneSettings, compare: str | None = None, json_path: str | None =
     results = [train_in_fresh_process(s, lib) for lib in libraries]
     print(format_results(results))
     if s.save:
-        fmt = "PEFT format" if s.method in ("lora", "qlora", "prompt", "prefix", "ia3") else "fastpeft format"
+        fmt = "PEFT format" if s.method in LORA_METHODS + ("prompt", "prefix", "ia3") else "fastpeft format"
         print(f"adapter saved to {s.save} ({fmt})")
     if json_path:
         with open(json_path, "w") as f:

@@ -117,6 +117,10 @@ class AdapterPool:
             config = LoraConfig.from_dict(raw)
         except (ValueError, OSError, TypeError) as e:  # a missing file or folder, bad JSON, a bad field
             raise CheckpointError(str(e)) from None
+        if config.use_dora:
+            raise CheckpointError(f"{directory} is a DoRA adapter (use_dora: true): adapter pools hold LoRA factors "
+                                  "only; a DoRA adapter rescales each output row by its own weight norm, which the "
+                                  "pool's shared batches do not compute. Load it with fastpeft.load_adapter instead")
         if config.modules_to_save or config.bias != "none":
             raise CheckpointError("adapter pools hold LoRA factors only: modules_to_save and trained biases "
                                   f"are not supported (adapter_config.json of {directory})")

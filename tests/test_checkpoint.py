@@ -64,7 +64,7 @@ BAD = {
     "shape mismatch": (lambda d: edit_weights(d, lambda t: t.update({KEY_Q0_A: torch.ones(4, 31)})),
                        rf"key '{KEY_Q0_A}' has shape \[4, 31\] but the model expects \[4, 32\]"),
     "unsupported peft_type": (lambda d: edit_config(d, peft_type="LOHA"), r"peft_type 'LOHA' is not supported"),
-    "unsupported feature": (lambda d: edit_config(d, use_dora=True), r"use_dora=True is a PEFT feature fastpeft does not support"),
+    "unsupported feature": (lambda d: edit_config(d, lora_bias=True), r"lora_bias=True is a PEFT feature fastpeft does not support"),
     "truncated file": (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-100]), r"corrupt or truncated"),
     "corrupt json": (lambda d: (d / "adapter_config.json").write_text("{not json"), r"is not valid JSON"),
     "no weights": (lambda d: os.remove(d / WEIGHTS_NAME), r"no adapter_model.safetensors \(or adapter_model.bin\)"),

@@ -196,8 +196,8 @@ def test_config_validation():
         fastpeft.LoraConfig(bias="some")
     with pytest.raises(ValueError, match="peft_type 'IA3' is not supported"):
         fastpeft.LoraConfig.from_dict({"peft_type": "IA3"})
-    with pytest.raises(ValueError, match="use_dora=True is a PEFT feature fastpeft does not support"):
-        fastpeft.LoraConfig.from_dict({"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(ValueError, match="lora_bias=True is a PEFT feature fastpeft does not support"):
+        fastpeft.LoraConfig.from_dict({"peft_type": "LORA", "lora_bias": True})
 
 
 @pytest.mark.parametrize("bias", ["lora_only", "all"])

@@ -349,7 +349,7 @@ def test_every_peft_config_field_is_accepted(tmp_path, name):
     assert type(ours.from_pretrained(str(tmp_path / "c"))) is ours
 
 
-@pytest.mark.parametrize("feature,value", [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]),
+@pytest.mark.parametrize("feature,value", [("lora_bias", True), ("use_qalora", True), ("layer_replication", [[0, 1]]),
                                            ("loftq_config", {"loftq_bits": 4}), ("ensure_weight_tying", True)])
 def test_an_unsupported_lora_feature_is_refused_by_name(feature, value):
     with pytest.raises(ValueError, match=f"{feature}=.* is a PEFT feature fastpeft does not support"):

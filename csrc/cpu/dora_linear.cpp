@@ -157,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_line
   check_lora_linear_shapes(x, weight, std::nullopt, lora_a, lora_b, x_lora);
   check_dora_vectors(x, weight, magnitude, norm, "norm");
   const int64_t M = x.size(0), N = weight.size(0);
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N, "dora_linear_bwd: grad_y must be [M, N]");
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N,
+              "dora_linear_bwd: grad_y must be [M, N]");
   TORCH_CHECK(z.sizes() == grad_y.sizes(), "dora_linear_bwd: z must be [M, N]");
   TORCH_CHECK(s.dim() == 2 && s.size(0) == M && s.size(1) == lora_a.size(0), "dora_linear_bwd: s must be [M, r]");
   at::Tensor dy = grad_y.contiguous();

@@ -14,7 +14,7 @@ import contextlib
 import torch.nn as nn
 
 from ..config import LoraConfig
-from ..nn.lora import LoRALinear
+from ..nn.lora import DoRAMagnitude, LoRALinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from ..targeting import (adaptable, fan_in_fan_out_of_targets, find_modules_to_save, find_targets, layer_features,
                          own_modules, refuse_targets_inside_modules_to_save, replace_module, with_task_heads)
@@ -51,12 +51,12 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     for t in targets:
         if isinstance(t.module, LoRALinear):
             t.module.add_adapter(adapter_name, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
-                                 config.init_lora_weights)
+                                 config.init_lora_weights, config.use_dora)
         else:
             replace_module(model, t.name, LoRALinear(
                 t.module, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
                 use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
-                fan_in_fan_out=layer_features(t.module)[2], adapter_name=adapter_name))
+                fan_in_fan_out=layer_features(t.module)[2], adapter_name=adapter_name, use_dora=config.use_dora))
     for name, module in to_save:
         if isinstance(module, ModulesToSaveWrapper):
             module.add_adapter(adapter_name)
@@ -81,6 +81,8 @@ def activate(model: nn.Module, adapter_name: str) -> None:
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             module.lora_A[adapter_name].requires_grad_(True)
             module.lora_B[adapter_name].requires_grad_(True)
+            if module.uses_dora(adapter_name):
+                module.lora_magnitude_vector[adapter_name].requires_grad_(True)
             if config.bias == "lora_only" and module.bias is not None:
                 module.bias.requires_grad_(True)
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
@@ -145,9 +147,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------- from the peft package
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
-    """The model inside a ``peft.PeftModel`` (LoRA), with every PEFT LoRA layer replaced by a
-    fastpeft ``LoRALinear`` that shares its base layer and adapter tensors (no copies), and PEFT's
-    modules_to_save wrappers by fastpeft's. Returns the inner model; outputs are unchanged."""
+    """The model inside a ``peft.PeftModel`` (LoRA or DoRA), with every PEFT LoRA layer replaced by a
+    fastpeft ``LoRALinear`` that shares its base layer and adapter tensors (no copies; DoRA's
+    magnitude vectors too), and PEFT's modules_to_save wrappers by fastpeft's. Returns the inner
+    model; outputs are unchanged."""
     try:
         from peft.tuners.lora import LoraLayer
         from peft.utils import ModulesToSaveWrapper as PeftModulesToSave
@@ -164,6 +167,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 raise TypeError(f"{name}: PEFT LoRA on a {type(base).__name__} is not supported by fastpeft")
             layer = LoRALinear(base, adapter_name=None, fan_in_fan_out=module.fan_in_fan_out)
             layer.lora_A, layer.lora_B = module.lora_A, module.lora_B  # the same modules: tensors shared
+            for adapter, dora in module.lora_magnitude_vector.items():  # PEFT's DoraLinearLayer: its `weight`, shared
+                layer.lora_magnitude_vector[adapter] = DoRAMagnitude(dora.weight)
             for adapter in module.lora_A:
                 dropout = module.lora_dropout[adapter]
                 layer.r[adapter] = module.r[adapter]
@@ -172,6 +177,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 layer.lora_dropout[adapter] = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
             layer.active_adapter = active
             layer.merged_adapters = list(module.merged_adapters)
+            for adapter in layer.merged_adapters:
+                if layer.uses_dora(adapter):  # the norms PEFT merged with, which its unmerge divides out
+                    norm = getattr(module, "_caches", {}).get(f"{adapter}-weight_norm")
+                    if norm is None:
+                        raise TypeError(f"{name}: PEFT's merged DoRA adapter {adapter!r} kept no weight norm to "
+                                        "unmerge with; unmerge it in PEFT before converting")
+                    layer.merged_dora_norms[adapter] = norm.detach().float()
             layer.disabled = bool(module.disable_adapters)
             replace_module(model, name, layer)
         elif isinstance(module, PeftModulesToSave):

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..ops.adapter_batch import AdapterBatch
 from ..ops.bgmv import bgmv_expand, bgmv_shrink
 from ..ops.sgmv import sgmv_expand, sgmv_shrink
-from .lora import is_conv1d
+from .lora import LoRALinear, is_conv1d
 
 _current = threading.local()  # .stack: the AdapterBatches of the forwards running on this thread, innermost last
 
@@ -113,6 +113,11 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, max_adapters: int, max_rank: int, fan_in_fan_out: bool | None = None):
         super().__init__()
+        if isinstance(base_layer, LoRALinear) and base_layer.lora_magnitude_vector:
+            raise TypeError("MultiLoRALinear: the base layer holds DoRA adapters "
+                            f"{sorted(base_layer.lora_magnitude_vector)}; a pool's LoRA slots cannot serve DoRA "
+                            "(each adapter rescales its output rows by its own weight norm): merge them first "
+                            "(merge_and_unload) or use the LoRALinear alone")
         weight = getattr(base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(f"MultiLoRALinear: base layer {type(base_layer).__name__} has no 2-D weight")

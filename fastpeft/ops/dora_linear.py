@@ -29,7 +29,8 @@ Two registered ops carry the work, on 2-D inputs (the public :func:`dora_linear`
     Returns y ``[M, N]``, s = x_l·Aᵀ ``[M, r]``, z = x_l·Wᵀ + scaling·s·Bᵀ ``[M, N]`` (the
     direction's output, for the magnitude's gradient), all in x's dtype, and norm ``[N]`` float32.
 
-``dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, s, z, norm, scaling, x_lora) -> (grad_x, grad_x_lora, grad_a, grad_b, grad_magnitude)``
+``dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, s, z, norm, scaling, x_lora)``
+``-> (grad_x, grad_x_lora, grad_a, grad_b, grad_magnitude)``
     With g = m / norm and dy_g = g⊙dy: without dropout the LoRA backward of dy_g
     (grad_x = dy_g·W + scaling·(dy_g·B)·A); with dropout grad_x = dy·W and
     grad_x_lora = ((g − 1)⊙dy)·W + scaling·(dy_g·B)·A (autograd takes it through the dropout mask).
