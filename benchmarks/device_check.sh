@@ -51,7 +51,7 @@ $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torc
 BUILD=$!
 
 log "Triton faces against the reference, an op per process"
-OPS="nf4_matmul lora_linear multi_lora phm_linear adapter_block"
+OPS="nf4_matmul lora_linear multi_lora phm_linear adapter_block dora_linear"
 for op in $OPS; do
   timeout "$(limit 150)" $PY benchmarks/smoke.py "${SMOKE[@]}" --face triton --op "$op" \
     --jsonl "$OUT/smoke-$op.part" >>"$LOG" 2>&1 &
@@ -79,7 +79,7 @@ for r in bad:
 PY
 
 log "bench, an op at a time"
-for op in nf4_matmul lora_linear multi_lora phm_linear adapter_block; do
+for op in nf4_matmul lora_linear multi_lora phm_linear adapter_block dora_linear; do
   [ "$(left)" -le 20 ] && { log "bench: no time left for $op"; continue; }
   timeout "$(limit 100)" $PY -m fastpeft.cli bench "${BENCH[@]}" --op "$op" --no-progress \
     --json "$OUT/bench-$op.part" >>"$OUT/bench.txt" 2>&1 || log "bench $op: exit $?"

@@ -54,6 +54,25 @@ def lora_case(M, K, N, r):
     return f"M={M} K={K} N={N} r={r}", run
 
 
+def dora_case(M, K, N, r):
+    def run(device, dtype):
+        x = _randn(M, K, device=device, dtype=dtype, grad=True)
+        w, bias = _randn(N, K, device=device, dtype=dtype, scale=K ** -0.5), _randn(N, device=device, dtype=dtype)
+        a = _randn(r, K, device=device, dtype=dtype, grad=True, scale=K ** -0.5)
+        b = _randn(N, r, device=device, dtype=dtype, grad=True, scale=r ** -0.5)
+        m = (w.float().norm(dim=1) * (0.5 + torch.rand(N, device=device))).to(dtype).requires_grad_()
+        dy = _randn(M, N, device=device, dtype=dtype)
+
+        def call():
+            for t in (x, a, b, m):
+                t.grad = None
+            y = fastpeft.ops.dora_linear(x, w, bias, a, b, m, 0.5)
+            y.backward(dy)
+            return [y, x.grad, a.grad, b.grad, m.grad]
+        return call
+    return f"M={M} K={K} N={N} r={r}", run
+
+
 def nf4_case(M, K, N, transposed=False):
     def run(device, dtype):
         q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, double_quant=True).to(device).q
@@ -112,12 +131,14 @@ def adapter_block_case(M, D, R):
 
 def cases(op: str, quick: bool) -> list[tuple[str, Callable]]:
     """(name, run(device, dtype) -> call() -> tensors) per case: a ragged one, then the bench's."""
-    ragged = {"lora_linear": [lora_case(5, 70, 33, 3)], "nf4_matmul": [nf4_case(3, 192, 33), nf4_case(3, 192, 33, True)],
+    ragged = {"lora_linear": [lora_case(5, 70, 33, 3)], "dora_linear": [dora_case(5, 70, 33, 3)],
+              "nf4_matmul": [nf4_case(3, 192, 33), nf4_case(3, 192, 33, True)],
               "multi_lora": [multi_lora_case(9, 96, 40, 4, 3)], "phm_linear": [phm_case(7, 48, 24, 4, 1)],
               "adapter_block": [adapter_block_case(9, 40, 6)]}[op]
     if quick:
         return ragged
     bench = {"lora_linear": [lora_case(16, 4096, 4096, 16), lora_case(4096, 4096, 4096, 16)],
+             "dora_linear": [dora_case(256, 4096, 4096, 16), dora_case(4096, 4096, 4096, 16)],
              "nf4_matmul": [nf4_case(1, 4096, 14336), nf4_case(16, 4096, 14336), nf4_case(512, 4096, 14336),
                             nf4_case(512, 4096, 14336, True)],
              "multi_lora": [multi_lora_case(64, 4096, 4096, 16, 8), multi_lora_case(512, 4096, 4096, 16, 8)],
@@ -177,7 +198,7 @@ def check(op: str, device: str, dtypes, quick: bool, out, wanted=FACES) -> int:
     return failures
 
 
-OPS = ("lora_linear", "nf4_matmul", "multi_lora", "phm_linear", "adapter_block")
+OPS = ("lora_linear", "dora_linear", "nf4_matmul", "multi_lora", "phm_linear", "adapter_block")
 
 
 def main(argv=None) -> int:

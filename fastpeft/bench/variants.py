@@ -52,8 +52,9 @@ def under_no_grad(variants: Variants) -> Variants:
     return {name: no_grad(fn) for name, fn in variants.items()}
 
 
-def peft_lora_layer(base: nn.Linear, r: int, adapter_names=("default",)):
-    """PEFT's LoRA layer around `base` (shared, not copied) with one adapter per name; None without peft."""
+def peft_lora_layer(base: nn.Linear, r: int, adapter_names=("default",), use_dora: bool = False):
+    """PEFT's LoRA layer (DoRA with `use_dora`) around `base` (shared, not copied) with one adapter
+    per name; None without peft."""
     try:
         import peft
     except ImportError:
@@ -68,7 +69,8 @@ def peft_lora_layer(base: nn.Linear, r: int, adapter_names=("default",)):
             return self.proj(x)
 
     def config():
-        return peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], init_lora_weights=False)
+        return peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], init_lora_weights=False,
+                               use_dora=use_dora)
 
     model = peft.get_peft_model(Holder(), config(), adapter_name=adapter_names[0])
     for name in adapter_names[1:]:
