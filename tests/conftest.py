@@ -69,6 +69,21 @@ def assert_refused_before_any_face(monkeypatch, op, call, exc, pattern):
         call()
 
 
+def peak_cpu_bytes_above_start(fn) -> int:
+    """Peak of the CPU bytes `fn` allocates and has not yet freed (torch's profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
         return

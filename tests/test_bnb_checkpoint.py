@@ -113,6 +113,35 @@ def test_a_fastpeft_saved_model_loads_in_transformers_with_bitsandbytes(bnb_save
         assert torch.equal(back(**inputs).logits, _fresh_bnb_model(directory)(**inputs).logits)
 
 
+def test_a_sharded_fastpeft_save_loads_in_transformers_with_bitsandbytes(bnb_saved, tmp_path):
+    """save_quantized_model(max_shard_size=...) writes shards and model.safetensors.index.json as
+    transformers does; transformers + bitsandbytes read them into the same bytes as their own file."""
+    directory, _ = bnb_saved
+    save_quantized_model(load_quantized_model(directory), tmp_path / "ours", max_shard_size="16KB")
+    with open(tmp_path / "ours" / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    assert len(set(weight_map.values())) > 2 and not (tmp_path / "ours" / "model.safetensors").exists()
+    theirs = load_file(f"{directory}/model.safetensors")
+    ours = {}
+    for shard in set(weight_map.values()):
+        ours.update(load_file(tmp_path / "ours" / shard))
+    assert ours.keys() == theirs.keys() == weight_map.keys()
+    assert all(torch.equal(ours[k].view(torch.uint8), theirs[k].view(torch.uint8)) for k in theirs)
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", device_map="cpu")
+    reference = _fresh_bnb_model(directory)
+    assert len(_bnb_layers(back)) == 14
+    for (name, a), b in zip(back.named_modules(), reference.modules()):
+        if isinstance(a, bnb.nn.Linear4bit):  # bitsandbytes read our shards into its own bytes and state
+            assert torch.equal(a.weight.data.view(torch.uint8), b.weight.data.view(torch.uint8)), name
+            assert torch.equal(a.weight.quant_state.absmax, b.weight.quant_state.absmax), name
+    right, why = bnb_forward_is_right(_bnb_layers(back))
+    if not right:
+        pytest.skip(f"the bytes are bitsandbytes'; its forward is not compared: {why}")
+    inputs = model_inputs("llama", batch=2, seq=9)
+    with torch.no_grad():
+        assert torch.equal(back(**inputs).logits, reference(**inputs).logits)
+
+
 def test_qlora_on_a_loaded_model_trains(bnb_saved):
     model = load_quantized_model(bnb_saved[0])
     fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))

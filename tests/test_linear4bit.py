@@ -7,7 +7,7 @@ import torch
 import fastpeft
 from fastpeft.nn import Linear4bit, LoRALinear
 
-from conftest import DTYPES, assert_close
+from conftest import DTYPES, assert_close, peak_cpu_bytes_above_start
 from models import model_inputs, tiny_model, train_on_own_tokens
 
 
@@ -153,21 +153,6 @@ def test_quantize_model_and_qlora_training():
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def _peak_cpu_bytes_above_start(fn) -> int:
-    """Peak of the CPU bytes `fn` allocates and has not yet freed (torch's profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_a_qlora_training_step_keeps_no_full_precision_weight():
     """The weights dominate this model (64-token vocabulary, 24 tokens a batch): a surviving float
     copy of them would show in the tensors saved for backward and in the step's peak memory."""
@@ -197,7 +182,7 @@ def test_a_qlora_training_step_keeps_no_full_precision_weight():
     step()  # warm-up: lazily built state is not what is measured
     model.zero_grad(set_to_none=False)
     saved.clear()
-    peak = _peak_cpu_bytes_above_start(step)
+    peak = peak_cpu_bytes_above_start(step)
     assert saved and not [n for n, is_float in saved if is_float and n >= smallest]
     # measured 1.9 MB of 6.3 MB: one 256-row dequantised tile (0.8 MB for [768, 256]) plus activations
     # and gradients; float copies of the weights surviving the step would add 6.3 MB on their own
