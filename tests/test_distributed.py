@@ -7,20 +7,24 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn as nn
-from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy
 
-import fastpeft
-from fastpeft import backends
-from fastpeft.nn import Linear4bit, LoRALinear
-from fastpeft.nn.dtypes import is_dtensor
-from fastpeft.ops import record_faces
+if not dist.is_available():
+    pytest.skip("this torch is built without torch.distributed", allow_module_level=True)
 
-from conftest import assert_close
-from models import VOCAB, tiny_model
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
+
+import fastpeft  # noqa: E402
+from fastpeft import backends  # noqa: E402
+from fastpeft.nn import Linear4bit, LoRALinear  # noqa: E402
+from fastpeft.nn.dtypes import is_dtensor  # noqa: E402
+from fastpeft.ops import record_faces  # noqa: E402
+
+from conftest import assert_close  # noqa: E402
+from models import VOCAB, tiny_model  # noqa: E402
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -201,6 +205,8 @@ def _run_ranks(scenario, root, timeout=60.0) -> list[dict]:
     """Run a scenario on WORLD forked processes (they inherit the imported torch, transformers and
     fastpeft: seconds, where spawned ones would import them again); their results, rank by rank.
     Killed and failed past `timeout` seconds."""
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("the ranks are forked processes; this platform cannot fork")
     ctx = mp.start_processes(_rank_worker, args=(scenario, str(root)), nprocs=WORLD, join=False,
                              start_method="fork")
     deadline = time.monotonic() + timeout
