@@ -1,11 +1,21 @@
-"""Compile the Triton kernel configurations fastpeft launches, for sm_90 and sm_80, without a GPU.
+"""Compile, without a GPU, the Triton kernels fastpeft launches, as the JIT compiles them at run time.
 
-Each module in fastpeft/kernels/ lists its launch configurations in ``aot_configs()``; a compile error in
-any of them (a bad tile shape, an op the target lacks) fails CI here instead of on a user's GPU.
-Every configuration is compiled for sm_90 (the GPU the project measures on); for sm_80, one per
-kernel and pointer signature (dtype), since what differs between architectures is the MMA and
-memory instructions a dtype selects, not the constexpr branches (all 470 compiles took 414 s of
-a 19-minute CI; this set about half). Compiles run in parallel, one process per core.
+What is compiled (fastpeft/kernels/aot.py does the work):
+
+1. every launch the ops make for every GPU bench case (``fastpeft bench``'s cuda cases: decode,
+   prefill, training), recorded by running the launchers on meta tensors and specialised by
+   Triton's own binder: integers equal to 1 become constants, integers divisible by 16 and 16-byte
+   aligned pointers carry ``tt.divisibility`` (vectorised loads, and the shared memory the pipeliner
+   really takes). Tiles are chosen per architecture, for its shared memory per block: sm_90,
+   sm_80, and the 99 KiB parts sm_86 and sm_89;
+2. every configuration each kernel module lists in ``aot_configs()`` (each dtype, flag and tile
+   of its table) for sm_90, and one per kernel, tile and dtype for sm_80/86/89, specialised like
+   the launch of the same kernel in (1) closest to it (the same unit strides, alignment and
+   divisibility), so that no constexpr variant is left to fail on a user's GPU. An entry of a
+   kernel no bench case launches is compiled as listed (plain ``i32``) and said so.
+
+It fails on a compile error, or on a launch of (1) whose shared memory exceeds its architecture's
+limit. Compiles run in parallel, one process per core.
 """
 
 import concurrent.futures as cf
@@ -18,13 +28,11 @@ import time
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 import fastpeft.kernels  # noqa: E402
+from fastpeft.bench import static  # noqa: E402
+from fastpeft.kernels import aot  # noqa: E402
 
-ARCHS = (90, 80)
+ARCHS = (90, 80, 86, 89)
 
 
 def _modules():
@@ -34,44 +42,77 @@ def _modules():
             yield info.name, module
 
 
-def compile_one(module_name: str, index: int, arch: int) -> str | None:
-    """Compile configuration `index` of `module_name` for sm_`arch`; the error text, or None."""
-    module = importlib.import_module(f"fastpeft.kernels.{module_name}")
-    kernel, signature, constexprs, options = list(module.aot_configs())[index]
-    src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+def _like(entry: aot.Spec, launched: list) -> aot.Spec | None:
+    """`entry` (a listed configuration) specialised as the launched spec of its kernel closest to it."""
+    same = [s for s in launched if s.kernel == entry.kernel and s.module == entry.module]
+    if not same:
+        return None
+    want = dict(entry.constexprs)
+    template = max(same, key=lambda s: sum(dict(s.constexprs).get(k) == v for k, v in want.items()))
+    ones = {k: v for k, v in template.constexprs if k not in want}          # integers equal to 1
+    types = dict(entry.signature)
+    signature = tuple((name, "constexpr" if name in ones or name in want else
+                       (types[name] if types[name].startswith("*") else dict(template.signature)[name]))
+                      for name, _ in template.signature)
+    return aot.Spec(entry.module, entry.kernel, signature, tuple(ones.items()) + entry.constexprs,
+                    template.attrs, entry.options)
+
+
+def compile_one(spec: aot.Spec, arch: int) -> tuple[str | None, int]:
+    """Compile a spec for sm_`arch`: (the error text or None, shared memory in bytes)."""
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        compiled = aot.compile_spec(spec, arch)
         if not compiled.asm.get("cubin"):
-            return "no cubin produced"
+            return "no cubin produced", 0
+        return None, compiled.metadata.shared
     except Exception as e:  # report every failure, not just the first
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 0
 
 
 def main() -> int:
     t0 = time.time()
-    jobs = []
+    jobs: dict[tuple, str] = {}   # (spec, arch) -> where it came from
+    launched = []
+    for arch in ARCHS:
+        for op, case in static.bench_cases():
+            for launch in static.record_case(op, case, arch):
+                spec = aot.jit_spec(launch, arch)
+                launched.append(spec)
+                jobs.setdefault((spec, arch), f"launch {op} [{case}]")
+    as_listed = 0
     for name, module in _modules():
-        seen_on_sm80 = set()
-        for i, (kernel, signature, _, _) in enumerate(module.aot_configs()):
-            jobs.append((name, i, 90))
-            key = (kernel.__name__, tuple(sorted(signature.items())))
-            if key not in seen_on_sm80:
-                seen_on_sm80.add(key)
-                jobs.append((name, i, 80))
+        seen = set()
+        for kernel, signature, constexprs, options in module.aot_configs():
+            entry = aot.spec_from_signature(kernel, signature, constexprs, options)
+            spec = _like(entry, launched)
+            if spec is None:
+                spec, as_listed = entry, as_listed + 1
+            jobs.setdefault((spec, 90), f"aot_configs {name}")
+            tile = (kernel.__name__, tuple(v for k, v in signature.items() if v.startswith("*")),
+                    tuple(sorted((k, v) for k, v in constexprs.items() if k.startswith("BLOCK_") or k == "NB")),
+                    tuple(sorted(options.items())))
+            if tile not in seen:
+                seen.add(tile)
+                for arch in ARCHS[1:]:
+                    jobs.setdefault((spec, arch), f"aot_configs {name}")
     failures = []
+    keys = list(jobs)
     with cf.ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for job, error in zip(jobs, pool.map(compile_one, *zip(*jobs))):
+        for (spec, arch), (error, shared) in zip(keys, pool.map(compile_one, *zip(*keys), chunksize=4)):
+            where = jobs[(spec, arch)]
             if error:
-                name, i, arch = job
-                module = importlib.import_module(f"fastpeft.kernels.{name}")
-                kernel, _, constexprs, options = list(module.aot_configs())[i]
-                failures.append(f"{name}.{kernel.__name__} sm_{arch} {constexprs} {options}: {error}")
-    print(f"triton AOT: compiled {len(jobs) - len(failures)} of {len(jobs)} kernel configurations for "
-          f"sm_{', sm_'.join(map(str, ARCHS))} in {time.time() - t0:.0f} s")
+                failures.append(f"{where}: {aot.describe(spec)} sm_{arch}: {error}")
+            elif where.startswith("launch") and shared > aot.SMEM_PER_BLOCK_OPTIN[arch]:
+                failures.append(f"{where}: {aot.describe(spec)} sm_{arch}: {shared} B of shared memory > "
+                                f"{aot.SMEM_PER_BLOCK_OPTIN[arch]} B per block")
+    n_launch = sum(1 for w in jobs.values() if w.startswith("launch"))
+    print(f"triton AOT: compiled {len(keys) - len(failures)} of {len(keys)} kernel configurations "
+          f"({n_launch} bench launches as the JIT specialises them, {len(keys) - n_launch} listed configurations"
+          f"{f', {as_listed} of them unspecialised: no bench case launches their kernel' if as_listed else ''}) "
+          f"for sm_{', sm_'.join(map(str, ARCHS))} in {time.time() - t0:.0f} s")
     for f in failures:
         print("FAILED", f)
-    return 1 if failures or not jobs else 0
+    return 1 if failures or not keys else 0
 
 
 if __name__ == "__main__":

@@ -43,3 +43,39 @@ def block_r(R: int) -> int:
 
 
 TRITON_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- shared memory per block
+
+# Shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute
+# capability: the limit Triton checks a kernel's ``metadata.shared`` against at launch.
+SMEM_PER_BLOCK_OPTIN = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+_smem_limits: dict[int, int] = {}       # device index -> its limit, queried once
+_smem_override: list[int | None] = [None]
+
+
+def set_smem_limit_override(limit: int | None) -> None:
+    """Tile choice for a given limit instead of the device's (ahead-of-time compilation and the
+    static model record launches for an architecture on CPU tensors); None restores the device's."""
+    _smem_override[0] = limit
+
+
+def smem_limit(device: torch.device) -> int:
+    """Shared memory per block the launch may use on `device`, cached per device index."""
+    if _smem_override[0] is not None:
+        return _smem_override[0]
+    if device.type != "cuda":
+        return SMEM_PER_BLOCK_OPTIN[90]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = _smem_limits.get(index)
+    if limit is None:
+        limit = _smem_limits[index] = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return limit
+
+
+def fitting(tiles, limit: int):
+    """The first of `tiles` (each ending in its shared memory in bytes, as compiled) within `limit`."""
+    for tile in tiles:
+        if tile[-1] <= limit:
+            return tile
+    return tiles[-1]

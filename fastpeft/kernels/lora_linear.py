@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision
+from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, smem_limit
 
 
 @triton.jit
@@ -126,7 +126,8 @@ def _fused_matmul_kernel(
 # session that wrote them: see benchmarks/results/ for the first measured run).
 MATMUL_TILES = {
     "small_m": (32, 128, 64, 4, 4),    # M <= 64: decode and short prompts
-    "large": (128, 256, 64, 8, 3),     # 147 KiB of shared memory in 3 stages: fits sm_80 and sm_90
+    "large": (128, 256, 64, 8, 3),     # 96-160 KiB of shared memory (below): sm_80, sm_90
+    "large_99k": (128, 128, 64, 8, 3),  # 64-80 KiB on sm_8x: the large tile for 99 KiB parts (sm_86, sm_89)
     "fp32": (64, 128, 32, 4, 3),
     "interpret": (32, 32, 32, 4, 1),   # the CPU interpreter: small tiles keep tests fast, ragged edges hit
 }
@@ -134,12 +135,24 @@ _SHRINK_TILES = {"gpu": (64, 128), "interpret": (32, 32)}  # (BLOCK_M, BLOCK_K)
 GROUP_M = 8
 
 
-def matmul_tile(M: int, dtype: torch.dtype) -> str:
+# Shared memory of the "large" tile as Triton 3.8 compiles it for sm_8x (the architectures with
+# 99 KiB parts), by BLOCK_R: the LoRA loop after the K loop is pipelined too, so the rank block
+# adds its own stages. tests/test_triton_configs.py compiles every tile the rule below picks for
+# sm_80/86/89/90 and checks it fits that architecture's limit.
+LARGE_TILE_SMEM = {16: 98304, 32: 98304, 64: 114688}
+
+
+def matmul_tile(M: int, dtype: torch.dtype, device: torch.device | None = None, rank_block: int = 64) -> str:
+    """The tile of ``MATMUL_TILES`` for M rows of `dtype` on `device` (None: the current CUDA
+    device), within its shared memory per block; rank_block: the launch's BLOCK_R."""
     if triton_interpreting():
         return "interpret"
     if dtype == torch.float32:
         return "fp32"
-    return "small_m" if M <= 64 else "large"
+    if M <= 64:
+        return "small_m"
+    limit = smem_limit(device if device is not None else torch.device("cuda"))
+    return "large" if LARGE_TILE_SMEM[rank_block] <= limit else "large_99k"
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -171,7 +184,7 @@ def fused_matmul(x, w, bias, s, b, scaling: float) -> torch.Tensor:
         return y
     has_lora = s is not None
     R = s.shape[1] if has_lora else 0
-    block_m, block_n, block_k, warps, stages = MATMUL_TILES[matmul_tile(M, x.dtype)]
+    block_m, block_n, block_k, warps, stages = MATMUL_TILES[matmul_tile(M, x.dtype, x.device, block_r(R))]
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     # Unused pointer arguments get y, a valid tensor of the right dtype, never dereferenced.
     s_, b_ = (s, b) if has_lora else (y, y)
@@ -231,7 +244,7 @@ def aot_configs():
                 yield _shrink_kernel, sig, dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=rb, INPUT_PRECISION=precision,
                                                   BF16_VIA_FP32=False), \
                     dict(num_warps=4, num_stages=3)
-            tiles = ["fp32"] if dtype == torch.float32 else ["small_m", "large"]
+            tiles = ["fp32"] if dtype == torch.float32 else ["small_m", "large", "large_99k"]
             for tile in tiles:
                 bm, bn, bk, warps, stages = MATMUL_TILES[tile]
                 for has_bias in (False, True):

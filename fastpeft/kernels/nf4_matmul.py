@@ -19,7 +19,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision
+from ._common import TRITON_DTYPES, bf16_via_fp32, block_r, dot, fitting, input_precision, smem_limit
 
 
 @triton.jit
@@ -82,8 +82,20 @@ def _nf4_matmul_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a first guess, not measured (no GPU yet).
-_TILES = {"gpu": (64, 64, 64, 4, 3), "interpret": (16, 32, 32, 4, 1)}
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, shared memory in bytes): a first guess, not
+# measured (no GPU yet). The pipeliner stages the W tile's gathers (bytes, levels, scales: 4-byte
+# loads per element) as well as x, so shared memory is ~2 KiB per element of BLOCK_K: 120-128 KiB
+# at BLOCK_K = 64 in 3 stages (Triton 3.8, sm_80-sm_90, any dtype), 60-64 KiB at 32. The first tile
+# within the device's shared memory per block is launched (99 KiB parts: sm_86, sm_89).
+GPU_TILES = ((64, 64, 64, 4, 3, 131072), (64, 64, 32, 4, 3, 65536))
+_INTERPRET_TILE = (16, 32, 32, 4, 1)
+
+
+def tile(device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a launch on `device`."""
+    if triton_interpreting():
+        return _INTERPRET_TILE
+    return fitting(GPU_TILES, smem_limit(device))[:5]
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
@@ -108,7 +120,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quan
     bias = None if bias is None else bias.contiguous()
     if nested_absmax is not None:
         nested_absmax, nested_quant_map = nested_absmax.contiguous(), nested_quant_map.contiguous()
-    bm, bn, bk, warps, stages = _TILES["interpret" if triton_interpreting() else "gpu"]
+    bm, bn, bk, warps, stages = tile(x.device)
     has_lora = lora_s is not None
     s, low = (lora_s, lora_l) if has_lora else (y, y)  # unused pointers when there is no LoRA term
     R = lora_s.shape[1] if has_lora else 0
@@ -126,8 +138,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quan
 
 
 def aot_configs():
-    bm, bn, bk, warps, stages = _TILES["gpu"]
-    for tname, dtype in TRITON_DTYPES.items():
+    for (bm, bn, bk, warps, stages, _), tname in ((t, d) for t in GPU_TILES for d in TRITON_DTYPES):
+        dtype = TRITON_DTYPES[tname]
         ptr = f"*{tname}"
         for blocksize in (64, 128):  # the blocksizes QLoRA uses; others compile the same way
             for transposed in (False, True):
