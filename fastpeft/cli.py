@@ -96,6 +96,11 @@ def _device(args) -> str:
 def bench(args) -> int:
     from tqdm import tqdm
 
+    if args.static:
+        from .bench import static
+        return static.run((90, 80), args.op, args.check, args.json)
+    if args.check:
+        raise SystemExit("fastpeft bench: --check goes with --static")
     device = _device(args)
     ops = fb.selected(args.op)
     with tqdm(total=sum(len(op.cases(device, args.quick)) for op in ops), desc="fastpeft bench", unit="case",
@@ -241,6 +246,13 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     b.add_argument("--op", action="append", choices=list(fb.OPS), metavar="OP",
                    help=f"only this op's cases; repeatable; one of {', '.join(fb.OPS)} (default: every op)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--static", action="store_true",
+                   help="no kernel runs: compile each GPU case's Triton launches as the JIT does, for sm_90 and sm_80, "
+                        "and print the static performance model (registers, spills, shared memory, occupancy, bytes "
+                        "in flight, estimated time beside the roofline ideal); needs no GPU")
+    b.add_argument("--check", action="store_true",
+                   help="with --static: exit 1 on a spill, shared memory over a block's limit, or an NF4/LoRA GEMV "
+                        "with under 20 KB in flight per SM (known failures named by their issue pass)")
 
     f = command("finetune", "fine-tune a causal LM with a PEFT method; loss, tokens/s, peak memory")
     f.add_argument("--method", choices=METHODS, default="lora", metavar="METHOD",

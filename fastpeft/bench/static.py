@@ -1,0 +1,479 @@
+"""A static performance model of the Triton faces: ``fastpeft bench --static``. No GPU runs.
+
+For every GPU bench case, the launches the ops make are recorded (the Triton launchers run on meta
+tensors with the launch itself replaced: :func:`fastpeft.kernels.aot.record_launches`), each is
+compiled as the JIT compiles it at run time for the architecture (its specialisation: integers
+equal to 1 as constants, divisibility and alignment by 16; tiles chosen for that architecture's
+shared memory) and its machine code read:
+
+* registers, spilled bytes (``cuobjdump --dump-resource-usage``), shared memory (Triton's metadata);
+* occupancy: CTAs per SM from registers, shared memory, warps and the CTA limit;
+* the main loop: the backward branch of the SASS whose body requests the most global bytes;
+  its instructions, its bytes per iteration (``LDG`` into registers, ``LDGSTS`` copies into shared
+  memory), and from them bytes in flight per SM (register loads of one iteration plus
+  ``num_stages - 1`` iterations of copies, times the CTAs resident) and warp-instructions issued
+  per byte requested;
+* an ESTIMATE of the time: the launch's unique bytes at the bandwidth its bytes in flight can keep
+  busy (Little's law, ~620 ns of DRAM latency), the main loop's instruction issue, and the tensor-core
+  FLOPs, whichever is longest, beside the roofline ideal (unique bytes / effective bandwidth or FLOPs /
+  dense peak). An estimate from the code, never a measurement: a GPU number beats it every time.
+
+``check`` fails on a spill, a launch over an architecture's shared memory per block, or an NF4/LoRA
+GEMV (M ≤ 16) with less than 20 KB in flight per SM; known failures name their issue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import aot
+from . import OPS
+from .case import Case
+
+# What the estimate assumes of each architecture (the GPU the project measures on, and the A100).
+# bandwidth: effective HBM bytes/s (issue 15: 4.3 TB/s of the H200's 4.8); flops: dense bf16/fp16
+# tensor-core peak; clock: boost, for instruction issue (4 warp-instructions per SM per cycle).
+MACHINES = {
+    90: dict(gpu="H200", sms=132, bandwidth=4.3e12, flops=790e12, clock=1.98e9, smem_per_sm=233472, max_warps=64,
+             max_ctas=32),
+    80: dict(gpu="A100-80GB", sms=108, bandwidth=1.8e12, flops=312e12, clock=1.41e9, smem_per_sm=167936,
+             max_warps=64, max_ctas=32),
+    86: dict(gpu="RTX 3090/A10", sms=82, bandwidth=0.85e12, flops=71e12, clock=1.7e9, smem_per_sm=102400,
+             max_warps=48, max_ctas=16),
+    89: dict(gpu="RTX 4090/L40S", sms=128, bandwidth=0.9e12, flops=165e12, clock=2.5e9, smem_per_sm=102400,
+             max_warps=48, max_ctas=24),
+}
+DRAM_LATENCY_S = 620e-9
+MIN_IN_FLIGHT = 20 * 1024      # bytes per SM an NF4/LoRA GEMV must keep in flight (issue 15)
+GEMV_M = 16
+# Known failures of the checks, by (op, kernel, what failed): the issue that tracks each.
+KNOWN = {}
+
+
+def _tool(name: str) -> str:
+    import triton.backends.nvidia as nv
+    bundled = os.path.join(os.path.dirname(nv.__file__), "bin", name)
+    return bundled if os.path.exists(bundled) else (shutil.which(name) or name)
+
+
+# ---------------------------------------------------------------- the launches of a bench case
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _face(op: str):
+    """The Triton launcher the registry runs for op `op` (``fastpeft/kernels/<module>.py``)."""
+    from ..ops import all_ops
+    target = all_ops()[op]
+    return getattr(importlib.import_module(f"fastpeft.kernels.{target.triton_module}"), op)
+
+
+def _nf4(case: Case, dt):
+    M, K, N = (case.dims[k] for k in "MKN")
+    w = (_meta(N * K // 2, 1, dtype=torch.uint8), _meta(N * K // 64, dtype=torch.uint8), _meta(16, dtype=torch.float32))
+    nested = (_meta(math.ceil(N * K / 64 / 256), dtype=torch.float32), _meta(256, dtype=torch.float32), 0.0)
+    nf4 = _face("nf4_matmul")
+    nf4(_meta(M, K, dtype=dt), *w, 64, N, None, False, None, None, 1.0, *nested)
+    if case.training:  # NF4LinearFunction.backward: dx from the same bytes
+        nf4(_meta(M, N, dtype=dt), *w, 64, N, None, True, None, None, 1.0, *nested)
+
+
+def _lora(case: Case, dt):
+    M, K, N, r = (case.dims[k] for k in "MKNr")
+    x, w, a, b = _meta(M, K, dtype=dt), _meta(N, K, dtype=dt), _meta(r, K, dtype=dt), _meta(N, r, dtype=dt)
+    _, s = _face("lora_linear_fwd")(x, w, None, a, b, 2.0, None)
+    if case.training:
+        _face("lora_linear_bwd")(_meta(M, N, dtype=dt), x, w, a, b, s, 2.0, None)
+
+
+def _multi_lora(case: Case, dt):
+    from ..ops.adapter_batch import AdapterBatch
+    T, K, N, r, U = (case.dims[k] for k in ("T", "K", "N", "r", "U"))
+    batch = AdapterBatch.build(torch.arange(T) % U, U, device=torch.device("meta"))
+    a, b = _meta(U, r, K, dtype=dt), _meta(U, N, r, dtype=dt)
+    x, base, scal = _meta(T, K, dtype=dt), _meta(T, N, dtype=dt), _meta(U, dtype=torch.float32)
+    if batch.prefers_segments():  # as nn.multi_lora routes it
+        s = _face("sgmv_shrink")(x, a, *batch.routing)
+        _face("sgmv_expand")(base, s, b, scal, *batch.routing)
+    else:
+        s = _face("bgmv_shrink")(x, a, batch.adapter_ids)
+        _face("bgmv_expand")(base, s, b, scal, batch.adapter_ids)
+
+
+def _phm(case: Case, dt):
+    M, K, N, n, rank = (case.dims[k] for k in ("M", "K", "N", "n", "rank"))
+    x, rule, bias = _meta(M, K, dtype=dt), _meta(n, n, n, dtype=dt), _meta(N, dtype=dt)
+    factors = ((_meta(n, N // n, K // n, dtype=dt), None, None) if rank is None else
+               (None, _meta(n, N // n, rank, dtype=dt), _meta(n, rank, K // n, dtype=dt)))
+    _face("phm_linear_fwd")(x, rule, *factors, bias)
+    _face("phm_linear_bwd")(_meta(M, N, dtype=dt), x, rule, *factors)
+
+
+def _adapter_block(case: Case, dt):
+    M, D, R, act = (case.dims[k] for k in ("M", "D", "R", "act"))
+    x, wd, bd, wu, bu = _meta(M, D, dtype=dt), _meta(R, D, dtype=dt), _meta(R, dtype=dt), _meta(D, R, dtype=dt), \
+        _meta(D, dtype=dt)
+    _face("adapter_block_fwd")(x, x, wd, bd, wu, bu, 1.0, act)
+    if case.training:
+        _face("adapter_block_bwd")(_meta(M, D, dtype=dt), x, wd, bd, wu, 1.0, act)
+
+
+PLANS = {"nf4_matmul": _nf4, "lora_linear": _lora, "multi_lora": _multi_lora, "phm_linear": _phm,
+         "adapter_block": _adapter_block}
+
+
+def record_case(op: str, case: Case, arch: int) -> list[aot.Launch]:
+    """The Triton launches op `op` makes for `case`, its tiles chosen for sm_`arch`."""
+    from .variants import DTYPES
+    with aot.target_arch(arch), aot.record_launches() as launches:
+        PLANS[op](case, DTYPES[case.dtype])
+    return launches
+
+
+def bench_cases(quick: bool = False):
+    """(op name, case) of every GPU bench case."""
+    return [(name, case) for name, bench_op in OPS.items() for case in bench_op.cases("cuda", quick)]
+
+
+# ---------------------------------------------------------------- reading the machine code
+
+_INSTR = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def load_width(opcode: str) -> int:
+    """Bytes one thread requests with a global load opcode (LDG.E.128: 16; LDGSTS.E.U8: 1...)."""
+    parts = opcode.split(".")
+    for p in parts[1:]:
+        if p in ("U8", "S8"):
+            return 1
+        if p in ("U16", "S16"):
+            return 2
+        if p == "64":
+            return 8
+        if p == "128":
+            return 16
+    return 4
+
+
+@dataclass
+class Sass:
+    instructions: int = 0      # in the main loop's body
+    ldg_bytes: int = 0         # per thread per iteration, into registers
+    ldgsts_bytes: int = 0      # per thread per iteration, copies into shared memory
+    ldg_ops: int = 0
+    ldgsts_ops: int = 0
+    int_ops: int = 0           # integer/address arithmetic among the instructions
+    mma_ops: int = 0
+
+
+_INT_PREFIXES = ("IMAD", "IADD", "LEA", "SHF", "LOP", "ISETP", "IABS", "SEL", "PRMT", "IMNMX", "BMSK", "SGXT")
+
+
+def read_sass(cubin: bytes) -> tuple[Sass, dict]:
+    """The main loop's counts, and the resource usage (REG, LOCAL, SHARED...) of the cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage_text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                                    text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage_text)}
+    code = [(int(a, 16), op, rest) for a, _, op, rest in _INSTR.findall(sass)]
+    loops = []
+    for addr, op, rest in code:
+        m = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    best = Sass()
+    for start, end in loops:
+        body = [(op, rest) for a, op, rest in code if start <= a <= end]
+        s = Sass(instructions=len(body))
+        for op, _ in body:
+            if op.startswith("LDGSTS"):
+                s.ldgsts_bytes += load_width(op)
+                s.ldgsts_ops += 1
+            elif op.startswith("LDG"):
+                s.ldg_bytes += load_width(op)
+                s.ldg_ops += 1
+            elif op.startswith(_INT_PREFIXES):
+                s.int_ops += 1
+            elif op.startswith(("HMMA", "HGMMA", "IMMA")):
+                s.mma_ops += 1
+        key = (s.ldg_bytes + s.ldgsts_bytes, -s.instructions)
+        if key > (best.ldg_bytes + best.ldgsts_bytes, -best.instructions if best.instructions else -10**9):
+            best = s
+    return best, usage
+
+
+# ---------------------------------------------------------------- the model
+
+def occupancy(arch: int, regs: int, shared: int, warps: int) -> tuple[int, str]:
+    """CTAs per SM and what limits them."""
+    m = MACHINES[arch]
+    per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by = {"regs": 65536 // (per_warp * warps), "smem": m["smem_per_sm"] // (shared + 1024),
+          "warps": m["max_warps"] // warps, "ctas": m["max_ctas"]}
+    limit = min(by, key=by.get)
+    return by[limit], limit
+
+
+def _bound_args(launch: aot.Launch) -> dict:
+    names = launch.kernel.arg_names
+    bound = dict(zip(names, launch.args))
+    bound.update(launch.kwargs)
+    return bound
+
+
+def unique_bytes(launch: aot.Launch) -> int:
+    """Bytes of every distinct tensor the launch is given: read or written once, the least it moves."""
+    seen, total = set(), 0
+    for v in _bound_args(launch).values():
+        if isinstance(v, torch.Tensor):
+            key = (v.untyped_storage().nbytes(), v.data_ptr(), tuple(v.shape))
+            if key not in seen:
+                seen.add(key)
+                n = 1 + sum((s - 1) * st for s, st in zip(v.shape, v.stride()) if s > 0) if v.numel() else 0
+                total += n * v.element_size()
+    return total
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def trips_and_flops(launch: aot.Launch) -> tuple[int | None, float]:
+    """Main-loop trips per CTA and the MMA FLOPs of a launch, for the kernels whose main loop is known."""
+    a = _bound_args(launch)
+    name = launch.name
+    if name == "_nf4_matmul_kernel":
+        return _cdiv(a["K_RED"], a["BLOCK_K"]), 2.0 * a["M"] * a["N_OUT"] * a["K_RED"]
+    if name == "_fused_matmul_kernel":
+        return _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["M"] * a["N"] * (a["K"] + a["R"])
+    if name == "_shrink_kernel":
+        return _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["M"] * a["R"] * a["K"]
+    if name == "_adapter_block_fwd_kernel":
+        return _cdiv(a["R"], a["BLOCK_R"]) * _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["M"] * a["R"] * (a["K"] + a["N"])
+    if name == "_adapter_block_bwd_kernel":
+        return _cdiv(a["R"], a["BLOCK_R"]) * _cdiv(a["N"], a["BLOCK_N"]), 2.0 * a["M"] * a["R"] * (2 * a["K"] + a["N"])
+    if name == "_bgmv_shrink_kernel":
+        return _cdiv(a["K"], a["BLOCK_K"]), 0.0
+    if name == "_bgmv_expand_kernel":
+        return _cdiv(a["R"], a["BLOCK_R"]), 0.0
+    if name == "_sgmv_shrink_kernel":
+        return _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["T"] * a["R"] * a["K"]
+    if name == "_sgmv_expand_kernel":
+        return _cdiv(a["R"], a["BLOCK_R"]), 2.0 * a["T"] * a["R"] * a["N"]
+    if name == "_phm_mix_kernel":
+        n = a["NPHM"]
+        return n * n * _cdiv(a["D"], a["BLOCK_D"]), 2.0 * a["M"] * n * n * a["P"] * a["D"]
+    if name == "_phm_grad_factor_kernel":
+        n = a["NPHM"]
+        return _cdiv(a["M"], a["BLOCK_M"]) * n, 2.0 * a["M"] * n * n * a["C"] * a["D"]
+    return None, 0.0
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    arch: int
+    kernel: str
+    config: str
+    grid: int
+    regs: int
+    spill: int
+    shared: int
+    smem_limit: int
+    ctas_per_sm: int
+    limited_by: str
+    waves: float
+    loop_instr: int
+    loop_bytes_cta: int        # bytes requested per main-loop iteration per CTA
+    in_flight_sm: int          # bytes per SM
+    instr_per_byte: float      # warp-instructions per byte requested, main loop
+    est_us: float
+    ideal_us: float
+    gemv: bool
+    problems: list
+
+    def record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compile_and_read(spec: aot.Spec, arch: int) -> tuple[int, Sass, dict]:
+    """(shared memory, main loop, resource usage) of a spec compiled for sm_`arch`."""
+    kernel = aot.compile_spec(spec, arch)
+    sass, usage = read_sass(kernel.asm["cubin"])
+    return kernel.metadata.shared, sass, usage
+
+
+def analyse(op: str, case: Case, arch: int, launch: aot.Launch, compiled: dict) -> Row:
+    spec = aot.jit_spec(launch, arch)
+    shared, sass, usage = compiled[(spec, arch)]
+    m = MACHINES[arch]
+    opts = dict(spec.options)
+    warps, stages = opts.get("num_warps", 4), opts.get("num_stages", 3)
+    threads = 32 * warps
+    ctas, limiter = occupancy(arch, usage.get("REG", 0), shared, warps)
+    grid = math.prod(launch.grid) if isinstance(launch.grid, tuple) else 0
+    resident = max(1, min(ctas, _cdiv(grid, m["sms"]))) if ctas else 0
+    sms_used = min(m["sms"], grid) if grid else m["sms"]
+    loop_bytes = (sass.ldg_bytes + sass.ldgsts_bytes) * threads
+    in_flight = (sass.ldg_bytes + max(stages - 1, 1) * sass.ldgsts_bytes) * threads * resident
+    instr_per_byte = sass.instructions * warps / loop_bytes if loop_bytes else float("nan")
+    # the estimate
+    nbytes = unique_bytes(launch)
+    trips, flops = trips_and_flops(launch)
+    bandwidth = min(m["bandwidth"], in_flight * sms_used / DRAM_LATENCY_S) if in_flight else m["bandwidth"] / 8
+    t_mem = nbytes / bandwidth
+    t_issue = (sass.instructions * warps * trips * grid / (sms_used * 4 * m["clock"])) if trips else 0.0
+    t_mma = flops / m["flops"]
+    waves = grid / (ctas * m["sms"]) if ctas else float("inf")
+    est = max(t_mem, t_issue, t_mma) * max(1.0, math.ceil(waves) / waves if waves >= 1 else 1.0)
+    ideal = max(nbytes / m["bandwidth"], t_mma)
+    blocks = {k: v for k, v in spec.constexprs if k.startswith("BLOCK_")}
+    config = "x".join(str(v) for v in blocks.values()) + f" w{warps} s{stages}"
+    gemv = op in ("nf4_matmul", "lora_linear") and case.dims.get("M", 99) <= GEMV_M and \
+        launch.name in ("_nf4_matmul_kernel", "_fused_matmul_kernel")
+    problems = []
+    if usage.get("LOCAL", 0):
+        problems.append(f"spills {usage['LOCAL']} B/thread")
+    if shared > aot.SMEM_PER_BLOCK_OPTIN[arch]:
+        problems.append(f"shared memory {shared} B > {aot.SMEM_PER_BLOCK_OPTIN[arch]} B per block")
+    if gemv and in_flight < MIN_IN_FLIGHT and arch in (80, 90):
+        problems.append(f"GEMV with {in_flight / 1024:.1f} KB in flight per SM < {MIN_IN_FLIGHT // 1024} KB")
+    return Row(op, f"{case.label} {case.mode} {case.shape} {case.dtype}", arch, launch.name, config, grid,
+               usage.get("REG", 0), usage.get("LOCAL", 0), shared, aot.SMEM_PER_BLOCK_OPTIN[arch], ctas, limiter,
+               round(waves, 2), sass.instructions, loop_bytes, in_flight, round(instr_per_byte, 3),
+               est * 1e6, ideal * 1e6, gemv, problems)
+
+
+def model(archs=(90, 80), quick: bool = False, ops: list[str] | None = None, workers: int | None = None) -> list[Row]:
+    """A row per launch of every GPU bench case (of `ops`) for every architecture; the distinct
+    kernels compiled in parallel, one process per core."""
+    import concurrent.futures as cf
+
+    launches = [(op, case, arch, launch) for op, case in bench_cases(quick) if ops is None or op in ops
+                for arch in archs for launch in record_case(op, case, arch)]
+    keys = list(dict.fromkeys((aot.jit_spec(launch, arch), arch) for _, _, arch, launch in launches))
+    with cf.ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        compiled = dict(zip(keys, pool.map(compile_and_read, *zip(*keys))))
+    return [analyse(op, case, arch, launch, compiled) for op, case, arch, launch in launches]
+
+
+def known_issue(row: Row, problem: str) -> str | None:
+    for (op, kernel, what), issue in KNOWN.items():
+        if row.op == op and row.kernel == kernel and what in problem:
+            return issue
+    return None
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("| op | case | sm | kernel | tile (BLOCK_*, warps, stages) | grid | regs | spill B | smem KB | CTAs/SM "
+            "(limit) | loop instr | loop B/CTA | in flight KB/SM | instr/B | **estimate µs** | ideal µs |")
+    lines = [head, "|" + "---|" * 16]
+    for r in rows:
+        lines.append(f"| {r.op} | {r.case} | {r.arch} | {r.kernel.strip('_')} | {r.config} | {r.grid} | {r.regs} | "
+                     f"{r.spill} | {r.shared / 1024:.0f} | {r.ctas_per_sm} ({r.limited_by}) | {r.loop_instr} | "
+                     f"{r.loop_bytes_cta} | {r.in_flight_sm / 1024:.1f} | {r.instr_per_byte:.2f} | "
+                     f"**{r.est_us:.1f}** | {r.ideal_us:.1f} |")
+    return "\n".join(lines)
+
+
+def case_totals(rows: list[Row]) -> list[tuple[str, str, int, float, float]]:
+    """(op, case, arch, estimated µs, ideal µs) summed over each case's launches."""
+    out: dict = {}
+    for r in rows:
+        key = (r.op, r.case, r.arch)
+        est, ideal = out.get(key, (0.0, 0.0))
+        out[key] = (est + r.est_us, ideal + r.ideal_us)
+    return [(*k, *v) for k, v in out.items()]
+
+
+def check(rows: list[Row]) -> tuple[list[str], list[str]]:
+    """(failures, known failures): every problem of every row, known ones with their issue."""
+    failures, known = [], []
+    for r in rows:
+        for p in r.problems:
+            line = f"sm_{r.arch} {r.op} [{r.case}] {r.kernel} {r.config}: {p}"
+            issue = known_issue(r, p)
+            (known if issue else failures).append(line + (f" (known: {issue})" if issue else ""))
+    return failures, known
+
+
+def estimates_table(rows: list[Row]) -> str:
+    lines = ["| op | case | sm | launches | **estimated µs** | ideal µs | estimate / ideal |", "|" + "---|" * 7]
+    count: dict = {}
+    for r in rows:
+        count[(r.op, r.case, r.arch)] = count.get((r.op, r.case, r.arch), 0) + 1
+    for op, case, arch, est, ideal in case_totals(rows):
+        lines.append(f"| {op} | {case} | {arch} | {count[(op, case, arch)]} | **{est:.1f}** | {ideal:.1f} | "
+                     f"{est / ideal:.1f}x |")
+    return "\n".join(lines)
+
+
+def report(rows: list[Row]) -> str:
+    failures, known = check(rows)
+    archs = sorted({r.arch for r in rows}, reverse=True)
+    names = ", ".join(f"sm_{a} ({MACHINES[a]['gpu']})" for a in archs)
+    head = (f"Static model (ESTIMATES from the compiled code, not measurements) for "
+            f"{names}: each launch compiled as the JIT "
+            f"compiles it; in flight = bytes requested by the main loop's loads (one iteration into "
+            f"registers, num_stages - 1 of cp.async copies) x CTAs resident per SM; instr/B = warp-instructions "
+            f"of the main loop per byte it requests; estimate = max(unique bytes / bandwidth kept busy by those "
+            f"bytes in flight, main-loop issue, MMA FLOPs / peak); ideal = max(unique bytes / "
+            f"{MACHINES[archs[0]]['bandwidth'] / 1e12:.1f} TB/s, FLOPs / {MACHINES[archs[0]]['flops'] / 1e12:.0f} "
+            f"TFLOP/s) on sm_{archs[0]}.")
+    out = [head, "", format_table(rows), "", estimates_table(rows), ""]
+    out += [f"FAILED {f}" for f in failures] + [f"known failure: {k}" for k in known]
+    out.append(f"static checks: {len(failures)} failures, {len(known)} known failures "
+               f"(spills, shared memory over a block's limit, NF4/LoRA GEMV under {MIN_IN_FLIGHT // 1024} KB in flight "
+               f"per SM)")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    """``python -m fastpeft.bench.static [--arch 90,80] [--op ...] [--check] [--json FILE]``."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="fastpeft bench --static", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated")
+    p.add_argument("--op", action="append", choices=list(OPS), help="only these ops (repeatable)")
+    p.add_argument("--check", action="store_true", help="exit 1 on a failure that is not a known one")
+    p.add_argument("--json", metavar="FILE", help="also write every row as JSON")
+    args = p.parse_args(argv)
+    return run(tuple(int(a) for a in args.arch.split(",")), args.op, args.check, args.json)
+
+
+def run(archs, ops=None, check_exit: bool = False, json_path: str | None = None) -> int:
+    import json
+    import time
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: the static model compiles the kernels the interpreter replaces")
+    t0 = time.time()
+    rows = model(archs, ops=ops)
+    print(report(rows))
+    print(f"({len(rows)} launches, {time.time() - t0:.0f} s)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([r.record() for r in rows], f, indent=1)
+    failures, _ = check(rows)
+    return 1 if check_exit and failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
