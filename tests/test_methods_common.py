@@ -19,19 +19,25 @@ def _trained(config, kind="llama"):
     return model.eval()
 
 
+# name -> (config, model kind). On the BERT classifier the head is trained whole too (task_type
+# SEQ_CLS, given or, for prompt learning, inferred): disabled, the original head runs.
 SWITCHABLE = {
-    "prompt": lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=3),
-    "prefix": lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=3),
-    "ia3": lambda: fastpeft.IA3Config(),
+    "prompt": (lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=3), "llama"),
+    "prefix": (lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=3), "llama"),
+    "ia3": (lambda: fastpeft.IA3Config(), "llama"),
+    "prompt with a head": (lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=3), "bert"),
+    "prefix with a head": (lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=3), "bert"),
+    "ia3 with a head": (lambda: fastpeft.IA3Config(task_type="SEQ_CLS"), "bert"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SWITCHABLE))
 def test_disable_adapters_gives_the_base_model_and_back(name):
-    inputs = model_inputs("llama", batch=2, seq=6)
+    config, kind = SWITCHABLE[name]
+    inputs = model_inputs(kind, batch=2, seq=6)
     with torch.no_grad():
-        base = tiny_model("llama")(**inputs).logits
-        model = _trained(SWITCHABLE[name]())
+        base = tiny_model(kind)(**inputs).logits
+        model = _trained(config(), kind)
         adapted = model(**inputs).logits
         with fastpeft.disable_adapters(model):
             off = model(**inputs).logits

@@ -177,7 +177,6 @@ def test_a_cache_the_model_filled_continues_the_sequence(kind):
     (dict(), "num_virtual_tokens must be an integer >= 1"),
     (dict(num_virtual_tokens=2, init_weights="ones"), "init_weights must be None or 'zero'"),
     (dict(num_virtual_tokens=2, encoder_hidden_size=0), "encoder_hidden_size must be an integer >= 1"),
-    (dict(num_virtual_tokens=2, modules_to_save=["lm_head"]), "modules_to_save is not supported"),
 ])
 def test_bad_configs_are_refused(kw, pattern):
     with pytest.raises(ValueError, match=pattern):

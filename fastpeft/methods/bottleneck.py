@@ -38,6 +38,7 @@ from ..nn.linear4bit import Linear4bit
 from ..ops.adapter_block import adapter_block
 from ..targeting import attach_module, layer_index, name_matches, own_modules
 from .base import Method, MethodConfig, register
+from .heads import find_heads, heads_shapes, heads_state_dict, wrap_heads
 
 ADAPTER_ATTR = "fastpeft_adapter"     # the block's attribute on the module it adapts
 DROP_ATTR = "fastpeft_adapter_drop"   # the AdapterDrop state on the root model
@@ -74,6 +75,9 @@ class AdapterLayoutConfig:
             ``layers``, ``h``, ``block``, ``blocks``, ``layer``.
         adapter_drop: skip the blocks of layers ``0 .. adapter_drop-1`` (training and inference).
         adapter_drop_random: in training, each forward skips a random 0..adapter_drop lowest layers.
+        modules_to_save: modules trained whole (a trainable copy each, saved with the adapter under
+            ``base_model.model.<module>.<param>``, LoRA's form); task_type SEQ_CLS / TOKEN_CLS /
+            QUESTION_ANS adds the task's head, as PEFT does for its methods. No block lies in them.
     """
 
     layout: str = "houlsby"
@@ -89,6 +93,8 @@ class AdapterLayoutConfig:
     layers_pattern: str | list[str] | None = None
     adapter_drop: int = 0
     adapter_drop_random: bool = False
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
 
     layouts: ClassVar[tuple[str, ...]] = tuple(LAYOUTS)
 
@@ -304,6 +310,7 @@ class AdapterMethod(Method):
 
     def apply(self, model: nn.Module, config, adapter_name: str) -> nn.Module:
         points, blocks, shared = self._blocks_for(model, config)   # everything checked before any change
+        heads = find_heads(model, config, points)
         for p in model.parameters():
             p.requires_grad_(False)
         for name, param in shared.items():
@@ -319,6 +326,7 @@ class AdapterMethod(Method):
             point.module.register_forward_hook(_AdapterHook(config.parallel, point.layer, drop), with_kwargs=True)
         for param in [*shared.values(), *(q for b in blocks for q in b.parameters())]:
             param.requires_grad_(True)
+        wrap_heads(model, config, heads, adapter_name)
         return model
 
     @staticmethod
@@ -337,12 +345,13 @@ class AdapterMethod(Method):
                   if name.startswith("fastpeft_")}
         named_blocks = [(name, getattr(module, ADAPTER_ATTR)) for name, module in model.named_modules()
                         if isinstance(getattr(module, ADAPTER_ATTR, None), nn.Module)]
-        return self._keys(named_blocks, shared)
+        return {**self._keys(named_blocks, shared), **heads_state_dict(model, adapter_name, PREFIX)}
 
     def expected_shapes(self, model: nn.Module, config) -> dict[str, tuple[int, ...]]:
         points, blocks, shared = self._blocks_for(model, config, device="meta")
         named_blocks = [(p.name, b) for p, b in zip(points, blocks)]
-        return {k: tuple(v.shape) for k, v in self._keys(named_blocks, shared).items()}
+        shapes = {k: tuple(v.shape) for k, v in self._keys(named_blocks, shared).items()}
+        return {**shapes, **heads_shapes(model, config, PREFIX, points)}
 
 
 def init_linear_pair(down: nn.Module, up: nn.Module, config: AdapterLayoutConfig) -> None:

@@ -5,8 +5,10 @@ A targeted layer's output is scaled elementwise (``y * l``, l ``[out, 1]``: the 
 projections), or, for a feed-forward layer, its input (``layer(x * l)``, l ``[1, in]``: the input of
 the down projection is the intermediate activation). A fused query/key/value projection (GPT-2's
 ``c_attn``) is scaled whole, as PEFT does. Vectors start at ones: the model computes as its base.
-Checkpoints are PEFT's: ``base_model.model.<module>.ia3_l``; :class:`fastpeft.AdapterPool` loads
-them to serve many (IA)³ and LoRA adapters in one batch.
+Checkpoints are PEFT's: ``base_model.model.<module>.ia3_l``, and modules trained whole
+(``modules_to_save``, a task_type's head) under ``base_model.model.<module>.<param>``;
+:class:`fastpeft.AdapterPool` loads checkpoints of vectors alone to serve many (IA)³ and LoRA
+adapters in one batch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..config import PREFIX, LoraConfig
 from ..nn.lora import is_conv1d
 from ..targeting import find_targets, layer_features, name_ends_with, name_matches, own_modules, replace_module
 from .base import Method, MethodConfig, register
+from .heads import find_heads, heads_of, heads_off, heads_shapes, heads_state_dict, wrap_heads
 
 # Used when target_modules is None: the key and value projections (or a fused qkv projection) and
 # the feed-forward down projection under the names transformers families give them; only names
@@ -51,6 +54,9 @@ class IA3Config(MethodConfig):
         list whose entries match name endings (PEFT's rule); must be a subset of target_modules
         when both are lists. None: the targets matching :data:`DEFAULT_FEEDFORWARD`.
     init_ia3_weights: True starts the vectors at ones (False: N(0, 1), for tests).
+    modules_to_save: modules trained whole (a trainable copy each, saved with the adapter under
+        ``base_model.model.<module>.<param>``); task_type SEQ_CLS / TOKEN_CLS / QUESTION_ANS adds
+        the task's head, as PEFT does (see :mod:`fastpeft.methods.heads`). No target lies in them.
     fan_in_fan_out: recorded as PEFT records it (True when the targets are transformers' Conv1D).
     """
 
@@ -81,8 +87,6 @@ class IA3Config(MethodConfig):
             if extra:
                 raise ValueError(f"IA3Config: feedforward_modules {extra} are not in target_modules "
                                  f"{self.target_modules} (they must be a subset)")
-        if self.modules_to_save:
-            raise ValueError("IA3Config: modules_to_save is not supported by fastpeft's (IA)3")
 
 
 class IA3Linear(nn.Module):
@@ -142,8 +146,8 @@ def _resolve(model: nn.Module, config: IA3Config) -> tuple[list[_Target], dict[s
         if not any(t in DEFAULT_TARGETS for t in targets):
             raise ValueError("IA3Config.target_modules is None and none of the usual key/value projections "
                              f"{list(DEFAULT_TARGETS)} is in the model; name the modules to adapt")
-    found, lora_view = find_targets(model, LoraConfig(r=1, target_modules=targets,
-                                                      exclude_modules=config.exclude_modules))
+    found, lora_view = find_targets(model, LoraConfig(r=1, target_modules=targets, exclude_modules=config.exclude_modules,
+                                                      modules_to_save=heads_of(config).modules_to_save))
     if isinstance(targets, list):  # stricter than PEFT: a misspelt name is an error, not a silent no-op
         names = [n for n, _ in own_modules(model) if n]
         for wanted in targets:
@@ -171,26 +175,31 @@ class IA3(Method):
         for layer in layers:
             layer.disabled = True
         try:
-            yield model
+            with heads_off(model):
+                yield model
         finally:
             for layer in layers:
                 layer.disabled = False
 
     def apply(self, model: nn.Module, config: IA3Config, adapter_name: str) -> nn.Module:
         targets, resolved = _resolve(model, config)
+        heads = find_heads(model, config, targets)
         for p in model.parameters():
             p.requires_grad_(False)
         for t in targets:
             replace_module(model, t.name, IA3Linear(t.module, t.is_feedforward, t.in_features, t.out_features,
                                                     config.init_ia3_weights))
+        wrap_heads(model, config, heads, adapter_name)
         for name, value in resolved.items():
             setattr(config, name, value)
         return model
 
     def state_dict(self, model, adapter_name):
-        return {f"{PREFIX}{name}.ia3_l": m.ia3_l for name, m in model.named_modules() if isinstance(m, IA3Linear)}
+        vectors = {f"{PREFIX}{name}.ia3_l": m.ia3_l for name, m in model.named_modules() if isinstance(m, IA3Linear)}
+        return {**vectors, **heads_state_dict(model, adapter_name, PREFIX)}
 
     def expected_shapes(self, model, config):
         targets, _ = _resolve(model, config)
-        return {f"{PREFIX}{t.name}.ia3_l": (1, t.in_features) if t.is_feedforward else (t.out_features, 1)
-                for t in targets}
+        vectors = {f"{PREFIX}{t.name}.ia3_l": (1, t.in_features) if t.is_feedforward else (t.out_features, 1)
+                   for t in targets}
+        return {**vectors, **heads_shapes(model, config, PREFIX, targets)}

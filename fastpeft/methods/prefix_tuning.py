@@ -14,6 +14,8 @@ num_layers * 2 * token_dim]``: for layer l, entry ``2l`` is the key and ``2l + 1
 each ``token_dim`` wide as ``[heads, head_dim]``. With ``prefix_projection`` the table is the output
 of a two-layer MLP over k learned embeddings while training (Li & Liang's reparameterisation);
 :func:`fold_prefix_projection` replaces the MLP by the table it computes, outputs unchanged.
+Modules trained whole (``modules_to_save``, a classifier's head) are saved beside it under PEFT's
+prompt-learning keys ``base_model.<module>.<param>``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..targeting import task_type_of
 from .base import Method, register
 from .prompt_tuning import (PromptLearningConfig, VirtualTokenHooks, cache_of, check_matches, check_positive_int,
-                            decoder_geometry, encoder_of, install_encoder, prompt_learning_fields, virtual_tokens_off)
+                            decoder_geometry, encoder_of, encoder_shapes, encoder_state_dict, install_encoder,
+                            prompt_learning_fields, virtual_tokens_off)
 
 INIT_WEIGHTS = (None, "zero")
 
@@ -186,21 +188,20 @@ class PrefixTuning(Method):
         encoder = PrefixEncoder(config.num_virtual_tokens, resolved["num_layers"], resolved["num_attention_heads"],
                                 head_dim, hidden if projected else None, config.init_weights == "zero",
                                 device=model.get_input_embeddings().weight.device)
-        install_encoder(model, encoder, PrefixTuningHooks(model, encoder))
+        install_encoder(model, encoder, PrefixTuningHooks, config, adapter_name)
         for name, value in resolved.items():
             setattr(config, name, value)
         if config.encoder_hidden_size is None:
             config.encoder_hidden_size = resolved["token_dim"]
-        if config.task_type is None:
-            config.task_type = task_type_of(model)
         return model
 
     def state_dict(self, model, adapter_name):
         encoder = encoder_of(model, PrefixEncoder)
         # With the projection still in place the checkpoint gets the table it computes now (a
         # copy); loading always builds the plain table, whose parameter is the live tensor.
-        return {"prompt_embeddings": encoder.table().detach() if encoder.projected else encoder.embedding.weight}
+        table = encoder.table().detach() if encoder.projected else encoder.embedding.weight
+        return encoder_state_dict(model, adapter_name, table)
 
     def expected_shapes(self, model, config):
         resolved = self._resolve(model, config)
-        return {"prompt_embeddings": (config.num_virtual_tokens, resolved["num_layers"] * 2 * resolved["token_dim"])}
+        return encoder_shapes(model, config, (config.num_virtual_tokens, resolved["num_layers"] * 2 * resolved["token_dim"]))

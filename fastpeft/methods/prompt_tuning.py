@@ -31,9 +31,13 @@ import torch.nn as nn
 
 from ..targeting import attach_module, task_type_of
 from .base import Method, MethodConfig, register
+from .heads import find_heads, heads_off, heads_shapes, heads_state_dict, wrap_heads
 
 PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 ENCODER_ATTRIBUTE = "fastpeft_prompt_encoder"  # where the trained prompt (or prefix) lives on the model
+# The checkpoint key prefix of modules trained whole (modules_to_save, a classifier head) for PEFT's
+# prompt-learning methods: their PeftModel holds the transformers model itself as base_model.
+PROMPT_LEARNING_PREFIX = "base_model."
 _CACHE_NAMES = ("cache", "past_key_values")  # transformers 5 renamed past_key_values to cache
 
 
@@ -199,24 +203,51 @@ def _drop_leading(logits: torch.Tensor, user_length: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def virtual_tokens_off(model: nn.Module):
-    """The model without its virtual tokens: the base model (``fastpeft.disable_adapters``). A
-    cache filled inside holds no virtual tokens: do not carry it outside, nor one in."""
+    """The model without its virtual tokens, and with its modules to save back at their originals:
+    the base model (``fastpeft.disable_adapters``; PEFT's prompt learning keeps the trained copies
+    there, and raises on a classifier). A cache filled inside holds no virtual tokens: do not carry
+    it outside, nor one in."""
     hooks = getattr(model, ENCODER_ATTRIBUTE).hooks
     hooks.active = False
     try:
-        yield model
+        with heads_off(model):
+            yield model
     finally:
         hooks.active = True
 
 
-def install_encoder(model: nn.Module, encoder: nn.Module, hooks: VirtualTokenHooks) -> None:
-    """Freeze the model, attach the encoder (trainable) and its hooks."""
+def task_type_for(model: nn.Module, config) -> str | None:
+    """The config's task_type, else the one the model's head implies (PEFT's loaders need it)."""
+    return config.task_type or task_type_of(model)
+
+
+def install_encoder(model: nn.Module, encoder: nn.Module, make_hooks, config, adapter_name: str) -> None:
+    """Freeze the model, attach the encoder (trainable) and its hooks (``make_hooks(model,
+    encoder)``), and train the modules to save (config.modules_to_save and the task_type's heads)
+    whole. The modules to save are found first: a bad name raises with the model unchanged. The
+    config records the task_type and modules_to_save used, as PEFT's does."""
+    task_type = task_type_for(model, config)
+    heads = find_heads(model, config, task_type=task_type)
     for p in model.parameters():
         p.requires_grad_(False)
-    encoder.hooks = hooks
+    encoder.hooks = make_hooks(model, encoder)
     attach_module(model, ENCODER_ATTRIBUTE, encoder)
     for p in encoder.parameters():
         p.requires_grad_(True)
+    wrap_heads(model, config, heads, adapter_name, task_type)
+    config.task_type = task_type
+
+
+def encoder_state_dict(model: nn.Module, adapter_name: str, table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A prompt-learning checkpoint: the prompt table, and the modules trained whole under PEFT's
+    prompt-learning keys (``base_model.<module>.<param>``)."""
+    return {"prompt_embeddings": table, **heads_state_dict(model, adapter_name, PROMPT_LEARNING_PREFIX)}
+
+
+def encoder_shapes(model: nn.Module, config, table_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """What :func:`encoder_state_dict` holds for `config` on `model` (the model unchanged)."""
+    return {"prompt_embeddings": table_shape,
+            **heads_shapes(model, config, PROMPT_LEARNING_PREFIX, task_type=task_type_for(model, config))}
 
 
 def encoder_of(model: nn.Module, kind: type) -> nn.Module:
@@ -229,7 +260,13 @@ def encoder_of(model: nn.Module, kind: type) -> nn.Module:
 @dataclass
 class PromptLearningConfig(MethodConfig):
     """The fields PEFT's prompt-learning configs share (its ``PromptLearningConfig``), with PEFT's
-    names; the geometry fields are filled from the model by ``get_peft_model``."""
+    names; the geometry fields are filled from the model by ``get_peft_model``.
+
+    modules_to_save: modules trained whole (a trainable copy each, saved with the prompt under
+        PEFT's prompt-learning keys ``base_model.<module>.<param>``). The task_type's head is added
+        as PEFT adds it (a sequence classifier's ``classifier`` / ``score``); task_type defaults to
+        what the model's head implies, so a classifier's fresh head is trained and saved.
+    """
 
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
@@ -250,8 +287,6 @@ def prompt_learning_fields(owner: str, config) -> None:
     if config.num_transformer_submodules not in (None, 1):
         raise ValueError(f"{owner}: num_transformer_submodules={config.num_transformer_submodules!r}: only "
                          "decoder-only models (1) are supported")
-    if config.modules_to_save:
-        raise ValueError(f"{owner}: modules_to_save is not supported by fastpeft's prompt learning methods")
 
 
 def check_matches(owner: str, config, expected: dict[str, int]) -> None:
@@ -424,15 +459,13 @@ class PromptTuning(Method):
             with torch.no_grad():
                 ids = torch.tensor(init_ids, device=embeddings.weight.device)
                 encoder.embedding.weight.copy_(embeddings(ids).float())
-        install_encoder(model, encoder, PromptTuningHooks(model, encoder))
+        install_encoder(model, encoder, PromptTuningHooks, config, adapter_name)
         for name, value in resolved.items():
             setattr(config, name, value)
-        if config.task_type is None:
-            config.task_type = task_type_of(model)
         return model
 
     def state_dict(self, model, adapter_name):
-        return {"prompt_embeddings": encoder_of(model, PromptEmbedding).embedding.weight}
+        return encoder_state_dict(model, adapter_name, encoder_of(model, PromptEmbedding).embedding.weight)
 
     def expected_shapes(self, model, config):
-        return {"prompt_embeddings": (config.num_virtual_tokens, self._resolve(model, config)["token_dim"])}
+        return encoder_shapes(model, config, (config.num_virtual_tokens, self._resolve(model, config)["token_dim"]))
