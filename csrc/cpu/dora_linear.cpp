@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace fastpeft {
@@ -66,6 +69,48 @@ at::Tensor row_norms(const at::Tensor& weight_norm_sq, const at::Tensor& aw, con
   return norm;
 }
 
+// The [M, N] passes below work a row at a time in float32: the row's inputs widened into per-thread
+// float buffers, plain float loops, the outputs narrowed once. Every loop is branch-free over
+// contiguous floats, so the compiler vectorises it; element-wise c10::BFloat16 conversions did not
+// vectorise and made the backward's pass 2.5 ms of a 1024² bf16 step (7.0 ms for LoRA's whole
+// backward, AMD EPYC Zen 4, 2 threads).
+template <typename T>
+void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
+      std::memcpy(dst + i, &u, sizeof(float));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// float32 -> T, rounding to nearest even (NaN stays NaN), as c10's conversion rounds.
+template <typename T>
+void narrow(const float* __restrict src, T* __restrict dst, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, src + i, sizeof(float));
+      const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+      bits[i] = static_cast<uint16_t>(src[i] != src[i] ? 0x7FC0u : rounded);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// Rows [begin, end) of a per-thread buffer set: `count` float rows of N each.
+struct RowBuffers {
+  std::vector<float> data;
+  int64_t N;
+  RowBuffers(int64_t count, int64_t n) : data(static_cast<size_t>(count * n)), N(n) {}
+  float* operator[](int64_t i) { return data.data() + i * N; }
+};
+
 // y[m, n] = g[n]·z[m, n] (+ d[m, n]) + bias[n], in float32, rounded once to T. y may be d.
 template <typename T>
 void scale_rows(const at::Tensor& z, const at::Tensor* d, const at::Tensor& g, const at::Tensor* bias, at::Tensor& y) {
@@ -74,19 +119,25 @@ void scale_rows(const at::Tensor& z, const at::Tensor* d, const at::Tensor& g, c
   const T* pz = z.data_ptr<T>();
   const T* pd = d ? d->data_ptr<T>() : nullptr;
   T* py = y.data_ptr<T>();
-  const float* pg = g.data_ptr<float>();
+  const float* __restrict pg = g.data_ptr<float>();
   const float* pbias = bias ? bias->data_ptr<float>() : nullptr;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
+    RowBuffers buf(2, N);
+    float* __restrict zr = buf[0];
+    float* __restrict extra = buf[1];  // d + bias, or bias alone
     for (int64_t m = begin; m < end; ++m) {
-      const T* zr = pz + m * zs;
-      T* yr = py + m * ys;
-      const T* dr = pd ? pd + m * ds : nullptr;
-      for (int64_t n = 0; n < N; ++n) {
-        float v = static_cast<float>(zr[n]) * pg[n];
-        if (dr) v += static_cast<float>(dr[n]);
-        if (pbias) v += pbias[n];
-        yr[n] = static_cast<T>(v);
+      widen(pz + m * zs, zr, N);
+      if (pd) {
+        widen(pd + m * ds, extra, N);
+        if (pbias)
+          for (int64_t n = 0; n < N; ++n) extra[n] += pbias[n];
+      } else if (pbias) {
+        std::memcpy(extra, pbias, N * sizeof(float));
+      } else {
+        std::fill(extra, extra + N, 0.f);
       }
+      for (int64_t n = 0; n < N; ++n) zr[n] = zr[n] * pg[n] + extra[n];
+      narrow(zr, py + m * ys, N);
     }
   });
 }
@@ -101,18 +152,27 @@ at::Tensor scale_grad(const at::Tensor& dy, const at::Tensor& z, const at::Tenso
   at::Tensor partial = at::zeros({threads, N}, g.options());
   const T* pdy = dy.data_ptr<T>();
   const T* pz = z.data_ptr<T>();
-  const float* pg = g.data_ptr<float>();
+  const float* __restrict pg = g.data_ptr<float>();
   T* pdg = dy_g.data_ptr<T>();
   T* pdg1 = dy_gm1 ? dy_gm1->data_ptr<T>() : nullptr;
   float* ppart = partial.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
-    float* acc = ppart + at::get_thread_num() * N;
+    float* __restrict acc = ppart + at::get_thread_num() * N;
+    RowBuffers buf(3, N);
+    float* __restrict dyr = buf[0];
+    float* __restrict zr = buf[1];
+    float* __restrict out = buf[2];
     for (int64_t m = begin; m < end; ++m) {
+      widen(pdy + m * N, dyr, N);
+      widen(pz + m * N, zr, N);
       for (int64_t n = 0; n < N; ++n) {
-        const float v = static_cast<float>(pdy[m * N + n]);
-        acc[n] += v * static_cast<float>(pz[m * N + n]);
-        pdg[m * N + n] = static_cast<T>(v * pg[n]);
-        if (pdg1) pdg1[m * N + n] = static_cast<T>(v * (pg[n] - 1.f));
+        acc[n] += dyr[n] * zr[n];
+        out[n] = dyr[n] * pg[n];
+      }
+      narrow(out, pdg + m * N, N);
+      if (pdg1) {
+        for (int64_t n = 0; n < N; ++n) out[n] = dyr[n] * (pg[n] - 1.f);
+        narrow(out, pdg1 + m * N, N);
       }
     }
   });
