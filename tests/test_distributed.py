@@ -194,7 +194,8 @@ def _ddp(rank, root, quant_storage, double_quant):
 SCENARIOS = {
     "fsdp2-uint8": lambda rank, root: _fsdp(rank, root, torch.uint8, False),
     "fsdp2-bf16-double": lambda rank, root: _fsdp(rank, root, torch.bfloat16, True),
-    "fsdp2-meta": lambda rank, root: _fsdp(rank, root, torch.uint8, True, meta=True),
+    "fsdp2-meta": lambda rank, root: _fsdp(rank, root, torch.uint8, False, meta=True),
+    "fsdp2-meta-double": lambda rank, root: _fsdp(rank, root, torch.uint8, True, meta=True),
     "fsdp2-bf16-mixed-precision": lambda rank, root: _fsdp(rank, root, torch.uint8, True, mixed_precision=True),
     "ddp-uint8": lambda rank, root: _ddp(rank, root, torch.uint8, False),
     "ddp-bf16-double": lambda rank, root: _ddp(rank, root, torch.bfloat16, True),
@@ -264,13 +265,14 @@ def test_fsdp2_qlora_shards_the_4bit_base_and_trains_as_one_process(scenario, st
     assert (tmp_path / "pretrained" / "adapter_config.json").exists()
 
 
-def test_fsdp2_qlora_built_on_meta_and_loaded_shard_by_rank(tmp_path):
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fsdp2_qlora_built_on_meta_and_loaded_shard_by_rank(double_quant, tmp_path):
     """The big-model path: each rank builds the QLoRA model on the meta device, shards it, makes
-    room for its shards only (to_empty) and loads them from a full state dict; it then trains as
-    one process does."""
-    torch.save(_tiny_qlora(torch.uint8, True).state_dict(), tmp_path / "full.pt")
-    _, losses, _ = _one_process(torch.uint8, True)
-    ranks = _run_ranks("fsdp2-meta", tmp_path)
+    room for its shards only (to_empty) and loads them from a full state dict (float32 scales or
+    double quantisation's codes, into the sharded scales' bytes); it then trains as one process does."""
+    torch.save(_tiny_qlora(torch.uint8, double_quant).state_dict(), tmp_path / "full.pt")
+    _, losses, _ = _one_process(torch.uint8, double_quant)
+    ranks = _run_ranks("fsdp2-meta-double" if double_quant else "fsdp2-meta", tmp_path)
     for r in ranks:
         assert_close(torch.tensor(r["losses"]), torch.tensor(losses), torch.float32)
 

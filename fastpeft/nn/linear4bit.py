@@ -219,22 +219,20 @@ class Linear4bit(nn.Module):
                     "quantisation): its tensors are FSDP2's and keep their shapes")
         with torch.no_grad():
             for name, table in self._nf4_tables():
-                own, value = table[name], getattr(q, name if name != "weight" else "packed")
+                own, value = table[name], q.packed if name == "weight" else getattr(q, name)
                 if value is None:
                     continue
-                if name == "absmax" and self.quant_state_sharded:
-                    value = _absmax_bytes(value)
-                if is_dtensor(own):
-                    if is_dtensor(value):
-                        own.to_local().copy_(value.to_local())
-                    else:
-                        from torch.distributed.tensor import distribute_tensor
+                # sharded scales are held as their bytes (a DTensor of scales: its shard's bytes)
+                as_held = _absmax_bytes if name == "absmax" and self.quant_state_sharded else (lambda t: t)
+                if not is_dtensor(own):
+                    own.copy_(as_held(value.full_tensor() if is_dtensor(value) else value))
+                elif is_dtensor(value):
+                    own.to_local().copy_(as_held(value.to_local()))
+                else:  # the whole tensor on every rank: keep this rank's shard of it (no communication)
+                    from torch.distributed.tensor import distribute_tensor
 
-                        local = distribute_tensor(value.to(own.device), own.device_mesh, own.placements,
-                                                  src_data_rank=None).to_local()
-                        own.to_local().copy_(local)
-                else:
-                    own.copy_(value.full_tensor() if is_dtensor(value) else value)
+                    own.to_local().copy_(distribute_tensor(as_held(value).to(own.device), own.device_mesh,
+                                                           own.placements, src_data_rank=None).to_local())
         self.absmax_offset = q.offset
         self.__dict__.pop("_nf4_view", None)
         return None
