@@ -43,6 +43,15 @@ def test_bad_input_raises_before_any_face(case, monkeypatch):
     assert_refused_before_any_face(monkeypatch, lora_linear_fwd, lambda: call(args), exc, pattern)
 
 
+@pytest.mark.parametrize("case", ["x features differ from weight", "mixed dtypes", "mixed devices",
+                                  "non-contiguous input", "rank zero"])
+def test_bad_input_that_requires_grad_raises_before_any_face(case, monkeypatch):
+    """Inputs that require grad go through the op's derivative: checked first all the same."""
+    change, exc, pattern = CASES[case]
+    args = {k: v.requires_grad_() for k, v in {**good(), **change}.items()}
+    assert_refused_before_any_face(monkeypatch, lora_linear_fwd, lambda: call(args), exc, pattern)
+
+
 def test_dropout_probability_out_of_range():
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\); got 1.0"):
         lora_linear(**good(), scaling=1.0, dropout_p=1.0)

@@ -85,7 +85,7 @@ def _nf4(case: Case, dt):
     nested = (_meta(math.ceil(N * K / 64 / 256), dtype=torch.float32), _meta(256, dtype=torch.float32), 0.0)
     nf4 = _face("nf4_matmul")
     nf4(_meta(M, K, dtype=dt), *w, 64, N, None, False, None, None, 1.0, *nested)
-    if case.training:  # NF4LinearFunction.backward: dx from the same bytes
+    if case.training:  # nf4_matmul's derivative: dx from the same bytes
         nf4(_meta(M, N, dtype=dt), *w, 64, N, None, True, None, None, 1.0, *nested)
 
 

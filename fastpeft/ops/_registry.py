@@ -15,7 +15,13 @@ That gives a real ``torch.ops.fastpeft.<name>`` operator with
 * a fake (meta) implementation that runs the checker and returns empty outputs, so
   ``torch.compile(fullgraph=True)`` traces through it;
 * the reference registered as the default kernel (``CompositeExplicitAutograd``), which serves
-  every device no other kernel is registered for.
+  every device no other kernel is registered for;
+* where the op declares its derivative (``setup_context=`` and ``backward=``, torch.library's
+  form), that derivative registered with ``torch.library.register_autograd`` (for the op and its
+  Triton op alike), so ``torch.ops.fastpeft.<name>`` called directly trains, and opcheck and
+  AOTAutograd see it. Calling the :class:`Op` object with inputs that require grad runs the same
+  derivative through :attr:`Op.function`, an autograd.Function whose forward takes the chosen face:
+  one backward per op, whichever way it is called. Derivatives are once differentiable.
 
 :func:`load_faces` (run by ``import fastpeft`` once every op is declared) imports the faces. A
 missing optional dependency (triton not installed, the extension not built) is a refusal the
@@ -34,6 +40,8 @@ import importlib
 from typing import Callable, Iterator, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd.function import once_differentiable
 
 from .. import backends
 
@@ -50,6 +58,11 @@ DEFAULT_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch
 # C++ faces and the dispatcher keys their kernels are registered under.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
+# Dispatcher calls of a chosen face skip the autograd keys: the Op has already decided whether
+# autograd is involved (see Op.__call__); passing through the registered autograd kernel, a
+# Python function, would cost several microseconds per call.
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+
 # While record_faces() is active: the (op name, face) of every call, in order. A plain module
 # global read once per call: free when nobody records, and torch.compile guards on it.
 _taken: list[tuple[str, str]] | None = None
@@ -60,13 +73,16 @@ class Op:
 
     def __init__(self, name: str, schema: str, check: Callable, fake: Callable, reference: Callable,
                  choose: Callable | None, prefer: dict[str, tuple[str, ...]], triton: str | None,
-                 cpp: tuple[str, ...], cpu_kernel: Callable | None):
+                 cpp: tuple[str, ...], cpu_kernel: Callable | None, setup_context: Callable | None = None,
+                 backward: Callable | None = None):
         unknown = set(cpp) - set(_DISPATCH_KEYS)
         if unknown:
             raise ValueError(f"op {name}: cpp faces are devices of fastpeft._C, one of {sorted(_DISPATCH_KEYS)}; "
                              f"got {sorted(unknown)}")
         if cpu_kernel is not None and "cpu" in cpp:
             raise ValueError(f"op {name}: a CPU kernel comes from C++ or from Python, not both")
+        if (setup_context is None) != (backward is None):
+            raise ValueError(f"op {name}: a derivative is declared with both setup_context and backward")
         self.name = name
         self.qualname = f"{NAMESPACE}::{name}"
         self.check = check
@@ -96,6 +112,19 @@ class Op:
         self._overload = getattr(torch.ops.fastpeft, name).default
         if cpu_kernel is not None:
             self._register_cpu_kernel(cpu_kernel)
+        self._derivative = None
+        self.function: type[torch.autograd.Function] | None = None
+        if backward is not None:
+            self._derivative = _derivative(self._overload._schema, setup_context, backward)
+            torch.library.register_autograd(self.qualname, self._derivative[1], setup_context=self._derivative[0],
+                                            lib=_LIB)
+            forward = self._forward
+            self.function = type(f"{name}_function", (torch.autograd.Function,), {
+                "__doc__": f"Autograd of fastpeft::{name}: forward on the chosen face, the op's declared backward.",
+                "forward": staticmethod(lambda *args: forward(*args)),
+                "setup_context": staticmethod(self._derivative[0]),
+                "backward": staticmethod(self._derivative[1]),
+            })
 
     @property
     def dispatcher_op(self):
@@ -130,6 +159,8 @@ class Op:
         # kernels inside.
         self._triton_eager = launcher
         self._triton = torch.library.triton_op(f"{self.qualname}_triton", mutates_args=())(launcher)
+        if self._derivative is not None:
+            self._triton.register_autograd(self._derivative[1], setup_context=self._derivative[0])
 
     def _load_device_faces(self) -> None:
         """Note which of the declared device faces the dispatcher has a kernel for (none without
@@ -183,11 +214,13 @@ class Op:
         return "torch"
 
     def run(self, backend: str, *args):
-        """Run one named face (no selection); inputs must already be checked."""
+        """Run one named face (no selection); inputs must already be checked. No autograd: the
+        caller is inside :attr:`function`'s forward, or nothing needs a gradient."""
         if _taken is not None:
             _taken.append((self.name, backend))
         if backend == "torch":
             return self.reference(*args)
+        compiling = torch.compiler.is_compiling()
         if backend == "triton":
             launch = self._triton_eager if backends.triton_interpreting() else self._triton
             device = args[0].device
@@ -196,9 +229,9 @@ class Op:
             # The C++ faces guard themselves (c10::cuda::CUDAGuard).
             if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
                 with torch.cuda.device(device):
-                    return launch(*args)
-            return launch(*args)
-        return self.dispatcher_op(*args)
+                    return launch(*args) if compiling else _below_autograd(launch, args)
+            return launch(*args) if compiling else _below_autograd(launch, args)
+        return self.dispatcher_op(*args) if compiling else _below_autograd(self.dispatcher_op, args)
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple:
         """Arguments given by name placed by the schema, defaults filling the gaps between."""
@@ -220,11 +253,67 @@ class Op:
     def __call__(self, *args, **kwargs):
         if kwargs:
             args = self._bind(args, dict(kwargs))
+        if not torch.compiler.is_compiling() and _traced(args):
+            # Traced by make_fx/AOTAutograd (opcheck, a registered backward being traced) or called
+            # on fake tensors: the dispatcher's op, whose fake kernel checks and whose registered
+            # autograd differentiates. No face is chosen: nothing runs.
+            return self._overload(*args)
+        if self.function is not None and torch.is_grad_enabled() and _requires_grad(args):
+            return self.function.apply(*args)
+        return self._forward(*args)
+
+    def _forward(self, *args):
+        """Check, choose a face, run it."""
         # Under torch.compile the registered fake kernel runs the same checks on fake tensors.
         if not torch.compiler.is_compiling():
             self.check(*args)
         device = args[0].device  # every op's first argument is a tensor
         return self.run(self.select(device, *args), *args)
+
+
+def _below_autograd(fn, args):
+    with _BELOW_AUTOGRAD():
+        return fn(*args)
+
+
+def _traced(args) -> bool:
+    """Whether an eager call is being traced (a dispatch mode is active) or gets fake tensors."""
+    return torch._C._len_torch_dispatch_stack() > 0 or isinstance(args[0], FakeTensor)
+
+
+def _requires_grad(args) -> bool:
+    if torch.compiler.is_compiling():
+        return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return torch._C._any_requires_grad(*args)
+
+
+def _derivative(schema, setup_context: Callable, backward: Callable) -> tuple[Callable, Callable]:
+    """An op's declared derivative as both torch.library and autograd.Function take it.
+
+    setup_context gets every argument of the schema (those a call left out as their defaults) and
+    the backward a ``ctx.needs_input_grad`` entry for each. The backward is once differentiable
+    (its ops run without building a graph: differentiating it again raises), and receives None
+    for an output nothing used (a second output such as lora_linear_fwd's s usually is), never a
+    tensor of zeros to multiply by; it is not called when no output got a gradient."""
+    params = schema.arguments
+    defaults = tuple(p.default_value if p.has_default_value() else None for p in params)
+    n = len(params)
+
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        if len(inputs) < n:
+            inputs = (*inputs, *defaults[len(inputs):])
+        setup_context(ctx, inputs, output)
+
+    @once_differentiable
+    def backward_once(ctx, *grads):
+        if all(g is None for g in grads):
+            return (None,) * n
+        if len(ctx.needs_input_grad) < n:
+            ctx.needs_input_grad = (*ctx.needs_input_grad, *(False,) * (n - len(ctx.needs_input_grad)))
+        return backward(ctx, *grads)
+
+    return setup, backward_once
 
 
 _OPS: dict[str, Op] = {}
@@ -233,16 +322,23 @@ _OPS: dict[str, Op] = {}
 def define(name: str, schema: str, *, check: Callable, fake: Callable, reference: Callable,
            choose: Callable[..., Sequence[str] | None] | None = None,
            prefer: dict[str, tuple[str, ...]] | None = None, triton: str | None = None,
-           cpp: tuple[str, ...] = (), cpu_kernel: Callable | None = None) -> Op:
+           cpp: tuple[str, ...] = (), cpu_kernel: Callable | None = None, setup_context: Callable | None = None,
+           backward: Callable | None = None) -> Op:
     """Declare op ``fastpeft::<name>``; see the module docstring.
 
     prefer: device type -> faces best first, where the op's order differs from
         :data:`DEFAULT_PREFERENCE`. choose: ``(device, *args) -> order or None``, for an order that
         depends on the shapes; None falls back to the device's preference.
+    setup_context, backward: the op's derivative, as ``torch.library.register_autograd`` takes it:
+        ``setup_context(ctx, inputs, output)`` saves what the backward needs (inputs: every
+        argument, defaults filled in), ``backward(ctx, *grads)`` returns one gradient (or None) per
+        argument; a grad of an unused output arrives as None. Ops without one (the backward ops)
+        are differentiated by the op that calls them.
     """
     if name in _OPS:
         raise RuntimeError(f"op {name} is already defined")
-    op = _OPS[name] = Op(name, schema, check, fake, reference, choose, prefer or {}, triton, cpp, cpu_kernel)
+    op = _OPS[name] = Op(name, schema, check, fake, reference, choose, prefer or {}, triton, cpp, cpu_kernel,
+                         setup_context, backward)
     return op
 
 

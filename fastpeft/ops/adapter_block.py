@@ -28,7 +28,7 @@ Ops (2-D inputs; the public :func:`adapter_block` flattens leading dimensions):
 ``-> (grad_x, grad_w_down, grad_b_down, grad_w_up)``
     With ``z = x·Wdᵀ + bd`` and ``dz = scaling·(dy·Wu)⊙act'(z)``: grad_x = dz·Wd, grad_w_down = dzᵀ·x,
     grad_b_down = Σ_m dz (empty without b_down), grad_w_up = scaling·dyᵀ·act(z). The gradients of
-    h (dy itself) and b_up (scaling·Σ_m dy) need no op: :class:`AdapterBlockFunction` forms them.
+    h (dy itself) and b_up (scaling·Σ_m dy) need no op: the forward op's derivative forms them.
 
 All tensors share one dtype (float32, float16 or bfloat16) and one device; ``scaling`` is a float.
 """
@@ -194,6 +194,27 @@ def _fake_bwd(grad_y, x, w_down, b_down, w_up, scaling, activation):
             x.new_empty(0) if b_down is None else torch.empty_like(b_down), torch.empty_like(w_up))
 
 
+def _setup_fwd(ctx, inputs, output):
+    x, _, w_down, b_down, w_up, _, scaling, activation = inputs
+    ctx.save_for_backward(x, w_down, b_down, w_up)
+    ctx.scaling, ctx.activation = scaling, activation
+
+
+def _backward_fwd(ctx, grad_y):
+    """Through the backward op: gradients for x, h, both weights and both biases. Nothing of the
+    block's intermediate is saved: the backward recomputes it from x."""
+    x, w_down, b_down, w_up = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_y = grad_y.contiguous()
+    grad_x = grad_w_down = grad_b_down = grad_w_up = None
+    if need[0] or need[2] or need[3] or need[4]:
+        grad_x, grad_w_down, grad_b_down, grad_w_up = adapter_block_bwd(grad_y, x, w_down, b_down, w_up,
+                                                                        ctx.scaling, ctx.activation)
+    grad_b_up = grad_y.sum(0).mul_(ctx.scaling) if need[5] else None
+    return (grad_x if need[0] else None, grad_y if need[1] else None, grad_w_down if need[2] else None,
+            grad_b_down if need[3] else None, grad_w_up if need[4] else None, grad_b_up, None, None)
+
+
 # No CUDA C++ face: on the GPU the Triton kernels are the fused path. The CPU face is the folded
 # torch composition above (see the module docstring for why not C++).
 adapter_block_fwd = _registry.define(
@@ -201,7 +222,7 @@ adapter_block_fwd = _registry.define(
     "(Tensor x, Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, float scaling, str activation)"
     " -> Tensor",
     check=_check_fwd, fake=_fake_fwd, reference=adapter_block_fwd_reference, triton="adapter_block",
-    cpu_kernel=adapter_block_fwd_cpu)
+    cpu_kernel=adapter_block_fwd_cpu, setup_context=_setup_fwd, backward=_backward_fwd)
 
 adapter_block_bwd = _registry.define(
     "adapter_block_bwd",
@@ -211,31 +232,7 @@ adapter_block_bwd = _registry.define(
     cpu_kernel=adapter_block_bwd_cpu)
 
 
-# ---------------------------------------------------------------- autograd and public entry
-
-class AdapterBlockFunction(torch.autograd.Function):
-    """Autograd around the two ops: gradients for x, h, both weights and both biases. Nothing of
-    the block's intermediate is saved: the backward recomputes it from x."""
-
-    @staticmethod
-    def forward(ctx, x, h, w_down, b_down, w_up, b_up, scaling, activation):
-        ctx.save_for_backward(x, w_down, b_down, w_up)
-        ctx.scaling, ctx.activation = scaling, activation
-        return adapter_block_fwd(x, h, w_down, b_down, w_up, b_up, scaling, activation)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, w_down, b_down, w_up = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_y = grad_y.contiguous()
-        grad_x = grad_w_down = grad_b_down = grad_w_up = None
-        if need[0] or need[2] or need[3] or need[4]:
-            grad_x, grad_w_down, grad_b_down, grad_w_up = adapter_block_bwd(grad_y, x, w_down, b_down, w_up,
-                                                                            ctx.scaling, ctx.activation)
-        grad_b_up = grad_y.sum(0).mul_(ctx.scaling) if need[5] else None
-        return (grad_x if need[0] else None, grad_y if need[1] else None, grad_w_down if need[2] else None,
-                grad_b_down if need[3] else None, grad_w_up if need[4] else None, grad_b_up, None, None)
-
+# ---------------------------------------------------------------- public entry
 
 def adapter_block(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
                   w_up: torch.Tensor, b_up: torch.Tensor | None, scaling: float = 1.0,
@@ -264,13 +261,10 @@ def adapter_block(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down
         _registry.check_rows_contiguous("adapter_block", ("x", x), ("h", h))
     lead = h.shape[:-1]
     x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-    scaling = float(scaling)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h, w_down, b_down, w_up, b_up)):
-        y = AdapterBlockFunction.apply(x2, h2, w_down, b_down, w_up, b_up, scaling, activation)
-    else:  # inference: no autograd node to build
-        y = adapter_block_fwd(x2, h2, w_down, b_down, w_up, b_up, scaling, activation)
+    # autograd, where an input needs it: the op's derivative
+    y = adapter_block_fwd(x2, h2, w_down, b_down, w_up, b_up, float(scaling), activation)
     return y.reshape(*lead, h.shape[-1])
 
 
 __all__ = ["adapter_block", "adapter_block_fwd", "adapter_block_bwd", "adapter_block_fwd_reference",
-           "adapter_block_bwd_reference", "check_adapter_block_args", "AdapterBlockFunction", "ACTIVATIONS"]
+           "adapter_block_bwd_reference", "check_adapter_block_args", "ACTIVATIONS"]

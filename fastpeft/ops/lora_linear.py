@@ -86,12 +86,47 @@ def _choose_fwd(device, x, *args):
     return None
 
 
+# The forward's derivative: the backward op below, declared once here for every way the op is called.
+
+def _setup_fwd(ctx, inputs, output):
+    x, weight, _, lora_a, lora_b, scaling, x_lora = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], x_lora)
+    ctx.scaling = scaling
+
+
+def _backward_fwd(ctx, grad_y, grad_s):
+    """Through the backward op; W (and bias) get gradients only if they require them. A gradient
+    of s (the forward's second output, x_lora·Aᵀ, when something else used it) adds
+    ``grad_s·A`` to the LoRA input's gradient and ``grad_sᵀ·x_lora`` to A's."""
+    x, weight, lora_a, lora_b, s, x_lora = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x = grad_w = grad_bias = grad_a = grad_b = grad_x_lora = None
+    if grad_y is not None:
+        grad_y = grad_y.contiguous()
+        grad_x, grad_x_lora, grad_a, grad_b = lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, s, ctx.scaling,
+                                                              x_lora)
+        if x_lora is None:
+            grad_x_lora = None
+        grad_w = grad_y.t() @ x if need[1] else None           # only when W is not frozen
+        grad_bias = grad_y.sum(0) if need[2] else None
+    if grad_s is not None:
+        x_l = x if x_lora is None else x_lora
+        through_s = grad_s @ lora_a
+        if x_lora is None:
+            grad_x = through_s if grad_x is None else grad_x + through_s
+        else:
+            grad_x_lora = through_s if grad_x_lora is None else grad_x_lora + through_s
+        grad_a = grad_s.t() @ x_l if grad_a is None else grad_a + grad_s.t() @ x_l
+    return (grad_x if need[0] else None, grad_w, grad_bias, grad_a if need[3] else None,
+            grad_b if need[4] else None, None, grad_x_lora if need[6] else None)
+
+
 lora_linear_fwd = _registry.define(
     "lora_linear_fwd",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor? x_lora=None)"
     " -> (Tensor, Tensor)",
     check=_check_fwd, fake=_fake_fwd, reference=lora_linear_fwd_reference, choose=_choose_fwd,
-    triton="lora_linear", cpp=("cpu", "cuda"))
+    triton="lora_linear", cpp=("cpu", "cuda"), setup_context=_setup_fwd, backward=_backward_fwd)
 
 
 # ---------------------------------------------------------------- backward
@@ -135,29 +170,7 @@ lora_linear_bwd = _registry.define(
     prefer={"cuda": ("triton", "cuda", "torch")}, triton="lora_linear", cpp=("cpu", "cuda"))
 
 
-# ---------------------------------------------------------------- autograd and public entry
-
-class LoRALinearFunction(torch.autograd.Function):
-    """Autograd around the two ops; W (and bias) get gradients only if they require them."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, x_lora):
-        y, s = lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, x_lora)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, s, x_lora)
-        ctx.scaling = scaling
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_a, lora_b, s, x_lora = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        grad_x, grad_x_lora, grad_a, grad_b = lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, x_lora)
-        need = ctx.needs_input_grad
-        grad_w = grad_y.t() @ x if need[1] else None           # only when W is not frozen
-        grad_bias = grad_y.sum(0) if need[2] else None
-        return (grad_x if need[0] else None, grad_w, grad_bias, grad_a if need[3] else None,
-                grad_b if need[4] else None, None, grad_x_lora if x_lora is not None else None)
-
+# ---------------------------------------------------------------- public entry
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
@@ -184,12 +197,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     x_lora = F.dropout(x2, dropout_p, training=True) if dropout_p > 0 else None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
-        y = LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scaling), x_lora)
-    else:  # inference: no autograd node to build (saves ~15 µs a call, which decode feels)
-        y = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), x_lora)[0]
+    # The op builds an autograd node (its declared derivative) only when an input needs a gradient.
+    y = lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), x_lora)[0]
     return y.reshape(*lead, weight.shape[0])
 
 
 __all__ = ["lora_linear", "lora_linear_fwd", "lora_linear_bwd", "lora_linear_fwd_reference",
-           "lora_linear_bwd_reference", "check_lora_linear_args", "LoRALinearFunction"]
+           "lora_linear_bwd_reference", "check_lora_linear_args"]

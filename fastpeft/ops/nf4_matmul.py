@@ -125,6 +125,41 @@ def _fake(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tran
     return x.new_empty(x.shape[0], _in_features(x, packed, out_features, transposed) if transposed else out_features)
 
 
+# Arguments of the weight and its quantisation state: constants of the product, never trained.
+_QUANT_STATE = {1: "packed", 2: "absmax", 3: "quant_map", 11: "nested_absmax", 12: "nested_quant_map"}
+
+
+def _setup(ctx, inputs, output):
+    (x, packed, absmax, quant_map, blocksize, out_features, _, transposed, lora_s, lora_l, lora_scaling,
+     nested_absmax, nested_quant_map, absmax_offset) = inputs
+    ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_quant_map, lora_s, lora_l)
+    ctx.blocksize, ctx.out_features, ctx.transposed = blocksize, out_features, transposed
+    ctx.lora_scaling, ctx.offset = lora_scaling, absmax_offset
+
+
+def _backward(ctx, grad_y):
+    """``y = x·Wᵀ + b + c·S·L`` (``x·W + c·S·L`` transposed): dx is the other product from the
+    same 4-bit bytes (no float weight is kept), db = Σ dy, dS = c·dy·Lᵀ, dL = c·Sᵀ·dy."""
+    packed, absmax, quant_map, nested_absmax, nested_quant_map, lora_s, lora_l = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    for index, name in _QUANT_STATE.items():
+        if need[index]:
+            raise RuntimeError(f"nf4_matmul: {name} is the quantised weight's state and has no gradient; "
+                               "detach it (only x, bias, lora_s and lora_l are differentiable)")
+    grad_y = grad_y.contiguous()
+    grad_x = grad_bias = grad_s = grad_l = None
+    if need[0]:
+        grad_x = nf4_matmul(grad_y, packed, absmax, quant_map, ctx.blocksize, ctx.out_features, None,
+                            not ctx.transposed, None, None, 1.0, nested_absmax, nested_quant_map, ctx.offset)
+    if need[6]:
+        grad_bias = grad_y.sum(0)
+    if need[8]:
+        grad_s = ctx.lora_scaling * (grad_y @ lora_l.t())
+    if need[9]:
+        grad_l = ctx.lora_scaling * (lora_s.t() @ grad_y)
+    return (grad_x, None, None, None, None, None, grad_bias, None, grad_s, grad_l, None, None, None, None)
+
+
 nf4_matmul = _registry.define(
     "nf4_matmul",
     "(Tensor x, Tensor packed, Tensor absmax, Tensor quant_map, int blocksize, int out_features, Tensor? bias=None,"
@@ -132,9 +167,10 @@ nf4_matmul = _registry.define(
     " Tensor? nested_absmax=None, Tensor? nested_quant_map=None, float absmax_offset=0.0) -> Tensor",
     check=_check, fake=_fake, reference=nf4_matmul_reference,
     # Triton first on the GPU for every shape: the CUDA decode GEMV (csrc/cuda/nf4_matmul.cu)
-    # compiles but has not run on a GPU yet; once it passes its tests there and measures faster,
-    # it goes first for M <= 16 (what it is built for).
-    prefer={"cuda": ("triton", "cuda", "torch")}, triton="nf4_matmul", cpp=("cpu", "cuda"))
+    # compiles but has not run on a GPU yet; the first device session that passes its tests and
+    # measures it puts it first for M <= 16 (what it is built for).
+    prefer={"cuda": ("triton", "cuda", "torch")}, triton="nf4_matmul", cpp=("cpu", "cuda"),
+    setup_context=_setup, backward=_backward)
 
 
 def weight_args(q) -> tuple:
@@ -143,35 +179,10 @@ def weight_args(q) -> tuple:
     return q.packed, q.absmax, q.quant_map, q.blocksize, q.nested_absmax, q.nested_quant_map, float(q.offset or 0.0)
 
 
-class NF4LinearFunction(torch.autograd.Function):
-    """dx = dy·dequant(W), recomputed from the 4-bit bytes: no float weight is kept for the backward."""
-
-    @staticmethod
-    def forward(ctx, x, packed, absmax, quant_map, blocksize, out_features, bias, nested_absmax, nested_quant_map,
-                offset):
-        ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_quant_map)
-        ctx.blocksize, ctx.out_features, ctx.offset = blocksize, out_features, offset
-        return nf4_matmul(x, packed, absmax, quant_map, blocksize, out_features, bias, False, None, None, 1.0,
-                          nested_absmax, nested_quant_map, offset)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        packed, absmax, quant_map, nested_absmax, nested_quant_map = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = nf4_matmul(grad_y.contiguous(), packed, absmax, quant_map, ctx.blocksize, ctx.out_features,
-                                None, True, None, None, 1.0, nested_absmax, nested_quant_map, ctx.offset)
-        grad_bias = grad_y.sum(0) if ctx.needs_input_grad[6] else None
-        return grad_x, None, None, None, None, None, grad_bias, None, None, None
-
-
 def nf4_linear(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x·dequant(W)ᵀ + bias`` from an NF4Weight q (W ``[out, in]``), x ``[M, in]`` contiguous, with autograd."""
+    """``x·dequant(W)ᵀ + bias`` from an NF4Weight q (W ``[out, in]``), x ``[M, in]`` contiguous, with
+    autograd (the op's derivative: dx = dy·dequant(W) recomputed from the 4-bit bytes)."""
     packed, absmax, quant_map, blocksize, nested_absmax, nested_quant_map, offset = weight_args(q)
-    if torch.is_grad_enabled() and (x.requires_grad or bias is not None and bias.requires_grad):
-        return NF4LinearFunction.apply(x, packed, absmax, quant_map, blocksize, q.shape[0], bias, nested_absmax,
-                                       nested_quant_map, offset)
-    # inference: no autograd node to build (about 0.1 ms of a 1.2 ms decode step at 4096 x 4096 here)
     return nf4_matmul(x, packed, absmax, quant_map, blocksize, q.shape[0], bias, False, None, None, 1.0,
                       nested_absmax, nested_quant_map, offset)
 

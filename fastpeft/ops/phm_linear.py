@@ -202,12 +202,32 @@ def _choose(device, x, phm_rule, phm_b=None, *args):
     return None
 
 
+def _setup_fwd(ctx, inputs, output):
+    x, phm_rule, phm_b, phm_b_left, phm_b_right, _ = inputs
+    ctx.save_for_backward(x, phm_rule, phm_b, phm_b_left, phm_b_right)
+
+
+def _backward_fwd(ctx, grad_y):
+    """Through the backward op: gradients for x, the rule Aᵢ, Bᵢ (or its two factors) and bias. A
+    rule shared by several layers is one leaf, so autograd sums its gradients across them."""
+    x, phm_rule, phm_b, phm_b_left, phm_b_right = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    grad_x, grad_rule, grad_b, grad_left, grad_right = phm_linear_bwd(grad_y, x, phm_rule, phm_b, phm_b_left,
+                                                                      phm_b_right)
+    need = ctx.needs_input_grad
+    return (grad_x if need[0] else None, grad_rule if need[1] else None,
+            grad_b if need[2] and phm_b is not None else None,
+            grad_left if need[3] and phm_b_left is not None else None,
+            grad_right if need[4] and phm_b_right is not None else None,
+            grad_y.sum(0) if need[5] else None)
+
+
 phm_linear_fwd = _registry.define(
     "phm_linear_fwd",
     "(Tensor x, Tensor phm_rule, Tensor? phm_b=None, Tensor? phm_b_left=None, Tensor? phm_b_right=None,"
     " Tensor? bias=None) -> Tensor",
     check=_check_fwd, fake=_fake_fwd, reference=phm_linear_fwd_reference, choose=_choose, triton="phm_linear",
-    cpu_kernel=phm_linear_fwd_factored)
+    cpu_kernel=phm_linear_fwd_factored, setup_context=_setup_fwd, backward=_backward_fwd)
 
 phm_linear_bwd = _registry.define(
     "phm_linear_bwd",
@@ -218,30 +238,7 @@ phm_linear_bwd = _registry.define(
     cpu_kernel=phm_linear_bwd_factored)
 
 
-# ---------------------------------------------------------------- autograd and public entry
-
-class PHMLinearFunction(torch.autograd.Function):
-    """Autograd around the two ops: gradients for x, the rule Aᵢ, Bᵢ (or its two factors) and bias.
-    A rule shared by several layers is one leaf, so autograd sums its gradients across them."""
-
-    @staticmethod
-    def forward(ctx, x, phm_rule, phm_b, phm_b_left, phm_b_right, bias):
-        ctx.save_for_backward(x, phm_rule, phm_b, phm_b_left, phm_b_right)
-        return phm_linear_fwd(x, phm_rule, phm_b, phm_b_left, phm_b_right, bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, phm_rule, phm_b, phm_b_left, phm_b_right = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        grad_x, grad_rule, grad_b, grad_left, grad_right = phm_linear_bwd(grad_y, x, phm_rule, phm_b, phm_b_left,
-                                                                          phm_b_right)
-        need = ctx.needs_input_grad
-        return (grad_x if need[0] else None, grad_rule if need[1] else None,
-                grad_b if need[2] and phm_b is not None else None,
-                grad_left if need[3] and phm_b_left is not None else None,
-                grad_right if need[4] and phm_b_right is not None else None,
-                grad_y.sum(0) if need[5] else None)
-
+# ---------------------------------------------------------------- public entry
 
 def phm_linear(x: torch.Tensor, phm_rule: torch.Tensor, phm_b: torch.Tensor | None = None,
                phm_b_left: torch.Tensor | None = None, phm_b_right: torch.Tensor | None = None,
@@ -263,14 +260,9 @@ def phm_linear(x: torch.Tensor, phm_rule: torch.Tensor, phm_b: torch.Tensor | No
         _registry.check_rows_contiguous("phm_linear", ("x", x))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    factors = (phm_rule, phm_b, phm_b_left, phm_b_right, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in factors)):
-        y = PHMLinearFunction.apply(x2, *factors)
-    else:
-        y = phm_linear_fwd(x2, *factors)
+    y = phm_linear_fwd(x2, phm_rule, phm_b, phm_b_left, phm_b_right, bias)  # autograd: the op's derivative
     return y.reshape(*lead, y.shape[-1])
 
 
 __all__ = ["phm_linear", "phm_linear_fwd", "phm_linear_bwd", "phm_linear_fwd_reference", "phm_linear_bwd_reference",
-           "phm_linear_fwd_factored", "phm_linear_bwd_factored", "phm_dense_weight", "check_phm_linear_args",
-           "PHMLinearFunction"]
+           "phm_linear_fwd_factored", "phm_linear_bwd_factored", "phm_dense_weight", "check_phm_linear_args"]
