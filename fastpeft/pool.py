@@ -279,7 +279,8 @@ class AdapterPool:
                 and batch_size * seq != batch_size
             batch = AdapterBatch.build(ids, self.max_adapters, loaded, tokens_per_row=None if per_token else seq,
                                        device=device, per_sequence=not per_token)
-            batch = batch.with_lease(_SlotLease(self, sorted({slot for _, _, slot in batch.segments})))
+            # the slots routed to, read from the ids on the host (the routing is on the model's device)
+            batch = batch.with_lease(_SlotLease(self, sorted({int(i) for i in ids.tolist() if i >= 0})))
         pop_adapter_batch()
         push_adapter_batch(batch)
         return args, kwargs

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastpeft.nn import LoRALinear, MultiLoRALinear, use_adapter_batch
+from fastpeft.ops import AdapterBatch
 
 from adapter_stacks import S
 from conftest import assert_close, device_params
@@ -97,3 +98,90 @@ def test_a_layer_cast_to_half_precision_keeps_float32_scalings():
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     y = layer(x, torch.tensor([0, -1, 0, -1]))
     assert y.dtype == torch.bfloat16 and y.shape == (4, 16)
+
+
+# ---------------------------------------------------------------- torch.compile: no host read anywhere
+
+def _trainable_layer():
+    _, layer, _ = multi_layer()
+    layer.lora_a.requires_grad_(True)
+    layer.lora_b.requires_grad_(True)
+    return layer
+
+
+def _grads(layer, x):
+    grads = (x.grad, layer.lora_a.grad, layer.lora_b.grad)
+    x.grad = layer.lora_a.grad = layer.lora_b.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("T", [6, 40])  # BGMV and SGMV
+@pytest.mark.parametrize("where", ["ids given", "batch pushed"])
+def test_compiled_forward_and_backward_have_no_graph_break(T, where):
+    """The routing is built on the device and the backward reads no segment on the host: one
+    graph (dynamo's explain: no break; fullgraph=True compiles), one compilation for every batch
+    of that size whatever its ids, and eager's outputs and gradients."""
+    import torch._dynamo.testing
+
+    layer = _trainable_layer()
+
+    def step(x, ids):
+        if where == "ids given":
+            return layer(x, ids)
+        with use_adapter_batch(AdapterBatch.build(ids, S, layer.loaded)):  # built in the graph, routed by the stack
+            return layer(x)
+
+    x = torch.randn(T, 24, requires_grad=True)
+    ids = torch.tensor(([0, 2, -1, 1] * T)[:T])
+    explained = torch._dynamo.explain(step)(x, ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for seed in range(3):  # new ids each step: the same graph
+        ids = torch.randint(-1, 3, (T,), generator=torch.Generator().manual_seed(seed))
+        y = compiled(x, ids)
+        (y * y).sum().backward()
+        got = _grads(layer, x)
+        y_eager = layer(x, ids)
+        (y_eager * y_eager).sum().backward()
+        assert_close(y, y_eager)
+        for g, e in zip(got, _grads(layer, x)):
+            assert_close(g, e)
+    assert counter.frame_count == 1
+
+
+def test_compiled_layer_with_a_prebuilt_batch():
+    """A batch built outside the compiled function (as an AdapterPool builds it) enters as tensors:
+    another batch of the same size runs the same graph."""
+    import torch._dynamo.testing
+
+    layer = _trainable_layer()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(lambda x: layer(x), backend=counter, fullgraph=True)
+    for ids in (torch.tensor([2, -1, 0]), torch.tensor([1, 1, 2])):
+        batch = layer.batch_for(x, ids)
+        with use_adapter_batch(batch):
+            y = compiled(x)
+            y.sum().backward()
+        got = _grads(layer, x)
+        y_eager = layer(x, ids)
+        y_eager.sum().backward()
+        assert_close(y, y_eager)
+        for g, e in zip(got, _grads(layer, x)):
+            assert_close(g, e)
+    assert counter.frame_count == 1
+
+
+def test_bad_ids_under_compile_are_refused_on_the_device():
+    """Compiled, the ids are checked by the graph itself (no host read): the call fails, naming the rule."""
+    layer = _trainable_layer()
+    compiled = torch.compile(lambda x, ids: layer(x, ids), fullgraph=True)
+    x = torch.randn(4, 24)
+    compiled(x, torch.tensor([0, 1, 2, -1]))
+    with pytest.raises(RuntimeError, match=r"adapter id out of range: ids must be -1 \(base model\) or a slot in \[0, 6\)"):
+        compiled(x, torch.tensor([0, 1, 9, -1]))
+    with pytest.raises(RuntimeError, match="an adapter id points at an empty slot"):
+        compiled(x, torch.tensor([0, 1, 4, -1]))

@@ -7,15 +7,20 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.nn import Linear4bit
-from fastpeft.ops import adapter_block, all_ops, lora_linear, phm_linear, record_faces
+from fastpeft.nn import Linear4bit, MultiLoRALinear, use_adapter_batch
+from fastpeft.ops import (AdapterBatch, adapter_block, all_ops, lora_linear, phm_linear, record_faces)
 from fastpeft.ops.nf4_matmul import nf4_linear, qlora_linear, weight_args
 
+from adapter_stacks import S, stacks
 from conftest import assert_close, face_params, on_face
 
 # The ops that compute a layer's forward: each must declare its derivative. (Ops that compute
 # gradients, *_bwd and sgmv_outer, are differentiated by the op that calls them.)
-FORWARD_OPS = ("lora_linear_fwd", "phm_linear_fwd", "adapter_block_fwd", "nf4_matmul")
+FORWARD_OPS = ("lora_linear_fwd", "phm_linear_fwd", "adapter_block_fwd", "nf4_matmul", "bgmv_shrink", "bgmv_expand",
+               "sgmv_shrink", "sgmv_expand")
+
+IDS = [0, 1, -1, 5, 5, 2, 2, 2, -1, 3, 4, 0, 3]  # 13 tokens, every slot, two base-model rows
+
 
 def _g(*shape, generator):
     return torch.randn(*shape, generator=generator).requires_grad_()
@@ -55,6 +60,35 @@ def _nf4(transposed, double_quant, g):
             _g(r, cols, generator=g), 0.8, nested_absmax, nested_quant_map, offset)
 
 
+def _stacks(g):
+    a, b, scalings = stacks(20, 12, 8, torch.float32, "cpu")
+    return a.requires_grad_(), b.requires_grad_(), scalings.requires_grad_()
+
+
+def _bgmv_shrink(g):
+    a, _, _ = _stacks(g)
+    return (_g(len(IDS), 20, generator=g), a, torch.tensor(IDS, dtype=torch.int32))
+
+
+def _bgmv_expand(g):
+    _, b, scalings = _stacks(g)
+    return (_g(len(IDS), 12, generator=g), _g(len(IDS), 8, generator=g), b, scalings, torch.tensor(IDS, dtype=torch.int32))
+
+
+def _routing():
+    return AdapterBatch.build(torch.tensor(IDS), S).routing
+
+
+def _sgmv_shrink(g):
+    a, _, _ = _stacks(g)
+    return (_g(len(IDS), 20, generator=g), a, *_routing())
+
+
+def _sgmv_expand(g):
+    _, b, scalings = _stacks(g)
+    return (_g(len(IDS), 12, generator=g), _g(len(IDS), 8, generator=g), b, scalings, *_routing())
+
+
 # op name -> {case id: builder(generator) -> args}; fp32, ragged shapes, differentiable inputs requiring grad
 CASES = {
     "lora_linear_fwd": {"x": lambda g: _lora(False, g), "x_lora": lambda g: _lora(True, g)},
@@ -62,6 +96,10 @@ CASES = {
     "adapter_block_fwd": {"gelu": lambda g: _adapter_block("gelu", g), "silu": lambda g: _adapter_block("silu", g)},
     "nf4_matmul": {"forward": lambda g: _nf4(False, False, g), "transposed": lambda g: _nf4(True, False, g),
                    "double_quant": lambda g: _nf4(False, True, g)},
+    "bgmv_shrink": {"mixed": _bgmv_shrink},
+    "bgmv_expand": {"mixed": _bgmv_expand},
+    "sgmv_shrink": {"mixed": _sgmv_shrink},
+    "sgmv_expand": {"mixed": _sgmv_expand},
 }
 CASE_PARAMS = [pytest.param(name, case, id=f"{name}-{case}") for name, cases in CASES.items() for case in cases]
 
@@ -120,14 +158,14 @@ def test_direct_op_call_trains_as_autograd_through_the_reference(name, case):
             assert_close(gt, ex, msg=f"{name} ({fn}): gradient {i}")
 
 
-@pytest.mark.parametrize("name,case", [p for p in CASE_PARAMS if p.values[0] == "lora_linear_fwd"])
+@pytest.mark.parametrize("name,case", [p for p in CASE_PARAMS if p.values[0] in ("lora_linear_fwd", "bgmv_shrink")])
 @pytest.mark.parametrize("device,backend", face_params())
 def test_op_object_keeps_its_face_under_autograd(name, case, device, backend):
     """Called with inputs that require grad, the Op runs the forced face forward and its backward
     ops on the same face, and the gradients are the reference's."""
     op = all_ops()[name]
-    if backend not in op.faces(device):
-        pytest.skip(f"{name} has no {backend} face")
+    if backend not in op.faces(device) or backend == "cuda" and name.startswith("bgmv"):
+        pytest.skip(f"{name}'s derivative has no {backend} face throughout (sgmv_outer has no CUDA source)")
     expected = grads_of(op.reference, build(name, case))
     args = [a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
             for a in build(name, case)]
@@ -194,6 +232,47 @@ def test_nf4_quantisation_state_is_refused_as_a_differentiable_input():
     y = torch.ops.fastpeft.nf4_matmul(*args)
     with pytest.raises(RuntimeError, match="nf4_matmul: absmax is the quantised weight's state and has no gradient"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("T", [6, 40])  # BGMV and SGMV in the layer
+def test_chained_ops_train_as_multi_lora_linear_does(T):
+    """MultiLoRALinear's fused backward and the shrink and expand ops called directly, chained,
+    with their own derivatives: the same gradients for x, both stacks, and (the ops only) the
+    scalings against autograd through the per-row reference."""
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(torch.nn.Linear(20, 12), S, 8)
+    a, b, scalings = stacks(20, 12, 8, torch.float32, "cpu")
+    for slot in range(S):
+        layer.set_adapter(slot, a[slot], b[slot], float(scalings[slot]))
+    layer.lora_a.requires_grad_(True)
+    layer.lora_b.requires_grad_(True)
+    ids = torch.tensor((IDS * 4)[:T])
+    x = torch.randn(T, 20, requires_grad=True)
+    dy = torch.randn(T, 12)
+    batch = AdapterBatch.build(ids, S, layer.loaded)
+    with use_adapter_batch(batch):
+        (layer(x) * dy).sum().backward()
+    api = (x.grad, layer.lora_a.grad, layer.lora_b.grad)
+
+    xs, sa, sb, sc = (t.detach().clone().requires_grad_() for t in (x, layer.lora_a, layer.lora_b, layer.scalings))
+    base = layer.base_layer(xs)
+    if batch.prefers_segments():
+        out = torch.ops.fastpeft.sgmv_expand(base, torch.ops.fastpeft.sgmv_shrink(xs, sa, *batch.routing), sb, sc,
+                                             *batch.routing)
+    else:
+        out = torch.ops.fastpeft.bgmv_expand(base, torch.ops.fastpeft.bgmv_shrink(xs, sa, batch.adapter_ids), sb, sc,
+                                             batch.adapter_ids)
+    (out * dy).sum().backward()
+    for got, want in zip((xs.grad, sa.grad, sb.grad), api):
+        assert_close(got, want)
+
+    from fastpeft.ops.bgmv import bgmv_expand_reference, bgmv_shrink_reference
+    xr, ar, br, cr = (t.detach().clone().requires_grad_() for t in (x, layer.lora_a, layer.lora_b, layer.scalings))
+    ref = bgmv_expand_reference(layer.base_layer(xr), bgmv_shrink_reference(xr, ar, batch.adapter_ids), br, cr,
+                                batch.adapter_ids)
+    (ref * dy).sum().backward()
+    for got, want in zip((xs.grad, sa.grad, sb.grad, sc.grad), (xr.grad, ar.grad, br.grad, cr.grad)):
+        assert_close(got, want)
 
 
 def test_differentiating_twice_is_refused():

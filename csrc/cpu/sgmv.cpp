@@ -85,9 +85,29 @@ at::Tensor sgmv_expand_cpu(const at::Tensor& base, const at::Tensor& s, const at
   return out;
 }
 
+// out[slot] = sum over the segments naming slot of a[tokens]^T . b[tokens], summed in float32 (the
+// stacks' gradients): one GEMM per segment, accumulated into the slot's matrix.
+at::Tensor sgmv_outer_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sorted_tokens,
+                          const at::Tensor& seg_starts, const at::Tensor& seg_lens, const at::Tensor& seg_adapters,
+                          int64_t /*max_seg_len*/, int64_t num_slots) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "sgmv_outer: a must be [T, P] and b [T, Q]");
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "sgmv_outer: b must have a's dtype");
+  TORCH_CHECK(num_slots >= 1, "sgmv_outer: num_slots must be >= 1");
+  const auto segments = checked_segments("sgmv_outer", a.size(0), num_slots, sorted_tokens, seg_starts, seg_lens,
+                                         seg_adapters);
+  at::Tensor out = at::zeros({num_slots, a.size(1), b.size(1)}, a.options().dtype(at::kFloat));
+  const at::Tensor tokens = sorted_tokens.to(at::kLong);
+  for (const auto& seg : segments) {
+    const at::Tensor idx = tokens.narrow(0, seg.start, seg.length);
+    out.select(0, seg.slot).addmm_(a.index_select(0, idx).to(at::kFloat).t(), b.index_select(0, idx).to(at::kFloat));
+  }
+  return out.to(a.scalar_type());
+}
+
 }  // namespace fastpeft
 
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
   m.impl("sgmv_shrink", &fastpeft::sgmv_shrink_cpu);
   m.impl("sgmv_expand", &fastpeft::sgmv_expand_cpu);
+  m.impl("sgmv_outer", &fastpeft::sgmv_outer_cpu);
 }

@@ -157,3 +157,68 @@ def aot_configs():
                     **{f: "i32" for f in ("stride_baset", "stride_basen", "stride_st", "stride_sr", "stride_bs",
                                           "stride_bn", "stride_br", "stride_ot", "stride_on")}}, \
                     dict(BLOCK_M=bm, BLOCK_N=bkn, BLOCK_R=rb, **common), dict(num_warps=warps)
+
+
+@triton.jit
+def _sgmv_outer_kernel(
+    a_ptr, b_ptr, out_ptr, sorted_ptr, starts_ptr, lens_ptr, slots_ptr,
+    T, P, Q, S,
+    stride_at, stride_ap, stride_bt, stride_bq, stride_os, stride_op, stride_oq,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
+):
+    """out[slot, p, q] += Σ_t a[t, p]·b[t, q] over one segment's tokens; grid (U, ⌈P/BP⌉, ⌈Q/BQ⌉).
+    The loop runs over the segment's length read on the device (no grid bound from the host); the
+    float32 sums are added atomically, so segments naming one slot add up."""
+    seg = tl.program_id(0)
+    start = tl.load(starts_ptr + seg)
+    length = tl.load(lens_ptr + seg)
+    slot = tl.load(slots_ptr + seg)
+    valid = (slot >= 0) & (slot < S)
+    n = tl.where(valid, tl.minimum(length, T), 0)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = offs_p < P
+    q_mask = offs_q < Q
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(0, n, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        pos = start + m
+        pos_ok = (m < n) & (pos >= 0) & (pos < T)
+        tok = tl.load(sorted_ptr + pos, mask=pos_ok, other=0)
+        tok_ok = pos_ok & (tok >= 0) & (tok < T)
+        tok = tl.where(tok_ok, tok, 0).to(tl.int64)
+        a_t = tl.load(a_ptr + tok[None, :] * stride_at + offs_p[:, None].to(tl.int64) * stride_ap,
+                      mask=p_mask[:, None] & tok_ok[None, :], other=0.0)                        # [BP, BM]
+        b = tl.load(b_ptr + tok[:, None] * stride_bt + offs_q[None, :].to(tl.int64) * stride_bq,
+                    mask=tok_ok[:, None] & q_mask[None, :], other=0.0)                          # [BM, BQ]
+        acc = dot(a_t, b, acc, INPUT_PRECISION, BF16_VIA_FP32)
+    slot = tl.where(valid, slot, 0).to(tl.int64)
+    tl.atomic_add(out_ptr + slot * stride_os + offs_p[:, None].to(tl.int64) * stride_op
+                  + offs_q[None, :].to(tl.int64) * stride_oq, acc,
+                  mask=(n > 0) & p_mask[:, None] & q_mask[None, :])
+
+
+# (BLOCK_M, largest BLOCK_P/BLOCK_Q, num_warps) of sgmv_outer: a first guess on the GPU, not yet
+# measured; small under the interpreter so that small tests cross tile edges.
+_OUTER_TILES = {"gpu": (32, 64, 4), "interpret": (16, 32, 4)}
+
+
+def sgmv_outer(a: torch.Tensor, b: torch.Tensor, sorted_tokens: torch.Tensor, seg_starts: torch.Tensor,
+               seg_lens: torch.Tensor, seg_adapters: torch.Tensor, max_seg_len: int, num_slots: int) -> torch.Tensor:
+    """Triton face of ``fastpeft::sgmv_outer`` (shapes: fastpeft/ops/sgmv.py)."""
+    T, P = a.shape
+    Q = b.shape[1]
+    out = torch.zeros((num_slots, P, Q), device=a.device, dtype=torch.float32)
+    U = seg_starts.shape[0]
+    if out.numel() == 0 or U == 0 or T == 0 or max_seg_len == 0:
+        return out.to(a.dtype)
+    bm, widest, warps = _OUTER_TILES["interpret" if triton_interpreting() else "gpu"]
+    bp = min(max(16, triton.next_power_of_2(P)), widest)
+    bq = min(max(16, triton.next_power_of_2(Q)), widest)
+    wrap_triton(_sgmv_outer_kernel)[(U, triton.cdiv(P, bp), triton.cdiv(Q, bq))](
+        a, b, out, sorted_tokens, seg_starts, seg_lens, seg_adapters, T, P, Q, num_slots,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, INPUT_PRECISION=input_precision(a.dtype),
+        BF16_VIA_FP32=bf16_via_fp32(a.dtype), num_warps=warps)
+    return out.to(a.dtype)

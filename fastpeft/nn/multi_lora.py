@@ -5,15 +5,14 @@ from __future__ import annotations
 import contextlib
 import threading
 
-import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 
 from ..ops.adapter_batch import AdapterBatch
-from ..ops.bgmv import bgmv_expand, bgmv_shrink
-from ..ops.sgmv import sgmv_expand, sgmv_shrink
+from ..ops.bgmv import bgmv_expand, bgmv_shrink, expand_stack_grads, row_scales
+from ..ops.sgmv import sgmv_expand, sgmv_outer, sgmv_shrink
 from .lora import LoRALinear, is_conv1d
 
 _current = threading.local()  # .stack: the AdapterBatches of the forwards running on this thread, innermost last
@@ -47,55 +46,62 @@ def current_adapter_batch() -> AdapterBatch | None:
     return stack[-1] if stack else None
 
 
-def _shrink(x, stack, batch: AdapterBatch):
-    if batch.prefers_segments():
-        return sgmv_shrink(x, stack, *batch.routing)
-    return bgmv_shrink(x, stack, batch.adapter_ids)
+def _shrink(x, stack, segments: bool, adapter_ids, routing):
+    if segments:
+        return sgmv_shrink(x, stack, *routing)
+    return bgmv_shrink(x, stack, adapter_ids)
 
 
-def _expand(base, s, stack, scalings, batch: AdapterBatch):
-    if batch.prefers_segments():
-        return sgmv_expand(base, s, stack, scalings, *batch.routing)
-    return bgmv_expand(base, s, stack, scalings, batch.adapter_ids)
+def _expand(base, s, stack, scalings, segments: bool, adapter_ids, routing):
+    if segments:
+        return sgmv_expand(base, s, stack, scalings, *routing)
+    return bgmv_expand(base, s, stack, scalings, adapter_ids)
 
 
 class MultiLoRAFunction(torch.autograd.Function):
     """out = y_base + scaling[slot]·B[slot]·A[slot]·x per token, with gradients for every slot
-    present in the batch (absent slots get exactly zero)."""
+    present in the batch (absent slots get exactly zero). The routing comes as tensors (an
+    AdapterBatch's); nothing here reads it on the host, so torch.compile traces forward and
+    backward whole, and a GPU never waits for the host.
+
+    lease: an AdapterPool's slot lease (or None), kept until this layer's backward has run."""
 
     @staticmethod
-    def forward(ctx, x, y_base, lora_a, lora_b, scalings, batch):
-        s = _shrink(x, lora_a, batch)
-        ctx.save_for_backward(x, s, lora_a, lora_b, scalings)
-        ctx.batch = batch  # its lease (an AdapterPool's) keeps the slots it routes to in place
-        return _expand(y_base, s, lora_b, scalings, batch)
+    def forward(ctx, x, y_base, lora_a, lora_b, scalings, adapter_ids, sorted_tokens, seg_starts, seg_lens,
+                seg_adapters, max_seg_len, segments, lease):
+        routing = (sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len)
+        s = _shrink(x, lora_a, segments, adapter_ids, routing)
+        ctx.save_for_backward(x, s, lora_a, lora_b, scalings, adapter_ids, sorted_tokens, seg_starts, seg_lens,
+                              seg_adapters)
+        ctx.max_seg_len, ctx.segments = max_seg_len, segments
+        if lease is not None:
+            ctx.lease = lease  # keeps the slots it routes to in place
+        return _expand(y_base, s, lora_b, scalings, segments, adapter_ids, routing)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, s, lora_a, lora_b, scalings = ctx.saved_tensors
-        batch = ctx.batch
-        if batch.lease is not None:  # this layer's backward no longer needs the slots kept
-            ctx.batch = dataclasses.replace(batch, lease=None, per_sequence=None)
+        x, s, lora_a, lora_b, scalings, adapter_ids, *routing = ctx.saved_tensors
+        routing = (*routing, ctx.max_seg_len)
+        need = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
+        segments, S = ctx.segments, lora_a.shape[0]
         # ds[t] = scaling[slot]·B[slot]ᵀ·dout[t]: a shrink by the transposed B stack, rows scaled.
-        ids = batch.adapter_ids.long()
-        row_scale = torch.where(ids >= 0, scalings[ids.clamp(min=0)], 0.0).to(grad_out.dtype)
-        ds = _shrink(grad_out, lora_b.transpose(1, 2), batch) * row_scale[:, None]
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # dx[t] = A[slot]ᵀ·ds[t]: an expand by the transposed A stack
+        ds = _shrink(grad_out, lora_b.transpose(1, 2), segments, adapter_ids, routing) \
+            * row_scales(scalings, adapter_ids, grad_out.dtype)[:, None]
+        grad_x = grad_a = grad_b = None
+        if need[0]:  # dx[t] = A[slot]ᵀ·ds[t]: an expand by the transposed A stack
             ones = torch.ones_like(scalings)
-            grad_x = _expand(torch.zeros_like(x), ds, lora_a.transpose(1, 2), ones, batch)
-        grad_a = grad_b = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grad_a, grad_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-            tokens = batch.sorted_tokens.long()
-            scales = scalings.tolist()  # one host read for all segments, not one per segment
-            for start, length, slot in batch.segments:  # one GEMM pair per adapter present
-                idx = tokens[start:start + length]
-                ds_seg = ds.index_select(0, idx)
-                grad_a[slot] = ds_seg.t() @ x.index_select(0, idx)
-                grad_b[slot] = (grad_out.index_select(0, idx).t() @ s.index_select(0, idx)) * scales[slot]
-        return grad_x, grad_out, grad_a, grad_b, None, None
+            grad_x = _expand(torch.zeros_like(x), ds, lora_a.transpose(1, 2), ones, segments, adapter_ids, routing)
+        # dA[slot] = Σ ds[t]ᵀ·x[t] and dB[slot] = scaling·Σ dout[t]ᵀ·s[t]: one GEMM per adapter's
+        # segment, in sgmv_outer (the routing is read on the device, by the kernel)
+        if need[2]:
+            grad_a = sgmv_outer(ds, x, *routing, S)
+        if need[3]:
+            grad_b, _ = expand_stack_grads(grad_out, s, lora_b, scalings, True, False,
+                                           lambda a, b: sgmv_outer(a, b, *routing, S))
+        if hasattr(ctx, "lease"):
+            ctx.lease = None  # read the slots for the last time: an unload waiting for them may go on
+        return grad_x, grad_out, grad_a, grad_b, None, None, None, None, None, None, None, None, None
 
 
 class MultiLoRALinear(nn.Module):
@@ -243,7 +249,12 @@ class MultiLoRALinear(nn.Module):
         y = self.base_layer(x2)
         if rows is not None:
             y = y * self.ia3_out[rows]
-        out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch)
+        # An AdapterPool's lease rides on the graph in eager mode only: under torch.compile an object
+        # made per forward would be a new guard each time (the pool does not compile its hooks).
+        lease = None if torch.compiler.is_compiling() else batch.lease
+        out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch.adapter_ids,
+                                      batch.sorted_tokens, batch.seg_starts, batch.seg_lens, batch.seg_adapters,
+                                      batch.max_seg_len, batch.prefers_segments(), lease)
         return out.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):

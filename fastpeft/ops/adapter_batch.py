@@ -1,8 +1,16 @@
 """Batch metadata for mixed-adapter batches, built once per forward and shared by every layer.
 
 Every token names an adapter slot (``-1``: the base model alone). SGMV kernels want tokens grouped
-by adapter: :meth:`AdapterBatch.build` sorts token indices by slot once (one host sync, for the
-validation and the grid size) and every LoRA layer of the model reuses the result in that forward.
+by adapter: :meth:`AdapterBatch.build` sorts token indices by slot once, on the device the kernels
+run on, and every LoRA layer of the model reuses the result in that forward.
+
+Nothing here waits for a device: the routing (:func:`route`) is a stable sort and a count per
+slot, with one segment per slot (empty for a slot the batch does not use), so its shapes depend on
+the number of tokens and slots alone. torch.compile traces it without a graph break, and on a GPU
+no step of a forward waits for a copy back to the host. Ids given on the host are checked there,
+with messages naming the id (no device is involved); ids already on a device, or under
+torch.compile, are checked on the device (``torch._assert_async``: a bad id fails the next call
+that waits for the device; the kernels never read outside the stacks meanwhile).
 """
 
 from __future__ import annotations
@@ -14,17 +22,43 @@ import torch
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
+# Below this many tokens BGMV (one gathered product per token) serves; from it SGMV (a tiled GEMM
+# per adapter's segment). Decided by the token count alone, which every layer knows without
+# reading the ids: decode batches take BGMV, prefill and training SGMV.
+SEGMENT_MIN_TOKENS = 16
+
+
+def route(adapter_ids: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, ...]:
+    """SGMV's routing of per-token slot ids, computed where the ids are, without a host read.
+
+    adapter_ids: int ``[T]``; an id outside ``[0, num_slots)`` counts as -1 (no adapter), as the
+    kernels treat it. Returns int32 ``(sorted_tokens [T], seg_starts [S], seg_lens [S],
+    seg_adapters [S])``: token indices stably sorted by slot (-1 first), then one segment per slot
+    s = 0..S-1 (``seg_adapters`` is ``arange(S)``), of length 0 where no token uses s. Any
+    segment is at most T long: T bounds ``max_seg_len``.
+    """
+    ids = adapter_ids.long()
+    key = torch.where((ids >= 0) & (ids < num_slots), ids, -1)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=ids.device)
+    counts.index_add_(0, key + 1, torch.ones_like(key))  # counts[0]: the -1 tokens; a fixed shape, unlike bincount's
+    starts = torch.cumsum(counts, 0) - counts
+    i32 = torch.int32
+    return (order.to(i32), starts[1:].to(i32), counts[1:].to(i32),
+            torch.arange(num_slots, dtype=i32, device=ids.device))
+
 
 @dataclass(frozen=True)
 class AdapterBatch:
-    """Token → adapter-slot routing of one batch.
+    """Token → adapter-slot routing of one batch, all on the kernels' device.
 
     adapter_ids:   ``[T]`` int32, the slot of each token, -1 for none.
     sorted_tokens: ``[T]`` int32, token indices ordered by slot (stable; -1 tokens first).
-    seg_starts, seg_lens, seg_adapters: ``[U]`` int32, one segment per slot present in the batch
-        (-1 excluded): where its tokens start in ``sorted_tokens``, how many, which slot.
-    max_seg_len:   the longest segment (a Python int: it sizes kernel grids).
-    segments:      the same segments as Python ``(start, length, slot)`` tuples, for host loops.
+    seg_starts, seg_lens, seg_adapters: ``[S]`` int32, one segment per slot (``max_adapters`` of
+        them, in slot order; empty for a slot no token uses): where its tokens start in
+        ``sorted_tokens``, how many, which slot.
+    max_seg_len:   a bound on any segment's length (it sizes kernel grids): the number of tokens,
+        known without reading the ids.
     per_sequence:  when the ids were given per sequence (``tokens_per_row``), the routing of one row
         per sequence: what a layer that sees one token of each sequence (BERT's pooler) takes.
     lease:         whatever keeps the routed slots' adapters in place while this batch is in use
@@ -38,7 +72,6 @@ class AdapterBatch:
     seg_adapters: torch.Tensor
     max_seg_len: int
     max_adapters: int
-    segments: tuple = ()
     per_sequence: "AdapterBatch | None" = None
     lease: object = None
 
@@ -54,14 +87,15 @@ class AdapterBatch:
     def build(cls, adapter_ids: torch.Tensor, max_adapters: int, loaded: list[bool] | None = None,
               tokens_per_row: int | None = None, device: torch.device | None = None,
               per_sequence: bool = False) -> "AdapterBatch":
-        """Validate ids and build the routing.
+        """Validate ids and build the routing on `device`.
 
         Args:
             adapter_ids: int tensor, ``[T]`` (one id per token) or ``[B]`` with ``tokens_per_row``
                 (one id per sequence, repeated over its tokens).
             max_adapters: the number of slots; ids must lie in ``[-1, max_adapters)``.
             loaded: optional per-slot flags; an id naming an empty slot is refused.
-            device: where the kernels will run (default: the ids' device).
+            device: where the kernels will run (default: the ids' device). Ids on the host are
+                checked there and copied once (without waiting); the routing is built on `device`.
             per_sequence: with tokens_per_row, also build the routing of one row per sequence
                 (for a model's layers that see one token of each: an AdapterPool asks for it).
         """
@@ -71,33 +105,26 @@ class AdapterBatch:
             raise TypeError(f"adapter_ids must be int32 or int64, got {adapter_ids.dtype}")
         if adapter_ids.dim() != 1:
             raise ValueError(f"adapter_ids must be 1-D ([tokens] or [batch]), got shape {list(adapter_ids.shape)}")
-        ids = adapter_ids.detach().to("cpu", torch.int64)
+        device = torch.device(device) if device is not None else adapter_ids.device
+        ids = adapter_ids.detach()
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_ids(ids, max_adapters, loaded)
+        else:
+            ids = ids.to(device, non_blocking=True)
+            assert_ids(ids, max_adapters, loaded)
+        ids = ids.to(device, torch.int32, non_blocking=True)  # checked in their own dtype: nothing wraps
         sequences = None
         if tokens_per_row is not None:
             if per_sequence and tokens_per_row != 1:
-                sequences = cls.build(ids, max_adapters, loaded, device=device or adapter_ids.device)
+                sequences = cls.from_ids(ids, max_adapters)
             ids = ids.repeat_interleave(tokens_per_row)
-        if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < -1 or hi >= max_adapters:
-                bad = lo if lo < -1 else hi
-                raise ValueError(f"adapter id {bad} is out of range: ids must be -1 (base model) or a slot in "
-                                 f"[0, {max_adapters})")
-            if loaded is not None:
-                used = torch.unique(ids[ids >= 0]).tolist()
-                empty = [i for i in used if not loaded[i]]
-                if empty:
-                    raise ValueError(f"adapter id {empty[0]} points at an empty slot (no adapter loaded there)")
-        order = torch.argsort(ids, stable=True)
-        counts = torch.bincount(ids + 1, minlength=max_adapters + 1)  # [0] counts the -1 tokens
-        starts = torch.cumsum(counts, 0) - counts
-        present = torch.nonzero(counts[1:]).flatten()
-        starts, lens = starts[1:][present], counts[1:][present]
-        device = torch.device(device) if device is not None else adapter_ids.device
-        as32 = dict(device=device, dtype=torch.int32)
-        segments = tuple(zip(starts.tolist(), lens.tolist(), present.tolist()))
-        return cls(ids.to(**as32), order.to(**as32), starts.to(**as32), lens.to(**as32), present.to(**as32),
-                   int(lens.max()) if lens.numel() else 0, max_adapters, segments, sequences)
+        batch = cls.from_ids(ids, max_adapters)
+        return batch if sequences is None else dataclasses.replace(batch, per_sequence=sequences)
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor, max_adapters: int) -> "AdapterBatch":
+        """The routing of checked int32 ids, where they are (no check, no copy)."""
+        return cls(ids, *route(ids, max_adapters), max_seg_len=ids.shape[0], max_adapters=max_adapters)
 
     def with_lease(self, lease) -> "AdapterBatch":
         """The same routing, held by `lease` (the per-sequence routing too)."""
@@ -118,5 +145,31 @@ class AdapterBatch:
         return self.sorted_tokens, self.seg_starts, self.seg_lens, self.seg_adapters, self.max_seg_len
 
     def prefers_segments(self) -> bool:
-        """SGMV (a tiled GEMM per segment) once segments fill a 16-row MMA tile; BGMV below."""
-        return self.max_seg_len >= 16
+        """SGMV (a tiled GEMM per adapter's segment) from :data:`SEGMENT_MIN_TOKENS` tokens; BGMV below."""
+        return self.num_tokens >= SEGMENT_MIN_TOKENS
+
+
+def check_ids(ids: torch.Tensor, max_adapters: int, loaded: list[bool] | None = None) -> None:
+    """Refuse, naming the id, an id outside ``[-1, max_adapters)`` or one naming an empty slot
+    (``loaded[slot]`` False). For ids on the host: tensor comparisons, a few microseconds."""
+    if not ids.numel():
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < -1 or hi >= max_adapters:
+        raise ValueError(f"adapter id {lo if lo < -1 else hi} is out of range: ids must be -1 (base model) or a "
+                         f"slot in [0, {max_adapters})")
+    if loaded is not None:
+        empty = (ids >= 0) & ~torch.tensor(loaded, dtype=torch.bool)[ids.clamp(min=0)]
+        if empty.any():
+            raise ValueError(f"adapter id {int(ids[empty].min())} points at an empty slot (no adapter loaded there)")
+
+
+def assert_ids(ids: torch.Tensor, max_adapters: int, loaded: list[bool] | None = None) -> None:
+    """:func:`check_ids` on the ids' device, without waiting for it (``torch._assert_async``)."""
+    torch._assert_async(((ids >= -1) & (ids < max_adapters)).all(),
+                        f"adapter id out of range: ids must be -1 (base model) or a slot in [0, {max_adapters})")
+    if loaded is not None:
+        full = torch.tensor(loaded, dtype=torch.bool).to(ids.device, non_blocking=True)
+        torch._assert_async(((ids < 0) | full[ids.clamp(0, max_adapters - 1)]).all(),
+                            "an adapter id points at an empty slot (no adapter loaded there)")

@@ -13,6 +13,10 @@ Faces: reference (this file: a per-row loop), Triton ``fastpeft/kernels/bgmv.py`
 x, s, base, lora_a and lora_b share one dtype (float32, float16, bfloat16) and device. Kernels
 treat an id outside ``[0, S)`` as -1, so no input can make them read out of bounds; the public
 entry points refuse such ids with a clear error first (see :class:`AdapterBatch`).
+
+Both ops declare their derivatives: dx and ds are BGMV products by the transposed stacks, the
+stacks' gradients sum outer products per slot (``sgmv_outer``, over the ids' routing built on
+their device), so ``torch.ops.fastpeft.bgmv_*`` called directly train.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _registry
+from .adapter_batch import route
 
 
 def _shape(t):
@@ -100,14 +105,82 @@ def bgmv_expand_reference(base, s, lora_b, scalings, adapter_ids):
     return out
 
 
+# ---------------------------------------------------------------- derivatives
+
+def expand_stack_grads(grad_out, s, lora_b, scalings, need_b, need_scalings, outer):
+    """(dB, dscalings) of ``out[t] = base[t] + scalings[slot]·B[slot]·s[t]`` from
+    ``G = outer(grad_out, s)`` (``G[slot] = Σ dy[t]ᵀ·s[t]``): dB = scalings·G, and
+    dscalings[slot] = ⟨G[slot], B[slot]⟩ (float32, as the scalings are)."""
+    g = outer(grad_out, s).float()
+    grad_b = (g * scalings[:, None, None]).to(lora_b.dtype) if need_b else None
+    grad_scalings = (g * lora_b.float()).sum((1, 2)) if need_scalings else None
+    return grad_b, grad_scalings
+
+
+
+def _outer(a, b, adapter_ids, num_slots):
+    """Σ a[t]ᵀ·b[t] per slot: sgmv_outer over the ids' routing. fastpeft/ops/sgmv.py declares it and
+    imports this file, so the op is taken from the registry rather than imported."""
+    return _registry.get("sgmv_outer")(a, b, *route(adapter_ids, num_slots), adapter_ids.shape[0], num_slots)
+
+
+def row_scales(scalings, adapter_ids, dtype):
+    """``scalings[id]`` per token, 0 where id names no slot: ``[T]`` in `dtype`."""
+    ids = adapter_ids.long()
+    valid = (ids >= 0) & (ids < scalings.shape[0])
+    return torch.where(valid, scalings[ids.clamp(0, scalings.shape[0] - 1)], 0.0).to(dtype)
+
+
+def _setup_shrink(ctx, inputs, output):
+    x, lora_a, adapter_ids = inputs
+    ctx.save_for_backward(x, lora_a, adapter_ids)
+
+
+def _backward_shrink(ctx, grad_s):
+    """s[t] = A[id]·x[t]: dx[t] = A[id]ᵀ·ds[t] (an expand by Aᵀ), dA[slot] = Σ ds[t]ᵀ·x[t]."""
+    x, lora_a, adapter_ids = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_s = grad_s.contiguous()
+    grad_x = grad_a = None
+    if need[0]:
+        ones = torch.ones(lora_a.shape[0], dtype=torch.float32, device=x.device)
+        grad_x = bgmv_expand(torch.zeros_like(x), grad_s, lora_a.transpose(1, 2), ones, adapter_ids)
+    if need[1]:
+        grad_a = _outer(grad_s, x, adapter_ids, lora_a.shape[0])
+    return grad_x, grad_a, None
+
+
+def _setup_expand(ctx, inputs, output):
+    _, s, lora_b, scalings, adapter_ids = inputs
+    ctx.save_for_backward(s, lora_b, scalings, adapter_ids)
+
+
+def _backward_expand(ctx, grad_out):
+    """dbase = dy; ds[t] = scalings[id]·B[id]ᵀ·dy[t] (a shrink by Bᵀ, rows scaled); dB and
+    dscalings from the per-slot sums of dy[t]ᵀ·s[t]."""
+    s, lora_b, scalings, adapter_ids = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_out = grad_out.contiguous()
+    grad_s = None
+    if need[1]:
+        grad_s = bgmv_shrink(grad_out, lora_b.transpose(1, 2), adapter_ids) \
+            * row_scales(scalings, adapter_ids, grad_out.dtype)[:, None]
+    grad_b, grad_scalings = expand_stack_grads(
+        grad_out, s, lora_b, scalings, need[2], need[3],
+        lambda a, b: _outer(a, b, adapter_ids, lora_b.shape[0])) if need[2] or need[3] else (None, None)
+    return grad_out if need[0] else None, grad_s, grad_b, grad_scalings, None
+
+
 # The default preference serves: the C++ faces first on either device (on the GPU a warp per
 # output slice with 16-byte loads), then Triton.
 bgmv_shrink = _registry.define(
     "bgmv_shrink", "(Tensor x, Tensor lora_a, Tensor adapter_ids) -> Tensor",
     check=_check_bgmv_shrink, fake=lambda x, a, ids: x.new_empty(x.shape[0], a.shape[1]),
-    reference=bgmv_shrink_reference, triton="bgmv", cpp=("cpu", "cuda"))
+    reference=bgmv_shrink_reference, triton="bgmv", cpp=("cpu", "cuda"),
+    setup_context=_setup_shrink, backward=_backward_shrink)
 
 bgmv_expand = _registry.define(
     "bgmv_expand", "(Tensor base, Tensor s, Tensor lora_b, Tensor scalings, Tensor adapter_ids) -> Tensor",
     check=_check_bgmv_expand, fake=lambda base, *rest: torch.empty_like(base),
-    reference=bgmv_expand_reference, triton="bgmv", cpp=("cpu", "cuda"))
+    reference=bgmv_expand_reference, triton="bgmv", cpp=("cpu", "cuda"),
+    setup_context=_setup_expand, backward=_backward_expand)
