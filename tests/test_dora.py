@@ -279,6 +279,23 @@ def test_the_norm_cache_is_computed_once_and_follows_the_base_weight(monkeypatch
     assert layer.base_weight_norm_sq().dtype == torch.float32
 
 
+def test_a_dora_layer_pickles_and_deep_copies():
+    """torch.save of a whole layer (its ‖Wᵢ‖² cache holds a weak reference, which pickle refuses)."""
+    import io
+
+    layer = dora_layer()
+    x = torch.randn(3, 20)
+    y = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(layer)):
+        assert_close(other(x), y)
+        with torch.no_grad():
+            other.base_layer.weight.mul_(2.0)  # the copy's weight, not the original's
+        assert_close(layer(x), y)
+
+
 def test_qdora_over_a_4bit_base_matches_dora_on_the_dequantised_weight():
     """QDoRA: the same layer over the NF4 base as over its dequantised weight (what PEFT's DoRA on a
     bitsandbytes base computes); merging requantises, with the warning."""

@@ -295,6 +295,11 @@ class LoRALinear(nn.Module):
         w = self.weight.t() if self.fan_in_fan_out else self.weight
         w.copy_(fn(w.float()).to(w.dtype))
 
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_weight_norm_cache"] = None  # holds a weak reference, which pickling refuses; recomputed anyway
+        return state
+
     def _load_from_state_dict(self, *args, **kwargs):
         self.refresh_weight_norm()  # a base weight loaded in place: its ‖Wᵢ‖² is recomputed
         super()._load_from_state_dict(*args, **kwargs)
