@@ -243,3 +243,19 @@ def test_qlora_linear_quantises_and_trains_like_lora_over_linear4bit():
     assert layer.lora_B["default"].weight.grad.abs().sum() > 0
     with pytest.raises(TypeError, match="needs a fastpeft Linear4bit base"):
         fastpeft.nn.QLoRALinear(lin)
+
+
+def test_the_output_takes_the_inputs_dtype_as_bitsandbytes_returns_it():
+    """A bf16 activation into a layer quantised from float32 comes out bf16 (the next layer, an
+    FSDP2 bf16 policy's lm_head say, takes bf16); under autocast the output is autocast's dtype."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    qlora = LoRALinear.from_linear(Linear4bit.from_linear(torch.nn.Linear(64, 32)), r=4, init_lora_weights=False)
+    x = torch.randn(3, 64)
+    for module in (layer, qlora):
+        y = module(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16
+        assert_close(y, module(x.to(torch.bfloat16).float()).to(torch.bfloat16))
+        assert module(x).dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert module(x).dtype == torch.bfloat16

@@ -153,3 +153,23 @@ def test_get_peft_model_on_a_meta_model_then_loaded(method, quantized):
     meta.train()
     meta(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in trainable)
+
+
+def test_multi_lora_linear_on_meta_then_materialised_and_loaded():
+    """A pool layer built on meta (its float32 scalings included: to_empty used to fail copying them)
+    materialises, and once loaded computes what one built on the CPU computes."""
+    from fastpeft.nn import MultiLoRALinear
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 16), torch.randn(8, 4)
+    real = MultiLoRALinear(nn.Linear(16, 8), max_adapters=2, max_rank=4)
+    real.set_adapter(1, a, b, 0.5)
+    with torch.device("meta"):
+        layer = MultiLoRALinear(nn.Linear(16, 8), max_adapters=2, max_rank=4)
+    assert layer.scalings.is_meta
+    layer = layer.to_empty(device="cpu")
+    layer.load_state_dict(real.state_dict())  # the base weights and the stacks
+    layer.set_adapter(1, a, b, 0.5)  # and the slot, as a pool loads it
+    assert layer.scalings.dtype == torch.float32 and not layer.scalings.is_meta
+    x, ids = torch.randn(5, 16), torch.tensor([1, -1, 1, 1, -1])
+    assert_close(layer(x, adapter_ids=ids), real(x, adapter_ids=ids))

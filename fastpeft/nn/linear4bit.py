@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..ops.nf4_matmul import dequantize_packed, nf4_linear
 from ..quant.nf4 import NF4Weight, dequantize_nf4, nf4_from_state_dict, quantize_nf4
-from .dtypes import compute_dtype, is_dtensor
+from .dtypes import autocast_enabled, compute_dtype, is_dtensor
 
 # The quantisation state's tensors, registered as buffers under these names; in the state dict they
 # are bitsandbytes' ``weight.<name>`` keys.
@@ -251,7 +251,15 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, bias, _ = self.compute_inputs(x)
         y = nf4_linear(x2, self.q, bias)  # double quantisation decoded inside the kernels
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.output_as_input(y.reshape(*x.shape[:-1], self.out_features), x)
+
+    @staticmethod
+    def output_as_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y in x's dtype, as bitsandbytes returns it (a bf16 activation over a weight quantised
+        from float32 stays bf16 for the next layer); under autocast, autocast's dtype, as nn.Linear."""
+        if y.dtype == x.dtype or not x.is_floating_point() or autocast_enabled(x.device.type):
+            return y
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "

@@ -362,7 +362,7 @@ class LoRALinear(nn.Module):
                              self.base_weight_norm_sq(), dropout_p)
         else:
             y = qlora_linear(x2, self.base_layer.q, bias, a, b, self.scaling[name], dropout_p)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.base_layer.output_as_input(y.reshape(*x.shape[:-1], self.out_features), x)
 
     def extra_repr(self) -> str:
         name = self.active_adapter

@@ -262,7 +262,9 @@ class MultiLoRALinear(nn.Module):
         # round an alpha / r such as 1/3. They follow the module's device only.
         scalings = self.scalings
         super()._apply(fn, recurse)
-        self.scalings = scalings.to(self.lora_a.device)
+        device = self.lora_a.device
+        # Materialising a meta module (to_empty): nothing to copy, only storage to make.
+        self.scalings = torch.empty_like(scalings, device=device) if scalings.is_meta else scalings.to(device)
         return self
 
     def extra_repr(self) -> str:
