@@ -1,7 +1,7 @@
 """Every op's derivative, declared once where the op is and registered by the registry: opcheck
 passes with inputs that require grad, ``torch.ops.fastpeft.*`` called directly trains (gradients
 equal to those of the Python API, and to autograd through the reference), the Op object keeps
-its face under autograd, and differentiating twice is refused instead of silently wrong."""
+its face under autograd, and differentiating twice is refused."""
 
 import pytest
 import torch
@@ -116,13 +116,19 @@ def differentiable(args):
     return [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
 
 
-def grads_of(fn, args, seed=1):
-    """Gradients of a fixed random weighting of every output (a second output too) w.r.t. the
-    inputs that require grad."""
+def grads_of(fn, args, seed=1, used=None):
+    """Gradients of a fixed random weighting of the outputs (those that require grad, or those
+    given by index) w.r.t. the inputs that require grad."""
     outs = outputs(fn(*args))
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    weights = [torch.randn(o.shape, generator=g) for o in outs]
+    used = used or [i for i, o in enumerate(outs) if o.requires_grad]
+    loss = sum((outs[i] * weights[i]).sum() for i in used)
     return torch.autograd.grad(loss, differentiable(args), allow_unused=True)
+
+
+def differentiable_outputs(fn, args):
+    return [i for i, o in enumerate(outputs(fn(*args))) if o.requires_grad]
 
 
 def test_every_forward_op_declares_its_derivative_and_every_derivative_has_a_case():
@@ -147,15 +153,26 @@ def test_opcheck_with_inputs_that_require_grad(name, case):
 def test_direct_op_call_trains_as_autograd_through_the_reference(name, case):
     """torch.ops.fastpeft.<op> (the dispatcher's kernel, the registered derivative) and the Op
     object (a chosen face, the same derivative) give autograd-through-the-reference's gradients,
-    every output weighted (lora_linear_fwd's s too)."""
+    every differentiable output weighted."""
     op = all_ops()[name]
-    expected = grads_of(op.reference, build(name, case))
-    for fn in (getattr(torch.ops.fastpeft, name).default, op):
+    direct = getattr(torch.ops.fastpeft, name).default
+    used = differentiable_outputs(direct, build(name, case))
+    assert used and used == differentiable_outputs(op, build(name, case))
+    expected = grads_of(op.reference, build(name, case), used=used)
+    for fn in (direct, op):
         got = grads_of(fn, build(name, case))
         assert len(got) == len(expected)
         for i, (gt, ex) in enumerate(zip(got, expected)):
             assert gt is not None, f"{name}: no gradient for differentiable input {i}"
             assert_close(gt, ex, msg=f"{name} ({fn}): gradient {i}")
+
+
+def test_lora_linear_fwd_s_is_saved_for_the_backward_not_differentiated():
+    """As aten's saved outputs (layer norm's mean and rstd...): s = x_lora·Aᵀ does not require grad."""
+    args = build("lora_linear_fwd", "x")
+    for fn in (torch.ops.fastpeft.lora_linear_fwd.default, all_ops()["lora_linear_fwd"]):
+        y, s = fn(*args)
+        assert y.requires_grad and not s.requires_grad
 
 
 @pytest.mark.parametrize("name,case", [p for p in CASE_PARAMS if p.values[0] in ("lora_linear_fwd", "bgmv_shrink")])
@@ -166,7 +183,7 @@ def test_op_object_keeps_its_face_under_autograd(name, case, device, backend):
     op = all_ops()[name]
     if backend not in op.faces(device) or backend == "cuda" and name.startswith("bgmv"):
         pytest.skip(f"{name}'s derivative has no {backend} face throughout (sgmv_outer has no CUDA source)")
-    expected = grads_of(op.reference, build(name, case))
+    expected = grads_of(op.reference, build(name, case), used=[0])
     args = [a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
             for a in build(name, case)]
     with on_face(backend) as taken:
@@ -312,7 +329,7 @@ def test_a_derivative_is_declared_whole():
 def test_the_triton_op_has_the_same_derivative():
     """fastpeft::<op>_triton (what torch.compile sees of a Triton face) trains as the op does."""
     args = build("lora_linear_fwd", "x")
-    expected = grads_of(all_ops()["lora_linear_fwd"].reference, args)
+    expected = grads_of(all_ops()["lora_linear_fwd"].reference, args, used=[0])
     got = grads_of(torch.ops.fastpeft.lora_linear_fwd_triton.default, build("lora_linear_fwd", "x"))
     for gt, ex in zip(got, expected):
         assert_close(gt, ex)

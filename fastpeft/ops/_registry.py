@@ -237,7 +237,9 @@ class Op:
                 with torch.cuda.device(device):
                     return launch(*args) if compiling else _below_autograd(launch, args)
             return launch(*args) if compiling else _below_autograd(launch, args)
-        return self.dispatcher_op(*args) if compiling else _below_autograd(self.dispatcher_op, args)
+        if compiling or self.function is None:  # no autograd kernel of ours to skip
+            return self.dispatcher_op(*args)
+        return _below_autograd(self.dispatcher_op, args)
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple:
         """Arguments given by name placed by the schema, defaults filling the gaps between."""
@@ -259,17 +261,23 @@ class Op:
     def __call__(self, *args, **kwargs):
         if kwargs:
             args = self._bind(args, dict(kwargs))
-        if not torch.compiler.is_compiling() and _traced(args):
-            # Traced by make_fx/AOTAutograd (opcheck, a registered backward being traced) or called
-            # on fake tensors: the dispatcher's op, whose fake kernel checks and whose registered
-            # autograd differentiates. No face is chosen: nothing runs.
+        if torch.compiler.is_compiling():
+            if self.function is not None and torch.is_grad_enabled() and any(
+                    isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                return self.function.apply(*args)
+            return self._forward(*args)
+        if torch._C._len_torch_dispatch_stack() or isinstance(args[0], FakeTensor):
+            # Traced by make_fx/AOTAutograd (opcheck, a registered backward being traced), under a
+            # dispatch mode, or called on fake tensors: the dispatcher's op, whose fake kernel checks
+            # and whose registered autograd differentiates. No face is chosen.
             return self._overload(*args)
-        if self.function is not None and torch.is_grad_enabled() and _requires_grad(args):
+        if self.function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return self.function.apply(*args)
-        return self._forward(*args)
+        self.check(*args)
+        return self.run(self.select(args[0].device, *args), *args)
 
     def _forward(self, *args):
-        """Check, choose a face, run it."""
+        """Check, choose a face, run it (no autograd: :attr:`function`'s forward)."""
         # Under torch.compile the registered fake kernel runs the same checks on fake tensors.
         if not torch.compiler.is_compiling():
             self.check(*args)
@@ -280,17 +288,6 @@ class Op:
 def _below_autograd(fn, args):
     with _BELOW_AUTOGRAD():
         return fn(*args)
-
-
-def _traced(args) -> bool:
-    """Whether an eager call is being traced (a dispatch mode is active) or gets fake tensors."""
-    return torch._C._len_torch_dispatch_stack() > 0 or isinstance(args[0], FakeTensor)
-
-
-def _requires_grad(args) -> bool:
-    if torch.compiler.is_compiling():
-        return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    return torch._C._any_requires_grad(*args)
 
 
 def _derivative(schema, setup_context: Callable, backward: Callable) -> tuple[Callable, Callable]:
@@ -311,13 +308,19 @@ def _derivative(schema, setup_context: Callable, backward: Callable) -> tuple[Ca
             inputs = (*inputs, *defaults[len(inputs):])
         setup_context(ctx, inputs, output)
 
-    @once_differentiable
-    def backward_once(ctx, *grads):
+    def backward_grads(ctx, *grads):
         if all(g is None for g in grads):
             return (None,) * n
         if len(ctx.needs_input_grad) < n:
             ctx.needs_input_grad = (*ctx.needs_input_grad, *(False,) * (n - len(ctx.needs_input_grad)))
         return backward(ctx, *grads)
+
+    once = once_differentiable(backward_grads)
+
+    def backward_once(ctx, *grads):
+        # Grad mode is on only for a backward that builds a graph (create_graph=True): then
+        # once_differentiable's wrapper, whose results refuse a second backward.
+        return once(ctx, *grads) if torch.is_grad_enabled() else backward_grads(ctx, *grads)
 
     return setup, backward_once
 

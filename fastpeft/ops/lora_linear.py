@@ -11,7 +11,8 @@ Two registered ops carry the work, both on 2-D inputs (the public function flatt
 ``lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, x_lora) -> (y, s)``
     x ``[M, K]``, weight ``[N, K]`` (frozen), bias ``[N]`` or None, lora_a ``[r, K]``,
     lora_b ``[N, r]``, x_lora ``[M, K]`` (x after dropout) or None meaning x itself.
-    Returns y ``[M, N]`` and s = x_lora·Aᵀ ``[M, r]`` (kept for the backward).
+    Returns y ``[M, N]`` and s = x_lora·Aᵀ ``[M, r]`` (kept for the backward; not differentiable,
+    as the outputs aten's ops save for their backward are not).
 
 ``lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, s, scaling, x_lora) -> (grad_x, grad_x_lora, grad_a, grad_b)``
     With x_lora None: grad_x = dy·W + scaling·(dy·B)·A in one fused GEMM and grad_x_lora is empty.
@@ -91,34 +92,20 @@ def _choose_fwd(device, x, *args):
 def _setup_fwd(ctx, inputs, output):
     x, weight, _, lora_a, lora_b, scaling, x_lora = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], x_lora)
+    ctx.mark_non_differentiable(output[1])  # s is kept for the backward, as aten's saved outputs are
     ctx.scaling = scaling
 
 
-def _backward_fwd(ctx, grad_y, grad_s):
-    """Through the backward op; W (and bias) get gradients only if they require them. A gradient
-    of s (the forward's second output, x_lora·Aᵀ, when something else used it) adds
-    ``grad_s·A`` to the LoRA input's gradient and ``grad_sᵀ·x_lora`` to A's."""
+def _backward_fwd(ctx, grad_y, _):
+    """Through the backward op; W (and bias) get gradients only if they require them."""
     x, weight, lora_a, lora_b, s, x_lora = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_x = grad_w = grad_bias = grad_a = grad_b = grad_x_lora = None
-    if grad_y is not None:
-        grad_y = grad_y.contiguous()
-        grad_x, grad_x_lora, grad_a, grad_b = lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, s, ctx.scaling,
-                                                              x_lora)
-        if x_lora is None:
-            grad_x_lora = None
-        grad_w = grad_y.t() @ x if need[1] else None           # only when W is not frozen
-        grad_bias = grad_y.sum(0) if need[2] else None
-    if grad_s is not None:
-        x_l = x if x_lora is None else x_lora
-        through_s = grad_s @ lora_a
-        if x_lora is None:
-            grad_x = through_s if grad_x is None else grad_x + through_s
-        else:
-            grad_x_lora = through_s if grad_x_lora is None else grad_x_lora + through_s
-        grad_a = grad_s.t() @ x_l if grad_a is None else grad_a + grad_s.t() @ x_l
+    grad_y = grad_y.contiguous()
+    grad_x, grad_x_lora, grad_a, grad_b = lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, x_lora)
+    grad_w = grad_y.t() @ x if need[1] else None           # only when W is not frozen
+    grad_bias = grad_y.sum(0) if need[2] else None
     return (grad_x if need[0] else None, grad_w, grad_bias, grad_a if need[3] else None,
-            grad_b if need[4] else None, None, grad_x_lora if need[6] else None)
+            grad_b if need[4] else None, None, grad_x_lora if x_lora is not None and need[6] else None)
 
 
 lora_linear_fwd = _registry.define(
