@@ -61,19 +61,16 @@ def _expand(base, s, stack, scalings, segments: bool, adapter_ids, routing):
 class MultiLoRAFunction(torch.autograd.Function):
     """out = y_base + scaling[slot]·B[slot]·A[slot]·x per token, with gradients for every slot
     present in the batch (absent slots get exactly zero). The routing comes as tensors (an
-    AdapterBatch's); nothing here reads it on the host, so torch.compile traces forward and
-    backward whole, and a GPU never waits for the host.
+    AdapterBatch's: adapter_ids and the SGMV routing tuple); nothing here reads it on the host, so
+    torch.compile traces forward and backward whole, and a GPU never waits for the host.
 
     lease: an AdapterPool's slot lease (or None), kept until this layer's backward has run."""
 
     @staticmethod
-    def forward(ctx, x, y_base, lora_a, lora_b, scalings, adapter_ids, sorted_tokens, seg_starts, seg_lens,
-                seg_adapters, max_seg_len, segments, lease):
-        routing = (sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len)
+    def forward(ctx, x, y_base, lora_a, lora_b, scalings, adapter_ids, routing, segments, lease):
         s = _shrink(x, lora_a, segments, adapter_ids, routing)
-        ctx.save_for_backward(x, s, lora_a, lora_b, scalings, adapter_ids, sorted_tokens, seg_starts, seg_lens,
-                              seg_adapters)
-        ctx.max_seg_len, ctx.segments = max_seg_len, segments
+        ctx.save_for_backward(x, s, lora_a, lora_b, scalings, adapter_ids, *routing[:4])
+        ctx.max_seg_len, ctx.segments = routing[4], segments
         if lease is not None:
             ctx.lease = lease  # keeps the slots it routes to in place
         return _expand(y_base, s, lora_b, scalings, segments, adapter_ids, routing)
@@ -101,7 +98,7 @@ class MultiLoRAFunction(torch.autograd.Function):
                                            lambda a, b: sgmv_outer(a, b, *routing, S))
         if hasattr(ctx, "lease"):
             ctx.lease = None  # read the slots for the last time: an unload waiting for them may go on
-        return grad_x, grad_out, grad_a, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_out, grad_a, grad_b, None, None, None, None, None
 
 
 class MultiLoRALinear(nn.Module):
@@ -252,9 +249,8 @@ class MultiLoRALinear(nn.Module):
         # An AdapterPool's lease rides on the graph in eager mode only: under torch.compile an object
         # made per forward would be a new guard each time (the pool does not compile its hooks).
         lease = None if torch.compiler.is_compiling() else batch.lease
-        out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch.adapter_ids,
-                                      batch.sorted_tokens, batch.seg_starts, batch.seg_lens, batch.seg_adapters,
-                                      batch.max_seg_len, batch.prefers_segments(), lease)
+        out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch.adapter_ids, batch.routing,
+                                      batch.prefers_segments(), lease)
         return out.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):

@@ -236,10 +236,14 @@ class Op:
             if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
                 with torch.cuda.device(device):
                     return launch(*args) if compiling else _below_autograd(launch, args)
-            return launch(*args) if compiling else _below_autograd(launch, args)
+            if compiling:
+                return launch(*args)
+            with _BELOW_AUTOGRAD():
+                return launch(*args)
         if compiling or self.function is None:  # no autograd kernel of ours to skip
-            return self.dispatcher_op(*args)
-        return _below_autograd(self.dispatcher_op, args)
+            return self._overload(*args)
+        with _BELOW_AUTOGRAD():
+            return self._overload(*args)
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple:
         """Arguments given by name placed by the schema, defaults filling the gaps between."""
