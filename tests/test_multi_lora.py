@@ -185,3 +185,23 @@ def test_bad_ids_under_compile_are_refused_on_the_device():
         compiled(x, torch.tensor([0, 1, 9, -1]))
     with pytest.raises(RuntimeError, match="an adapter id points at an empty slot"):
         compiled(x, torch.tensor([0, 1, 4, -1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [6, 40])
+def test_a_gpu_training_step_never_waits_for_the_host(T):
+    """Ids from the host are checked there and copied without waiting; the routing, the forward
+    and the backward run on the GPU with nothing read back (CUDA's sync debug mode raises on any
+    synchronising call)."""
+    _, layer, _ = multi_layer(device="cuda")
+    layer.lora_a.requires_grad_(True)
+    layer.lora_b.requires_grad_(True)
+    x = torch.randn(T, 24, device="cuda", requires_grad=True)
+    ids = torch.tensor(([0, 2, -1, 1] * T)[:T])
+    layer(x, ids).sum().backward()  # warm-up: first-call work (kernel loading) is not the step
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x, ids).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
