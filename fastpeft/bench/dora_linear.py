@@ -29,11 +29,13 @@ def cases(device: str, quick: bool) -> list[Case]:
     if device == "cuda":
         return [Case("training", "fwd+bwd", "bf16", dims(4096, 4096, 4096, 16), TARGETS),
                 Case("training-small-batch", "fwd+bwd", "bf16", dims(256, 4096, 4096, 16), TARGETS)]
-    # CPU: lora_linear's training shapes (1024³ and a wider layer with fewer tokens), and the square
-    # one in bf16, which an AVX512_BF16 CPU computes natively.
+    # CPU: lora_linear's training shapes (1024³ and a wider layer with fewer tokens), the square one
+    # in bf16, which an AVX512_BF16 CPU computes natively, and a 4096² layer seeing 128 tokens (a
+    # micro-batch's share), where PEFT's weight-sized work per step weighs most against the GEMMs.
     return [Case("training", "fwd+bwd", "fp32", dims(1024, 1024, 1024, 16), TARGETS),
             Case("training-wide", "fwd+bwd", "fp32", dims(512, 2048, 2048, 16), TARGETS),
-            Case("training", "fwd+bwd", "bf16", dims(1024, 1024, 1024, 16), TARGETS)]
+            Case("training", "fwd+bwd", "bf16", dims(1024, 1024, 1024, 16), TARGETS),
+            Case("training-short", "fwd+bwd", "bf16", dims(128, 4096, 4096, 16), TARGETS)]
 
 
 def variants(case: Case, device: str) -> Variants:
