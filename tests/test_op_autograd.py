@@ -333,3 +333,35 @@ def test_the_triton_op_has_the_same_derivative():
     got = grads_of(torch.ops.fastpeft.lora_linear_fwd_triton.default, build("lora_linear_fwd", "x"))
     for gt, ex in zip(got, expected):
         assert_close(gt, ex)
+
+
+@pytest.mark.skipif(not fastpeft.backends.availability("cpu", torch.device("cpu")).usable,
+                    reason="the C++ CPU face is not usable here")
+def test_a_face_runs_below_autograd_and_the_thread_state_is_restored(monkeypatch):
+    """The registry excludes the autograd keys around a face's kernel (the registered autograd
+    kernel would run again for nothing); the thread's exclusions are as they were after the call,
+    after a kernel that raised, and inside torch's own below-autograd guard."""
+    state = lambda: repr(torch._C._dispatch_tls_local_exclude_set())  # noqa: E731
+    before = state()
+    x, w, b, a, bb, scaling, _ = _lora(False, torch.Generator().manual_seed(0))
+    op = all_ops()["lora_linear_fwd"]
+    seen = []
+
+    def kernel(*args):
+        seen.append(torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradCPU))
+        if len(seen) == 2:
+            raise RuntimeError("kernel failed")
+        return op.reference(*args)
+
+    monkeypatch.setattr(op, "_overload", kernel)
+    with torch.no_grad(), fastpeft.use_backend("cpu"):
+        lora_linear(x, w, b, a, bb, scaling)
+        assert state() == before
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            lora_linear(x, w, b, a, bb, scaling)
+        assert state() == before
+        with torch._C._AutoDispatchBelowAutograd():
+            inside = state()
+            lora_linear(x, w, b, a, bb, scaling)
+            assert state() == inside
+    assert seen == [True, True, True] and state() == before

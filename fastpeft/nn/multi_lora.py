@@ -84,7 +84,7 @@ class MultiLoRAFunction(torch.autograd.Function):
         segments, S = ctx.segments, lora_a.shape[0]
         # ds[t] = scaling[slot]·B[slot]ᵀ·dout[t]: a shrink by the transposed B stack, rows scaled.
         ds = _shrink(grad_out, lora_b.transpose(1, 2), segments, adapter_ids, routing) \
-            * row_scales(scalings, adapter_ids, grad_out.dtype)[:, None]
+            * row_scales(scalings, adapter_ids, grad_out.dtype, checked=True)[:, None]
         grad_x = grad_a = grad_b = None
         if need[0]:  # dx[t] = A[slot]ᵀ·ds[t]: an expand by the transposed A stack
             ones = torch.ones_like(scalings)
@@ -246,11 +246,18 @@ class MultiLoRALinear(nn.Module):
         y = self.base_layer(x2)
         if rows is not None:
             y = y * self.ia3_out[rows]
+        segments, routing = batch.prefers_segments(), batch.routing
+        if not (torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad or self.lora_a.requires_grad
+                                             or self.lora_b.requires_grad)):
+            # inference: no autograd node to build (nor a lease to keep: nothing runs later)
+            s = _shrink(x2, self.lora_a, segments, batch.adapter_ids, routing)
+            out = _expand(y, s, self.lora_b, self.scalings, segments, batch.adapter_ids, routing)
+            return out.reshape(*lead, self.out_features)
         # An AdapterPool's lease rides on the graph in eager mode only: under torch.compile an object
         # made per forward would be a new guard each time (the pool does not compile its hooks).
         lease = None if torch.compiler.is_compiling() else batch.lease
-        out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch.adapter_ids, batch.routing,
-                                      batch.prefers_segments(), lease)
+        out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch.adapter_ids, routing,
+                                      segments, lease)
         return out.reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):

@@ -124,10 +124,11 @@ def _outer(a, b, adapter_ids, num_slots):
     return _registry.get("sgmv_outer")(a, b, *route(adapter_ids, num_slots), adapter_ids.shape[0], num_slots)
 
 
-def row_scales(scalings, adapter_ids, dtype):
-    """``scalings[id]`` per token, 0 where id names no slot: ``[T]`` in `dtype`."""
+def row_scales(scalings, adapter_ids, dtype, checked=False):
+    """``scalings[id]`` per token, 0 where id names no slot: ``[T]`` in `dtype`. checked=True: the
+    ids are known to lie in ``[-1, S)`` (an AdapterBatch's)."""
     ids = adapter_ids.long()
-    valid = (ids >= 0) & (ids < scalings.shape[0])
+    valid = ids >= 0 if checked else (ids >= 0) & (ids < scalings.shape[0])
     return torch.where(valid, scalings[ids.clamp(0, scalings.shape[0] - 1)], 0.0).to(dtype)
 
 

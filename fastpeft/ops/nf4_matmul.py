@@ -87,6 +87,8 @@ def _check(x, packed, absmax, quant_map, blocksize, out_features, bias=None, tra
     if quant_map.numel() != 16 or quant_map.dtype != torch.float32:
         raise ValueError(f"{op}: quant_map must hold the 16 float32 NF4 levels")
     for name, value in (("absmax_offset", absmax_offset), ("lora_scaling", lora_scaling)):
+        if type(value) is float:  # the usual case, without numbers.Real's ABC check (0.4 us)
+            continue
         if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
             raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}"
                             + (" (an NF4Weight without double quantisation has offset None: pass 0.0)"

@@ -53,28 +53,30 @@ def _check_routing(op, T, S, device, sorted_tokens, seg_starts, seg_lens, seg_ad
 def _check_routing_values(op, T, S, sorted_tokens, seg_starts, seg_lens, seg_adapters, max_seg_len):
     """Every face refuses what the C++ face refuses (the reference ignored it): segments outside the
     tokens, slots outside the stack, token indices out of range, a max_seg_len below a segment's
-    length. Tensor comparisons, a few microseconds whatever T; the messages name the first culprit.
-    On the CPU only: on a GPU reading the values would wait for the device at every layer, and the
-    kernels mask out-of-range indices instead."""
-    starts, lens, slots = seg_starts.long(), seg_lens.long(), seg_adapters.long()
-    outside = (starts < 0) | (lens < 0) | (starts + lens > T)
-    if outside.any():
-        u = int(outside.nonzero()[0])
-        raise ValueError(f"{op}: segment {u} [{int(starts[u])}, {int(starts[u] + lens[u])}) lies outside the {T} "
-                         "tokens")
-    if ((slots < 0) | (slots >= S)).any():
-        u = int(((slots < 0) | (slots >= S)).nonzero()[0])
-        raise ValueError(f"{op}: segment {u} names slot {int(slots[u])}, outside [0, {S})")
-    if lens.numel() and int(lens.max()) > max_seg_len:
-        u = int(lens.argmax())
-        raise ValueError(f"{op}: segment {u} has {int(lens[u])} tokens, more than max_seg_len = {max_seg_len}")
-    tokens = sorted_tokens.long()
-    bad = (tokens < 0) | (tokens >= T)
-    if bad.any():  # only entries some segment covers are read
+    length; the messages name the first culprit. The segments (one per slot at most, in practice)
+    are read as lists, the T token indices by one min/max: a few microseconds. On the CPU only: on
+    a GPU reading the values would wait for the device at every layer, and the kernels mask
+    out-of-range indices instead."""
+    starts, lens, slots = seg_starts.tolist(), seg_lens.tolist(), seg_adapters.tolist()
+    for u, (start, length) in enumerate(zip(starts, lens)):
+        if start < 0 or length < 0 or start + length > T:
+            raise ValueError(f"{op}: segment {u} [{start}, {start + length}) lies outside the {T} tokens")
+    for u, slot in enumerate(slots):
+        if not 0 <= slot < S:
+            raise ValueError(f"{op}: segment {u} names slot {slot}, outside [0, {S})")
+    longest = max(lens, default=0)
+    if longest > max_seg_len:
+        u = lens.index(longest)
+        raise ValueError(f"{op}: segment {u} has {longest} tokens, more than max_seg_len = {max_seg_len}")
+    if not T:
+        return
+    lo, hi = torch.aminmax(sorted_tokens)
+    if int(lo) < 0 or int(hi) >= T:  # only entries some segment covers are read
+        tokens = sorted_tokens.long()
         covered = torch.zeros(T, dtype=torch.bool)
-        for start, length in zip(starts.tolist(), lens.tolist()):  # one per adapter, not per token
+        for start, length in zip(starts, lens):  # one per adapter, not per token
             covered[start:start + length] = True
-        bad &= covered
+        bad = ((tokens < 0) | (tokens >= T)) & covered
         if bad.any():
             raise ValueError(f"{op}: sorted_tokens holds {int(tokens[bad][0])}, which is not a token index")
 
