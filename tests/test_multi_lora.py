@@ -151,6 +151,17 @@ def test_compiled_forward_and_backward_have_no_graph_break(T, where):
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("T", [6, 40])
+def test_compiled_inference_has_no_graph_break(T):
+    """Without gradients the layer runs the ops alone (no autograd node): one graph as well."""
+    _, layer, _ = multi_layer()
+    x, ids = torch.randn(T, 24), torch.tensor(([0, 2, -1, 1] * T)[:T])
+    with torch.no_grad():
+        explained = torch._dynamo.explain(lambda x, ids: layer(x, ids))(x, ids)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        assert_close(torch.compile(lambda x, ids: layer(x, ids), fullgraph=True)(x, ids), layer(x, ids))
+
+
 def test_compiled_layer_with_a_prebuilt_batch():
     """A batch built outside the compiled function (as an AdapterPool builds it) enters as tensors:
     another batch of the same size runs the same graph."""
