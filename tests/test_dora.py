@@ -15,7 +15,7 @@ from fastpeft.nn import Linear4bit, LoRALinear, MultiLoRALinear
 from fastpeft.ops import record_faces
 from fastpeft.ops.dora_linear import row_norms_sq
 
-from conftest import assert_close
+from conftest import assert_close, peak_cpu_bytes_above_start
 from models import TARGETS, model_inputs, output_of, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -372,21 +372,6 @@ def test_use_dora_must_be_a_bool():
 
 # ---------------------------------------------------------------- memory
 
-def _peak_cpu_bytes(fn) -> int:
-    """Peak of the CPU bytes `fn` allocates and has not yet freed (torch's profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
 def test_a_dora_training_step_allocates_no_out_by_in_temporary(quantized):
     """One layer, wide and short (4096 x 1024 weight, 8 tokens): a W + s·B·A, as PEFT forms each
@@ -412,7 +397,7 @@ def test_a_dora_training_step_allocates_no_out_by_in_temporary(quantized):
 
     step()  # warm-up: the cached ‖Wᵢ‖² is computed here, once (a 4-bit base dequantised for it)
     saved.clear()
-    peak = _peak_cpu_bytes(step)
+    peak = peak_cpu_bytes_above_start(step)
     out_by_in = out_f * in_f * 4
     assert saved and max(saved) < out_f * in_f / 8, saved
     # measured here: 0.7 MiB dense (C++ and Triton faces alike), 1.5 MiB over NF4 (its dequantised
