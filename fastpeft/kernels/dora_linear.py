@@ -28,7 +28,7 @@ from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
 from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision
-from .lora_linear import GROUP_M, MATMUL_TILES, fused_matmul, lora_linear_bwd, matmul_tile, shrink
+from .lora_linear import GROUP_M, MATMUL_TILES, add_lora_delta, fused_matmul, lora_linear_bwd, matmul_tile, shrink
 
 
 @triton.jit
@@ -87,16 +87,8 @@ def _dora_matmul_kernel(
         if HAS_X_LORA:  # d = x·Wᵀ − x_l·Wᵀ from the two fp32 accumulators; z is the x_lora branch's
             tl.store(d_ptr + out_off, (acc - acc_l).to(d_ptr.dtype.element_ty), mask=out_mask)
             acc = acc_l
-        offs_r = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + offs_r
-            r_mask = r < R
-            s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :].to(tl.int64) * stride_sr,
-                        mask=x_rows[:, None] & r_mask[None, :], other=0.0)
-            s = (s.to(tl.float32) * scaling).to(x_ptr.dtype.element_ty)
-            b_t = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + r[:, None].to(tl.int64) * stride_br,
-                          mask=n_mask[None, :] & r_mask[:, None], other=0.0)
-            acc = dot(s, b_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+        acc = add_lora_delta(acc, s_ptr, b_ptr, x_ptr, offs_m, offs_n, x_rows, n_mask, R, scaling,
+                             stride_sm, stride_sr, stride_bn, stride_br, BLOCK_R, INPUT_PRECISION, BF16_VIA_FP32)
         tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
 
 

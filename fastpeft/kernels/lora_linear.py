@@ -60,6 +60,26 @@ def _shrink_kernel(
 
 
 @triton.jit
+def add_lora_delta(acc, s_ptr, b_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, R, scaling,
+                   stride_sm, stride_sr, stride_bn, stride_br,
+                   BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr):
+    """acc + (scaling·s[offs_m, :])·b[offs_n, :]ᵀ over the rank in BLOCK_R chunks: the LoRA delta joins
+    the base GEMM's fp32 accumulator. scaling is folded into the small s tile, rounded to x's dtype
+    (one extra rounding of an [M, r] value, as PEFT's own `delta * scaling` has)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + offs_r
+        r_mask = r < R
+        s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :].to(tl.int64) * stride_sr,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        s = (s.to(tl.float32) * scaling).to(x_ptr.dtype.element_ty)
+        b_t = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + r[:, None].to(tl.int64) * stride_br,
+                      mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+        acc = dot(s, b_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+    return acc
+
+
+@triton.jit
 def _fused_matmul_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, R, scaling,
@@ -99,19 +119,9 @@ def _fused_matmul_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    if HAS_LORA:
-        # The LoRA delta joins the same accumulator: scaling is folded into the small s tile
-        # (one extra rounding of an [M, r] value, as PEFT's own `delta * scaling` has).
-        offs_r = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + offs_r
-            r_mask = r < R
-            s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :].to(tl.int64) * stride_sr,
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            s = (s.to(tl.float32) * scaling).to(x_ptr.dtype.element_ty)
-            b_t = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + r[:, None].to(tl.int64) * stride_br,
-                          mask=n_mask[None, :] & r_mask[:, None], other=0.0)
-            acc = dot(s, b_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
+    if HAS_LORA:  # the LoRA delta joins the same accumulator
+        acc = add_lora_delta(acc, s_ptr, b_ptr, x_ptr, offs_m, offs_n, m_mask, n_mask, R, scaling,
+                             stride_sm, stride_sr, stride_bn, stride_br, BLOCK_R, INPUT_PRECISION, BF16_VIA_FP32)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
