@@ -8,7 +8,8 @@ import torch
 
 import fastpeft
 from fastpeft.nn import Linear4bit, MultiLoRALinear, use_adapter_batch
-from fastpeft.ops import (AdapterBatch, adapter_block, all_ops, lora_linear, phm_linear, record_faces)
+from fastpeft.ops import (AdapterBatch, adapter_block, all_ops, dora_linear, lora_linear, phm_linear, record_faces)
+from fastpeft.ops.dora_linear import row_norms_sq
 from fastpeft.ops.nf4_matmul import nf4_linear, qlora_linear, weight_args
 
 from adapter_stacks import S, stacks
@@ -16,7 +17,7 @@ from conftest import assert_close, face_params, on_face
 
 # The ops that compute a layer's forward: each must declare its derivative. (Ops that compute
 # gradients, *_bwd and sgmv_outer, are differentiated by the op that calls them.)
-FORWARD_OPS = ("lora_linear_fwd", "phm_linear_fwd", "adapter_block_fwd", "nf4_matmul", "bgmv_shrink", "bgmv_expand",
+FORWARD_OPS = ("lora_linear_fwd", "dora_linear_fwd", "phm_linear_fwd", "adapter_block_fwd", "nf4_matmul", "bgmv_shrink", "bgmv_expand",
                "sgmv_shrink", "sgmv_expand")
 
 IDS = [0, 1, -1, 5, 5, 2, 2, 2, -1, 3, 4, 0, 3]  # 13 tokens, every slot, two base-model rows
@@ -32,6 +33,15 @@ def _lora(with_x_lora, g):
     keep = torch.rand(x.shape, generator=g) >= 0.5  # dropout's mask, drawn from the case's generator
     x_lora = (x.detach() * keep * 2).requires_grad_() if with_x_lora else None
     return (x, w, b, a, bb, 0.7, x_lora)
+
+
+def _dora(with_x_lora, g):
+    """DoRA's inputs on _lora's, plus a magnitude near the row norms and the cached ‖Wᵢ‖² (a
+    constant of the frozen base: never differentiable, so it does not require grad)."""
+    x, w, b, a, bb, scaling, x_lora = _lora(with_x_lora, g)
+    norm = (w.detach() + scaling * bb.detach() @ a.detach()).norm(dim=1)
+    magnitude = (norm * (0.5 + torch.rand(norm.shape, generator=g))).requires_grad_()
+    return (x, w, b, a, bb, magnitude, row_norms_sq(w.detach()), scaling, x_lora)
 
 
 def _phm(low_rank, g):
@@ -92,6 +102,7 @@ def _sgmv_expand(g):
 # op name -> {case id: builder(generator) -> args}; fp32, ragged shapes, differentiable inputs requiring grad
 CASES = {
     "lora_linear_fwd": {"x": lambda g: _lora(False, g), "x_lora": lambda g: _lora(True, g)},
+    "dora_linear_fwd": {"x": lambda g: _dora(False, g), "x_lora": lambda g: _dora(True, g)},
     "phm_linear_fwd": {"full": lambda g: _phm(False, g), "low_rank": lambda g: _phm(True, g)},
     "adapter_block_fwd": {"gelu": lambda g: _adapter_block("gelu", g), "silu": lambda g: _adapter_block("silu", g)},
     "nf4_matmul": {"forward": lambda g: _nf4(False, False, g), "transposed": lambda g: _nf4(True, False, g),
@@ -175,7 +186,19 @@ def test_lora_linear_fwd_s_is_saved_for_the_backward_not_differentiated():
         assert y.requires_grad and not s.requires_grad
 
 
-@pytest.mark.parametrize("name,case", [p for p in CASE_PARAMS if p.values[0] in ("lora_linear_fwd", "bgmv_shrink")])
+def test_dora_linear_fwd_saved_outputs_and_norm_are_not_differentiated():
+    """s, z and the row norm are kept for the backward; the norm is a constant (PEFT's detach), so
+    none of them requires grad, and the norm equals the reference's on the same inputs."""
+    args = build("dora_linear_fwd", "x")
+    expected_norm = all_ops()["dora_linear_fwd"].reference(*args)[3]
+    for fn in (torch.ops.fastpeft.dora_linear_fwd.default, all_ops()["dora_linear_fwd"]):
+        y, s, z, norm = fn(*args)
+        assert y.requires_grad and not (s.requires_grad or z.requires_grad or norm.requires_grad)
+        assert_close(norm, expected_norm)
+
+
+@pytest.mark.parametrize("name,case", [p for p in CASE_PARAMS
+                                       if p.values[0] in ("lora_linear_fwd", "dora_linear_fwd", "bgmv_shrink")])
 @pytest.mark.parametrize("device,backend", face_params())
 def test_op_object_keeps_its_face_under_autograd(name, case, device, backend):
     """Called with inputs that require grad, the Op runs the forced face forward and its backward
@@ -206,6 +229,23 @@ def test_direct_calls_train_as_the_python_api_does():
                                  (x, w, b, a, bb))
     for got, want in zip(direct, api):
         assert_close(got, want)
+    # DoRA, with its norm cache passed and (the Python API's default) computed
+    for with_x_lora in (False, True):
+        x, w, b, a, bb, m, wsq, scaling, x_lora = _dora(with_x_lora, g)
+        dy = torch.randn(9, 19, generator=g)
+        leaves = (x, w, b, a, bb, m)
+        if x_lora is None:
+            api = torch.autograd.grad((dora_linear(x, w, b, a, bb, m, scaling) * dy).sum(), leaves)
+        else:  # the API draws its own dropout mask: compare with the same seed through both
+            torch.manual_seed(3)
+            api = torch.autograd.grad((dora_linear(x, w, b, a, bb, m, scaling, wsq, dropout_p=0.5) * dy).sum(),
+                                      leaves)
+            torch.manual_seed(3)
+            x_lora = torch.nn.functional.dropout(x, 0.5, training=True)
+        y = torch.ops.fastpeft.dora_linear_fwd(x, w, b, a, bb, m, wsq, scaling, x_lora)[0]
+        direct = torch.autograd.grad((y * dy).sum(), leaves)
+        for got, want in zip(direct, api):
+            assert_close(got, want)
     # PHM and the adapter block
     args = _phm(True, g)
     dy = torch.randn(7, 8, generator=g)

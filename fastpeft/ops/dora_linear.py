@@ -122,7 +122,7 @@ def dora_linear_fwd_reference(x, weight, bias, lora_a, lora_b, magnitude, weight
     and the combination in float32 (the GEMMs in the inputs' dtype, as PEFT's). weight_norm_sq,
     the fast faces' cached ‖Wᵢ‖², is not read: the truth does not trust a cache."""
     merged = weight.float() + scaling * (lora_b.float() @ lora_a.float())      # [N, K]
-    norm = torch.linalg.vector_norm(merged, dim=1)
+    norm = torch.linalg.vector_norm(merged, dim=1).detach()  # a constant of the backward, as PEFT's
     g = magnitude.float() / norm
     x_l = x if x_lora is None else x_lora
     s = F.linear(x_l, lora_a)
@@ -136,11 +136,47 @@ def dora_linear_fwd_reference(x, weight, bias, lora_a, lora_b, magnitude, weight
     return y.to(x.dtype), s, (base_l + lora).to(x.dtype), norm
 
 
+# The forward's derivative: the backward op below, declared once here for every way the op is called
+# (the Op object, torch.ops.fastpeft.dora_linear_fwd directly, the Triton op, AOTAutograd).
+
+def _weight_grad(grad_y, x, x_lora, g):
+    """dy/dW with the norm held constant (PEFT's detach): only for a base weight that trains."""
+    if x_lora is None:
+        return (grad_y.float() * g).to(grad_y.dtype).t() @ x
+    return grad_y.t() @ x + (grad_y.float() * (g - 1)).to(grad_y.dtype).t() @ x_lora
+
+
+def _setup_fwd(ctx, inputs, output):
+    x, weight, _, lora_a, lora_b, magnitude, _, scaling, x_lora = inputs
+    _, s, z, norm = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, s, z, norm, x_lora)
+    # s, z and the (detached) norm are kept for the backward, as aten's saved outputs are: only y
+    # is differentiable, so the norm is a constant of the backward as in the paper and PEFT.
+    ctx.mark_non_differentiable(s, z, norm)
+    ctx.scaling = scaling
+
+
+def _backward_fwd(ctx, grad_y, *_):
+    """Through the backward op; W and bias get gradients only if they require them, weight_norm_sq
+    (a cache of the frozen base's ‖Wᵢ‖²) never."""
+    x, weight, lora_a, lora_b, magnitude, s, z, norm, x_lora = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_y = grad_y.contiguous()
+    grad_x, grad_x_lora, grad_a, grad_b, grad_m = dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, s, z,
+                                                                  norm, ctx.scaling, x_lora)
+    grad_w = _weight_grad(grad_y, x, x_lora, magnitude.float() / norm) if need[1] else None
+    grad_bias = grad_y.sum(0) if need[2] else None
+    return (grad_x if need[0] else None, grad_w, grad_bias, grad_a if need[3] else None,
+            grad_b if need[4] else None, grad_m if need[5] else None, None, None,
+            grad_x_lora if x_lora is not None and need[8] else None)
+
+
 dora_linear_fwd = _registry.define(
     "dora_linear_fwd",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor magnitude, Tensor weight_norm_sq,"
     " float scaling, Tensor? x_lora=None) -> (Tensor, Tensor, Tensor, Tensor)",
-    check=_check_fwd, fake=_fake_fwd, reference=dora_linear_fwd_reference, triton="dora_linear", cpp=("cpu",))
+    check=_check_fwd, fake=_fake_fwd, reference=dora_linear_fwd_reference, triton="dora_linear", cpp=("cpu",),
+    setup_context=_setup_fwd, backward=_backward_fwd)
 
 
 # ---------------------------------------------------------------- backward
@@ -190,38 +226,6 @@ dora_linear_bwd = _registry.define(
 
 # ---------------------------------------------------------------- autograd and public entry
 
-def _weight_grad(grad_y, x, x_lora, g):
-    """dy/dW with the norm held constant (PEFT's detach): only for a base weight that trains."""
-    if x_lora is None:
-        return (grad_y.float() * g).to(grad_y.dtype).t() @ x
-    return grad_y.t() @ x + (grad_y.float() * (g - 1)).to(grad_y.dtype).t() @ x_lora
-
-
-class DoRALinearFunction(torch.autograd.Function):
-    """Autograd around the two ops; the row norm is a constant. W and bias get gradients only if
-    they require them; weight_norm_sq never does."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, weight_norm_sq, scaling, x_lora):
-        y, s, z, norm = dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_norm_sq, scaling, x_lora)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, s, z, norm, x_lora)
-        ctx.scaling = scaling
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_a, lora_b, magnitude, s, z, norm, x_lora = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        grad_x, grad_x_lora, grad_a, grad_b, grad_m = dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, s,
-                                                                      z, norm, ctx.scaling, x_lora)
-        need = ctx.needs_input_grad
-        grad_w = _weight_grad(grad_y, x, x_lora, magnitude.float() / norm) if need[1] else None
-        grad_bias = grad_y.sum(0) if need[2] else None
-        return (grad_x if need[0] else None, grad_w, grad_bias, grad_a if need[3] else None,
-                grad_b if need[4] else None, grad_m if need[5] else None, None, None,
-                grad_x_lora if x_lora is not None else None)
-
-
 def _check_entry(op, x, dropout_p):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
@@ -258,12 +262,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     x_lora = F.dropout(x2, dropout_p, training=True) if dropout_p > 0 else None
-    args = (x2, weight, bias, lora_a, lora_b, magnitude, weight_norm_sq, float(scaling), x_lora)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias, lora_a, lora_b, magnitude)):
-        y = DoRALinearFunction.apply(*args)
-    else:  # inference: no autograd node to build
-        y = dora_linear_fwd(*args)[0]
+    # The op builds an autograd node (its declared derivative) only when an input needs a gradient.
+    y = dora_linear_fwd(x2, weight, bias, lora_a, lora_b, magnitude, weight_norm_sq, float(scaling), x_lora)[0]
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -350,4 +350,4 @@ def qdora_linear(x: torch.Tensor, q, bias: torch.Tensor | None, lora_a: torch.Te
 
 __all__ = ["dora_linear", "dora_linear_fwd", "dora_linear_bwd", "dora_linear_fwd_reference",
            "dora_linear_bwd_reference", "check_dora_linear_args", "row_norms_sq", "norm_from_products",
-           "DoRALinearFunction", "qdora_linear", "QDoRALinearFunction"]
+           "qdora_linear", "QDoRALinearFunction"]
