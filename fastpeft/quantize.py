@@ -17,17 +17,60 @@ from safetensors.torch import save_file
 
 from .methods import count_parameters
 from .nn.linear4bit import Linear4bit
-from .targeting import output_layer_names, replace_module
+from .targeting import TASK_HEADS, name_matches, output_layer_names, own_modules, replace_module, task_type_of
+
+
+# Modules kept in full precision besides the output layer and the task heads: a sequence
+# classifier's pooler (BERT-family encoders name it so), the dense layer between the encoder and a
+# head, which transformers + bitsandbytes would quantise. It is small (hidden x hidden) and sits on
+# the path of every gradient that trains the head.
+FULL_PRECISION_MODULES = ("pooler",)
+
+
+def full_precision_modules(model: nn.Module) -> list[str]:
+    """Names of the modules :func:`quantize_model` keeps in full precision by default: the output
+    layer (``get_output_embeddings()``, as transformers + bitsandbytes keep it), the task heads
+    PEFT trains fully for the model's task type (``classifier``, ``score``, ``qa_outputs``), and
+    every module named in :data:`FULL_PRECISION_MODULES` (a BERT pooler); by rule, never by model."""
+    heads = TASK_HEADS.get(task_type_of(model) or "", ())
+    names = set(output_layer_names(model))
+    names |= {n for n, _ in own_modules(model) if n and name_matches(n, list(heads) + list(FULL_PRECISION_MODULES))}
+    return sorted(names)
+
+
+def _skipped(name: str, skip_modules) -> bool:
+    """transformers' rule for ``llm_int8_skip_modules``: an entry skips the module whose full name
+    it matches from the start to a module boundary (``"layer.1"``: ``layer.1.attn``, not
+    ``layer.11.attn``; a regex too), or ends with, and every module inside one it skips."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(re.fullmatch(entry, p) or p.endswith(entry) for entry in skip_modules for p in prefixes)
 
 
 def quantize_model(model: nn.Module, double_quant: bool = False, blocksize: int = 64,
-                   quant_storage: torch.dtype = torch.uint8, skip_output_layer: bool = True) -> nn.Module:
-    """Replace every ``nn.Linear`` of `model` (the output layer kept, as transformers does) by a
-    :class:`Linear4bit`, in place; returns the model."""
-    skip = output_layer_names(model) if skip_output_layer else set()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name not in skip:
-            replace_module(model, name, Linear4bit.from_linear(module, blocksize, double_quant, quant_storage))
+                   quant_storage: torch.dtype = torch.uint8, skip_modules=None) -> nn.Module:
+    """Replace every ``nn.Linear`` of `model` by a :class:`Linear4bit` (NF4), in place; returns the model.
+
+    skip_modules: modules kept in full precision, as bitsandbytes' ``llm_int8_skip_modules``
+    (names, suffixes or regexes of modules; everything inside one is kept too). None (the default)
+    keeps :func:`full_precision_modules`: the output layer, the task heads and a pooler, as
+    transformers + bitsandbytes keep the output layer; a list replaces that default, as in
+    transformers (``[]`` quantises every linear layer, the output layer included).
+    """
+    if skip_modules is not None and (isinstance(skip_modules, str) or
+                                     not all(isinstance(m, str) for m in skip_modules)):
+        raise TypeError(f"quantize_model: skip_modules must be a list of module names (or None), "
+                        f"not {skip_modules!r}")
+    for entry in skip_modules or ():
+        try:
+            re.compile(entry)
+        except re.error as e:
+            raise ValueError(f"quantize_model: skip_modules entry {entry!r} is not a valid pattern ({e})") from None
+    skip = full_precision_modules(model) if skip_modules is None else list(skip_modules)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and not _skipped(name, skip)]
+    for name, module in chosen:
+        replace_module(model, name, Linear4bit.from_linear(module, blocksize, double_quant, quant_storage))
     return model
 
 
@@ -222,7 +265,10 @@ def save_quantized_model(model: nn.Module, directory: str, max_shard_size: int |
     config.quantization_config = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": double.pop(), "bnb_4bit_compute_dtype": str(layers[0].weight_dtype).split(".")[-1],
-        "bnb_4bit_quant_storage": str(storage.pop()).split(".")[-1], "_load_in_4bit": True, "_load_in_8bit": False}
+        "bnb_4bit_quant_storage": str(storage.pop()).split(".")[-1], "_load_in_4bit": True, "_load_in_8bit": False,
+        # the linear layers left in full precision, by full name, so that transformers leaves exactly
+        # these unquantised ([] when every one is 4-bit; None would make it keep its own default)
+        "llm_int8_skip_modules": [n for n, m in own_modules(model) if isinstance(m, nn.Linear)]}
     tied = _tied_keys(model, config)
     # a tied output layer is written once, under the embedding's key, as transformers writes it
     state = {k: v.detach() for k, v in model.state_dict().items() if k not in tied}

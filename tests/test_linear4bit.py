@@ -1,6 +1,8 @@
 """Linear4bit (NF4 base weights) and QLoRA through the public API; the nf4_matmul op beneath is
 tested in test_nf4_matmul.py."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ import fastpeft
 from fastpeft.nn import Linear4bit, LoRALinear
 
 from conftest import DTYPES, assert_close, peak_cpu_bytes_above_start
+import models
 from models import model_inputs, tiny_model, train_on_own_tokens
 
 
@@ -151,6 +154,78 @@ def test_quantize_model_and_qlora_training():
         fastpeft.merge_and_unload(model)
     assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
     assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def _classifier_llama(seed):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_labels=3,
+                         pad_token_id=0)
+    return tf.LlamaForSequenceClassification(cfg).eval()
+
+
+# (model, the linears kept in full precision by default: output layer, task head, pooler)
+KEPT = {"llama": ["lm_head"], "bert": ["bert.pooler.dense", "classifier"], "llama-classifier": ["score"]}
+
+
+def _fresh_model(kind):
+    seed = int(torch.randint(0, 2**31 - 1, ()))  # fresh weights each run
+    return _classifier_llama(seed) if kind == "llama-classifier" else tiny_model(kind, seed=seed)
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Linear4bit))}
+
+
+@pytest.mark.parametrize("kind", list(KEPT))
+def test_quantize_model_keeps_output_layer_task_heads_and_pooler_in_full_precision(kind):
+    """As transformers + bitsandbytes keep the output layer: the body is 4-bit, the output layer, a
+    classifier's head and a BERT pooler stay nn.Linear with their own weights, and the logits are
+    the reference path's (every 4-bit layer computed as its dequantised weight, the rest as before)."""
+    model = _fresh_model(kind)
+    original = {n: m.weight.detach().clone() for n, m in _linears(model).items()}
+    fastpeft.quantize_model(model)
+    layers = _linears(model)
+    assert sorted(n for n, m in layers.items() if type(m) is torch.nn.Linear) == KEPT[kind]
+    body = [n for n in layers if n not in KEPT[kind]]
+    assert body and all(isinstance(layers[n], Linear4bit) for n in body)
+    assert all(torch.equal(layers[n].weight, original[n]) for n in KEPT[kind])
+    reference = copy.deepcopy(model)
+    for name in body:  # the reference path: each 4-bit layer as nn.Linear over its dequantised weight
+        q = layers[name]
+        linear = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+        linear.weight.data = q.dequantized_weight().float()
+        if q.bias is not None:
+            linear.bias.data = q.bias.detach().clone()
+        fastpeft.targeting.replace_module(reference, name, linear)
+    ids = torch.randint(1, 64 if kind == "llama-classifier" else models.VOCAB, (3, 9))
+    with torch.no_grad():
+        assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, torch.float32)
+
+
+def test_quantize_model_skip_modules_replaces_the_default():
+    """skip_modules is bitsandbytes' llm_int8_skip_modules: a list replaces the default ([]: every
+    linear 4-bit, the head too), each entry a module name, suffix or regex, everything inside kept."""
+    model = fastpeft.quantize_model(_fresh_model("bert"), skip_modules=[])
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    model = fastpeft.quantize_model(_fresh_model("bert"), skip_modules=["pooler", r"bert\.encoder\.layer\.1"])
+    kept = sorted(n for n, m in _linears(model).items() if type(m) is torch.nn.Linear)
+    assert kept == ["bert.encoder.layer.1.attention.output.dense", "bert.encoder.layer.1.attention.self.key",
+                    "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value",
+                    "bert.encoder.layer.1.intermediate.dense", "bert.encoder.layer.1.output.dense",
+                    "bert.pooler.dense"]
+    assert isinstance(model.classifier, Linear4bit)
+
+
+@pytest.mark.parametrize("skip, error", [("lm_head", TypeError), (["lm_head", 3], TypeError), (["(lm"], ValueError)])
+def test_quantize_model_refuses_a_bad_skip_list_and_leaves_the_model_untouched(skip, error):
+    model = _fresh_model("llama")
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(error, match="skip_modules"):
+        fastpeft.quantize_model(model, skip_modules=skip)
+    assert {n: type(m) for n, m in model.named_modules()} == before
 
 
 def test_a_qlora_training_step_keeps_no_full_precision_weight():

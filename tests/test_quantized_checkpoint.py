@@ -94,3 +94,35 @@ def test_a_tied_output_layer_is_written_once_and_tied_again(tmp_path):
     ids = model_inputs("llama")["input_ids"]
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_layers_kept_in_full_precision_are_recorded_for_transformers(tmp_path):
+    """A quantised classifier keeps its pooler and head in full precision; the config names them in
+    llm_int8_skip_modules, so fastpeft and transformers + bitsandbytes both load them unquantised."""
+    import transformers as tf
+
+    model = fastpeft.quantize_model(tiny_model("bert", seed=int(torch.randint(0, 2**31 - 1, ()))))
+    save_quantized_model(model, tmp_path)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["quantization_config"]["llm_int8_skip_modules"] == ["bert.pooler.dense", "classifier"]
+    back = load_quantized_model(str(tmp_path), auto_class=tf.AutoModelForSequenceClassification)
+    assert type(back.bert.pooler.dense) is torch.nn.Linear and type(back.classifier) is torch.nn.Linear
+    assert isinstance(back.bert.encoder.layer[0].attention.self.query, Linear4bit)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    bnb = pytest.importorskip("bitsandbytes")
+    theirs = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path, device_map="cpu")
+    assert type(theirs.bert.pooler.dense) is torch.nn.Linear and type(theirs.classifier) is torch.nn.Linear
+    assert isinstance(theirs.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear4bit)
+
+
+def test_a_model_quantised_whole_records_an_empty_skip_list(tmp_path):
+    """With the output layer 4-bit too, the config says so ([]), else transformers would expect a
+    full-precision lm_head."""
+    model = fastpeft.quantize_model(tiny_model("llama", hidden_size=64, intermediate_size=128), skip_modules=[])
+    save_quantized_model(model, tmp_path)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["quantization_config"]["llm_int8_skip_modules"] == []
+    back = load_quantized_model(str(tmp_path))
+    assert isinstance(back.lm_head, Linear4bit)
