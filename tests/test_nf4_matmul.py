@@ -247,3 +247,93 @@ def test_faces_add_the_fused_lora_term(device, backend, dtype, M, K, N, r):
         with on_face(backend):
             got = op(inp, q.packed, q.absmax, q.quant_map, 64, N, bias, transposed, ls, ll, 0.5, **nested)
         assert_close(got, expected, dtype)
+
+
+def triton_devices():
+    """The devices the Triton face runs on here: the interpreter on the CPU, a GPU when there is one."""
+    return [pytest.param(p.values[0], marks=p.marks, id=p.values[0])
+            for p in face_params(nf4_matmul) if p.values[1] == "triton"]
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The names of the Triton kernels nf4_matmul's face launches (each launch still runs)."""
+    pytest.importorskip("triton")
+    from fastpeft.kernels import nf4_matmul as kernels
+    names = []
+    original = kernels.wrap_triton
+
+    def recording(kernel):
+        names.append(kernel.fn.__name__)
+        return original(kernel)
+
+    monkeypatch.setattr(kernels, "wrap_triton", recording)
+    return names
+
+
+# (M, K, N, blocksize, programs asked for, the split that gives): M from 1 to 16 with ragged N (not
+# a multiple of any BLOCK_N), each split (1, 2, 4), blocksizes 32 (BLOCK_K 32), 64 and 128 (two
+# trips per absmax block), and parts of an odd number of blocks (384 = 2 x 3 x 64).
+GEMV_SHAPES = [(1, 256, 70, 64, 1, 1), (16, 512, 33, 64, 10**6, 4), (9, 256, 300, 128, 5, 2),
+               (5, 192, 17, 32, 10**6, 2), (13, 384, 129, 64, 5, 2), (2, 320, 1, 64, 1, 1)]
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,blocksize,programs,split", GEMV_SHAPES)
+def test_triton_decode_gemv_matches_the_reference(monkeypatch, triton_launches, device, dtype, M, K, N, blocksize,
+                                                   programs, split):
+    """Rows M <= 16 take the GEMV (split-K views of W and x, the byte-pair level table, a scale per
+    chunk) with bias, the fused LoRA term and double quantisation, against the reference."""
+    from fastpeft.kernels import nf4_matmul as kernels
+    monkeypatch.setattr(kernels, "GEMV_MIN_PROGRAMS", programs)
+    assert kernels.gemv_split(M, K, N, blocksize, False) == split
+    lin = torch.nn.Linear(K, N).to(dtype)
+    for double_quant in (False, True):
+        q = Linear4bit.from_linear(lin, blocksize, double_quant).to(device).q
+        x = torch.randn(M, K, dtype=dtype, device=device)
+        bias = lin.bias.detach().to(device)
+        s, b_t = torch.randn(M, 7, dtype=dtype, device=device), torch.randn(7, N, dtype=dtype, device=device)
+        for extra in ({}, {"lora_s": s, "lora_l": b_t, "lora_scaling": 0.5}):
+            expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, blocksize, N, bias, **extra)
+            triton_launches.clear()
+            with on_face("triton"):
+                got = nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, **extra,
+                                 **nested_args(q))
+            assert triton_launches == ["_nf4_gemv_kernel"]
+            assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_decode_gemv_reads_strided_and_offset_inputs(triton_launches, device, dtype):
+    """x with a row stride above K, x starting one element into its storage (a pointer off 16 bytes),
+    and an output of M = 0 rows."""
+    M, K, N = 11, 256, 90
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, True).to(device).q
+    wide = torch.randn(M, K + 24, dtype=dtype, device=device)[:, 8:8 + K]
+    shifted = torch.randn(M * K + 1, dtype=dtype, device=device)[1:].view(M, K)
+    for x in (wide, shifted):
+        expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, 64, N)
+        triton_launches.clear()
+        with on_face("triton"):
+            got = nf4_matmul(x, q.packed, q.absmax, q.quant_map, 64, N, **nested_args(q))
+        assert triton_launches == ["_nf4_gemv_kernel"]
+        assert_close(got, expected, dtype)
+    with on_face("triton"):
+        empty = nf4_matmul(torch.randn(0, K, dtype=dtype, device=device), q.packed, q.absmax, q.quant_map, 64, N,
+                           **nested_args(q))
+    assert empty.shape == (0, N)
+
+
+def test_triton_decode_gemv_takes_rows_of_whole_blocks_only():
+    """The tiled kernel takes M > 16, the transposed product and rows not made of whole blocks."""
+    pytest.importorskip("triton")
+    from fastpeft.kernels.nf4_matmul import GEMV_MAX_M, gemv_split
+    assert gemv_split(GEMV_MAX_M, 4096, 14336, 64, False) == 2
+    assert gemv_split(1, 4096, 4096, 64, False) == 4
+    assert gemv_split(1, 4096, 32768, 64, False) == 1
+    assert gemv_split(GEMV_MAX_M + 1, 4096, 14336, 64, False) is None
+    assert gemv_split(1, 4096, 14336, 64, True) is None
+    assert gemv_split(1, 4096 + 32, 14336, 64, False) is None
+    assert gemv_split(1, 64 * 3, 64, 64, False) == 1   # 3 blocks per row: no split keeps whole blocks

@@ -47,10 +47,16 @@ CHILD = textwrap.dedent('''
         return launches
 
     # 1. the JIT's specialisation
-    (launch,) = nf4_launches(1, torch.bfloat16)
+    (launch,) = nf4_launches(1, torch.bfloat16)   # decode: the GEMV, split in two for 14336 rows
     spec = aot.jit_spec(launch, 90)
     consts, attrs = dict(spec.constexprs), dict(spec.attrs)
+    assert launch.name == "_nf4_gemv_kernel" and consts["SPLIT"] == 2, spec
     assert consts["M"] == 1 and consts["stride_xk"] == 1 and consts["stride_yn"] == 1, spec
+    assert "K_PART" in attrs and "PART_BYTES" in attrs and "packed_ptr" in attrs and "M" not in attrs, spec
+    (launch,) = nf4_launches(17, torch.bfloat16)  # the tiled kernel above 16 rows
+    spec = aot.jit_spec(launch, 90)
+    consts, attrs = dict(spec.constexprs), dict(spec.attrs)
+    assert launch.name == "_nf4_matmul_kernel" and consts["stride_xk"] == 1 and consts["stride_yn"] == 1, spec
     assert "K_RED" in attrs and "x_ptr" in attrs and "packed_ptr" in attrs and "M" not in attrs, spec
     buf = torch.empty(16 * 4097, dtype=torch.bfloat16, **meta)
     with aot.record_launches() as launches:
@@ -62,7 +68,8 @@ CHILD = textwrap.dedent('''
     for arch in (86, 89, 80, 90):
         limit = aot.SMEM_PER_BLOCK_OPTIN[arch]
         with aot.target_arch(arch):
-            launches = (nf4_launches(16, torch.bfloat16) + nf4_launches(512, torch.bfloat16, transposed=True, lora=True)
+            launches = (nf4_launches(16, torch.bfloat16) + nf4_launches(16, torch.float32, lora=True, N=4096)
+                        + nf4_launches(512, torch.bfloat16, transposed=True, lora=True)
                         + lora_launches(4096, torch.bfloat16, 64))
             if arch == 86:
                 launches += nf4_launches(512, torch.float32) + lora_launches(4096, torch.bfloat16, 16)

@@ -277,6 +277,10 @@ def trips_and_flops(launch: aot.Launch) -> tuple[int | None, float]:
     name = launch.name
     if name == "_nf4_matmul_kernel":
         return _cdiv(a["K_RED"], a["BLOCK_K"]), 2.0 * a["M"] * a["N_OUT"] * a["K_RED"]
+    if name == "_nf4_gemv_kernel":  # the MMAs it issues: BLOCK_M·SPLIT rows, whatever M is
+        split = a["SPLIT"]
+        return (_cdiv(a["K_PART"], a["BLOCK_K"]),
+                2.0 * a["BLOCK_M"] * split * _cdiv(a["N_OUT"], a["BLOCK_N"]) * a["BLOCK_N"] * split * a["K_PART"])
     if name == "_fused_matmul_kernel":
         return _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["M"] * a["N"] * (a["K"] + a["R"])
     if name == "_shrink_kernel":
@@ -300,6 +304,14 @@ def trips_and_flops(launch: aot.Launch) -> tuple[int | None, float]:
         n = a["NPHM"]
         return _cdiv(a["M"], a["BLOCK_M"]) * n, 2.0 * a["M"] * n * n * a["C"] * a["D"]
     return None, 0.0
+
+
+def useful_flops(launch: aot.Launch) -> float:
+    """The product's own FLOPs (a GEMV's padding rows excluded), for the roofline ideal."""
+    a = _bound_args(launch)
+    if launch.name == "_nf4_gemv_kernel":
+        return 2.0 * a["M"] * a["N_OUT"] * a["K_PART"] * a["SPLIT"]
+    return trips_and_flops(launch)[1]
 
 
 @dataclass
@@ -360,11 +372,11 @@ def analyse(op: str, case: Case, arch: int, launch: aot.Launch, compiled: dict) 
     t_mma = flops / m["flops"]
     waves = grid / (ctas * m["sms"]) if ctas else float("inf")
     est = max(t_mem, t_issue, t_mma) * max(1.0, math.ceil(waves) / waves if waves >= 1 else 1.0)
-    ideal = max(nbytes / m["bandwidth"], t_mma)
+    ideal = max(nbytes / m["bandwidth"], useful_flops(launch) / m["flops"])
     blocks = {k: v for k, v in spec.constexprs if k.startswith("BLOCK_")}
     config = "x".join(str(v) for v in blocks.values()) + f" w{warps} s{stages}"
     gemv = op in ("nf4_matmul", "lora_linear") and case.dims.get("M", 99) <= GEMV_M and \
-        launch.name in ("_nf4_matmul_kernel", "_fused_matmul_kernel")
+        launch.name in ("_nf4_matmul_kernel", "_nf4_gemv_kernel", "_fused_matmul_kernel")
     problems = []
     if usage.get("LOCAL", 0):
         problems.append(f"spills {usage['LOCAL']} B/thread")
