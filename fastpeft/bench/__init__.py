@@ -10,14 +10,14 @@ like with like.
 
 from __future__ import annotations
 
-from . import adapter_block, dora_linear, lora_linear, multi_lora, nf4_matmul, phm_linear
+from . import adapter_block, dora_linear, lora_linear, multi_lora, nf4_matmul, overhead, phm_linear
 from .case import AT_LEAST, AT_MOST, BenchOp, Case, Target
 from .report import environment, format_tables, plot, write_json
 from .runner import run, run_op, time_variants_ms
 
 # what `fastpeft bench --op` picks from, in the order the report shows them
 OPS: dict[str, BenchOp] = {m.BENCH.name: m.BENCH for m in (lora_linear, dora_linear, multi_lora, nf4_matmul,
-                                                          phm_linear, adapter_block)}
+                                                          phm_linear, adapter_block, overhead)}
 
 
 def selected(names: list[str] | None) -> list[BenchOp]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.nf4_matmul import dequantize_packed, nf4_linear
+from ..ops.nf4_matmul import dequantize_packed, nf4_linear, nf4_linear_plan
 from ..quant.nf4 import NF4Weight, dequantize_nf4, nf4_from_state_dict, quantize_nf4
 from .dtypes import autocast_enabled, compute_dtype, is_dtensor
+from .op_plans import HeldPlan
 
 # The quantisation state's tensors, registered as buffers under these names; in the state dict they
 # are bitsandbytes' ``weight.<name>`` keys.
@@ -95,6 +96,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"Linear4bit: a [{', '.join(map(str, q.shape))}] weight cannot replace this layer's "
                              f"[{self.out_features}, {self.in_features}] one")
         sharded = self.__dict__.get("quant_state_sharded", False)
+        self.__dict__.pop("_held_plan", None)
         self.weight = nn.Parameter(q.packed, requires_grad=False)
         self.quant_storage, self.absmax_dtype = q.packed.dtype, q.absmax.dtype
         for name in _STATE_BUFFERS:
@@ -156,6 +158,7 @@ class Linear4bit(nn.Module):
         # .half(), .to(bfloat16)... would convert bf16-stored bytes and the float32 scales: the NF4
         # tensors only go where fn sends a tensor of their device (meta ones, as to_empty makes
         # them: new, uninitialised), keeping their dtypes; the rest gets fn.
+        self.drop_op_plan()
         tables = self._nf4_tables()
         held = {name: table.pop(name) for name, table in tables}
         try:
@@ -180,6 +183,7 @@ class Linear4bit(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self.drop_op_plan()
         own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
         if own:
             try:
@@ -235,6 +239,7 @@ class Linear4bit(nn.Module):
                                                            own.placements, src_data_rank=None).to_local())
         self.absmax_offset = q.offset
         self.__dict__.pop("_nf4_view", None)
+        self.drop_op_plan()
         return None
 
     # --------------------------------------------------------------- forward
@@ -249,9 +254,60 @@ class Linear4bit(nn.Module):
         return x2, None if self.bias is None else self.bias.to(dtype), dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Inference on a plan (the op's checks of the weight made once, x's per call); anything a
+        # plan does not take (autocast, torch.compile, an x to cast or make contiguous, one needing
+        # a gradient) takes the full path.
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled():
+            return self.forward_unplanned(x)
+        held = self.__dict__.get("_held_plan")
+        plan = held.plan if held is not None and held.holds(self.op_tensors()) else self.op_plan(x)
+        if plan is None:
+            return self.forward_unplanned(x)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if not plan.fits(x2):
+            return self.forward_unplanned(x)
+        y = plan.run(x2)
+        return y if x2 is x else y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_unplanned(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward for any x, every argument checked by the op (what a plan's call equals)."""
         x2, bias, _ = self.compute_inputs(x)
         y = nf4_linear(x2, self.q, bias)  # double quantisation decoded inside the kernels
         return self.output_as_input(y.reshape(*x.shape[:-1], self.out_features), x)
+
+    def op_tensors(self) -> tuple:
+        """The tensors the layer's op takes, as it holds them now: the packed bytes, the
+        quantisation state and the bias."""
+        params, buffers = self._parameters, self._buffers
+        return (params["weight"], params["absmax"] if self.quant_state_sharded else buffers["absmax"],
+                buffers["quant_map"], buffers["nested_absmax"], buffers["nested_quant_map"],
+                params["bias"] if "bias" in params else self.__dict__.get("bias"))
+
+    def op_plan(self, x: torch.Tensor):
+        """The layer's :class:`~fastpeft.ops.Plan` for an x of this dtype, made with x (or None: x
+        in another dtype than the weight's, which the layer casts; a bias in another dtype; a
+        sharded layer). Kept while the layer holds the same tensors (:class:`HeldPlan`): a
+        decode step calls hundreds of layers, and the op's checks of the weight cost about 8 us a
+        call on a 64x64 layer (AMD EPYC Zen 4, one thread), more than its kernel."""
+        tensors = self.op_tensors()
+        held = self.__dict__.get("_held_plan")
+        if held is not None and held.holds(tensors):
+            return held.plan
+        if x.dtype is not self.weight_dtype:
+            return None
+        self.__dict__.pop("_held_plan", None)
+        bias = tensors[5]
+        if (bias is not None and bias.dtype is not x.dtype or x.shape[-1] != self.in_features
+                or any(is_dtensor(t) for t in tensors)):
+            return None
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        plan = nf4_linear_plan(x2, self.q, bias)
+        self.__dict__["_held_plan"] = HeldPlan(plan, tensors)
+        return plan
+
+    def drop_op_plan(self) -> None:
+        """Forget the op plan (the next inference call makes a new one)."""
+        self.__dict__.pop("_held_plan", None)
 
     @staticmethod
     def output_as_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

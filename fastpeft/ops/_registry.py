@@ -281,6 +281,11 @@ class Op:
         self.check(*args)
         return self.run(self.select(args[0].device, *args), *args)
 
+    def plan(self, *args) -> "Plan":
+        """A :class:`Plan` of this op over `args` (x first, then the arguments it holds), checked by
+        the op's checker now: a bad argument raises here as the call would."""
+        return Plan(self, args)
+
     def _forward(self, *args):
         """Check, choose a face, run it (no autograd: :attr:`function`'s forward)."""
         # Under torch.compile the registered fake kernel runs the same checks on fake tensors.
@@ -288,6 +293,104 @@ class Op:
             self.check(*args)
         device = args[0].device  # every op's first argument is a tensor
         return self.run(self.select(device, *args), *args)
+
+
+class Plan:
+    """One op's inference call prepared once: every argument after x held and checked, so that
+    each call checks x alone.
+
+    A module makes one over its own tensors (its weights, what :func:`Op.__call__` would check
+    every call) and calls ``plan(x)`` in place of ``op(x, *rest)``. Made with the op's full
+    checker (:meth:`Op.plan`); a call runs the face chosen for it directly when x is a plain
+    tensor like the one checked: same dtype and device, 2-D and contiguous with the same number
+    of features. Which rows x has does not matter: every op's checker relates x to the other
+    arguments through those alone when no other argument has a row per token (x_lora, lora_s:
+    a plan is made with those None). Anything else takes the op's full path, ``op(x, *rest)``,
+    with its checker and its errors: another x, a tensor that needs a gradient under grad mode
+    (the op's autograd), torch.compile (the fake kernel), a dispatch mode or fake tensors. The
+    face is chosen once per forced backend (and per order the op's ``choose`` gives, for ops
+    whose order depends on the shape), as :meth:`Op.select` chooses it, and recorded as every
+    call's is (:func:`record_faces`).
+
+    The plan holds the tensors it was made with, not copies: their values are read at every
+    call (an optimiser step, ``copy_`` are seen). Its holder makes a new one when it would pass
+    other tensors, or these changed dtype, device or shape (its key: the tensors' identities and
+    version counters; ``resize_`` and ``set_`` bump the version, ``.to()`` is seen by the module).
+    A 64x64 layer at M = 1 (AMD EPYC Zen 4, one thread): the op's checker and face choice cost
+    about 8 us a call, a plan's checks of x 1 us.
+    """
+
+    __slots__ = ("op", "rest", "dtype", "device", "on_cpu", "features", "_faces", "_forced", "_face", "_kernel",
+                 "_direct")
+
+    def __init__(self, op: Op, args: tuple):
+        op.check(*args)
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"{op.name}: a plan is made with a 2-D x [tokens, features]")
+        self.op, self.rest = op, tuple(args[1:])
+        self.dtype, self.device, self.features = x.dtype, x.device, x.shape[1]
+        self.on_cpu = x.device.type == "cpu"
+        self._faces: dict = {}
+        self._forced, self._face = backends.forced_backend(), None
+        # chosen now: a forced backend that cannot run here raises at once, as a call would
+        self._face = self.face(x)
+        # Op.run's path for the chosen face when it is a dispatcher kernel (C++, or the Python CPU
+        # kernel) of an op with a derivative: taken inline by run(), straight to the operator's C++
+        # entry (OpOverload.__call__ is a Python frame).
+        self._kernel = getattr(op._overload, "_op", op._overload)
+        self._direct = self._face in op._loaded_device_faces and op.function is not None
+
+    def face(self, x: torch.Tensor) -> str:
+        """The face that runs x (an x that :meth:`fits`), as :meth:`Op.select` chooses it: once per
+        forced backend and order of the op's ``choose``."""
+        op, forced = self.op, backends.forced_backend()
+        order = op._choose(self.device, x, *self.rest) if op._choose is not None else None
+        if order is None and forced == self._forced and self._face is not None:
+            return self._face
+        key = (forced, None if order is None else tuple(order))
+        face = self._faces.get(key)
+        if face is None:
+            face = self._faces[key] = op.select(self.device, x, *self.rest)
+        return face
+
+    def fits(self, x) -> bool:
+        """Whether x can run on the plan's face as it is (see the class), outside torch.compile
+        (which the caller rules out first: :meth:`__call__` does, a layer's forward does before it
+        looks at its plan); else ``op(x, *rest)``, or whatever the holder does with such an x (a
+        layer casts x, makes it contiguous...)."""
+        # Cheapest first (x.shape costs 0.25 us, x.device 0.1 us, x.is_cpu 0.06): each term a
+        # condition without which the checks made with the plan's x may not hold for this one, or
+        # something other than a face must run.
+        return (type(x) is torch.Tensor and x.dtype is self.dtype and x.dim() == 2 and x.is_contiguous()
+                and (x.is_cpu if self.on_cpu else x.device == self.device) and x.shape[1] == self.features
+                and not (torch.is_grad_enabled() and torch._C._any_requires_grad(x, *self.rest))
+                and not torch._C._len_torch_dispatch_stack())
+
+    def run(self, x: torch.Tensor):
+        """The op on x on the plan's face, x one that :meth:`fits` (recorded by :func:`record_faces`)."""
+        op, rest = self.op, self.rest
+        if (not self._direct or backends.forced_backend() != self._forced or "run" in op.__dict__
+                or op._choose is not None and op._choose(self.device, x, *rest) is not None):
+            # Op.run itself: another face than the plan's first (a forced one, one for the shape),
+            # its Python and Triton faces, or a run a caller wrapped to watch the faces
+            # (fastpeft.bench notes the face each case ran).
+            return op.run(self.face(x), x, *rest)
+        # Op.run's path for a dispatcher kernel below autograd, inline (0.8 us less a call than
+        # through Op.run, below_autograd and OpOverload.__call__).
+        if _taken is not None:
+            _taken.append((op.name, self._face))
+        if _autograd_excluded(_AUTOGRAD_KEY):
+            return self._kernel(x, *rest)
+        _exclude_autograd(_AUTOGRAD_KEY, True)
+        try:
+            return self._kernel(x, *rest)
+        finally:
+            _exclude_autograd(_AUTOGRAD_KEY, False)
+
+    def __call__(self, x):
+        """``op(x, *rest)``: the plan's face when x :meth:`fits`, else the op's full path."""
+        return self.run(x) if not torch.compiler.is_compiling() and self.fits(x) else self.op(x, *self.rest)
 
 
 def below_autograd(fn, args):

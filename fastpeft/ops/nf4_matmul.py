@@ -189,6 +189,14 @@ def nf4_linear(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Te
                       nested_absmax, nested_quant_map, offset)
 
 
+def nf4_linear_plan(x: torch.Tensor, q, bias: torch.Tensor | None = None):
+    """The :class:`~fastpeft.ops.Plan` of :func:`nf4_linear` over q and bias, made with an example
+    x ``[M, in]``: ``plan(x)`` is ``nf4_linear(x, q, bias)`` with q and bias checked once."""
+    packed, absmax, quant_map, blocksize, nested_absmax, nested_quant_map, offset = weight_args(q)
+    return nf4_matmul.plan(x, packed, absmax, quant_map, blocksize, q.shape[0], bias, False, None, None, 1.0,
+                           nested_absmax, nested_quant_map, offset)
+
+
 class QLoRALinearFunction(torch.autograd.Function):
     """QLoRA with the delta fused into the NF4 GEMMs: forward ``y = nf4(x) + b + scaling·s·Bᵀ``
     (s = x_lora·Aᵀ), backward ``dx = nf4ᵀ(dy) + scaling·(dy·B)·A`` from the same 4-bit bytes.

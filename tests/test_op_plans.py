@@ -1,0 +1,340 @@
+"""Op plans: a layer's inference call on weights checked once (fastpeft.ops' Plan, held by
+Linear4bit and LoRALinear). What runs on a plan equals the formula on the layer's current tensors,
+whatever changed since the plan was made; bad input gets the op's errors; the checks run once."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpeft
+from fastpeft.nn import Linear4bit, LoRALinear
+from fastpeft.ops import record_faces
+from fastpeft.ops.lora_linear import lora_linear_fwd
+from fastpeft.ops.nf4_matmul import nf4_matmul
+from fastpeft.quant.nf4 import quantize_nf4
+
+from conftest import assert_close
+
+K, N, R = 48, 40, 6
+DTYPES_PLANNED = [torch.float32, torch.bfloat16]
+
+
+def lora_layer(dtype=torch.float32, bias=True):
+    return LoRALinear.from_linear(nn.Linear(K, N, bias=bias).to(dtype), r=R, lora_alpha=2 * R,
+                                  init_lora_weights=False).eval()
+
+
+def nf4_layer(dtype=torch.float32):
+    return Linear4bit.from_linear(nn.Linear(K, N).to(dtype), blocksize=64).eval()
+
+
+def lora_formula(layer, x):
+    """x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ in float64 from the layer's tensors as they are now."""
+    name = layer.active_adapter
+    w, b = layer.base_layer.weight.double(), layer.base_layer.bias
+    a, bb = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
+    xd = x.double()
+    y = xd @ w.T + layer.scaling[name] * (xd @ a.T) @ bb.T
+    return y if b is None else y + b.double()
+
+
+def nf4_formula(layer, x):
+    y = x.double() @ layer.dequantized_weight().double().T
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+def held_plan(layer):
+    held = layer.__dict__.get("_held_plan")
+    return None if held is None else held.plan
+
+
+@pytest.fixture
+def check_calls(monkeypatch):
+    """Counts the checker calls of both planned ops: {op name: calls}."""
+    calls = {}
+    for op in (lora_linear_fwd, nf4_matmul):
+        def counting(*args, _op=op, _check=op.check):
+            calls[_op.name] = calls.get(_op.name, 0) + 1
+            return _check(*args)
+        monkeypatch.setattr(op, "check", counting)
+    return calls
+
+
+# ---------------------------------------------------------------- the plan runs, once checked
+
+@pytest.mark.parametrize("dtype", DTYPES_PLANNED, ids=str)
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_inference_runs_on_a_plan_checked_once_and_equals_the_formula(dtype, kind, grad_off, check_calls):
+    layer = lora_layer(dtype) if kind == "lora" else nf4_layer(dtype)
+    formula = lora_formula if kind == "lora" else nf4_formula
+    op = lora_linear_fwd if kind == "lora" else nf4_matmul
+    with grad_off(), record_faces() as taken:
+        for shape in [(1, K), (5, K), (2, 3, K), (K,)]:
+            x = torch.randn(*shape, dtype=dtype)
+            y = layer(x)
+            assert y.shape == (*shape[:-1], N) and y.dtype == dtype
+            assert_close(y, formula(layer, x), dtype)
+    assert held_plan(layer) is not None
+    assert check_calls == {op.name: 1}, "the weights were checked again on a later call"
+    assert [name for name, _ in taken] == [op.name] * 4
+    assert {face for _, face in taken} == {op.select(torch.device("cpu"), x.reshape(-1, K), *held_plan(layer).rest)}
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_a_forced_backend_runs_on_the_plan(kind):
+    """use_backend inside the plan's life: the forced face runs (proved by record_faces), then the
+    automatic one again."""
+    layer = lora_layer() if kind == "lora" else nf4_layer()
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        auto = layer(x)
+        plan = held_plan(layer)
+        with fastpeft.use_backend("torch"), record_faces() as taken:
+            forced = layer(x)
+        assert held_plan(layer) is plan and {face for _, face in taken} == {"torch"}
+        with record_faces() as taken:
+            layer(x)
+    assert {face for _, face in taken} == {plan.face(x)}
+    assert_close(forced, auto)
+
+
+# ---------------------------------------------------------------- what a plan does not take
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_an_input_needing_a_gradient_trains_through_the_full_path(kind):
+    layer = lora_layer() if kind == "lora" else nf4_layer()
+    formula = lora_formula if kind == "lora" else nf4_formula
+    with torch.no_grad():
+        layer(torch.randn(1, K))
+    x = torch.randn(3, K, requires_grad=True)
+    y = layer(x)
+    assert y.grad_fn is not None
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xd = x.detach().double().requires_grad_()
+    formula(layer, xd).backward(dy.double())
+    assert_close(x.grad, xd.grad, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_other_inputs_compute_as_the_full_path(kind):
+    """x of another dtype (cast), non-contiguous, under autocast: what the full path computes."""
+    layer = lora_layer() if kind == "lora" else nf4_layer()
+    with torch.no_grad():
+        layer(torch.randn(1, K))
+        for x in [torch.randn(3, K, dtype=torch.bfloat16), torch.randn(K, 3).t(), torch.randn(4, 2 * K)[:, ::2]]:
+            expected = layer.forward_unplanned(x)
+            got = layer(x)
+            assert got.dtype == expected.dtype
+            assert torch.equal(got, expected)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = torch.randn(3, K)
+            got = layer(x)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, layer.forward_unplanned(x))
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+@pytest.mark.parametrize("bad", ["features", "features_3d", "not_a_tensor"])
+def test_bad_input_after_a_plan_gets_the_errors_the_full_path_gives(kind, bad):
+    layer = lora_layer() if kind == "lora" else nf4_layer()
+    with torch.no_grad():
+        layer(torch.randn(1, K))
+        assert held_plan(layer) is not None
+        x = {"features": torch.randn(2, K + 1), "features_3d": torch.randn(2, 2, K - 1),
+             "not_a_tensor": [[0.5] * K]}[bad]
+        with pytest.raises(Exception) as full:
+            layer.forward_unplanned(x)
+        with pytest.raises(type(full.value)) as planned:
+            layer(x)
+    assert str(planned.value) == str(full.value)
+
+
+def test_a_plan_refuses_bad_weights_and_bad_x_with_the_ops_messages():
+    x, w, a, b = torch.randn(2, K), torch.randn(N, K), torch.randn(R, K), torch.randn(N, R)
+    with pytest.raises(ValueError, match=r"lora_b must be \[out_features, r\]"):
+        lora_linear_fwd.plan(x, w, None, a, b[:, :-1], 1.0, None)
+    plan = lora_linear_fwd.plan(x, w, None, a, b, 1.0, None)
+    for bad, error, pattern in [(torch.randn(2, K, dtype=torch.float64), TypeError, "dtype"),
+                                (torch.randn(2, K + 1), ValueError, "x has 49 features"),
+                                (torch.randn(K, 2).t(), ValueError, "contiguous in its last dimension")]:
+        assert not plan.fits(bad)
+        with pytest.raises(error, match=pattern):
+            plan(bad)
+    assert_close(plan(x)[0], x @ w.T + (x @ a.T) @ b.T)
+
+
+def test_a_plan_under_a_forced_backend_that_cannot_run_raises_at_once():
+    with fastpeft.use_backend("torch"):
+        plan = lora_linear_fwd.plan(torch.randn(1, K), torch.randn(N, K), None, torch.randn(R, K),
+                                    torch.randn(N, R), 1.0, None)
+    assert plan.face(torch.randn(1, K)) != "torch" or not fastpeft.backends.availability("cpu").usable
+    if fastpeft.backends.availability("cuda").usable:
+        pytest.skip("every backend can run here")
+    with pytest.raises(fastpeft.backends.BackendUnavailable):
+        with fastpeft.use_backend("cuda"):
+            plan(torch.randn(1, K))
+
+
+# ---------------------------------------------------------------- a stale plan never runs
+
+def lora_changes():
+    """(what is changed, how): each leaves the layer computing its formula on other tensors or values."""
+    def replace_base_weight(layer):
+        layer.base_layer.weight = nn.Parameter(torch.randn(N, K) / K ** 0.5, requires_grad=False)
+
+    def replace_lora_a(layer):
+        layer.lora_A["default"].weight = nn.Parameter(torch.randn(R, K))
+
+    def drop_bias(layer):
+        layer.base_layer.bias = None
+
+    def copy_into_lora_b(layer):
+        with torch.no_grad():
+            layer.lora_B["default"].weight.copy_(torch.randn(N, R))
+
+    def scaling(layer):
+        layer.scaling["default"] *= 3.0
+
+    def switch_adapter(layer):
+        layer.add_adapter("other", R + 2, 4.0, init_lora_weights=False)
+        layer.set_adapter("other")
+
+    def load_state_dict(layer):
+        other = lora_layer()
+        layer.load_state_dict(other.state_dict())
+
+    def load_state_dict_assign(layer):
+        other = lora_layer()
+        layer.load_state_dict(other.state_dict(), assign=True)
+
+    def set_rank_in_place(layer):
+        # same tensors, other shapes (set_ bumps the version): the rank goes from R to R + 1
+        with torch.no_grad():
+            layer.lora_A["default"].weight.set_(torch.randn(R + 1, K))
+            layer.lora_B["default"].weight.set_(torch.randn(N, R + 1))
+
+    return [replace_base_weight, replace_lora_a, drop_bias, copy_into_lora_b, scaling, switch_adapter,
+            load_state_dict, load_state_dict_assign, set_rank_in_place]
+
+
+@pytest.mark.parametrize("change", lora_changes(), ids=lambda f: f.__name__)
+def test_lora_layer_after_a_change_computes_its_formula(change):
+    layer = lora_layer()
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        before = layer(x)
+        assert held_plan(layer) is not None
+        change(layer)
+        after = layer(x)
+    assert not torch.allclose(after.float(), before.float(), atol=1e-3), "the change changed nothing"
+    expected = layer.forward_unplanned(x)
+    assert after.dtype == expected.dtype
+    assert_close(after, lora_formula(layer, x), expected.dtype)
+    assert_close(after, expected, expected.dtype)
+
+
+def test_a_tensor_changed_in_place_into_a_bad_argument_gets_the_ops_error():
+    """A held tensor's shape changed in place (its version counter moves): the plan is made again,
+    by the op's checker, which names the problem, instead of running the stale one."""
+    layer = lora_layer()
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        layer(x)
+        layer.lora_A["default"].weight.set_(torch.randn(R + 1, K))
+        with pytest.raises(ValueError, match=r"lora_linear_fwd: lora_b must be \[out_features, r\] = \[40, 7\]"):
+            layer(x)
+
+
+def test_lora_layer_merged_disabled_and_converted():
+    layer = lora_layer()
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        expected = lora_formula(layer, x)
+        assert_close(layer(x), expected, torch.float32)
+        layer.merge()
+        assert_close(layer(x), expected, torch.float32)  # the base layer, holding the delta
+        layer.unmerge()
+        assert_close(layer(x), expected, torch.float32)
+        with layer.disable_adapter():
+            assert_close(layer(x), layer.base_layer(x), torch.float32)
+        assert_close(layer(x), expected, torch.float32)
+        layer.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        y = layer(xb)
+        assert y.dtype == torch.bfloat16 and held_plan(layer).dtype == torch.bfloat16
+        assert_close(y, lora_formula(layer, xb), torch.bfloat16)
+        layer.base_layer.float()  # the base alone converted: adapters cast by the full path
+        y = layer(x)
+        assert y.dtype == torch.float32
+        assert_close(y, lora_formula(layer, x), torch.bfloat16)
+
+
+def nf4_changes():
+    def requantise(layer):
+        layer.q = quantize_nf4(torch.randn(N, K), 64)
+
+    def replace_bias(layer):
+        layer.bias = nn.Parameter(torch.randn(N), requires_grad=False)
+
+    def load_state_dict(layer):
+        layer.load_state_dict(nf4_layer().state_dict())
+
+    def load_state_dict_assign(layer):
+        layer.load_state_dict(nf4_layer().state_dict(), assign=True)
+
+    def double_quantise(layer):
+        layer.q = quantize_nf4(layer.dequantized_weight() * 2, 64, double_quant=True)
+
+    return [requantise, replace_bias, load_state_dict, load_state_dict_assign, double_quantise]
+
+
+@pytest.mark.parametrize("change", nf4_changes(), ids=lambda f: f.__name__)
+def test_nf4_layer_after_a_change_computes_its_formula(change):
+    layer = nf4_layer()
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        before = layer(x)
+        plan = held_plan(layer)
+        assert plan is not None
+        change(layer)
+        after = layer(x)
+    assert held_plan(layer) is not plan
+    assert not torch.allclose(after, before, atol=1e-3), "the change changed nothing"
+    assert_close(after, nf4_formula(layer, x), torch.float32)
+    assert torch.equal(after, layer.forward_unplanned(x))
+
+
+def test_a_merge_into_a_4bit_base_is_seen_by_the_base_layers_plan():
+    layer = LoRALinear(nf4_layer(), r=R, lora_alpha=2 * R, init_lora_weights=False).eval()
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        base_before = layer.base_layer(x)
+        assert held_plan(layer.base_layer) is not None
+        with pytest.warns(UserWarning, match="requantised"):
+            layer.merge()
+        merged = layer(x)
+    assert not torch.allclose(merged, base_before, atol=1e-3)
+    assert torch.equal(merged, layer.base_layer.forward_unplanned(x))
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_copies_hold_no_plan_and_compute_on_their_own_tensors(kind):
+    layer = lora_layer() if kind == "lora" else nf4_layer()
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        y = layer(x)
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert held_plan(twin) is None
+            assert torch.equal(twin(x), y)
+            assert held_plan(twin) is not None and held_plan(twin) is not held_plan(layer)
+        twin = copy.deepcopy(layer)
+        twin(x)
+        if kind == "lora":
+            twin.lora_B["default"].weight.mul_(2.0)
+        else:
+            twin.bias.mul_(2.0)
+        assert torch.equal(layer(x), y) and not torch.equal(twin(x), y)
