@@ -4,6 +4,8 @@ reference forward and backward, and bad input refused before any face runs."""
 import pytest
 import torch
 
+import fastpeft
+
 from fastpeft.ops import dora_linear, record_faces
 from fastpeft.ops.dora_linear import (dora_linear_bwd_reference, dora_linear_fwd, dora_linear_fwd_reference,
                                       norm_from_products, qdora_linear, row_norms_sq)
@@ -171,6 +173,28 @@ def test_reference_with_dropout_is_peft_formula_in_float64():
     y, *_ = dora_linear_fwd_reference(*(t.float() for t in (x, w, b, a, bb, m)), torch.zeros(9), SCALING,
                                       x_lora.float())
     assert_close(y, truth(x, w, b, a, bb, m, SCALING, x_lora)[0], torch.float32)
+
+
+@pytest.mark.skipif(not fastpeft.backends.availability("cpu", torch.device("cpu")).usable,
+                    reason="the C++ CPU face is not usable here")
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_cpu_face_row_passes_match_reference_at_every_isa_level(isa, dtype, dropout_p, monkeypatch):
+    """The C++ face's [M, N] passes (the delta and the scale, g⊙dy and the magnitude's sums) are
+    compiled per instruction-set level and chosen by cpu_isa(): each level the CPU has, forced
+    through FASTPEFT_CPU_ISA, against the reference; N = 70 and r = 5 leave remainders after every
+    vector width and after the rank loop's steps of four."""
+    levels = ["portable", "avx2", "avx512", "avx512_bf16"]
+    supported = fastpeft.backends.extension().cpu_isa_supported()
+    if levels.index(isa) > levels.index(supported):
+        pytest.skip(f"this CPU's kernels reach {supported}, not {isa}")
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
+    x, w, b, a, bb, m = make_inputs(37, 45, 70, 5, dtype, "cpu", regime="adapter-dominates")
+    expected = run_op(x, w, b, a, bb, m, "torch", dropout_p=dropout_p, seed=4)
+    actual = run_op(x, w, b, a, bb, m, "cpu", dropout_p=dropout_p, seed=4)
+    for name, got, exp in zip(NAMES, actual, expected):
+        assert_close(got, exp, dtype, msg=f"{name} (cpu face at {isa} vs reference)")
 
 
 @pytest.mark.parametrize("device,backend", face_params(dora_linear_fwd))

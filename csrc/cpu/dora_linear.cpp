@@ -7,6 +7,7 @@
 // the row norms ‖Wᵢ‖² + 2s·Bᵢ·(A·Wᵢᵀ) + s²·Bᵢ·(A·Aᵀ)·Bᵢᵀ. No [N, K] tensor is made.
 // Backward: one pass over dy and z gives dy_g = g⊙dy (and (g − 1)⊙dy with dropout) and the
 // magnitude's gradient; without dropout the rest is lora_linear's backward of dy_g.
+#include "../cpu_features.h"
 #include "../lora_linear.h"
 
 #include <ATen/Parallel.h>
@@ -69,41 +70,72 @@ at::Tensor row_norms(const at::Tensor& weight_norm_sq, const at::Tensor& aw, con
   return norm;
 }
 
-// The [M, N] passes below work a row at a time in float32: the row's inputs widened into per-thread
-// float buffers, plain float loops, the outputs narrowed once. Every loop is branch-free over
-// contiguous floats, so the compiler vectorises it; element-wise c10::BFloat16 conversions did not
-// vectorise and made the backward's pass 2.5 ms of a 1024² bf16 step (7.0 ms for LoRA's whole
-// backward, AMD EPYC Zen 4, 2 threads).
+// The [M, N] passes below work a row at a time in float32: a bf16/fp16 row is widened into a
+// per-thread float buffer, float rows are worked on where they lie, and every output is narrowed
+// once. The row loops are inline functions over contiguous floats, compiled into one range
+// function per instruction-set level (AVX-512, AVX2 + FMA, the portable baseline) and chosen by
+// cpu_isa() (so FASTPEFT_CPU_ISA caps them as it caps the NF4 kernels): the extension is built
+// without -march, so the baseline alone is SSE2, 4 lanes and no FMA. Element-wise c10::BFloat16
+// conversions did not vectorise and made the backward's pass 2.5 ms of a 1024² bf16 step (7.0 ms
+// for LoRA's whole backward, AMD EPYC Zen 4, 2 threads).
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTPEFT_ROW_INLINE inline __attribute__((always_inline))
+#else
+#define FASTPEFT_ROW_INLINE inline
+#endif
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define FASTPEFT_ROWS_X86 1
+#define FASTPEFT_ROWS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define FASTPEFT_ROWS_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+FASTPEFT_ROW_INLINE void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof(float));
+  }
+}
+
+// float32 -> bfloat16, rounding to nearest even (NaN stays NaN), as c10's conversion rounds.
+FASTPEFT_ROW_INLINE void narrow_bf16(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(float));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    dst[i] = static_cast<uint16_t>(src[i] != src[i] ? 0x7FC0u : rounded);
+  }
+}
+
 template <typename T>
-void widen(const T* __restrict src, float* __restrict dst, int64_t n) {
+FASTPEFT_ROW_INLINE void widen(const T* src, float* dst, int64_t n) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
-      std::memcpy(dst + i, &u, sizeof(float));
-    }
+    widen_bf16(reinterpret_cast<const uint16_t*>(src), dst, n);
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
   }
 }
 
-// float32 -> T, rounding to nearest even (NaN stays NaN), as c10's conversion rounds.
 template <typename T>
-void narrow(const float* __restrict src, T* __restrict dst, int64_t n) {
+FASTPEFT_ROW_INLINE void narrow(const float* src, T* dst, int64_t n) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t u;
-      std::memcpy(&u, src + i, sizeof(float));
-      const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-      bits[i] = static_cast<uint16_t>(src[i] != src[i] ? 0x7FC0u : rounded);
-    }
+    narrow_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
   }
 }
 
-// Rows [begin, end) of a per-thread buffer set: `count` float rows of N each.
+// A row of T as floats: float rows are used where they lie, others widened into `buffer`.
+template <typename T>
+FASTPEFT_ROW_INLINE const float* as_floats(const T* row, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    widen(row, buffer, n);
+    return buffer;
+  }
+}
+
+// Per-thread float buffers: `count` rows of N each.
 struct RowBuffers {
   std::vector<float> data;
   int64_t N;
@@ -111,35 +143,140 @@ struct RowBuffers {
   float* operator[](int64_t i) { return data.data() + i * N; }
 };
 
+// The forward's pass over [M, N]: y = g⊙z (+ d) + bias in float32, rounded once to T, with
+// z = x_l·Wᵀ + scaling·s·Bᵀ as the GEMMs left it and, with dropout, d = x·Wᵀ − x_l·Wᵀ (y is
+// written over d). Folding the LoRA delta into this pass (z += (scaling·s)·Bᵀ row by row in
+// float32, one pass fewer over [M, N]) measured 0.6-4 % slower on the forward than BLAS's addmm_
+// followed by this pass (thread CPU time, best and median of 40 alternating calls, the four CPU
+// bench shapes, one thread, AMD EPYC Zen 4 under a load average of ~12): the delta stays addmm_.
+template <typename T>
+struct ForwardPass {
+  const T* z;         // [M, N], row stride zs
+  int64_t zs;
+  const T* d;         // [M, N], row stride ds, or null
+  int64_t ds;
+  T* y;               // [M, N], row stride ys (may be d)
+  int64_t ys;
+  const float* g;     // m / norm [N]
+  const float* bias;  // [N] float32 or null
+  int64_t N;
+};
+
+template <typename T>
+FASTPEFT_ROW_INLINE void forward_rows_body(const ForwardPass<T>& a, int64_t begin, int64_t end) {
+  const int64_t N = a.N;
+  RowBuffers buf(3, N);
+  const float* __restrict g = a.g;
+  for (int64_t m = begin; m < end; ++m) {
+    const float* __restrict z = as_floats(a.z + m * a.zs, buf[0], N);
+    const float* __restrict extra = a.bias;
+    if (a.d) {
+      float* __restrict d = buf[1];
+      widen(a.d + m * a.ds, d, N);  // d is overwritten by y: read it into the buffer first
+      if (a.bias)
+        for (int64_t n = 0; n < N; ++n) d[n] += a.bias[n];
+      extra = d;
+    }
+    T* yrow = a.y + m * a.ys;
+    float* __restrict y = std::is_same_v<T, float> ? reinterpret_cast<float*>(yrow) : buf[2];
+    if (extra)
+      for (int64_t n = 0; n < N; ++n) y[n] = z[n] * g[n] + extra[n];
+    else
+      for (int64_t n = 0; n < N; ++n) y[n] = z[n] * g[n];
+    if constexpr (!std::is_same_v<T, float>) narrow(y, yrow, N);
+  }
+}
+
+// The backward's one pass: dy_g = g⊙dy, dy_gm1 = (g − 1)⊙dy (when given) and this thread's
+// Σ_m dy⊙z per column, added into acc.
+template <typename T>
+struct GradPass {
+  const T* dy;   // [M, N] contiguous
+  const T* z;    // [M, N] contiguous
+  T* dy_g;       // [M, N]
+  T* dy_gm1;     // [M, N] or null
+  const float* g;
+  int64_t N;
+};
+
+template <typename T>
+FASTPEFT_ROW_INLINE void grad_rows_body(const GradPass<T>& a, float* __restrict acc, int64_t begin, int64_t end) {
+  const int64_t N = a.N;
+  RowBuffers buf(3, N);
+  const float* __restrict g = a.g;
+  for (int64_t m = begin; m < end; ++m) {
+    const float* __restrict dy = as_floats(a.dy + m * N, buf[0], N);
+    const float* __restrict z = as_floats(a.z + m * N, buf[1], N);
+    float* __restrict out = std::is_same_v<T, float> ? reinterpret_cast<float*>(a.dy_g + m * N) : buf[2];
+    for (int64_t n = 0; n < N; ++n) {
+      acc[n] += dy[n] * z[n];
+      out[n] = dy[n] * g[n];
+    }
+    if constexpr (!std::is_same_v<T, float>) narrow(out, a.dy_g + m * N, N);
+    if (a.dy_gm1) {
+      float* __restrict out1 = std::is_same_v<T, float> ? reinterpret_cast<float*>(a.dy_gm1 + m * N) : buf[2];
+      for (int64_t n = 0; n < N; ++n) out1[n] = dy[n] * (g[n] - 1.f);
+      if constexpr (!std::is_same_v<T, float>) narrow(out1, a.dy_gm1 + m * N, N);
+    }
+  }
+}
+
+// One range function per level; the inline bodies are compiled inside each with its target.
+template <typename T>
+void forward_rows_portable(const ForwardPass<T>& a, int64_t begin, int64_t end) { forward_rows_body(a, begin, end); }
+template <typename T>
+void grad_rows_portable(const GradPass<T>& a, float* acc, int64_t begin, int64_t end) {
+  grad_rows_body(a, acc, begin, end);
+}
+#ifdef FASTPEFT_ROWS_X86
+template <typename T>
+FASTPEFT_ROWS_AVX2 void forward_rows_avx2(const ForwardPass<T>& a, int64_t begin, int64_t end) {
+  forward_rows_body(a, begin, end);
+}
+template <typename T>
+FASTPEFT_ROWS_AVX512 void forward_rows_avx512(const ForwardPass<T>& a, int64_t begin, int64_t end) {
+  forward_rows_body(a, begin, end);
+}
+template <typename T>
+FASTPEFT_ROWS_AVX2 void grad_rows_avx2(const GradPass<T>& a, float* acc, int64_t begin, int64_t end) {
+  grad_rows_body(a, acc, begin, end);
+}
+template <typename T>
+FASTPEFT_ROWS_AVX512 void grad_rows_avx512(const GradPass<T>& a, float* acc, int64_t begin, int64_t end) {
+  grad_rows_body(a, acc, begin, end);
+}
+#endif
+
+template <typename T>
+auto forward_rows_for(CpuIsa isa) {
+#ifdef FASTPEFT_ROWS_X86
+  if (isa >= CpuIsa::kAvx512) return &forward_rows_avx512<T>;
+  if (isa >= CpuIsa::kAvx2) return &forward_rows_avx2<T>;
+#endif
+  return &forward_rows_portable<T>;
+}
+
+template <typename T>
+auto grad_rows_for(CpuIsa isa) {
+#ifdef FASTPEFT_ROWS_X86
+  if (isa >= CpuIsa::kAvx512) return &grad_rows_avx512<T>;
+  if (isa >= CpuIsa::kAvx2) return &grad_rows_avx2<T>;
+#endif
+  return &grad_rows_portable<T>;
+}
+
+// Rows per parallel task: about 16K elements.
+int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)); }
+
 // y[m, n] = g[n]·z[m, n] (+ d[m, n]) + bias[n], in float32, rounded once to T. y may be d.
 template <typename T>
 void scale_rows(const at::Tensor& z, const at::Tensor* d, const at::Tensor& g, const at::Tensor* bias, at::Tensor& y) {
   const int64_t M = z.size(0), N = z.size(1);
-  const int64_t zs = row_stride(z), ys = row_stride(y), ds = d ? row_stride(*d) : 0;
-  const T* pz = z.data_ptr<T>();
-  const T* pd = d ? d->data_ptr<T>() : nullptr;
-  T* py = y.data_ptr<T>();
-  const float* __restrict pg = g.data_ptr<float>();
-  const float* pbias = bias ? bias->data_ptr<float>() : nullptr;
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
-    RowBuffers buf(2, N);
-    float* __restrict zr = buf[0];
-    float* __restrict extra = buf[1];  // d + bias, or bias alone
-    for (int64_t m = begin; m < end; ++m) {
-      widen(pz + m * zs, zr, N);
-      if (pd) {
-        widen(pd + m * ds, extra, N);
-        if (pbias)
-          for (int64_t n = 0; n < N; ++n) extra[n] += pbias[n];
-      } else if (pbias) {
-        std::memcpy(extra, pbias, N * sizeof(float));
-      } else {
-        std::fill(extra, extra + N, 0.f);
-      }
-      for (int64_t n = 0; n < N; ++n) zr[n] = zr[n] * pg[n] + extra[n];
-      narrow(zr, py + m * ys, N);
-    }
-  });
+  const ForwardPass<T> pass{z.data_ptr<T>(), row_stride(z), d ? d->data_ptr<T>() : nullptr, d ? row_stride(*d) : 0,
+                            y.data_ptr<T>(), row_stride(y), g.data_ptr<float>(),
+                            bias ? bias->data_ptr<float>() : nullptr, N};
+  const auto rows = forward_rows_for<T>(cpu_isa());
+  at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) { rows(pass, begin, end); });
 }
 
 // dy_g = g⊙dy, dy_gm1 = (g − 1)⊙dy (when given) and Σ_m dy⊙z per column (float32, summed per
@@ -148,33 +285,13 @@ template <typename T>
 at::Tensor scale_grad(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& g, at::Tensor& dy_g,
                       at::Tensor* dy_gm1) {
   const int64_t M = dy.size(0), N = dy.size(1);
-  const int64_t threads = at::get_num_threads();
-  at::Tensor partial = at::zeros({threads, N}, g.options());
-  const T* pdy = dy.data_ptr<T>();
-  const T* pz = z.data_ptr<T>();
-  const float* __restrict pg = g.data_ptr<float>();
-  T* pdg = dy_g.data_ptr<T>();
-  T* pdg1 = dy_gm1 ? dy_gm1->data_ptr<T>() : nullptr;
+  at::Tensor partial = at::zeros({at::get_num_threads(), N}, g.options());
+  const GradPass<T> pass{dy.data_ptr<T>(), z.data_ptr<T>(), dy_g.data_ptr<T>(),
+                         dy_gm1 ? dy_gm1->data_ptr<T>() : nullptr, g.data_ptr<float>(), N};
   float* ppart = partial.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
-    float* __restrict acc = ppart + at::get_thread_num() * N;
-    RowBuffers buf(3, N);
-    float* __restrict dyr = buf[0];
-    float* __restrict zr = buf[1];
-    float* __restrict out = buf[2];
-    for (int64_t m = begin; m < end; ++m) {
-      widen(pdy + m * N, dyr, N);
-      widen(pz + m * N, zr, N);
-      for (int64_t n = 0; n < N; ++n) {
-        acc[n] += dyr[n] * zr[n];
-        out[n] = dyr[n] * pg[n];
-      }
-      narrow(out, pdg + m * N, N);
-      if (pdg1) {
-        for (int64_t n = 0; n < N; ++n) out[n] = dyr[n] * (pg[n] - 1.f);
-        narrow(out, pdg1 + m * N, N);
-      }
-    }
+  const auto rows = grad_rows_for<T>(cpu_isa());
+  at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+    rows(pass, ppart + at::get_thread_num() * N, begin, end);
   });
   return partial.sum(0);
 }
