@@ -320,8 +320,8 @@ class Plan:
     about 8 us a call, a plan's checks of x 1 us.
     """
 
-    __slots__ = ("op", "rest", "dtype", "device", "on_cpu", "features", "_faces", "_forced", "_face", "_kernel",
-                 "_direct")
+    __slots__ = ("op", "rest", "dtype", "device", "on_cpu", "features", "_faces", "_forced", "_face", "_redispatch",
+                 "_keys")
 
     def __init__(self, op: Op, args: tuple):
         op.check(*args)
@@ -335,11 +335,14 @@ class Plan:
         self._forced, self._face = backends.forced_backend(), None
         # chosen now: a forced backend that cannot run here raises at once, as a call would
         self._face = self.face(x)
-        # Op.run's path for the chosen face when it is a dispatcher kernel (C++, or the Python CPU
-        # kernel) of an op with a derivative: taken inline by run(), straight to the operator's C++
-        # entry (OpOverload.__call__ is a Python frame).
-        self._kernel = getattr(op._overload, "_op", op._overload)
-        self._direct = self._face in op._loaded_device_faces and op.function is not None
+        # The chosen face when it is a dispatcher kernel (C++, or a Python CPU kernel): run() calls
+        # it by its dispatch key alone, below autograd and every other key (a redispatch with a
+        # key set of that key: no thread-local state to set and restore, 0.5 us, nor
+        # OpOverload.__call__'s Python frame). Other faces go through Op.run.
+        self._redispatch, self._keys = None, None
+        if self._face in op._loaded_device_faces:
+            self._redispatch = op._overload._handle.redispatch_boxed
+            self._keys = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _DISPATCH_KEYS[self._face]))
 
     def face(self, x: torch.Tensor) -> str:
         """The face that runs x (an x that :meth:`fits`), as :meth:`Op.select` chooses it: once per
@@ -370,23 +373,15 @@ class Plan:
     def run(self, x: torch.Tensor):
         """The op on x on the plan's face, x one that :meth:`fits` (recorded by :func:`record_faces`)."""
         op, rest = self.op, self.rest
-        if (not self._direct or backends.forced_backend() != self._forced or "run" in op.__dict__
+        if (self._redispatch is None or backends.forced_backend() != self._forced or "run" in op.__dict__
                 or op._choose is not None and op._choose(self.device, x, *rest) is not None):
             # Op.run itself: another face than the plan's first (a forced one, one for the shape),
-            # its Python and Triton faces, or a run a caller wrapped to watch the faces
+            # a Triton or reference face, or a run a caller wrapped to watch the faces
             # (fastpeft.bench notes the face each case ran).
             return op.run(self.face(x), x, *rest)
-        # Op.run's path for a dispatcher kernel below autograd, inline (0.8 us less a call than
-        # through Op.run, below_autograd and OpOverload.__call__).
         if _taken is not None:
             _taken.append((op.name, self._face))
-        if _autograd_excluded(_AUTOGRAD_KEY):
-            return self._kernel(x, *rest)
-        _exclude_autograd(_AUTOGRAD_KEY, True)
-        try:
-            return self._kernel(x, *rest)
-        finally:
-            _exclude_autograd(_AUTOGRAD_KEY, False)
+        return self._redispatch(self._keys, x, *rest)
 
     def __call__(self, x):
         """``op(x, *rest)``: the plan's face when x :meth:`fits`, else the op's full path."""
