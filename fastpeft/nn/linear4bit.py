@@ -255,9 +255,10 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Inference on a plan (the op's checks of the weight made once, x's per call); anything a
-        # plan does not take (autocast, torch.compile, an x to cast or make contiguous, one needing
-        # a gradient) takes the full path.
-        if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled():
+        # plan does not take (training with grad mode on, autocast, torch.compile, an x to cast or
+        # make contiguous, one needing a gradient) takes the full path.
+        if (type(x) is not torch.Tensor or self.training and torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch._C._is_any_autocast_enabled()):
             return self.forward_unplanned(x)
         held = self.__dict__.get("_held_plan")
         plan = held.plan if held is not None and held.holds(self.op_tensors()) else self.op_plan(x)

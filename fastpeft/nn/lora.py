@@ -328,9 +328,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Inference on a plan (the op's checks of the weights made once, x's per call); anything a
-        # plan does not take (autocast, torch.compile, DoRA, a 4-bit base, casts, dropout, an x to
-        # make contiguous or one needing a gradient) takes the full path.
-        if type(x) is torch.Tensor and not (torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()):
+        # plan does not take (training with grad mode on, autocast, torch.compile, DoRA, a 4-bit
+        # base, casts, dropout, an x to make contiguous or one needing a gradient) takes the full path.
+        if type(x) is torch.Tensor and not (self.training and torch.is_grad_enabled() or torch.compiler.is_compiling()
+                                            or torch._C._is_any_autocast_enabled()):
             plan = self.op_plan(x)
             if plan is not None and (x.dim() == 2 or x.shape[-1] == self.in_features):
                 x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
