@@ -137,11 +137,17 @@ def compare(args) -> int:
     from .compare import CompareSettings, run
 
     settings = CompareSettings(model=models.resolve(args.model), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                               eval_size=args.eval_size, few_shot=args.few_shot, seed=args.seed,
+                               eval_size=args.eval_size, few_shot=args.few_shot, max_length=args.max_length,
+                               seed=args.seed,
                                device=_device(args), threads=args.threads, progress=not args.no_progress)
     if args.methods:
         settings.methods = args.methods
-    run(settings, json_path=args.json, plot_path=args.plot)
+    name = args.model if args.model is None or args.model in MODELS else os.path.basename(os.path.normpath(args.model))
+    threads = settings.threads or torch.get_num_threads()
+    machine = (f"{backends.cpu_model()}, {threads} thread{'s' if threads != 1 else ''}"
+               if settings.device == "cpu" else settings.device)
+    title = f"fastpeft compare --model {name or '(tiny random Llama)'}: {settings.steps} steps x {settings.batch_size}, {machine}"
+    run(settings, json_path=args.json, plot_path=args.plot, title=title)
     return 0
 
 
@@ -181,11 +187,17 @@ def causal_model(text: str) -> str:
     """--model of the commands that train causal LMs: a pretrained model fastpeft knows by name (see
     fastpeft.models; its folder is found, or converted once, when the command runs) or a local
     Hugging Face model folder, checked here so that a typo is not taken for a Hub name."""
+    if text in MODELS and MODELS[text].kind != "causal":
+        raise argparse.ArgumentTypeError(f"{text} is an encoder ({MODELS[text].distribution}); this command "
+                                         "trains causal LMs: use " + ", ".join(
+                                             n for n, m in MODELS.items() if m.kind == "causal"))
+    return any_model(text)
+
+
+def any_model(text: str) -> str:
+    """--model of compare (causal LMs and encoder classifiers, told apart by their config when it
+    runs): a pretrained model fastpeft knows by name, or a local Hugging Face model folder."""
     if text in MODELS:
-        if MODELS[text].kind != "causal":
-            raise argparse.ArgumentTypeError(f"{text} is an encoder ({MODELS[text].distribution}); this command "
-                                             "trains causal LMs: use " + ", ".join(
-                                                 n for n, m in MODELS.items() if m.kind == "causal"))
         return text
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: neither a model fastpeft knows ({', '.join(MODELS)}) nor a "
@@ -288,16 +300,20 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                            "step time, accuracy")
     c.add_argument("--methods", metavar="M1,M2", type=method_list,
                    help=f"a subset of {','.join(COMPARE_METHODS)} (default: all)")
-    c.add_argument("--model", metavar="NAME|DIR", type=causal_model,
-                   help="smollm2 (pretrained, see fastpeft.models) or a local Hugging Face model folder with its "
-                        "tokenizer (default: a tiny random Llama)")
+    c.add_argument("--model", metavar="NAME|DIR", type=any_model,
+                   help="minilm or smollm2 (pretrained, see fastpeft.models) or a local Hugging Face model folder "
+                        "with its tokenizer: a causal LM learns a 4-class rating task, an encoder (BERT-style, "
+                        "told by its config) a sentiment task as a sequence classifier (default: a tiny random "
+                        "Llama)")
     c.add_argument("--steps", type=positive_int, default=CompareSettings.steps,
                    help="training steps per method (the same batches for each)")
     c.add_argument("--batch-size", type=positive_int, default=CompareSettings.batch_size, help="examples per step")
     c.add_argument("--lr", type=positive_float, help="one rate for every method (default: each method's usual rate)")
     c.add_argument("--eval-size", type=positive_int, default=CompareSettings.eval_size, help="held-out examples scored")
     c.add_argument("--few-shot", type=non_negative_int, default=CompareSettings.few_shot,
-                   help="demonstrations in the in-context-learning prompts")
+                   help="demonstrations in the few-shot in-context-learning prompts (icl; icl0 has none)")
+    c.add_argument("--max-length", type=positive_int, default=CompareSettings.max_length,
+                   help="encoder: tokens per review at most")
     c.add_argument("--seed", type=int, default=CompareSettings.seed, help="seed of the model, data and training")
     c.add_argument("--device", choices=["cpu", "cuda"], help="where to run (default: cuda if a GPU is visible, else cpu)")
     c.add_argument("--threads", type=positive_int, help="torch threads per run (default: torch's)")

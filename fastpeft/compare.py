@@ -2,20 +2,30 @@
 budget, in one table: trainable parameters, checkpoint size, peak training memory, step time and
 final accuracy, printed, as JSON and as a chart.
 
-The task is a synthetic 4-class review classification the model must learn: a review is five
-words, four neutral ones and one that carries the rating (``"awful"``: 1 star ... ``"superb"``:
-4 stars), put into the verbalizer template :data:`TEMPLATE`; the answer is the label word after it.
-The same task serves both kinds of row:
+The model's kind decides the task and how it is scored (:func:`fastpeft.models.kind_of`, a rule on
+its config, not its name):
 
-* ``icl`` (no fine-tuning): few-shot prompts scored by :func:`fastpeft.icl.label_probabilities`;
-* every trained method: trained on the filled template with the loss on the label word only, for
-  the same number of steps on the same batches, then scored zero-shot by the same scorer (the
-  argmax over the label words at the answer position).
+* a causal LM (the default tiny random Llama, SmolLM2, any local ``*ForCausalLM`` folder): a
+  synthetic 4-class review classification it must learn. A review is five words, four neutral ones
+  and one that carries the rating (``"awful"``: 1 star ... ``"superb"``: 4 stars), put into the
+  verbalizer template :data:`TEMPLATE`; the answer is the label word after it.
+  ``icl`` / ``icl0`` (few- and zero-shot, no fine-tuning) score prompts with
+  :func:`fastpeft.icl.label_probabilities`; every trained method trains on the filled template with
+  the loss on the label word only, then is scored zero-shot by the same scorer.
+* an encoder (a BERT-style model: MiniLM, any local masked-LM family folder): binary sentiment of
+  reviews written from templates (:data:`TRAIN_TEMPLATES`; the held-out reviews come from
+  :data:`TEST_TEMPLATES`, never seen in training) over several domains' vocabularies, half of them
+  negated. The model is loaded as a sequence classifier with a fresh two-way head, which every
+  method trains where PEFT trains it (task_type ``SEQ_CLS``: the head is a module to save; BitFit,
+  layer freezing and full fine-tuning train it among their parameters). ICL does not fit (an encoder
+  classifier has no next-token head to score label words with): its rows say so. ``head`` (the
+  frozen body, only the head trained: a linear probe) is the no-adapter baseline.
 
-The default model is the tiny random Llama of ``fastpeft finetune`` (with biases, so that BitFit
-has something to train) and a word-level tokenizer built in memory; ``model=DIR`` takes a local
-Hugging Face model and its tokenizer. Each row runs in a fresh process (forked from a server that
-has imported the libraries once), so its peak memory is its own.
+Every trained row sees the same number of steps on the same batches. The default model is the tiny
+random Llama of ``fastpeft finetune`` (with biases, so that BitFit has something to train) and a
+word-level tokenizer built in memory; ``model=DIR`` takes a local Hugging Face model and its
+tokenizer. Each row runs in a fresh process (forked from a server that has imported the libraries
+once), so its peak memory is its own.
 """
 
 from __future__ import annotations
@@ -32,8 +42,21 @@ import torch
 
 from . import finetune, icl
 
-ICL = "icl"
-COMPARE_METHODS = (ICL,) + finetune.METHODS
+ICL = "icl"  # few-shot (CompareSettings.few_shot demonstrations)
+ICL_ZERO = "icl0"  # zero-shot
+ICL_METHODS = (ICL_ZERO, ICL)
+HEAD = "head"  # the frozen body, only the task head (or a causal LM's output layer) trained: a linear probe
+COMPARE_METHODS = ICL_METHODS + finetune.METHODS + (HEAD,)
+HEAD_LR = 1e-2  # AdamW's rate for the head row: one linear layer on frozen features takes large steps
+# AdamW's rates for an encoder classifier (finetune.DEFAULT_LR's are for small causal LMs trained
+# from their output layer). Measured: LoRA at finetune's 5e-3 left a tiny random BERT at chance (loss
+# 0.69 after 250 steps, the training reviews too) where 1e-3 learned it (0.45, held out 0.61); the
+# rest are the usual ones for BERT-sized models: soft prompts and scaling vectors take larger
+# steps, full fine-tuning and the top layers smaller ones.
+ENCODER_LR = {"lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "prompt": 3e-2, "prefix": 1e-2, "ia3": 1e-2,
+              "bottleneck": 1e-3, "compacter": 3e-3, "bitfit": 3e-3, "diffpruning": 1e-3, "layerfreeze": 5e-4,
+              "full": 1e-4, HEAD: HEAD_LR}
+CAUSAL, ENCODER = "causal", "encoder"
 TEMPLATE = "Review: {text}\nOn a 1 to 4 star scale, the reviewer would give {label}"
 LABEL_WORDS = ["1", "2", "3", "4"]
 # The rating words: a review's label is the class of the one it contains.
@@ -43,6 +66,34 @@ NEUTRAL_WORDS = ["food", "service", "table", "staff", "menu", "price", "dinner",
                  "dessert", "lunch", "music", "view", "bread"]
 WORDS_PER_REVIEW = 5
 
+# The encoder's task: binary sentiment (LABEL_NAMES[label]) of reviews from templates. A template's
+# {adj} carries the polarity; a negated template flips it. The test templates (and their negations:
+# "never", "hardly", "far from") are never seen in training; the vocabularies are shared.
+LABEL_NAMES = ["negative", "positive"]
+# A third of the reviews are negated: the adjective alone then predicts 2/3 of the labels, and only
+# a model that reads the negation gets the rest. (With half negated, an adjective says nothing about
+# the label by itself: a tiny random BERT stayed at chance, loss 0.69, after 200 full fine-tuning steps.)
+NEGATED_SHARE = 1 / 3
+SENTIMENT_WORDS = {  # label -> adjectives
+    0: ["terrible", "awful", "dull", "disappointing", "bland", "boring", "poor", "dreadful", "mediocre", "clumsy"],
+    1: ["wonderful", "excellent", "delightful", "superb", "charming", "brilliant", "lovely", "impressive",
+        "pleasant", "fantastic"],
+}
+SUBJECTS = ["film", "plot", "acting", "soundtrack", "food", "service", "soup", "dessert", "room", "bed", "view",
+            "staff", "phone", "battery", "screen", "book", "story", "ending", "concert", "museum"]
+TRAIN_TEMPLATES = [  # (template, negated)
+    ("The {noun} was {adj}.", False), ("I found the {noun} {adj}.", False), ("What a {adj} {noun}!", False),
+    ("Honestly, the {noun} is {adj}.", False), ("We thought the {noun} was really {adj}.", False),
+    ("The {noun} was not {adj}.", True), ("I did not find the {noun} {adj} at all.", True),
+    ("Nobody would call the {noun} {adj}.", True), ("The {noun} is not {adj}, whatever you have heard.", True),
+    ("We did not think the {noun} was {adj}.", True),
+]
+TEST_TEMPLATES = [
+    ("Everyone agreed the {noun} felt {adj}.", False), ("The {noun} turned out to be {adj}.", False),
+    ("In short: a {adj} {noun}.", False), ("The {noun} never seemed {adj} to me.", True),
+    ("I would hardly describe the {noun} as {adj}.", True), ("The {noun} was far from {adj}.", True),
+]
+
 
 @dataclass
 class CompareSettings:
@@ -50,9 +101,10 @@ class CompareSettings:
     model: str | None = None  # local Hugging Face model directory; None: the tiny default Llama
     steps: int = 150
     batch_size: int = 32
-    lr: float | None = None  # None: each method's finetune.DEFAULT_LR
+    lr: float | None = None  # None: each method's usual rate (learning_rate)
     eval_size: int = 256
     few_shot: int = 3  # demonstrations in the ICL prompts
+    max_length: int = 64  # encoder: tokens per review at most (the template reviews are shorter)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch threads per run (None: torch's default)
@@ -74,6 +126,7 @@ class CompareRow:
     seconds: float = 0.0
     memory_kind: str = ""
     error: str = ""
+    not_applicable: str = ""  # why the method does not fit this kind of model (then nothing ran)
 
 
 @dataclass
@@ -99,12 +152,45 @@ def reviews(n: int, generator: torch.Generator) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
-def synthetic_task(s: CompareSettings) -> Task:
-    """Training reviews for every step, a held-out evaluation set and the ICL demonstrations."""
+def sentiment_reviews(n: int, generator: torch.Generator, templates: list[tuple[str, bool]]
+                      ) -> tuple[list[str], list[int]]:
+    """`n` reviews from `templates` and their sentiment labels (0 negative, 1 positive), balanced in
+    expectation: the label is drawn first, then whether the review is negated (NEGATED_SHARE of
+    them), a template of that kind, and an adjective of the polarity that, through the negation,
+    gives that label."""
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(torch.randint(2, (1,), generator=generator))
+        negated = bool(torch.rand((), generator=generator) < NEGATED_SHARE)
+        template = pick([t for t, t_negated in templates if t_negated == negated])
+        adjective = pick(SENTIMENT_WORDS[1 - label if negated else label])
+        texts.append(template.replace("{noun}", pick(SUBJECTS)).replace("{adj}", adjective))
+        labels.append(label)
+    return texts, labels
+
+
+def synthetic_task(s: CompareSettings, kind: str = CAUSAL) -> Task:
+    """Training reviews for every step, a held-out evaluation set and the ICL demonstrations: the
+    4-class rating task for a causal LM, the sentiment task (test templates unseen) for an encoder."""
+    if kind == ENCODER:
+        def make(n, seed, templates):
+            return sentiment_reviews(n, torch.Generator().manual_seed(seed), templates)
+        train, evaluation = make(s.steps * s.batch_size, s.seed + 1, TRAIN_TEMPLATES), make(s.eval_size, s.seed + 2,
+                                                                                            TEST_TEMPLATES)
+        return Task(*train, *evaluation, [])
     train = reviews(s.steps * s.batch_size, torch.Generator().manual_seed(s.seed + 1))
     evaluation = reviews(s.eval_size, torch.Generator().manual_seed(s.seed + 2))
     shot_texts, shot_labels = reviews(s.few_shot, torch.Generator().manual_seed(s.seed + 3))
     return Task(*train, *evaluation, list(zip(shot_texts, shot_labels)))
+
+
+def sentiment_vocabulary() -> list[str]:
+    """Every text the sentiment task can write (for a word-level tokenizer over it)."""
+    words = [w for group in SENTIMENT_WORDS.values() for w in group] + SUBJECTS
+    return [t.replace("{noun}", " ").replace("{adj}", " ") for t, _ in TRAIN_TEMPLATES + TEST_TEMPLATES] + [" ".join(words)]
 
 
 def word_tokenizer(texts: list[str]):
@@ -128,17 +214,38 @@ def default_tokenizer():
     return word_tokenizer([TEMPLATE.replace("{text}", " ".join(words)).replace("{label}", "")])
 
 
-def load_model_and_tokenizer(s: CompareSettings):
+def model_kind(s: CompareSettings) -> str:
+    """CAUSAL or ENCODER: the default tiny Llama is causal; a folder's kind is read from its config."""
     if s.model is None:
-        tokenizer = default_tokenizer()
-        return finetune.default_model(s.seed, vocab_size=len(tokenizer), bias=True), tokenizer
+        return CAUSAL
+    from .models import kind_of
+
+    return kind_of(s.model)
+
+
+def load_tokenizer(s: CompareSettings):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(s.model, local_files_only=True)
+        return AutoTokenizer.from_pretrained(s.model, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"{s.model}: no tokenizer could be loaded ({e}); compare needs one to build its task"
                          ) from None
+
+
+def load_model_and_tokenizer(s: CompareSettings, kind: str = CAUSAL):
+    """The model and its tokenizer; an encoder as a sequence classifier with a fresh head of
+    len(LABEL_NAMES) classes (seeded by s.seed)."""
+    if s.model is None:
+        tokenizer = default_tokenizer()
+        return finetune.default_model(s.seed, vocab_size=len(tokenizer), bias=True), tokenizer
+    tokenizer = load_tokenizer(s)
+    if kind == ENCODER:
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(s.seed)  # the fresh head
+        return AutoModelForSequenceClassification.from_pretrained(s.model, num_labels=len(LABEL_NAMES),
+                                                                  local_files_only=True), tokenizer
     return finetune.load_model(finetune.FinetuneSettings(model=s.model, seed=s.seed)), tokenizer
 
 
@@ -160,43 +267,134 @@ def training_batches(task: Task, tokenizer, s: CompareSettings):
         yield ids, labels, (None if bool(mask.all()) else mask)
 
 
+def encode_texts(tokenizer, texts: list[str], s: CompareSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), int64 [len(texts), longest] (right-padded, at most s.max_length)."""
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=s.max_length, return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def classification_batches(task: Task, tokenizer, s: CompareSettings):
+    """(input_ids, labels [batch], attention_mask) per step: the reviews and their class."""
+    for start in range(0, s.steps * s.batch_size, s.batch_size):
+        ids, mask = encode_texts(tokenizer, task.train_texts[start: start + s.batch_size], s)
+        yield ids, torch.tensor(task.train_labels[start: start + s.batch_size]), mask
+
+
+@torch.no_grad()
+def classifier_accuracy(model, tokenizer, texts: list[str], labels: list[int], s: CompareSettings) -> float:
+    """Fraction of `texts` whose highest logit is their label (the model in eval mode meanwhile)."""
+    was_training = model.training
+    model.eval()
+    right = 0
+    try:
+        for start in range(0, len(texts), s.batch_size):
+            ids, mask = encode_texts(tokenizer, texts[start: start + s.batch_size], s)
+            logits = model(input_ids=ids.to(s.device), attention_mask=mask.to(s.device)).logits
+            right += int((logits.argmax(-1).cpu() == torch.tensor(labels[start: start + s.batch_size])).sum())
+    finally:
+        model.train(was_training)
+    return right / len(texts)
+
+
+def head_names(model, kind: str) -> list[str]:
+    """What a linear probe trains: an encoder classifier's task head (the modules PEFT's SEQ_CLS
+    trains whole, fastpeft.targeting.TASK_HEADS), a causal LM's output layer."""
+    from .targeting import TASK_HEADS, output_layer_names
+
+    if kind == ENCODER:
+        names = sorted({n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TASK_HEADS["SEQ_CLS"]})
+    else:
+        names = sorted(output_layer_names(model))
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no task head or output layer to train")
+    return names
+
+
+def method_config(method: str, model, kind: str, fs: finetune.FinetuneSettings):
+    """The method's config for this compare: finetune's, and for an encoder classifier the task
+    head trained as PEFT trains it (task_type SEQ_CLS, where the config has one; the selective
+    methods name the head among what they train)."""
+    from dataclasses import replace
+
+    if method == HEAD:
+        from .methods.layer_freezing import LayerFreezingConfig
+
+        return LayerFreezingConfig(num_trainable_layers=0, modules_to_train=head_names(model, kind))
+    config = finetune.method_config(fs)
+    if kind != ENCODER:
+        return config
+    if hasattr(config, "task_type"):
+        return replace(config, task_type="SEQ_CLS")
+    if hasattr(config, "modules_to_train"):  # layer freezing: the top layers and the head
+        return replace(config, modules_to_train=(config.modules_to_train or []) + head_names(model, kind))
+    return config  # BitFit trains the head (train_task_head), full fine-tuning everything
+
+
 def _rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def learning_rate(method: str, kind: str, s: CompareSettings) -> float:
+    """s.lr, else the method's usual rate for the kind of model (the head row: a linear probe's)."""
+    if s.lr is not None:
+        return s.lr
+    if kind == ENCODER:
+        return ENCODER_LR[method]
+    return HEAD_LR if method == HEAD else finetune.DEFAULT_LR[method]
+
+
+def does_not_fit(method: str, kind: str) -> str:
+    """Why `method` cannot run on a model of `kind` ("" when it can)."""
+    if kind == ENCODER and method in ICL_METHODS:
+        return ("does not fit an encoder classifier: in-context learning scores label words with a causal LM's "
+                "next-token head, which a BERT-style classifier does not have")
+    return ""
 
 
 def run_method(method: str, s: CompareSettings) -> dict:
     """One row of the table, in this process."""
     if s.threads:
         torch.set_num_threads(s.threads)
-    task = synthetic_task(s)
-    model, tokenizer = load_model_and_tokenizer(s)
-    model = model.to(s.device)
+    kind = model_kind(s)
     row = CompareRow(method)
-    if method == ICL:
+    row.not_applicable = does_not_fit(method, kind)
+    if row.not_applicable:
+        return asdict(row)
+    task = synthetic_task(s, kind)
+    model, tokenizer = load_model_and_tokenizer(s, kind)
+    model = model.to(s.device)
+    if method in ICL_METHODS:
         from .methods import count_parameters
 
         row.total_params = count_parameters(model)[1]
         base = finetune._rss_mb()
         start = time.perf_counter()
         row.accuracy = icl.accuracy(model, tokenizer, task.eval_texts, task.eval_labels, TEMPLATE, LABEL_WORDS,
-                                    examples=task.shots, batch_size=s.batch_size)
+                                    examples=task.shots if method == ICL else (), batch_size=s.batch_size)
         row.seconds = time.perf_counter() - start
         row.step_ms = 1000 * row.seconds / len(task.eval_texts)
         row.peak_memory_mb = _rss_peak_mb() - base
         row.memory_kind = "process RSS above the loaded model, peak (scoring)"
         return asdict(row)
-    fs = finetune.FinetuneSettings(method=method, model=s.model, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
-                                   seed=s.seed, device=s.device, log_every=0, progress=s.progress)
-    model = finetune.apply_method(model, fs, "fastpeft")
-    result = finetune.train_model(model, training_batches(task, tokenizer, s), fs, leave_bar=False)
+    fs = finetune.FinetuneSettings(method="layerfreeze" if method == HEAD else method, model=s.model, steps=s.steps,
+                                   batch_size=s.batch_size, lr=learning_rate(method, kind, s), seed=s.seed,
+                                   device=s.device, log_every=0, progress=s.progress)
+    import fastpeft
+
+    if method == "qlora":
+        fastpeft.quantize_model(model, double_quant=True)
+    model = fastpeft.get_peft_model(model, method_config(method, model, kind, fs))
+    batches = (classification_batches if kind == ENCODER else training_batches)(task, tokenizer, s)
+    result = finetune.train_model(model, batches, fs, leave_bar=False)
     row.trainable_params, row.total_params = result.trainable_params, result.total_params
     row.peak_memory_mb, row.memory_kind = result.peak_memory_mb, result.memory_kind
     row.step_ms, row.seconds = 1000 * result.step_seconds, result.seconds
     row.first_loss, row.final_loss, _ = result.first_and_final_loss()
-    row.accuracy = icl.accuracy(model, tokenizer, task.eval_texts, task.eval_labels, TEMPLATE, LABEL_WORDS,
-                                batch_size=s.batch_size)
-    import fastpeft
-
+    if kind == ENCODER:
+        row.accuracy = classifier_accuracy(model, tokenizer, task.eval_texts, task.eval_labels, s)
+    else:
+        row.accuracy = icl.accuracy(model, tokenizer, task.eval_texts, task.eval_labels, TEMPLATE, LABEL_WORDS,
+                                    batch_size=s.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         fastpeft.save_adapter(model, os.path.join(tmp, "adapter"))
         folder = os.path.join(tmp, "adapter")
@@ -242,46 +440,52 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def format_table(rows: list[CompareRow]) -> str:
+def format_table(rows: list[CompareRow], chance: float = 1 / len(LABEL_WORDS)) -> str:
     header = ("method", "trainable params", "checkpoint", "peak MB", "step ms", "accuracy", "loss first→final")
     lines = [header]
     for r in rows:
-        if r.error:
-            lines.append((r.method, f"error: {r.error}"[:110], "", "", "", "", ""))
+        if r.error or r.not_applicable:
+            lines.append((r.method, f"error: {r.error}"[:110] if r.error else f"n/a: {r.not_applicable}", "", "",
+                          "", "", ""))
             continue
         share = f" ({100 * r.trainable_params / r.total_params:.2f}%)" if r.total_params else ""
-        trained = r.method != ICL
+        trained = r.method not in ICL_METHODS
         lines.append((r.method, f"{r.trainable_params:,d}{share}", _size(r.checkpoint_bytes) if trained else "-",
                       f"{r.peak_memory_mb:,.1f}", f"{r.step_ms:.1f}", f"{r.accuracy:.3f}",
                       f"{r.first_loss:.3f}→{r.final_loss:.3f}" if trained else "-"))
-    widths = [max(len(row[i]) for row in lines if not row[1].startswith("error")) for i in range(len(header))]
+    def whole_line(row):  # an error or a refusal: the method's name and its message
+        return row[1].startswith(("error", "n/a"))
+
+    widths = [max(len(row[i]) for row in lines if not whole_line(row)) for i in range(len(header))]
     text = []
     for i, row in enumerate(lines):
-        text.append(row[0].ljust(widths[0]) + "  " + row[1] if row[1].startswith("error") else
+        text.append(row[0].ljust(widths[0]) + "  " + row[1] if whole_line(row) else
                     "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             text.append("  ".join("-" * w for w in widths))
-    kinds = sorted({r.memory_kind for r in rows if r.memory_kind and r.method != ICL})
-    text.append(f"(peak MB: {', '.join(kinds) or 'n/a'}; icl: no training: its step ms is per example scored, "
-                "its memory the scoring's; accuracy on held-out reviews, chance 0.25)")
+    kinds = sorted({r.memory_kind for r in rows if r.memory_kind and r.method not in ICL_METHODS})
+    text.append(f"(peak MB: {', '.join(kinds) or 'n/a'}; icl, icl0: no training: their step ms is per example "
+                f"scored, their memory the scoring's; accuracy on held-out reviews, chance {chance:.2f})")
     return "\n".join(text)
 
 
-def plot(rows: list[CompareRow], path: str) -> None:
+def plot(rows: list[CompareRow], path: str, chance: float = 1 / len(LABEL_WORDS), title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if not r.error]
+    ok = [r for r in rows if not r.error and not r.not_applicable]
     names = [r.method for r in ok]
-    fig, (mem, acc) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 4), 4))
-    colors = ["#999999" if n == ICL else "#1f77b4" for n in names]
+    fig, (mem, acc) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) + 4), 4.4 if title else 4))
+    if title:
+        fig.suptitle(title, fontsize=9)
+    colors = ["#999999" if n in ICL_METHODS + (HEAD,) else "#1f77b4" for n in names]
     mem.bar(names, [r.peak_memory_mb for r in ok], color=colors)
     mem.set_ylabel("peak memory above the model (MB)")
     mem.set_title("peak training memory")
     acc.bar(names, [r.accuracy for r in ok], color=colors)
-    acc.axhline(1 / len(LABEL_WORDS), color="#d62728", linestyle="--", linewidth=1, label="chance")
+    acc.axhline(chance, color="#d62728", linestyle="--", linewidth=1, label="chance")
     acc.set_ylim(0, 1)
     acc.set_ylabel("accuracy")
     acc.set_title("final accuracy (held out)")
@@ -289,23 +493,39 @@ def plot(rows: list[CompareRow], path: str) -> None:
     for ax in (mem, acc):
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     failed = [r.method for r in rows if r.error]
-    if failed:
-        fig.text(0.01, 0.01, f"failed: {', '.join(failed)}", fontsize=7, color="#d62728")
+    unfit = [r.method for r in rows if r.not_applicable]
+    notes = ([f"failed: {', '.join(failed)}"] if failed else []) + (
+        [f"not applicable to this model: {', '.join(unfit)}"] if unfit else [])
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(notes), fontsize=7, color="#d62728")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run(s: CompareSettings, json_path: str | None = None, plot_path: str | None = None) -> list[CompareRow]:
+def task_description(kind: str) -> dict:
+    """What the rows were trained and scored on (for the JSON)."""
+    if kind == ENCODER:
+        return dict(kind=kind, task="binary sentiment, sequence classification", label_names=LABEL_NAMES,
+                    train_templates=TRAIN_TEMPLATES, test_templates=TEST_TEMPLATES, adjectives=SENTIMENT_WORDS,
+                    subjects=SUBJECTS, chance=1 / len(LABEL_NAMES))
+    return dict(kind=kind, task="4-class ratings, label word scored", template=TEMPLATE, label_words=LABEL_WORDS,
+                chance=1 / len(LABEL_WORDS))
+
+
+def run(s: CompareSettings, json_path: str | None = None, plot_path: str | None = None,
+        title: str = "") -> list[CompareRow]:
+    kind = model_kind(s)  # a folder that is neither kind is refused before any row runs
+    chance = task_description(kind)["chance"]
     rows = compare(s)
-    print(format_table(rows))
+    print(format_table(rows, chance))
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(dict(settings=asdict(s), template=TEMPLATE, label_words=LABEL_WORDS,
-                           rows=[asdict(r) for r in rows]), f, indent=2)
+            json.dump(dict(settings=asdict(s), **task_description(kind), rows=[asdict(r) for r in rows]), f,
+                      indent=2)
             f.write("\n")
         print(f"wrote {json_path}")
     if plot_path:
-        plot(rows, plot_path)
+        plot(rows, plot_path, chance, title)
         print(f"wrote {plot_path}")
     return rows

@@ -107,6 +107,36 @@ def convert_gguf(gguf_path: str, target: str) -> None:
         raise
 
 
+CAUSAL_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers' names of a causal LM's head class
+
+
+def kind_of(directory: str) -> str:
+    """"causal" or "encoder": what a local transformers folder holds, by rule from its config.json
+    (never by its name). A causal LM: an architecture named like a causal LM's head class, or a model
+    type transformers builds only as a causal LM (Llama, GPT-2...). An encoder: a bidirectional
+    model type transformers pretrains with a masked-LM head (BERT, RoBERTa, DistilBERT...), not
+    configured as a decoder. ValueError for anything else (an encoder-decoder, a vision model)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ValueError(f"{directory}: no config.json, so it is not a Hugging Face model folder")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(CAUSAL_HEAD_SUFFIXES) for a in architectures):
+        return "causal"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{directory}: {config.model_type} is an encoder-decoder; fastpeft's commands train a causal "
+                         "LM or an encoder classifier")
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "encoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise ValueError(f"{directory}: model type {config.model_type!r} ({', '.join(architectures) or 'no architecture'}"
+                     ") is neither a causal LM nor a masked-LM encoder transformers knows")
+
+
 def resolve(model: str | None) -> str | None:
     """A --model value as a folder: a known model's name becomes its folder; anything else (a folder
     path, or None for the tiny random default) is returned as it is."""
