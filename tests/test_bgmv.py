@@ -73,3 +73,27 @@ def test_op_checks_name_the_problem():
         bgmv_expand(torch.randn(4, 12), torch.randn(4, 8), b, scalings[:5], torch.zeros(4, dtype=torch.int32))
     with pytest.raises(TypeError, match="bgmv_expand: scalings must be float32, got torch.float16"):
         bgmv_expand(torch.randn(4, 12), torch.randn(4, 8), b, scalings.half(), torch.zeros(4, dtype=torch.int32))
+
+
+def cuda_face():
+    """The C++ CUDA face where a GPU and the built extension are here (none otherwise: no test then)."""
+    return [p for p in face_params(bgmv_expand) if p.values[1] == "cuda"]
+
+
+@pytest.mark.parametrize("device,backend", cuda_face())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,N,R", [(64, 4096 + 3, 16), (5, 300, 7), (9, 257, 64), (3, 40, 1)])
+def test_cuda_expand_thread_per_feature_matches_the_reference(device, backend, dtype, T, N, R):
+    """csrc/cuda/bgmv.cu's expand (a thread per output feature, the rank in 16-byte steps when it
+    divides, scalar otherwise, s in shared memory): ranks 1 to 64, N beyond whole blocks, slots
+    mixed with -1, and B as a transposed view (scalar path)."""
+    K = 32
+    a, b, scalings = stacks(K, N, R, dtype, device, ranks=tuple(min(r, R) for r in (1, 3, 8, 2, 5, 8)))
+    ids = torch.randint(-1, b.shape[0], (T,), dtype=torch.int32, device=device)
+    base, s = torch.randn(T, N, dtype=dtype, device=device), torch.randn(T, R, dtype=dtype, device=device)
+    expected = bgmv_expand_reference(base, s, b, scalings, ids)
+    b_view = b.transpose(1, 2).contiguous().transpose(1, 2)   # the same values, rank stride N
+    for factors in (b, b_view):
+        with on_face(backend):
+            got = bgmv_expand(base, s, factors, scalings, ids)
+        assert_close(got, expected, dtype)

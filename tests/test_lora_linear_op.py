@@ -197,3 +197,40 @@ def test_triton_face_under_the_new_fp32_precision_api():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def cuda_face():
+    """The C++ CUDA face where a GPU and the built extension are here (none otherwise: no test then)."""
+    return [p for p in face_params(lora_linear_fwd) if p.values[1] == "cuda"]
+
+
+@pytest.mark.parametrize("device,backend", cuda_face())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 8, 9, 12, 16])
+def test_cuda_decode_gemv_takes_every_row_in_one_pass(device, backend, dtype, M):
+    """csrc/cuda/lora_linear.cu's GEMV (all M <= 16 rows in one pass over W, two features per warp,
+    ragged N and K), against the reference: K = 4100 leaves a tail beyond the 4-load unrolled groups
+    and the 16-byte vectors, N = 33 an odd feature for the last warp."""
+    K, N, r = 4100, 33, 16
+    x, w, b, a, bb = make_inputs(M, K, N, r, dtype, device)
+    expected, s = lora_linear_fwd_reference(x, w, b, a, bb, 0.5)
+    with on_face(backend):
+        got, got_s = lora_linear_fwd(x, w, b, a, bb, 0.5)
+    assert_close(got, expected, dtype)
+    assert_close(got_s, s, dtype)
+
+
+@pytest.mark.parametrize("device,backend", cuda_face())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_decode_gemv_reads_offset_and_strided_rows(device, backend, dtype):
+    """x and W starting one element into their storage (pointers off 16 bytes: the scalar-load
+    instantiation), and rows of x and W strided beyond K (a padded view)."""
+    M, K, N, r = 11, 512, 70, 8
+    x, w, b, a, bb = make_inputs(M, K, N, r, dtype, device)
+    shifted = [torch.empty(t.numel() + 1, dtype=dtype, device=device)[1:].view(t.shape).copy_(t) for t in (x, w)]
+    padded = [torch.empty(t.shape[0], K + 8, dtype=dtype, device=device)[:, :K].copy_(t) for t in (x, w)]
+    expected, _ = lora_linear_fwd_reference(x, w, b, a, bb, 0.5)
+    for xi, wi in (shifted, padded):
+        with on_face(backend):
+            got, _ = lora_linear_fwd(xi, wi, b, a, bb, 0.5)
+        assert_close(got, expected, dtype)

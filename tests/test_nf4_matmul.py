@@ -337,3 +337,43 @@ def test_triton_decode_gemv_takes_rows_of_whole_blocks_only():
     assert gemv_split(1, 4096, 14336, 64, True) is None
     assert gemv_split(1, 4096 + 32, 14336, 64, False) is None
     assert gemv_split(1, 64 * 3, 64, 64, False) == 1   # 3 blocks per row: no split keeps whole blocks
+
+
+def cuda_face():
+    """The C++ CUDA face where a GPU and the built extension are here (none otherwise: no test then)."""
+    return [p for p in face_params(nf4_matmul) if p.values[1] == "cuda"]
+
+
+@pytest.mark.parametrize("device,backend", cuda_face())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 8, 9, 13, 16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cuda_decode_gemv_takes_every_row_in_one_pass(device, backend, dtype, M, double_quant):
+    """csrc/cuda/nf4_matmul.cu's GEMV (M <= 16 in one pass over W, two features per warp, four
+    16-byte chunks per row per lane in flight), against the reference: K = 4160 (4096 + 64) leaves a
+    group of chunks partly out of range, N = 35 an odd feature for the last warp."""
+    K, N = 4160, 35
+    lin = torch.nn.Linear(K, N).to(dtype)
+    q = Linear4bit.from_linear(lin, 64, double_quant).to(device).q
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    bias = lin.bias.detach().to(device)
+    expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, 64, N, bias)
+    with on_face(backend):
+        got = nf4_matmul(x, q.packed, q.absmax, q.quant_map, 64, N, bias, **nested_args(q))
+    assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("device,backend", cuda_face())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_decode_gemv_reads_offset_and_strided_rows(device, backend, dtype):
+    """x one element into its storage (misaligned: the tiled path) and x rows strided beyond K."""
+    M, K, N = 12, 512, 40
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, True).to(device).q
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    shifted = torch.empty(M * K + 1, dtype=dtype, device=device)[1:].view(M, K).copy_(x)
+    padded = torch.empty(M, K + 24, dtype=dtype, device=device)[:, 8:8 + K].copy_(x)
+    expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, 64, N)
+    for xi in (shifted, padded):
+        with on_face(backend):
+            got = nf4_matmul(xi, q.packed, q.absmax, q.quant_map, 64, N, **nested_args(q))
+        assert_close(got, expected, dtype)

@@ -91,3 +91,30 @@ def test_launches_compile_as_the_jit_does_within_each_architectures_shared_memor
     done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "checked" in done.stdout
+
+
+SASS = """
+        Function : _Z6kernelIfLi1EEvv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.NA.128.CONSTANT R8, desc[UR4][R6.64] ;
+        /*0030*/                   LDS.64 R12, [R10] ;
+        /*0040*/                   FFMA R0, R12, R4, R0 ;
+        /*0050*/                   IMAD R2, R3, 0x10, R2 ;
+        /*0060*/              @P0 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+        Function : _Z6kernelIfLi16EEvv
+        /*0000*/                   LDG.E.U8 R4, desc[UR4][R2.64] ;
+        /*0010*/                   EXIT ;
+"""
+
+
+def test_main_loop_of_a_listing_counts_streamed_loads_apart():
+    """The static model's SASS reading (no compiler needed): a function picked by its mangled name,
+    the loop found from its backward branch, 16-byte loads counted, the L1::no_allocate ones apart."""
+    from fastpeft.bench import static
+    loop = static.main_loop(static._section(SASS, r"Function : (\S+)", r"kernelIfLi1E"))
+    assert (loop.instructions, loop.ldg_bytes, loop.streaming_bytes, loop.ldg_ops, loop.int_ops) == (6, 32, 16, 2, 1)
+    assert static.main_loop(static._section(SASS, r"Function : (\S+)", r"kernelIfLi16E")).instructions == 0
+    with pytest.raises(LookupError, match="no function matching"):
+        static._section(SASS, r"Function : (\S+)", "other")

@@ -1,7 +1,8 @@
 // CUDA face of fastpeft::bgmv_shrink / bgmv_expand, for decode: every token its own adapter.
-// One warp per output element slice: shrink gives a warp one (token, rank) pair and streams the
-// factor row A[slot, r, :] against x[t, :] with 16-byte loads; expand gives a warp one (token,
-// feature) pair, its lanes splitting the rank. The slot is read per token; a slot outside [0, S)
+// Shrink gives a warp one (token, rank) pair and streams the factor row A[slot, r, :] against
+// x[t, :] with 16-byte loads; expand gives a thread one (token, feature) pair and the whole rank
+// (a warp per output element, as before, left T·N warps of a few loads each: 262k at T = 64,
+// N = 4096). The slot is read per token; a slot outside [0, S)
 // (including -1) means "no adapter": s = 0, out = base, nothing of the factors is read.
 #include "../lora_gather.h"
 #include "common.cuh"
@@ -15,6 +16,7 @@ namespace {
 
 using cuda::kWarpSize;
 constexpr int kWarps = 8;
+constexpr int kExpandThreads = 256;  // output features per expand block, one per thread
 
 template <typename T, int kVec>
 __global__ void bgmv_shrink_kernel(const T* __restrict__ x, const T* __restrict__ a, const int32_t* __restrict__ ids,
@@ -32,23 +34,43 @@ __global__ void bgmv_shrink_kernel(const T* __restrict__ x, const T* __restrict_
   if (lane == 0) s[t * lds + r] = static_cast<T>(acc);
 }
 
-template <typename T>
-__global__ void bgmv_expand_kernel(const T* __restrict__ base, const T* __restrict__ s, const T* __restrict__ b,
-                                   const float* __restrict__ scalings, const int32_t* __restrict__ ids,
-                                   T* __restrict__ out, int N, int R, int S, int64_t ldbase, int64_t lds,
-                                   int64_t b_slot, int64_t b_row, int64_t b_col, int64_t ldout) {
+// out[t, n] = base[t, n] + scalings[slot]·sum_r s[t, r]·B[slot, n, r], slot = ids[t].
+// grid: (T, ceil(N / kExpandThreads)); a thread per output feature (its B row is R contiguous
+// values, read with 16-byte loads when kVec > 1: adjacent threads read adjacent rows, so a warp's
+// loads are one contiguous stretch), s[t, :] read once per block into shared memory as fp32; no
+// cross-lane reduction.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kExpandThreads)
+    bgmv_expand_kernel(const T* __restrict__ base, const T* __restrict__ s, const T* __restrict__ b,
+                       const float* __restrict__ scalings, const int32_t* __restrict__ ids, T* __restrict__ out,
+                       int N, int R, int S, int64_t ldbase, int64_t lds, int64_t b_slot, int64_t b_row,
+                       int64_t b_col, int64_t ldout) {
+  extern __shared__ float s_row[];  // [R]
   const int t = blockIdx.x;
-  const int n = blockIdx.y * kWarps + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (n >= N) return;  // whole warp
+  const int n = blockIdx.y * kExpandThreads + threadIdx.x;
   const int slot = ids[t];
+  const bool adapted = slot >= 0 && slot < S;  // uniform across the block
+  if (adapted)
+    for (int r = threadIdx.x; r < R; r += blockDim.x) s_row[r] = cuda::to_float(s[static_cast<int64_t>(t) * lds + r]);
+  __syncthreads();
+  if (n >= N) return;
   float acc = 0.f;
-  if (slot >= 0 && slot < S) {
-    const T* b_n = b + slot * b_slot + n * b_row;
-    for (int r = lane; r < R; r += kWarpSize) acc += cuda::to_float(b_n[r * b_col]) * cuda::to_float(s[t * lds + r]);
-    acc = cuda::warp_sum(acc) * scalings[slot];
+  if (adapted) {
+    const T* b_n = b + slot * b_slot + static_cast<int64_t>(n) * b_row;
+    int r = 0;
+    if constexpr (kVec > 1) {  // b_col == 1, R % kVec == 0, rows 16-byte aligned (checked by the launcher)
+      for (; r < R; r += kVec) {
+        alignas(16) T bv[kVec];
+        *reinterpret_cast<uint4*>(bv) = __ldg(reinterpret_cast<const uint4*>(b_n + r));
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc = fmaf(cuda::to_float(bv[e]), s_row[r + e], acc);
+      }
+    }
+    for (; r < R; ++r) acc = fmaf(cuda::to_float(b_n[r * b_col]), s_row[r], acc);
+    acc *= scalings[slot];
   }
-  if (lane == 0) out[t * ldout + n] = static_cast<T>(cuda::to_float(base[t * ldbase + n]) + acc);
+  out[static_cast<int64_t>(t) * ldout + n] =
+      static_cast<T>(cuda::to_float(base[static_cast<int64_t>(t) * ldbase + n]) + acc);
 }
 
 void check_cuda_inputs(const char* op, const at::Tensor& first, std::initializer_list<const at::Tensor*> rest) {
@@ -104,10 +126,17 @@ at::Tensor bgmv_expand_cuda(const at::Tensor& base, const at::Tensor& s, const a
   const int T = base.size(0), N = base.size(1), S = lora_b.size(0), R = lora_b.size(2);
   at::Tensor out = at::empty_like(base, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
-  const dim3 grid(T, (N + kWarps - 1) / kWarps), block(kWarps * kWarpSize);
+  const dim3 grid(T, (N + kExpandThreads - 1) / kExpandThreads), block(kExpandThreads);
+  const size_t smem = static_cast<size_t>(R) * sizeof(float);
+  TORCH_CHECK(smem <= 48 * 1024, "bgmv_expand: rank ", R, " is above ", 48 * 1024 / sizeof(float),
+              ", the most the CUDA face keeps in shared memory");
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "bgmv_expand", [&] {
-    bgmv_expand_kernel<scalar_t><<<grid, block, 0, stream>>>(
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec_ok = lora_b.stride(2) == 1 && R % kVec == 0 && cuda::aligned16(lora_b.data_ptr()) &&
+                        lora_b.stride(0) % kVec == 0 && lora_b.stride(1) % kVec == 0;
+    auto kernel = vec_ok ? bgmv_expand_kernel<scalar_t, kVec> : bgmv_expand_kernel<scalar_t, 1>;
+    kernel<<<grid, block, smem, stream>>>(
         bc.data_ptr<scalar_t>(), sc_rows.data_ptr<scalar_t>(), lora_b.data_ptr<scalar_t>(), sc.data_ptr<float>(),
         ids.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), N, R, S, bc.stride(0), sc_rows.stride(0), lora_b.stride(0),
         lora_b.stride(1), lora_b.stride(2), out.stride(0));

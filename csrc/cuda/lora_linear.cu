@@ -14,78 +14,136 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fastpeft {
 namespace {
 
 using cuda::kWarpSize;
 using cuda::to_float;
-constexpr int kMaxGemvRows = 16;     // largest M the fused GEMV is used for
-constexpr int kRowsPerPass = 8;      // x rows one block accumulates at a time (fp32 registers per lane)
-constexpr int kWarps = 8;            // warps per block, one output feature n per warp
+constexpr int kMaxGemvRows = 16;     // largest M the fused GEMV is used for: every row in one pass over W
+constexpr int kWarps = 8;            // warps per block
+constexpr int kRowsPerWarp = 2;      // output features per warp: each x load serves both
+constexpr int kUnroll = 4;           // 16-byte loads per row per lane issued before the first is used
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 
-// y[m, n] = sum_k x[m, k]·W[n, k] + bias[n] + scaling·sum_r s[m, r]·B[n, r]
-// grid: (ceil(N / kWarps), ceil(M / kRowsPerPass)); block: kWarps warps. W rows are contiguous.
-// kVec: elements per 16-byte load when rows of x and W are 16-byte aligned, else 1.
-template <typename T, int kVec>
-__global__ void lora_gemv_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                                 const T* __restrict__ s, const T* __restrict__ b, T* __restrict__ y, int M, int N,
-                                 int K, int R, float scaling, int64_t ldx, int64_t ldw, int64_t lds, int64_t ldb_n,
-                                 int64_t ldb_r, int64_t ldy) {
+// kBytes of a W row, read once: not kept in L1 (x is).
+template <int kBytes>
+__device__ __forceinline__ void load_streaming(void* dst, const void* p) {
+  if constexpr (kBytes == 16) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    *reinterpret_cast<uint4*>(dst) = v;
+  } else {
+    static_assert(kBytes == 2 || kBytes == 4 || kBytes == 8, "one element per load without vectors");
+    using Word = std::conditional_t<kBytes == 2, unsigned short, std::conditional_t<kBytes == 4, unsigned, unsigned long long>>;
+    *reinterpret_cast<Word*>(dst) = __ldg(reinterpret_cast<const Word*>(p));
+  }
+}
+
+// y[m, n] = sum_k x[m, k]·W[n, k] + bias[n] + scaling·sum_r s[m, r]·B[n, r], m < M <= kMaxRows.
+// grid: ceil(N / kRowsPerBlock); block: kWarps warps, kRowsPerWarp features each. W rows are
+// contiguous; kVec: elements per 16-byte load when rows of x and W are 16-byte aligned, else 1.
+// Each lane issues kRowsPerWarp·kUnroll loads of W before using any (the loads in flight that
+// keep HBM busy), and reads each x chunk once for the warp's rows.
+template <typename T, int kVec, int kMaxRows>
+__global__ void __launch_bounds__(kWarps* kWarpSize)
+    lora_gemv_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                     const T* __restrict__ s, const T* __restrict__ b, T* __restrict__ y, int M, int N, int K, int R,
+                     float scaling, int64_t ldx, int64_t ldw, int64_t lds, int64_t ldb_n, int64_t ldb_r,
+                     int64_t ldy) {
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int n = blockIdx.x * kWarps + warp;
-  if (n >= N) return;  // whole warp leaves together: no shuffle below misses a lane
-  const int m0 = blockIdx.y * kRowsPerPass;
-  const int rows = min(kRowsPerPass, M - m0);
+  const int n0 = blockIdx.x * kRowsPerBlock + warp * kRowsPerWarp;
+  if (n0 >= N) return;  // whole warp leaves together: no shuffle below misses a lane
+  const int rows = min(kMaxRows, M);
 
-  float acc[kRowsPerPass];
+  float acc[kRowsPerWarp][kMaxRows];
 #pragma unroll
-  for (int i = 0; i < kRowsPerPass; ++i) acc[i] = 0.f;
+  for (int j = 0; j < kRowsPerWarp; ++j)
+#pragma unroll
+    for (int i = 0; i < kMaxRows; ++i) acc[j][i] = 0.f;
+  const T* w_row[kRowsPerWarp];
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) w_row[j] = w + static_cast<int64_t>(min(n0 + j, N - 1)) * ldw;
 
-  const T* w_row = w + static_cast<int64_t>(n) * ldw;
+  constexpr int kStep = kWarpSize * kVec;
   const int k_vec_end = (K / kVec) * kVec;
-  for (int k = lane * kVec; k < k_vec_end; k += kWarpSize * kVec) {
-    alignas(16) T wv[kVec];
-    if constexpr (kVec > 1) {
-      *reinterpret_cast<uint4*>(wv) = __ldg(reinterpret_cast<const uint4*>(w_row + k));
-    } else {
-      wv[0] = w_row[k];
+#pragma unroll 1  // a trip is one group of loads; unrolling it would only grow the code
+  for (int k_base = lane * kVec; k_base < k_vec_end; k_base += kStep * kUnroll) {
+    alignas(16) T wv[kRowsPerWarp][kUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // every load of the group first
+      const int k = k_base + u * kStep;
+#pragma unroll
+      for (int j = 0; j < kRowsPerWarp; ++j) {
+        if (k < k_vec_end) {
+          load_streaming<kVec * sizeof(T)>(wv[j][u], w_row[j] + k);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) wv[j][u][e] = T(0);
+        }
+      }
     }
 #pragma unroll
-    for (int i = 0; i < kRowsPerPass; ++i) {
-      if (i < rows) {
-        const T* x_row = x + static_cast<int64_t>(m0 + i) * ldx + k;
-        alignas(16) T xv[kVec];
-        if constexpr (kVec > 1) {
-          *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row));
-        } else {
-          xv[0] = x_row[0];
-        }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k = k_base + u * kStep;
+      if (k >= k_vec_end) break;
+      float wf[kRowsPerWarp][kVec];  // converted once for every row of x
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) acc[i] += to_float(wv[j]) * to_float(xv[j]);
+      for (int j = 0; j < kRowsPerWarp; ++j)
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) wf[j][e] = to_float(wv[j][u][e]);
+#pragma unroll
+      for (int i = 0; i < kMaxRows; ++i) {
+        if (i < rows) {
+          alignas(16) T xv[kVec];
+          const T* x_row = x + static_cast<int64_t>(i) * ldx + k;
+          if constexpr (kVec > 1) {
+            *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row));
+          } else {
+            xv[0] = x_row[0];
+          }
+#pragma unroll
+          for (int j = 0; j < kRowsPerWarp; ++j)
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) acc[j][i] = fmaf(wf[j][e], to_float(xv[e]), acc[j][i]);
+        }
       }
     }
   }
   // Tail of K that is not a multiple of kVec (only when kVec > 1).
   for (int k = k_vec_end + lane; k < K; k += kWarpSize) {
-    const float wk = to_float(w_row[k]);
 #pragma unroll
-    for (int i = 0; i < kRowsPerPass; ++i)
-      if (i < rows) acc[i] += wk * to_float(x[static_cast<int64_t>(m0 + i) * ldx + k]);
+    for (int j = 0; j < kRowsPerWarp; ++j) {
+      const float wk = to_float(w_row[j][k]);
+#pragma unroll
+      for (int i = 0; i < kMaxRows; ++i)
+        if (i < rows) acc[j][i] += wk * to_float(x[static_cast<int64_t>(i) * ldx + k]);
+    }
   }
   // LoRA delta: lanes split the rank; the warp reduction below sums their parts with the GEMV's.
-  for (int r = lane; r < R; r += kWarpSize) {
-    const float br = scaling * to_float(b[static_cast<int64_t>(n) * ldb_n + static_cast<int64_t>(r) * ldb_r]);
 #pragma unroll
-    for (int i = 0; i < kRowsPerPass; ++i)
-      if (i < rows) acc[i] += br * to_float(s[static_cast<int64_t>(m0 + i) * lds + r]);
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int n = min(n0 + j, N - 1);
+    for (int r = lane; r < R; r += kWarpSize) {
+      const float br = scaling * to_float(b[static_cast<int64_t>(n) * ldb_n + static_cast<int64_t>(r) * ldb_r]);
+#pragma unroll
+      for (int i = 0; i < kMaxRows; ++i)
+        if (i < rows) acc[j][i] += br * to_float(s[static_cast<int64_t>(i) * lds + r]);
+    }
   }
-  const float bias_n = bias ? to_float(bias[n]) : 0.f;
 #pragma unroll
-  for (int i = 0; i < kRowsPerPass; ++i) {
-    const float total = cuda::warp_sum(acc[i]);
-    if (lane == 0 && i < rows) y[static_cast<int64_t>(m0 + i) * ldy + n] = static_cast<T>(total + bias_n);
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int n = n0 + j;
+    const float bias_n = bias && n < N ? to_float(bias[n]) : 0.f;
+#pragma unroll
+    for (int i = 0; i < kMaxRows; ++i) {
+      const float total = cuda::warp_sum(acc[j][i]);
+      if (lane == 0 && i < rows && n < N) y[static_cast<int64_t>(i) * ldy + n] = static_cast<T>(total + bias_n);
+    }
   }
 }
 
@@ -93,7 +151,7 @@ template <typename T>
 void launch_lora_gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                       const at::Tensor& s, const at::Tensor& b, at::Tensor& y, double scaling) {
   const int M = x.size(0), K = x.size(1), N = w.size(0), R = s.size(1);
-  const dim3 grid((N + kWarps - 1) / kWarps, (M + kRowsPerPass - 1) / kRowsPerPass);
+  const dim3 grid((N + kRowsPerBlock - 1) / kRowsPerBlock);
   const dim3 block(kWarps * kWarpSize);
   auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int kVec = 16 / sizeof(T);
@@ -106,9 +164,9 @@ void launch_lora_gemv(const at::Tensor& x, const at::Tensor& w, const std::optio
                                        x.stride(0), w.stride(0), s.stride(0), b.stride(0), b.stride(1), y.stride(0));
   };
   if (vec_ok) {
-    run(lora_gemv_kernel<T, kVec>);
+    if (M == 1) run(lora_gemv_kernel<T, kVec, 1>); else run(lora_gemv_kernel<T, kVec, kMaxGemvRows>);
   } else {
-    run(lora_gemv_kernel<T, 1>);
+    if (M == 1) run(lora_gemv_kernel<T, 1, 1>); else run(lora_gemv_kernel<T, 1, kMaxGemvRows>);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

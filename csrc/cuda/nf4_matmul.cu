@@ -1,12 +1,17 @@
 // CUDA face of fastpeft::nf4_matmul: y = x·dequant(W)ᵀ (+ bias), or x·dequant(W) when transposed.
 //
 // Decode (M <= 16, K % 32 == 0) is bound by reading the weight, which NF4 makes 4x smaller than
-// bf16: a GEMV with one warp per output row streams the packed row with one 16-byte load per lane
-// (32 weights), looks the 16 levels up in shared memory, scales once per 32 weights (a chunk lies
-// in one absmax block since blocksizes are >= 32), and accumulates in fp32 for up to 8 x rows at a
-// time. Everything else (prefill, the backward's dx, ragged K) dequantises 1024-row tiles into a
-// buffer and multiplies with cuBLAS, so the float weight never exceeds a tile; the Triton face
-// (kernels/nf4_matmul.py) is preferred for those shapes (see _choose in fastpeft/ops/nf4_matmul.py).
+// bf16: a GEMV in which each warp owns kRowsPerWarp output rows and each lane streams 16-byte
+// chunks of packed codes (32 weights), kUnroll chunks per row issued before any is used, so
+// kRowsPerWarp·kUnroll loads (and their absmax reads, which depend only on the position) are in
+// flight per lane; the weight is read with L1::no_allocate (used once), x through the read-only
+// cache (every warp of the block reads the same x chunk, and the rows of a warp share each load).
+// A byte is decoded with one shared-memory read of its two levels (a 256-entry pair table built
+// per block), the absmax of a 32-weight chunk (one block: blocksizes are >= 32) scales the chunk's
+// partial sum, and all M <= 16 rows of x are accumulated in one pass over W (kMaxRows = 16; M = 1
+// gets its own instantiation). Everything else (prefill, the backward's dx, ragged K) dequantises
+// 1024-row tiles into a buffer and multiplies with cuBLAS, so the float weight never exceeds a
+// tile; the Triton face (kernels/nf4_matmul.py) is preferred for every shape on the GPU.
 #include "../nf4_matmul.h"
 #include "common.cuh"
 
@@ -23,62 +28,118 @@ namespace {
 using cuda::kWarpSize;
 using cuda::to_float;
 constexpr int kMaxGemvRows = 16;
-constexpr int kRowsPerPass = 8;   // x rows per block (fp32 accumulators per lane)
-constexpr int kWarps = 8;         // warps per block, one output feature each
-constexpr int kChunk = 32;        // weights per lane per step: one 16-byte load of packed codes
+constexpr int kWarps = 8;         // warps per block
+constexpr int kRowsPerWarp = 2;   // output features per warp: each x load serves both
+constexpr int kUnroll = 4;        // 16-byte chunks per row per lane issued before the first is used
+constexpr int kChunk = 32;        // weights per lane per chunk: one 16-byte load of packed codes
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int64_t kTileRows = 1024;
 
-template <typename T>
-__global__ void nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const Nf4Scales absmax,
-                                const float* __restrict__ quant_map,
-                                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int shift) {
-  __shared__ float levels[16];
-  if (threadIdx.x < 16) levels[threadIdx.x] = quant_map[threadIdx.x];
+// 16 bytes of the weight, read once: not kept in L1 (x and the tables are).
+__device__ __forceinline__ uint4 load_streaming(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// The absmax of block b, single or double quantised: a template argument, so that the main loop
+// has one path (Nf4Scales' run-time test put both variants of every load in it).
+template <bool kNested>
+__device__ __forceinline__ float block_scale(const Nf4Scales& s, int64_t b) {
+  if constexpr (kNested) {
+    return s.nested_map[s.codes[b]] * s.nested_absmax[b >> kNestedShift] + s.offset;
+  } else {
+    return s.absmax[b];
+  }
+}
+
+// y[m, n] = sum_k x[m, k]·W[n, k] (+ bias[n]) for m < M <= kMaxRows; grid: ceil(N / kRowsPerBlock).
+template <typename T, int kMaxRows, bool kNested>
+__global__ void __launch_bounds__(kWarps* kWarpSize)
+    nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const Nf4Scales absmax,
+                    const float* __restrict__ quant_map, const T* __restrict__ bias, T* __restrict__ y, int M, int N,
+                    int K, int shift) {
+  __shared__ float2 pairs[256];  // byte -> (level of its high nibble: the even weight, level of its low nibble)
+  for (int b = threadIdx.x; b < 256; b += blockDim.x) pairs[b] = make_float2(quant_map[b >> 4], quant_map[b & 15]);
   __syncthreads();
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int n = blockIdx.x * kWarps + warp;
-  if (n >= N) return;  // the whole warp leaves together
-  const int m0 = blockIdx.y * kRowsPerPass;
-  const int rows = min(kRowsPerPass, M - m0);
+  const int n0 = blockIdx.x * kRowsPerBlock + warp * kRowsPerWarp;
+  if (n0 >= N) return;  // the whole warp leaves together (no barrier below)
+  const int rows = min(kMaxRows, M);
   constexpr int kXVec = 16 / sizeof(T);  // x elements per 16-byte load
 
-  float acc[kRowsPerPass];
+  float acc[kRowsPerWarp][kMaxRows];
 #pragma unroll
-  for (int i = 0; i < kRowsPerPass; ++i) acc[i] = 0.f;
+  for (int j = 0; j < kRowsPerWarp; ++j)
+#pragma unroll
+    for (int i = 0; i < kMaxRows; ++i) acc[j][i] = 0.f;
+  int64_t row_start[kRowsPerWarp];  // element index of W[n, 0]; even as K % 32 == 0
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) row_start[j] = static_cast<int64_t>(min(n0 + j, N - 1)) * K;
 
-  const int64_t row_start = static_cast<int64_t>(n) * K;  // element index of W[n, 0]; even as K % 32 == 0
-  for (int k = lane * kChunk; k < K; k += kWarpSize * kChunk) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed + ((row_start + k) >> 1)));
-    const float scale = absmax((row_start + k) >> shift);
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
-    float w[kChunk];
+  constexpr int kStep = kWarpSize * kChunk;  // weights of a row one chunk of every lane covers
+#pragma unroll 1  // a trip is one group of loads; unrolling it would only grow the code
+  for (int k_base = lane * kChunk; k_base < K; k_base += kStep * kUnroll) {
+    uint4 raw[kRowsPerWarp][kUnroll];
+    float scale[kRowsPerWarp][kUnroll];
 #pragma unroll
-    for (int j = 0; j < kChunk / 2; ++j) {  // the first element of a byte is its high nibble
-      w[2 * j] = levels[bytes[j] >> 4];
-      w[2 * j + 1] = levels[bytes[j] & 0xF];
+    for (int u = 0; u < kUnroll; ++u) {  // every load of the group first: none waits on another
+      const int k = k_base + u * kStep;
+#pragma unroll
+      for (int j = 0; j < kRowsPerWarp; ++j) {
+        if (k < K) {
+          raw[j][u] = load_streaming(packed + ((row_start[j] + k) >> 1));
+          scale[j][u] = block_scale<kNested>(absmax, (row_start[j] + k) >> shift);
+        } else {
+          raw[j][u] = make_uint4(0, 0, 0, 0);
+          scale[j][u] = 0.f;
+        }
+      }
     }
 #pragma unroll
-    for (int i = 0; i < kRowsPerPass; ++i) {
-      if (i < rows) {
-        const T* x_row = x + static_cast<int64_t>(m0 + i) * K + k;
-        float part = 0.f;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k = k_base + u * kStep;
+      if (k >= K) break;  // uniform per lane; the chunks after it are out of range too
 #pragma unroll
-        for (int v = 0; v < kChunk / kXVec; ++v) {
-          alignas(16) T xv[kXVec];
-          *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row + v * kXVec));
+      for (int j = 0; j < kRowsPerWarp; ++j) {
+        float w[kChunk];  // the chunk decoded once for every row of x: one table read per byte
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(&raw[j][u]);
 #pragma unroll
-          for (int j = 0; j < kXVec; ++j) part += w[v * kXVec + j] * to_float(xv[j]);
+        for (int q = 0; q < kChunk / 2; ++q) {
+          const float2 pair = pairs[__byte_perm(words[q / 4], 0u, 0x4440u | (q % 4))];
+          w[2 * q] = pair.x;
+          w[2 * q + 1] = pair.y;
         }
-        acc[i] += part * scale;
+#pragma unroll
+        for (int i = 0; i < kMaxRows; ++i) {
+          if (i < rows) {
+            const T* x_row = x + static_cast<int64_t>(i) * K + k;
+            float part = 0.f;
+#pragma unroll
+            for (int v = 0; v < kChunk / kXVec; ++v) {
+              alignas(16) T xv[kXVec];
+              *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row + v * kXVec));
+#pragma unroll
+              for (int e = 0; e < kXVec; ++e) part = fmaf(w[v * kXVec + e], to_float(xv[e]), part);
+            }
+            acc[j][i] = fmaf(part, scale[j][u], acc[j][i]);
+          }
+        }
       }
     }
   }
-  const float bias_n = bias ? to_float(bias[n]) : 0.f;
 #pragma unroll
-  for (int i = 0; i < kRowsPerPass; ++i) {
-    const float total = cuda::warp_sum(acc[i]);
-    if (lane == 0 && i < rows) y[static_cast<int64_t>(m0 + i) * N + n] = static_cast<T>(total + bias_n);
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int n = n0 + j;
+    const float bias_n = bias && n < N ? to_float(bias[n]) : 0.f;
+#pragma unroll
+    for (int i = 0; i < kMaxRows; ++i) {
+      const float total = cuda::warp_sum(acc[j][i]);
+      if (lane == 0 && i < rows && n < N) y[static_cast<int64_t>(i) * N + n] = static_cast<T>(total + bias_n);
+    }
   }
 }
 
@@ -98,11 +159,19 @@ __global__ void nf4_dequant_kernel(const uint8_t* __restrict__ packed, const Nf4
 
 template <typename T>
 void launch_gemv(const Nf4Args& a, const std::optional<at::Tensor>& bias, at::Tensor& y, cudaStream_t stream) {
-  const dim3 grid((a.N + kWarps - 1) / kWarps, (a.M + kRowsPerPass - 1) / kRowsPerPass);
-  nf4_gemv_kernel<T><<<grid, kWarps * kWarpSize, 0, stream>>>(
-      a.x.data_ptr<T>(), a.raw.data_ptr<uint8_t>(), a.scales(), a.qmap.data_ptr<float>(),
-      bias ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>(), static_cast<int>(a.M), static_cast<int>(a.N),
-      static_cast<int>(a.K), a.shift);
+  const dim3 grid((a.N + kRowsPerBlock - 1) / kRowsPerBlock);
+  auto run = [&](auto kernel) {
+    kernel<<<grid, kWarps * kWarpSize, 0, stream>>>(
+        a.x.data_ptr<T>(), a.raw.data_ptr<uint8_t>(), a.scales(), a.qmap.data_ptr<float>(),
+        bias ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>(), static_cast<int>(a.M), static_cast<int>(a.N),
+        static_cast<int>(a.K), a.shift);
+  };
+  const bool nested = a.nested_absmax.defined();
+  if (a.M == 1) {
+    nested ? run(nf4_gemv_kernel<T, 1, true>) : run(nf4_gemv_kernel<T, 1, false>);
+  } else {
+    nested ? run(nf4_gemv_kernel<T, kMaxGemvRows, true>) : run(nf4_gemv_kernel<T, kMaxGemvRows, false>);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,4 +1,5 @@
-"""A static performance model of the Triton faces: ``fastpeft bench --static``. No GPU runs.
+"""A static performance model of the Triton faces and the C++ CUDA GEMVs: ``fastpeft bench --static``.
+No GPU runs.
 
 For every GPU bench case, the launches the ops make are recorded (the Triton launchers run on meta
 tensors with the launch itself replaced: :func:`fastpeft.kernels.aot.record_launches`), each is
@@ -17,6 +18,12 @@ shared memory) and its machine code read:
   busy (Little's law, ~620 ns of DRAM latency), the main loop's instruction issue, and the tensor-core
   FLOPs, whichever is longest, beside the roofline ideal (unique bytes / effective bandwidth or FLOPs /
   dense peak). An estimate from the code, never a measurement: a GPU number beats it every time.
+
+The C++ CUDA faces' kernels (csrc/cuda: the NF4 and LoRA decode GEMVs, BGMV's shrink and expand)
+are compiled with nvcc for the architecture as the extension's build compiles them (``-cubin``,
+then ``cuobjdump``) when nvcc is found, their launch geometry mirrored from the C++ launchers
+(:data:`CUDA_PLANS`), and modelled the same way; their in-flight bytes count the loads marked
+L1::no_allocate (the streamed weight) when the kernel marks any, as the rest hits the cache.
 
 ``check`` fails on a spill, a launch over an architecture's shared memory per block, or an NF4/LoRA
 GEMV (M ≤ 16) with less than 20 KB in flight per SM; known failures name their issue.
@@ -191,6 +198,7 @@ class Sass:
     ldgsts_bytes: int = 0      # per thread per iteration, copies into shared memory
     ldg_ops: int = 0
     ldgsts_ops: int = 0
+    streaming_bytes: int = 0   # of ldg_bytes: loads marked L1::no_allocate (LDG.E.NA: data used once)
     int_ops: int = 0           # integer/address arithmetic among the instructions
     mma_ops: int = 0
 
@@ -198,8 +206,14 @@ class Sass:
 _INT_PREFIXES = ("IMAD", "IADD", "LEA", "SHF", "LOP", "ISETP", "IABS", "SEL", "PRMT", "IMNMX", "BMSK", "SGXT")
 
 
-def read_sass(cubin: bytes) -> tuple[Sass, dict]:
-    """The main loop's counts, and the resource usage (REG, LOCAL, SHARED...) of the cubin."""
+def read_sass(cubin: bytes, function: str | None = None) -> tuple[Sass, dict]:
+    """The main loop's counts, and the resource usage (REG, LOCAL, SHARED...) of the cubin, or of
+    its first function whose (mangled) name matches the regular expression `function`."""
+    return read_functions(cubin, (function,))[function]
+
+
+def read_functions(cubin: bytes, functions) -> dict:
+    """:func:`read_sass` for each of `functions` (None: the whole cubin), disassembling once."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -207,7 +221,20 @@ def read_sass(cubin: bytes) -> tuple[Sass, dict]:
                                     text=True, check=True).stdout
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
                               check=True).stdout
-    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage_text)}
+    out = {}
+    for function in functions:
+        usage_part, sass_part = usage_text, sass
+        if function is not None:
+            usage_part = _section(usage_text, r"Function (\S+):", function)
+            sass_part = _section(sass, r"Function : (\S+)", function)
+        usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage_part)}
+        out[function] = (main_loop(sass_part), usage)
+    return out
+
+
+def main_loop(sass: str) -> Sass:
+    """The counts of a SASS listing's main loop: the backward branch whose body requests the most
+    global bytes (the fewest instructions among equals)."""
     code = [(int(a, 16), op, rest) for a, _, op, rest in _INSTR.findall(sass)]
     loops = []
     for addr, op, rest in code:
@@ -225,6 +252,8 @@ def read_sass(cubin: bytes) -> tuple[Sass, dict]:
             elif op.startswith("LDG"):
                 s.ldg_bytes += load_width(op)
                 s.ldg_ops += 1
+                if ".NA." in op or op.endswith(".NA"):
+                    s.streaming_bytes += load_width(op)
             elif op.startswith(_INT_PREFIXES):
                 s.int_ops += 1
             elif op.startswith(("HMMA", "HGMMA", "IMMA")):
@@ -232,7 +261,16 @@ def read_sass(cubin: bytes) -> tuple[Sass, dict]:
         key = (s.ldg_bytes + s.ldgsts_bytes, -s.instructions)
         if key > (best.ldg_bytes + best.ldgsts_bytes, -best.instructions if best.instructions else -10**9):
             best = s
-    return best, usage
+    return best
+
+
+def _section(text: str, header: str, function: str) -> str:
+    """The part of a cuobjdump listing that belongs to the first function matching `function`."""
+    marks = [(m.start(), m.group(1)) for m in re.finditer(header, text)]
+    for i, (start, name) in enumerate(marks):
+        if re.search(function, name):
+            return text[start:marks[i + 1][0] if i + 1 < len(marks) else len(text)]
+    raise LookupError(f"no function matching {function!r} in the cubin (functions: {[n for _, n in marks]})")
 
 
 # ---------------------------------------------------------------- the model
@@ -390,6 +428,150 @@ def analyse(op: str, case: Case, arch: int, launch: aot.Launch, compiled: dict) 
                est * 1e6, ideal * 1e6, gemv, problems)
 
 
+# ---------------------------------------------------------------- the C++ CUDA faces
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+
+
+@dataclass(frozen=True)
+class CudaLaunch:
+    """A launch of a C++ CUDA face's kernel, as its launcher in csrc/cuda/<source> makes it."""
+
+    source: str        # file under csrc/cuda
+    function: str      # regular expression matching the instantiation's mangled name
+    label: str         # the kernel and its template arguments, for the table
+    grid: int          # CTAs
+    threads: int       # per CTA
+    trips: int         # main-loop iterations per thread
+    nbytes: int        # unique bytes read and written
+    flops: float = 0.0
+
+
+def nvcc_cubin(source: str, arch: int, csrc: str = CSRC) -> bytes:
+    """csrc/cuda/`source` compiled to a cubin for sm_`arch` as the extension's build compiles it
+    (setup.py: -O3, torch's half/bfloat16 and constexpr flags, the headers of torch and its CUDA wheels)."""
+    import glob
+    import importlib.util
+
+    from torch.utils import cpp_extension
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    includes = [os.path.join(csrc)] + cpp_extension.include_paths("cuda") + \
+        sorted(d for r in roots for d in glob.glob(os.path.join(r, "*", "include")))
+    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "kernel.cubin")
+        subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++20", "--expt-relaxed-constexpr",
+                        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                        *(f"-I{d}" for d in includes), os.path.join(csrc, "cuda", source), "-o", out],
+                       check=True, capture_output=True, text=True)
+        with open(out, "rb") as f:
+            return f.read()
+
+
+def read_cuda(source: str, arch: int, functions: tuple[str, ...], csrc: str = CSRC) -> dict:
+    """{function pattern: (main loop, resource usage)} of one .cu compiled for sm_`arch`."""
+    return read_functions(nvcc_cubin(source, arch, csrc), functions)
+
+
+# dtype -> (its C++ type as mangled in a template argument list, bytes)
+_CUDA_T = {"bf16": ("N3c108BFloat16E", 2), "fp16": ("N3c104HalfE", 2), "fp32": ("f", 4)}
+
+
+def _cuda_nf4(case: Case) -> list[CudaLaunch]:
+    """csrc/cuda/nf4_matmul.cu, launch_gemv: the decode GEMV (M <= 16, K % 32 == 0); other shapes
+    dequantise tiles for cuBLAS (not modelled)."""
+    M, K, N = (case.dims[k] for k in "MKN")
+    mangled, size = _CUDA_T[case.dtype]
+    if M > NF4_CUDA_GEMV["max_rows"] or K % 32:
+        return []
+    # packed bytes, one uint8 absmax code per 64 weights, x, y
+    nbytes = N * K // 2 + N * K // 64 + (M * K + M * N) * size
+    rows = 1 if M == 1 else NF4_CUDA_GEMV["max_rows"]   # the kMaxRows instantiation launch_gemv picks
+    # the bench weights are double-quantised (QLoRA's): the kNested = true instantiation
+    return [CudaLaunch("nf4_matmul.cu", f"nf4_gemv_kernelI{mangled}Li{rows}ELb1E",
+                       f"nf4_gemv_kernel<{case.dtype}, {rows}, nested>",
+                       _cdiv(N, NF4_CUDA_GEMV["rows_per_cta"]), NF4_CUDA_GEMV["threads"],
+                       _cdiv(K, NF4_CUDA_GEMV["weights_per_trip"]), nbytes)]
+
+
+def _cuda_lora(case: Case) -> list[CudaLaunch]:
+    """csrc/cuda/lora_linear.cu, launch_lora_gemv: the fused decode GEMV (M <= 16; s = x·Aᵀ by
+    cuBLAS before it, not modelled); other shapes are ATen/cuBLAS."""
+    M, K, N, r = (case.dims[k] for k in "MKNr")
+    mangled, size = _CUDA_T[case.dtype]
+    if M > LORA_CUDA_GEMV["max_rows"]:
+        return []
+    vec = 16 // size
+    nbytes = (N * K + M * K + M * N + N * r + M * r) * size
+    rows = 1 if M == 1 else LORA_CUDA_GEMV["max_rows"]
+    return [CudaLaunch("lora_linear.cu", f"lora_gemv_kernelI{mangled}Li{vec}ELi{rows}E",
+                       f"lora_gemv_kernel<{case.dtype}, {vec}, {rows}>", _cdiv(N, LORA_CUDA_GEMV["rows_per_cta"]),
+                       LORA_CUDA_GEMV["threads"], _cdiv(K, 32 * vec * LORA_CUDA_GEMV["loads_per_trip"]), nbytes)]
+
+
+def _cuda_bgmv(case: Case) -> list[CudaLaunch]:
+    """csrc/cuda/bgmv.cu: shrink (a warp per (token, rank)), expand (a thread per (token, feature),
+    kExpandThreads per block, the rank in 16-byte steps), at the bench shape whichever of BGMV and
+    SGMV the batch routes to (the CUDA face is BGMV's)."""
+    T, K, N, r, U = (case.dims[k] for k in ("T", "K", "N", "r", "U"))
+    mangled, size = _CUDA_T[case.dtype]
+    vec = 16 // size
+    warps, expand_threads = 8, 256
+    shrink = CudaLaunch("bgmv.cu", f"bgmv_shrink_kernelI{mangled}Li{vec}E", f"bgmv_shrink_kernel<{case.dtype}, {vec}>",
+                        T * _cdiv(r, warps), 32 * warps, _cdiv(K, 32 * vec), (T * K + U * r * K + T * r) * size)
+    expand_vec = vec if r % vec == 0 else 1
+    expand = CudaLaunch("bgmv.cu", f"bgmv_expand_kernelI{mangled}Li{expand_vec}E",
+                        f"bgmv_expand_kernel<{case.dtype}, {expand_vec}>", T * _cdiv(N, expand_threads), expand_threads,
+                        _cdiv(r, expand_vec), (2 * T * N + U * N * r + T * r) * size + 4 * U)
+    return [shrink, expand]
+
+
+CUDA_PLANS = {"nf4_matmul": _cuda_nf4, "lora_linear": _cuda_lora, "multi_lora": _cuda_bgmv}
+# The launch geometry of the CUDA GEMVs, as csrc/cuda/nf4_matmul.cu and lora_linear.cu set it
+# (kept in step by hand: the launchers are C++): kWarps·kRowsPerWarp features per CTA, every M <= 16
+# in one pass, kUnroll 16-byte chunks per row per lane per trip of the main loop.
+NF4_CUDA_GEMV = dict(max_rows=16, rows_per_cta=16, threads=256, weights_per_trip=32 * 32 * 4)
+LORA_CUDA_GEMV = dict(max_rows=16, rows_per_cta=16, threads=256, loads_per_trip=4)
+
+
+def analyse_cuda(op: str, case: Case, arch: int, launch: CudaLaunch, compiled: dict) -> Row:
+    sass, usage = compiled[(launch.source, arch)][launch.function]
+    m = MACHINES[arch]
+    warps = launch.threads // 32
+    shared = usage.get("SHARED", 0)
+    ctas, limiter = occupancy(arch, usage.get("REG", 0), shared, warps)
+    resident = max(1, min(ctas, _cdiv(launch.grid, m["sms"])))
+    sms_used = min(m["sms"], launch.grid)
+    # A kernel that marks its streamed operand L1::no_allocate (the CUDA GEMVs' weight) re-reads the
+    # rest (x, the level table) from cache: only the streamed loads reach DRAM.
+    loop_bytes = (sass.streaming_bytes or sass.ldg_bytes) * launch.threads
+    in_flight = loop_bytes * resident
+    instr_per_byte = sass.instructions * warps / loop_bytes if loop_bytes else float("nan")
+    bandwidth = min(m["bandwidth"], in_flight * sms_used / DRAM_LATENCY_S) if in_flight else m["bandwidth"] / 8
+    t_mem = launch.nbytes / bandwidth
+    t_issue = sass.instructions * warps * launch.trips * launch.grid / (sms_used * 4 * m["clock"])
+    waves = launch.grid / (ctas * m["sms"]) if ctas else float("inf")
+    est = max(t_mem, t_issue) * max(1.0, math.ceil(waves) / waves if waves >= 1 else 1.0)
+    ideal = max(launch.nbytes / m["bandwidth"], launch.flops / m["flops"])
+    gemv = op in ("nf4_matmul", "lora_linear")
+    problems = []
+    if usage.get("LOCAL", 0):
+        problems.append(f"spills {usage['LOCAL']} B/thread")
+    if gemv and in_flight < MIN_IN_FLIGHT and arch in (80, 90):
+        problems.append(f"GEMV with {in_flight / 1024:.1f} KB in flight per SM < {MIN_IN_FLIGHT // 1024} KB")
+    return Row(op, f"{case.label} {case.mode} {case.shape} {case.dtype}", arch, "cuda " + launch.label,
+               f"{launch.threads} threads", launch.grid, usage.get("REG", 0), usage.get("LOCAL", 0), shared,
+               aot.SMEM_PER_BLOCK_OPTIN[arch], ctas, limiter, round(waves, 2), sass.instructions, loop_bytes,
+               in_flight, round(instr_per_byte, 3), est * 1e6, ideal * 1e6, gemv, problems)
+
+
+def cuda_launches(ops=None, quick: bool = False) -> list[tuple[str, Case, CudaLaunch]]:
+    return [(op, case, launch) for op, case in bench_cases(quick) if (ops is None or op in ops) and op in CUDA_PLANS
+            for launch in CUDA_PLANS[op](case)]
+
+
 def model(archs=(90, 80), quick: bool = False, ops: list[str] | None = None, workers: int | None = None) -> list[Row]:
     """A row per launch of every GPU bench case (of `ops`) for every architecture; the distinct
     kernels compiled in parallel, one process per core."""
@@ -398,9 +580,19 @@ def model(archs=(90, 80), quick: bool = False, ops: list[str] | None = None, wor
     launches = [(op, case, arch, launch) for op, case in bench_cases(quick) if ops is None or op in ops
                 for arch in archs for launch in record_case(op, case, arch)]
     keys = list(dict.fromkeys((aot.jit_spec(launch, arch), arch) for _, _, arch, launch in launches))
+    cuda = cuda_launches(ops, quick) if shutil.which("nvcc") or os.environ.get("CUDA_HOME") else []
+    functions: dict = {}
+    for _, _, launch in cuda:
+        for arch in archs:
+            functions.setdefault((launch.source, arch), set()).add(launch.function)
+    cuda_keys = list(functions)
     with cf.ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        compiled = dict(zip(keys, pool.map(compile_and_read, *zip(*keys))))
-    return [analyse(op, case, arch, launch, compiled) for op, case, arch, launch in launches]
+        cuda_jobs = [pool.submit(read_cuda, source, arch, tuple(sorted(functions[(source, arch)])))
+                     for source, arch in cuda_keys]   # the slowest first: nvcc parses ATen's headers
+        compiled = dict(zip(keys, pool.map(compile_and_read, *zip(*keys)))) if keys else {}
+        compiled.update(zip(cuda_keys, (job.result() for job in cuda_jobs)))
+    return [analyse(op, case, arch, launch, compiled) for op, case, arch, launch in launches] + \
+        [analyse_cuda(op, case, arch, launch, compiled) for op, case, launch in cuda for arch in archs]
 
 
 def known_issue(row: Row, problem: str) -> str | None:
