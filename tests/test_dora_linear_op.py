@@ -304,6 +304,27 @@ def test_opcheck(device, with_x_lora):
     torch.library.opcheck(torch.ops.fastpeft.dora_linear_bwd.default, (dy, x, w, a, bb, m, s, z, norm, 0.5, x_lora))
 
 
+def test_torch_compile_fullgraph_trains_as_eager():
+    """dora_linear in one compiled graph (fullgraph=True, the norm cache passed in): the output and
+    every gradient (x, bias, A, B, the magnitude) as in eager."""
+    x, w, b, a, bb, m = make_inputs(11, 24, 20, 4, torch.float32, "cpu", regime="adapter-dominates")
+    wsq = row_norms_sq(w)
+    dy = torch.randn(11, 20)
+    results = []
+    for compile_ in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, b, a, bb, m)]
+
+        def step(x_, b_, a_, bb_, m_):
+            return dora_linear(x_, w, b_, a_, bb_, m_, SCALING, wsq)
+        fn = torch.compile(step, fullgraph=True) if compile_ else step
+        y = fn(*leaves)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for i, (got, want) in enumerate(zip(*results)):
+        assert got is not None and want is not None, i
+        assert_close(got, want, msg=f"output {i}")
+
+
 # ---------------------------------------------------------------- bad input
 
 def good():
