@@ -33,6 +33,7 @@ constexpr int kRowsPerWarp = 2;   // output features per warp: each x load serve
 constexpr int kUnroll = 4;        // 16-byte chunks per row per lane issued before the first is used
 constexpr int kChunk = 32;        // weights per lane per chunk: one 16-byte load of packed codes
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kSharedXRows = 4;   // up to this many x rows, the warp's weight rows are decoded together
 constexpr int64_t kTileRows = 1024;
 
 // 16 bytes of the weight, read once: not kept in L1 (x and the tables are).
@@ -42,6 +43,17 @@ __device__ __forceinline__ uint4 load_streaming(const uint8_t* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
+}
+
+// The 32 weights of a 16-byte chunk of codes: one shared-memory read of a level pair per byte.
+__device__ __forceinline__ void decode_chunk(const float2* pairs, const uint4& raw, float (&w)[kChunk]) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(&raw);
+#pragma unroll
+  for (int q = 0; q < kChunk / 2; ++q) {
+    const float2 pair = pairs[__byte_perm(words[q / 4], 0u, 0x4440u | (q % 4))];
+    w[2 * q] = pair.x;
+    w[2 * q + 1] = pair.y;
+  }
 }
 
 // The absmax of block b, single or double quantised: a template argument, so that the main loop
@@ -103,29 +115,51 @@ __global__ void __launch_bounds__(kWarps* kWarpSize)
     for (int u = 0; u < kUnroll; ++u) {
       const int k = k_base + u * kStep;
       if (k >= K) break;  // uniform per lane; the chunks after it are out of range too
+      if constexpr (kMaxRows <= kSharedXRows) {
+        // every row of the warp decoded first, then each x chunk loaded and converted once for them
+        float w[kRowsPerWarp][kChunk];
 #pragma unroll
-      for (int j = 0; j < kRowsPerWarp; ++j) {
-        float w[kChunk];  // the chunk decoded once for every row of x: one table read per byte
-        const uint32_t* words = reinterpret_cast<const uint32_t*>(&raw[j][u]);
-#pragma unroll
-        for (int q = 0; q < kChunk / 2; ++q) {
-          const float2 pair = pairs[__byte_perm(words[q / 4], 0u, 0x4440u | (q % 4))];
-          w[2 * q] = pair.x;
-          w[2 * q + 1] = pair.y;
-        }
+        for (int j = 0; j < kRowsPerWarp; ++j) decode_chunk(pairs, raw[j][u], w[j]);
 #pragma unroll
         for (int i = 0; i < kMaxRows; ++i) {
           if (i < rows) {
             const T* x_row = x + static_cast<int64_t>(i) * K + k;
-            float part = 0.f;
+            float part[kRowsPerWarp] = {};
 #pragma unroll
             for (int v = 0; v < kChunk / kXVec; ++v) {
               alignas(16) T xv[kXVec];
               *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row + v * kXVec));
 #pragma unroll
-              for (int e = 0; e < kXVec; ++e) part = fmaf(w[v * kXVec + e], to_float(xv[e]), part);
+              for (int e = 0; e < kXVec; ++e) {
+                const float xe = to_float(xv[e]);
+#pragma unroll
+                for (int j = 0; j < kRowsPerWarp; ++j) part[j] = fmaf(w[j][v * kXVec + e], xe, part[j]);
+              }
             }
-            acc[j][i] = fmaf(part, scale[j][u], acc[j][i]);
+#pragma unroll
+            for (int j = 0; j < kRowsPerWarp; ++j) acc[j][i] = fmaf(part[j], scale[j][u], acc[j][i]);
+          }
+        }
+      } else {
+        // many rows of x: one weight row decoded at a time (registers), x read once per weight row
+#pragma unroll
+        for (int j = 0; j < kRowsPerWarp; ++j) {
+          float w[kChunk];
+          decode_chunk(pairs, raw[j][u], w);
+#pragma unroll
+          for (int i = 0; i < kMaxRows; ++i) {
+            if (i < rows) {
+              const T* x_row = x + static_cast<int64_t>(i) * K + k;
+              float part = 0.f;
+#pragma unroll
+              for (int v = 0; v < kChunk / kXVec; ++v) {
+                alignas(16) T xv[kXVec];
+                *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row + v * kXVec));
+#pragma unroll
+                for (int e = 0; e < kXVec; ++e) part = fmaf(w[v * kXVec + e], to_float(xv[e]), part);
+              }
+              acc[j][i] = fmaf(part, scale[j][u], acc[j][i]);
+            }
           }
         }
       }

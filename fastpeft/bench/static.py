@@ -614,11 +614,17 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def case_totals(rows: list[Row]) -> list[tuple[str, str, int, float, float]]:
-    """(op, case, arch, estimated µs, ideal µs) summed over each case's launches."""
+def face_of(row: Row) -> str:
+    """The face a row's launch belongs to: the C++ CUDA kernels or the Triton ones (alternatives,
+    never summed together)."""
+    return "cuda" if row.kernel.startswith("cuda ") else "triton"
+
+
+def case_totals(rows: list[Row]) -> list[tuple[str, str, int, str, float, float]]:
+    """(op, case, arch, face, estimated µs, ideal µs) summed over each case's launches by one face."""
     out: dict = {}
     for r in rows:
-        key = (r.op, r.case, r.arch)
+        key = (r.op, r.case, r.arch, face_of(r))
         est, ideal = out.get(key, (0.0, 0.0))
         out[key] = (est + r.est_us, ideal + r.ideal_us)
     return [(*k, *v) for k, v in out.items()]
@@ -636,13 +642,15 @@ def check(rows: list[Row]) -> tuple[list[str], list[str]]:
 
 
 def estimates_table(rows: list[Row]) -> str:
-    lines = ["| op | case | sm | launches | **estimated µs** | ideal µs | estimate / ideal |", "|" + "---|" * 7]
+    lines = ["| op | case | sm | face | launches | **estimated µs** | ideal µs | estimate / ideal |",
+             "|" + "---|" * 8]
     count: dict = {}
     for r in rows:
-        count[(r.op, r.case, r.arch)] = count.get((r.op, r.case, r.arch), 0) + 1
-    for op, case, arch, est, ideal in case_totals(rows):
-        lines.append(f"| {op} | {case} | {arch} | {count[(op, case, arch)]} | **{est:.1f}** | {ideal:.1f} | "
-                     f"{est / ideal:.1f}x |")
+        key = (r.op, r.case, r.arch, face_of(r))
+        count[key] = count.get(key, 0) + 1
+    for op, case, arch, face, est, ideal in case_totals(rows):
+        lines.append(f"| {op} | {case} | {arch} | {face} | {count[(op, case, arch, face)]} | **{est:.1f}** | "
+                     f"{ideal:.1f} | {est / ideal:.1f}x |")
     return "\n".join(lines)
 
 
