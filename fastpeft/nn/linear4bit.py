@@ -285,7 +285,7 @@ class Linear4bit(nn.Module):
                 params["bias"] if "bias" in params else self.__dict__.get("bias"))
 
     def op_plan(self, x: torch.Tensor):
-        """The layer's :class:`~fastpeft.ops.Plan` for an x of this dtype, made with x (or None: x
+        """The layer's :class:`~fastpeft.ops._registry.Plan` for an x of this dtype, made with x (or None: x
         in another dtype than the weight's, which the layer casts; a bias in another dtype; a
         sharded layer). Kept while the layer holds the same tensors (:class:`HeldPlan`): a
         decode step calls hundreds of layers, and the op's checks of the weight cost about 8 us a

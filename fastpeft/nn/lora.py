@@ -341,7 +341,7 @@ class LoRALinear(nn.Module):
         return self.forward_unplanned(x)
 
     def op_plan(self, x: torch.Tensor):
-        """The :class:`~fastpeft.ops.Plan` of ``lora_linear_fwd`` over the active adapter's tensors,
+        """The :class:`~fastpeft.ops._registry.Plan` of ``lora_linear_fwd`` over the active adapter's tensors,
         made with x (or None where the layer computes otherwise: disabled, merged, DoRA, a 4-bit or
         ``fan_in_fan_out`` base, tensors of another dtype than x to cast, dropout in training).
         Kept while the layer holds the same tensors, adapter name and scaling (:class:`HeldPlan`):

@@ -1,4 +1,4 @@
-"""A layer's op plan (:class:`fastpeft.ops.Plan`), kept while the layer holds what it was made with."""
+"""A layer's op plan (:class:`fastpeft.ops._registry.Plan`), kept while the layer holds what it was made with."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 
 class HeldPlan:
-    """A :class:`~fastpeft.ops.Plan` and its key: the tensors it holds (by identity and version
+    """A :class:`~fastpeft.ops._registry.Plan` and its key: the tensors it holds (by identity and version
     counter, never by address: freed memory is reused) and any other value the layer made it
     from (an adapter's name, its scaling). A layer computes its key's parts from what it holds
     now at every call and runs the plan only when they are the same (:attr:`holds`); otherwise it

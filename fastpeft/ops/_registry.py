@@ -317,7 +317,8 @@ class Plan:
     other tensors, or these changed dtype, device or shape (its key: the tensors' identities and
     version counters; ``resize_`` and ``set_`` bump the version, ``.to()`` is seen by the module).
     A 64x64 layer at M = 1 (AMD EPYC Zen 4, one thread): the op's checker and face choice cost
-    about 8 us a call, a plan's checks of x 1 us.
+    about 8 us a call, a plan's checks of x 0.6 us, and its run 0.4 us above the kernel's own
+    time; nn.Linear's whole call takes 6 us there.
     """
 
     __slots__ = ("op", "rest", "dtype", "device", "on_cpu", "features", "_faces", "_forced", "_face", "_redispatch",

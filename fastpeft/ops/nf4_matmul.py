@@ -190,7 +190,7 @@ def nf4_linear(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Te
 
 
 def nf4_linear_plan(x: torch.Tensor, q, bias: torch.Tensor | None = None):
-    """The :class:`~fastpeft.ops.Plan` of :func:`nf4_linear` over q and bias, made with an example
+    """The :class:`~fastpeft.ops._registry.Plan` of :func:`nf4_linear` over q and bias, made with an example
     x ``[M, in]``: ``plan(x)`` is ``nf4_linear(x, q, bias)`` with q and bias checked once."""
     packed, absmax, quant_map, blocksize, nested_absmax, nested_quant_map, offset = weight_args(q)
     return nf4_matmul.plan(x, packed, absmax, quant_map, blocksize, q.shape[0], bias, False, None, None, 1.0,
