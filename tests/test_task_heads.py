@@ -23,11 +23,15 @@ METHODS = {
     "prefix": lambda **kw: fastpeft.PrefixTuningConfig(num_virtual_tokens=3, **kw),  # task_type inferred
     "bottleneck": lambda **kw: fastpeft.BottleneckConfig(**{"task_type": "SEQ_CLS", **kw}),
     "compacter": lambda **kw: fastpeft.CompacterConfig(**{"task_type": "SEQ_CLS", **kw}),
+    # no sparsity target: train() here adds no L0 penalty, and eval's projection to 99 % sparsity
+    # would drop the deltas the head was trained beside
+    "diffpruning": lambda **kw: fastpeft.DiffPruningConfig(**{"task_type": "SEQ_CLS", "target_sparsity": 0.0, **kw}),
 }
 # PEFT's keys for modules to save: prompt learning's PeftModel holds the transformers model as
 # base_model; tuner methods (and fastpeft's bottleneck-style methods, in LoRA's form) one level deeper.
 HEAD_PREFIX = {"ia3": "base_model.model.", "prompt": "base_model.", "prefix": "base_model.",
-               "bottleneck": "base_model.model.", "compacter": "base_model.model."}
+               "bottleneck": "base_model.model.", "compacter": "base_model.model.",
+               "diffpruning": ""}  # DiffPruning's own format (PEFT has no such method): keys as the model names them
 
 
 def bert(head_seed: int | None = None):

@@ -19,7 +19,11 @@ magnitude projection onto the L0 ball, per parameter), so the exported delta mee
 target exactly. The deltas live in ``torch.nn.utils.parametrize`` parametrizations of the targeted
 parameters; the original weights stay frozen and untouched. The checkpoint holds, per targeted
 parameter ``<module>.<param>``, the keys ``<module>.<param>.delta`` and ``<module>.<param>.log_alpha``
-(float32): everything the eval-mode model is computed from.
+(float32): everything the eval-mode model is computed from. Modules trained whole
+(``modules_to_save`` and the task_type's head, as in PEFT; see :mod:`fastpeft.methods.heads`) get
+no delta; their trained copy is saved as ``<module>.<param>``. A fresh classifier head needs this:
+as a gated delta on its random weights it closed with the other gates and evaluated as initialised
+(MiniLM sentiment in ``fastpeft compare``: 0.515, chance 0.5).
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..nn.linear4bit import Linear4bit
-from ..targeting import name_matches, own_modules, resolve_target_modules
+from ..nn.modules_to_save import ModulesToSaveWrapper
+from ..targeting import name_matches, own_modules, replace_module, resolve_target_modules
 from .base import Method, MethodConfig, forget_adapters, register
+from .heads import find_heads, heads_shapes, heads_state_dict, wrap_heads
 
 
 @dataclass
@@ -45,7 +51,10 @@ class DiffPruningConfig(MethodConfig):
     gate_lr: learning rate of the gate parameters (log α) in :func:`param_groups`; they have to
         travel several units, faster than the deltas. None: the deltas' rate.
     init_log_alpha: initial log α (the gates start mostly open).
-    temperature, stretch: the hard-concrete distribution's β and (γ, ζ), Louizos et al.'s values."""
+    temperature, stretch: the hard-concrete distribution's β and (γ, ζ), Louizos et al.'s values.
+    modules_to_save: modules trained whole (a trainable copy each, saved with the deltas under
+        ``<module>.<param>``), no delta inside them; task_type SEQ_CLS / TOKEN_CLS / QUESTION_ANS adds
+        the task's head, as PEFT does (see :mod:`fastpeft.methods.heads`)."""
 
     peft_type = "DIFF_PRUNING"
     target_modules: list[str] | str = "all-linear"
@@ -55,6 +64,8 @@ class DiffPruningConfig(MethodConfig):
     init_log_alpha: float = 2.0
     temperature: float = 2 / 3
     stretch: list[float] = field(default_factory=lambda: [-0.1, 1.1])
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.target_sparsity < 1.0:
@@ -122,12 +133,17 @@ class HardConcreteDelta(nn.Module):
         return weight + self.effective_delta().to(weight.dtype)
 
 
-def _targets(model: nn.Module, config: DiffPruningConfig) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
-    """(module name, module, parameter name, parameter) for every parameter `config` targets."""
+def _targets(model: nn.Module, config: DiffPruningConfig, heads: list[tuple[str, nn.Module]] = ()
+             ) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
+    """(module name, module, parameter name, parameter) for every parameter `config` targets; none
+    inside the modules trained whole (`heads`, from find_heads), as PEFT leaves them out."""
     patterns = resolve_target_modules(model, config)
+    whole = [h for h, _ in heads]
     found = []
     for name, module in own_modules(model):
         if not name or not name_matches(name, patterns) or parametrize.is_parametrized(module):
+            continue
+        if any(name == h or name.startswith(h + ".") for h in whole):
             continue
         if isinstance(module, Linear4bit):
             raise ValueError(f"DiffPruningConfig.target_modules: {name!r} holds 4-bit NF4 weights, which cannot take "
@@ -227,6 +243,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
         with torch.no_grad():
             original.add_(sparse.deltas[name].to(original.dtype))
+    for name, module in list(own_modules(model)):  # the modules trained whole keep their trained copy
+        if isinstance(module, ModulesToSaveWrapper):
+            replace_module(model, name, module.active_module)
     return forget_adapters(model)
 
 
@@ -238,12 +257,14 @@ class DiffPruning(Method):
         return merge_and_unload(model)
 
     def apply(self, model: nn.Module, config: DiffPruningConfig, adapter_name: str) -> nn.Module:
-        targets = _targets(model, config)  # every lookup before any change
+        heads = find_heads(model, config)  # every lookup before any change
+        targets = _targets(model, config, heads)
         for p in model.parameters():
             p.requires_grad_(False)
         for _, module, pname, param in targets:
             parametrize.register_parametrization(module, pname, HardConcreteDelta(param, config))
             module.parametrizations.train(module.training)  # gates sampled only if the model trains
+        wrap_heads(model, config, heads, adapter_name)
         return model
 
     def state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -251,10 +272,10 @@ class DiffPruning(Method):
         for name, d in deltas_of(model).items():
             state[f"{name}.delta"] = d.delta
             state[f"{name}.log_alpha"] = d.log_alpha
-        return state
+        return {**state, **heads_state_dict(model, adapter_name, "")}
 
     def expected_shapes(self, model: nn.Module, config: DiffPruningConfig) -> dict[str, tuple[int, ...]]:
         shapes = {}
-        for name, _, pname, param in _targets(model, config):
+        for name, _, pname, param in _targets(model, config, find_heads(model, config)):
             shapes[f"{name}.{pname}.delta"] = shapes[f"{name}.{pname}.log_alpha"] = tuple(param.shape)
-        return shapes
+        return {**shapes, **heads_shapes(model, config, "")}
