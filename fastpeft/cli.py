@@ -102,7 +102,7 @@ def bench(args) -> int:
     if args.check:
         raise SystemExit("fastpeft bench: --check goes with --static")
     device = _device(args)
-    ops = fb.selected(args.op)
+    ops = fb.selected(args.op, args.quick)
     with tqdm(total=sum(len(op.cases(device, args.quick)) for op in ops), desc="fastpeft bench", unit="case",
               disable=args.no_progress, file=sys.stderr) as progress:
         rows = fb.run(ops, device, args.quick, progress)
@@ -113,7 +113,7 @@ def bench(args) -> int:
     print(f"\nwrote {path}")
     if args.plot:
         machine = env.get("gpu") or env.get("cpu") or device
-        fb.plot(rows, fb.OPS, args.plot, f"fastpeft bench{' --quick' if args.quick else ''}: {machine}, "
+        fb.plot(rows, fb.ALL_OPS, args.plot, f"fastpeft bench{' --quick' if args.quick else ''}: {machine}, "
                                           f"{env['date'][:10]}")
         print(f"wrote {args.plot}")
     return 0
@@ -255,8 +255,10 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                    help="where to write the results (default: bench-<date>-<device>.json here)")
     b.add_argument("--plot", metavar="FILE.png", type=writable_file,
                    help="also draw the ratios to each case's base op, and every op's times (default: no chart)")
-    b.add_argument("--op", action="append", choices=list(fb.OPS), metavar="OP",
-                   help=f"only this op's cases; repeatable; one of {', '.join(fb.OPS)} (default: every op)")
+    b.add_argument("--op", action="append", choices=list(fb.ALL_OPS), metavar="OP",
+                   help=f"only this op's cases; repeatable; one of {', '.join(fb.ALL_OPS)} (default: every kernel op; "
+                        f"{', '.join(fb.MODEL_OPS)}: end to end on SmolLM2-135M, generation and a QLoRA step beside "
+                        "bitsandbytes, PEFT and bf16, run when named, and with --quick on a tiny random Llama)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--static", action="store_true",
                    help="no kernel runs: compile each GPU case's Triton launches as the JIT does, for sm_90 and sm_80, "

@@ -2,6 +2,7 @@
 ran), targets as data, the report's tables and chart, and bitsandbytes measured at its best."""
 
 import glob
+import importlib.util
 import json
 import os
 
@@ -10,7 +11,7 @@ import torch
 
 import fastpeft
 from fastpeft import bench
-from fastpeft.bench import AT_LEAST, AT_MOST, BenchOp, Case, Target, multi_lora, nf4_matmul, runner
+from fastpeft.bench import AT_LEAST, AT_MOST, BenchOp, Case, Target, e2e, multi_lora, nf4_matmul, runner
 
 RESULTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "*.json")))
 
@@ -44,6 +45,20 @@ def test_one_runner_interleaves_in_a_seeded_shuffled_order_and_reports_per_layer
                                      compares="x", source="issue 0")
 
 
+def test_an_op_may_set_its_own_repetitions_for_full_runs():
+    """A whole model's call takes seconds: an op's own (warm-up, rounds) replace the default in a
+    full run; a quick run keeps the quick default."""
+    calls = []
+    op = counting_op(calls)
+    mine = BenchOp(op.name, op.cases, op.variants, op.baseline, op.peers, op.reference, repetitions=(1, 2))
+    runner.run_op(mine, "cpu", quick=False)
+    assert len(calls) == 3 * (1 + 2)
+    calls.clear()
+    runner.run_op(mine, "cpu", quick=True)
+    assert len(calls) == 3 * sum(runner.repetitions("cpu", True))
+    assert runner.repetitions("cpu", False) != (1, 2)
+
+
 def test_the_rival_order_of_a_round_is_not_a_rotation():
     """Rotating by one kept each variant behind the same one; the shuffle must not."""
     calls = []
@@ -64,7 +79,7 @@ def test_target_directions_and_unmeasured_targets():
 def test_every_target_says_where_it_comes_from_and_can_be_measured(device, monkeypatch):
     for isa in ("avx512_bf16", "avx2"):  # the NF4 CPU targets depend on the CPU
         monkeypatch.setattr(nf4_matmul, "_cpu_isa_supported", lambda isa=isa: isa)
-        for op in bench.OPS.values():
+        for op in bench.ALL_OPS.values():
             for case in op.cases(device, quick=False):
                 for target in case.targets:
                     assert target.source.startswith("issue ") and target.compares, (op.name, target)
@@ -103,8 +118,9 @@ def test_the_report_reads_every_stored_result(path, tmp_path):
     rows = json.load(open(path))["results"]
     tables = bench.format_tables(rows)
     assert tables.count("\ncase ") + tables.startswith("case ") == len({r["op"] for r in rows})
-    assert "overhead fastpeft/peft" not in tables.split("nf4_matmul\n", 1)[1]  # each table its own columns
-    bench.plot(rows, bench.OPS, str(tmp_path / "chart.png"))
+    if "\nnf4_matmul\n" in f"\n{tables}":  # each table its own columns
+        assert "overhead fastpeft/peft" not in tables.split("nf4_matmul\n", 1)[1]
+    bench.plot(rows, bench.ALL_OPS, str(tmp_path / "chart.png"))
     assert (tmp_path / "chart.png").stat().st_size > 10_000
 
 
@@ -133,3 +149,58 @@ def test_nf4_decode_times_are_per_layer_of_distinct_weights():
     assert all(len(group) == 3 for group in layers.values())
     weights = [layer.weight for layer in layers["linear"]]
     assert not torch.equal(weights[0], weights[1])
+
+
+def test_e2e_runs_in_quick_runs_and_in_full_runs_only_when_named():
+    """A full run's default leaves the whole-model benchmarks out (they load SmolLM2); a quick run,
+    CI's, takes them on a tiny random Llama; --op e2e names them. Their cases are data: listing
+    them loads no model."""
+    assert e2e.BENCH not in bench.selected(None) and set(bench.selected(None)) == set(bench.OPS.values())
+    assert bench.selected(None, quick=True)[-1] is e2e.BENCH
+    assert bench.selected(["e2e"]) == [e2e.BENCH] and bench.selected(["e2e", "nf4_matmul"])[0].name == "nf4_matmul"
+    before = e2e.model_folder.cache_info().misses
+    full = e2e.cases("cpu", quick=False)
+    assert e2e.model_folder.cache_info().misses == before
+    assert [c.label for c in full] == [e2e.GENERATE, e2e.ADAPTER_GENERATE, e2e.QLORA_STEP]
+    assert all(c.dims["model"] == "SmolLM2-135M" for c in full)
+    assert full[0].dims["new_tokens"] == 64 and full[1].dims["adapters"] == full[1].dims["batch"] == 8
+    targets = {(t.ratio, t.direction, t.limit) for c in full for t in c.targets}
+    assert targets == {("fastpeft/bitsandbytes", AT_MOST, 1.0), ("bf16/fastpeft", AT_LEAST, 1.5),
+                       ("peft/fastpeft", AT_LEAST, 1.5)}
+    assert all(c.dims["model"] == "tiny-llama" and not c.targets for c in e2e.cases("cpu", quick=True))
+
+
+def test_e2e_quick_runs_each_path_beside_its_peer():
+    """The e2e code path on the tiny Llama: every variant timed in one run, generation times also
+    per new token, the peers present (bitsandbytes where it is installed), the 4-bit model's body
+    4-bit and its output layer not, and the pool's requests each routed to their own adapter."""
+    rows = runner.run_op(e2e.BENCH, "cpu", quick=True)
+    by_label = {row["label"]: row for row in rows}
+    assert set(by_label) == {e2e.GENERATE, e2e.ADAPTER_GENERATE, e2e.QLORA_STEP}
+    has_bnb = "bitsandbytes" in by_label[e2e.GENERATE]["times_ms"]
+    assert has_bnb == (importlib.util.find_spec("bitsandbytes") is not None)
+    assert set(by_label[e2e.ADAPTER_GENERATE]["times_ms"]) == {"bf16", "fastpeft", "peft"}
+    assert set(by_label[e2e.QLORA_STEP]["times_ms"]) == {"bf16", "fastpeft"} | ({"peft+bitsandbytes"} if has_bnb else set())
+    for row in rows:
+        assert all(ms > 0 for ms in row["times_ms"].values())
+        assert row["ratios"]["fastpeft/bf16"] == row["times_ms"]["fastpeft"] / row["times_ms"]["bf16"]
+        if "new_tokens" in row:
+            assert row["ms_per_token"] == {n: ms / row["new_tokens"] for n, ms in row["times_ms"].items()}
+        else:
+            assert "ms_per_token" not in row
+    assert "nf4_matmul" in by_label[e2e.GENERATE]["faces_taken"]
+    assert set(by_label[e2e.ADAPTER_GENERATE]["faces_taken"]) & {"bgmv_shrink", "sgmv_shrink"}
+
+    folder = e2e.model_folder(True)
+    model = e2e.load_fastpeft_nf4(folder, "cpu")
+    assert isinstance(model.model.layers[0].mlp.down_proj, fastpeft.nn.Linear4bit)
+    assert type(model.lm_head) is torch.nn.Linear
+    [case] = [c for c in e2e.cases("cpu", quick=True) if c.label == e2e.ADAPTER_GENERATE]
+    variants = e2e.adapter_variants(case, "cpu", quick=True)
+    base, pool, peft_out = (variants[n]() for n in ("bf16", "fastpeft", "peft"))
+    tokens = case.dims["new_tokens"]
+    assert pool.shape == peft_out.shape == (case.dims["batch"], base.shape[1]) and base.shape[1] > tokens
+    # every request's adapter changes what it generates, and the pool's first token is PEFT's
+    assert not torch.equal(pool, base)
+    first = base.shape[1] - tokens
+    assert torch.equal(pool[:, first], peft_out[:, first])

@@ -106,7 +106,7 @@ def test_info_and_a_quick_bench_with_its_chart(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = json.loads(path.read_text())["results"]
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
-    assert {r["op"] for r in rows} == set(bench.OPS)
+    assert {r["op"] for r in rows} == set(bench.OPS) | set(bench.MODEL_OPS)  # e2e on a tiny Llama when quick
     assert all(r["modules"] == "eval" for r in rows if r["op"] == "nf4_matmul")  # the peer at its best: eval mode
     assert all(r["times_ms"]["fastpeft"] > 0 and any(k.startswith("fastpeft/") for k in r["ratios"]) for r in rows)
     # the face is the one that ran: multi_lora's names its kernels' face and family

@@ -88,6 +88,9 @@ class BenchOp:
     derive_ratios: Callable[[list[dict]], None] | None = None
     # More about the face that ran, for the report (NF4: the CPU kernel's path for the shape).
     face_detail: Callable[[Case, str], str] | None = None
+    # (warm-up calls, timed rounds) of a full run when the runner's default does not fit: a whole
+    # model's generation takes seconds a call, so the default's 17 calls of each variant would not.
+    repetitions: tuple[int, int] | None = None
 
     @property
     def rivals(self) -> tuple[str, ...]:

@@ -112,7 +112,7 @@ def ratio_value(key: str, row: dict) -> float | None:
 
 def run_op(bench_op: BenchOp, device: str, quick: bool, progress=None) -> list[dict]:
     """Result rows of every case of one op, its targets checked."""
-    warmup, rounds = repetitions(device, quick)
+    warmup, rounds = repetitions(device, quick) if quick or bench_op.repetitions is None else bench_op.repetitions
     cases, rows = bench_op.cases(device, quick), []
     for case in cases:
         variants = bench_op.variants(case, device)
