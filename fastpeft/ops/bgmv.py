@@ -172,8 +172,8 @@ def _backward_expand(ctx, grad_out):
     return grad_out if need[0] else None, grad_s, grad_b, grad_scalings, None
 
 
-# The default preference serves: the C++ faces first on either device (on the GPU a warp per
-# output slice with 16-byte loads), then Triton.
+# The default preference serves: the C++ faces first on either device (on the GPU the shrink a
+# warp per output slice with 16-byte loads, the expand a thread per output feature), then Triton.
 bgmv_shrink = _registry.define(
     "bgmv_shrink", "(Tensor x, Tensor lora_a, Tensor adapter_ids) -> Tensor",
     check=_check_bgmv_shrink, fake=lambda x, a, ids: x.new_empty(x.shape[0], a.shape[1]),
