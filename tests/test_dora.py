@@ -447,3 +447,25 @@ def test_a_dora_row_in_compare(one_thread):
     magnitudes = dora.trainable_params - lora.trainable_params
     assert magnitudes > 0 and dora.total_params - lora.total_params == magnitudes  # one per output row
     assert dora.checkpoint_bytes > lora.checkpoint_bytes and dora.step_ms > 0
+
+
+def test_a_dora_layer_compiles_in_one_graph_and_trains_as_eager():
+    """LoRALinear with use_dora under torch.compile(fullgraph=True): no graph break (the norm cache's
+    version check is not traceable, so a compiled graph computes ‖Wᵢ‖² itself), and the output and
+    every trainable gradient equal eager's."""
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(24, 20)
+    results = []
+    for compile_ in (False, True):
+        torch.manual_seed(seed)  # the same A, B and x both times
+        layer = LoRALinear.from_linear(copy.deepcopy(base), r=4, lora_alpha=8, use_dora=True)
+        torch.nn.init.normal_(layer.lora_B["default"].weight)  # B = 0 at init would hide the LoRA term
+        x = torch.randn(7, 24)
+        fn = torch.compile(layer, fullgraph=True) if compile_ else layer
+        y = fn(x)
+        y.square().sum().backward()
+        results.append([y.detach()] + [p.grad for p in layer.parameters() if p.requires_grad])
+    assert len(results[0]) == 4  # y, A, B, the magnitude
+    for i, (got, want) in enumerate(zip(*results)):
+        assert_close(got, want, msg=f"output {i}")

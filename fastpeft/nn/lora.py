@@ -208,6 +208,12 @@ class LoRALinear(nn.Module):
         one. A 4-bit base is dequantised once for it (one ``[out, in]`` temporary per refresh, as
         PEFT's DoRA init makes)."""
         t = self.base_layer.weight  # a 4-bit base's packed bytes: merging puts new ones in place
+        if torch.compiler.is_compiling():
+            # a compiled graph cannot guard on a version counter: there the norm is one more pass
+            # over W per forward, in the graph (PEFT's DoRA makes that pass, and an [out, in] sum, always)
+            with torch.no_grad():
+                return row_norms_sq(self.base_layer.dequantized_weight() if self.quantized else
+                                    t.t() if self.fan_in_fan_out else t)
         state = (t._version, t.dtype, t.device)
         cache = self._weight_norm_cache
         if cache is None or cache[0]() is not t or cache[1] != state:
