@@ -16,7 +16,8 @@ In training each forward samples the gates (the reparameterised hard-concrete di
 eval the gate is deterministic, ẑ = clamp(sigmoid(log α)(ζ − γ) + γ, 0, 1), and where more than
 the target fraction of entries is still open, only the largest |ẑ δ| are kept (Guo et al.'s
 magnitude projection onto the L0 ball, per parameter), so the exported delta meets its sparsity
-target exactly. The deltas live in ``torch.nn.utils.parametrize`` parametrizations of the targeted
+target exactly. The penalty's gradient spares each parameter's budget of entries with the largest
+P(open) |δ|, which the task alone moves (:func:`l0_penalty` says why). The deltas live in ``torch.nn.utils.parametrize`` parametrizations of the targeted
 parameters; the original weights stay frozen and untouched. The checkpoint holds, per targeted
 parameter ``<module>.<param>``, the keys ``<module>.<param>.delta`` and ``<module>.<param>.log_alpha``
 (float32): everything the eval-mode model is computed from. Modules trained whole
@@ -125,6 +126,17 @@ class HardConcreteDelta(nn.Module):
         """P(z != 0) per entry: the expected L0 norm's terms."""
         return torch.sigmoid(self.log_alpha - self.temperature * math.log(-self.low / self.high))
 
+    @torch.no_grad()
+    def budget_mask(self, open_probability: torch.Tensor) -> torch.Tensor:
+        """bool, W's shape: the entries within this parameter's budget, the floor((1 - target) * numel)
+        largest P(open) * |δ| among those whose δ has moved off zero (none before the first step)."""
+        score = (open_probability * self.delta.abs()).flatten()
+        keep = min(math.floor((1.0 - self.target_sparsity) * score.numel()), int(score.count_nonzero()))
+        mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+        if keep:
+            mask[score.topk(keep).indices] = True
+        return mask.view(self.delta.shape)
+
     def effective_delta(self) -> torch.Tensor:
         gate = self.sampled_gate() if self.training else self.deterministic_gate()
         return gate * self.delta
@@ -183,12 +195,32 @@ def _require_deltas(model: nn.Module) -> dict[str, HardConcreteDelta]:
 def l0_penalty(model: nn.Module) -> torch.Tensor:
     """The regulariser a training loop adds to its loss: ``l0_lambda * max(0, E[open gates] - budget)``,
     a float32 scalar, where the budget is ``(1 - target_sparsity)`` of all delta entries. Its gradient
-    pushes every gate toward closed while more are open than the target allows."""
+    pushes the gates toward closed while more are open than the target allows, all but those of each
+    parameter's budget of entries with the largest P(open) * |δ| (budget_mask), which the task alone
+    moves.
+
+    Why the budget is exempt: the deltas start at zero, so at first no gate has a task gradient, and
+    the penalty's gradient is the same for every gate; Adam normalises it, so at the gates' rate
+    (0.1) all of them marched down together to where each is open with P = 1 - target, which for a
+    99 % target is log α ≈ -6, far below -2.4 where the deterministic gate is 0: the penalty was met
+    by every gate being equally almost closed, and then neither gate nor delta got a gradient.
+    Measured (AdamW, default config; CPU): the tiny random BERT of tests/test_compare.py, 150 steps
+    of 16 at lr 1e-3, closed 100 % of the gates (exported delta all zero) and now 99.05 %; the tiny
+    BERT classifier of tests/test_diff_pruning.py at target 0.95 (200 steps of 32, lr 3e-3) exported
+    99.67 % zeros and a held-out loss of 0.882, now 95.37 % and 0.837 (untrained 1.098); at target
+    0.99 and lr 1e-3 it closed every gate (loss 1.087, as with the head alone), now 99.06 % and 1.079.
+    The penalty's value is unchanged; only where its gradient goes."""
     deltas = _require_deltas(model)
     config = next(iter(model.fastpeft_config.values()))
     entries = sum(d.delta.numel() for d in deltas.values())
-    open_fraction = sum(d.expected_open().sum() for d in deltas.values()) / entries
+    open_fraction = sum(_penalised_open(d).sum() for d in deltas.values()) / entries
     return config.l0_lambda * torch.relu(open_fraction - (1.0 - config.target_sparsity))
+
+
+def _penalised_open(d: HardConcreteDelta) -> torch.Tensor:
+    """P(open) per entry, counted in full but with no gradient inside the entry's budget (budget_mask)."""
+    p = d.expected_open()
+    return torch.where(d.budget_mask(p), p.detach(), p)
 
 
 def param_groups(model: nn.Module, lr: float) -> list[dict]:
