@@ -17,8 +17,9 @@ eval the gate is deterministic, ẑ = clamp(sigmoid(log α)(ζ − γ) + γ, 0, 
 the target fraction of entries is still open, only the largest |ẑ δ| are kept (Guo et al.'s
 magnitude projection onto the L0 ball, per parameter), so the exported delta meets its sparsity
 target exactly. The penalty's gradient spares each parameter's budget of entries with the largest
-P(open) |δ|, which the task alone moves (:func:`l0_penalty` says why). The deltas live in ``torch.nn.utils.parametrize`` parametrizations of the targeted
-parameters; the original weights stay frozen and untouched. The checkpoint holds, per targeted
+P(open) |δ|, which the task alone moves (:func:`l0_penalty` says why). The deltas live in
+``torch.nn.utils.parametrize`` parametrizations of the targeted parameters; the original weights
+stay frozen and untouched. The checkpoint holds, per targeted
 parameter ``<module>.<param>``, the keys ``<module>.<param>.delta`` and ``<module>.<param>.log_alpha``
 (float32): everything the eval-mode model is computed from. Modules trained whole
 (``modules_to_save`` and the task_type's head, as in PEFT; see :mod:`fastpeft.methods.heads`) get
