@@ -52,9 +52,11 @@ HEAD_LR = 1e-2  # AdamW's rate for the head row: one linear layer on frozen feat
 # from their output layer). Measured: LoRA at finetune's 5e-3 left a tiny random BERT at chance (loss
 # 0.69 after 250 steps, the training reviews too) where 1e-3 learned it (0.45, held out 0.61); the
 # rest are the usual ones for BERT-sized models: soft prompts and scaling vectors take larger
-# steps, full fine-tuning and the top layers smaller ones.
+# steps, full fine-tuning and the top layers smaller ones. DiffPruning's deltas span every weight, as
+# full fine-tuning's updates do, and take its rate: on MiniLM (50 steps of 8) 1e-3 left it at chance
+# (0.515, loss 0.729 -> 0.698), 1e-4 reached 0.770 (loss 0.687 -> 0.365).
 ENCODER_LR = {"lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "prompt": 3e-2, "prefix": 1e-2, "ia3": 1e-2,
-              "bottleneck": 1e-3, "compacter": 3e-3, "bitfit": 3e-3, "diffpruning": 1e-3, "layerfreeze": 5e-4,
+              "bottleneck": 1e-3, "compacter": 3e-3, "bitfit": 3e-3, "diffpruning": 1e-4, "layerfreeze": 5e-4,
               "full": 1e-4, HEAD: HEAD_LR}
 CAUSAL, ENCODER = "causal", "encoder"
 TEMPLATE = "Review: {text}\nOn a 1 to 4 star scale, the reviewer would give {label}"

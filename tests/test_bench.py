@@ -13,7 +13,9 @@ import fastpeft
 from fastpeft import bench
 from fastpeft.bench import AT_LEAST, AT_MOST, BenchOp, Case, Target, e2e, multi_lora, nf4_matmul, runner
 
-RESULTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "*.json")))
+# what `fastpeft bench` wrote; `fastpeft compare`'s tables (named *-compare-*) are test_compare's
+RESULTS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "*.json"))
+                 if "-compare-" not in os.path.basename(p))
 
 
 def counting_op(calls: list, targets=(), layers=1) -> BenchOp:

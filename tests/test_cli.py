@@ -55,7 +55,7 @@ def test_version(capsys):
     (["finetune", "--model", "/nonexistent"], "argument --model: /nonexistent: neither a model fastpeft knows"),
     (["compare", "--model", "/nonexistent"], "argument --model: /nonexistent: neither a model fastpeft knows"),
     (["finetune", "--model", "minilm"], "argument --model: minilm is an encoder"),
-    (["compare", "--methods", "lora,bogus"], "argument --methods: unknown method(s) bogus; choose from icl,lora"),
+    (["compare", "--methods", "lora,bogus"], "argument --methods: unknown method(s) bogus; choose from icl0,icl,lora"),
     (["compare", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
     (["compare", "--json", "/missing/dir/x.json"], "argument --json: /missing/dir/x.json: folder /missing/dir"),
     (["bench", "--plot", "/missing/dir/x.png"], "argument --plot: /missing/dir/x.png: folder /missing/dir does not"),

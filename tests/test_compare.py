@@ -1,6 +1,8 @@
 """`fastpeft compare`: one table over methods and ICL, JSON and chart, failures kept to their row."""
 
+import glob
 import json
+import os
 import re
 
 import pytest
@@ -234,3 +236,21 @@ def test_minilm_learns_the_sentiment_task_and_refuses_icl():
     icl0, lora = compare.compare(s)
     assert icl0.not_applicable and not lora.error
     assert lora.final_loss < 0.3 < lora.first_loss and lora.accuracy >= 0.7, lora
+
+
+STORED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "*-compare-*.json")))
+
+
+@pytest.mark.parametrize("path", STORED, ids=os.path.basename)
+def test_a_stored_survey_has_every_method_measured_or_refused(path):
+    """The README's survey tables come from these files: every method of its run has a row, measured
+    (an accuracy, a parameter count, a step time) or refused with its reason, never both."""
+    stored = json.load(open(path))
+    rows = {r["method"]: r for r in stored["rows"]}
+    assert set(rows) <= set(compare.COMPARE_METHODS) and "lora" in rows
+    for method, r in rows.items():
+        if r["not_applicable"]:
+            assert r["accuracy"] == 0 and r["step_ms"] == 0, method
+        else:
+            assert not r["error"] and 0 < r["accuracy"] <= 1 and r["step_ms"] > 0, method
+            assert r["trainable_params"] > 0 or method in compare.ICL_METHODS, method
