@@ -28,6 +28,32 @@ from ._common import TRITON_DTYPES, bf16_via_fp32, block_r, dot, fitting, input_
 
 
 @triton.jit
+def store_with_lora_and_bias(acc, y_ptr, s_ptr, l_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, R, lora_scaling,
+                             stride_ym, stride_yn, stride_sm, stride_sr, stride_lr, stride_ln,
+                             HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                             BF16_VIA_FP32: tl.constexpr):
+    """y[offs_m, offs_n] = acc (+ lora_scaling·s[offs_m, :]·L[:, offs_n] with HAS_LORA, + bias[offs_n]
+    with HAS_BIAS), both NF4 kernels' epilogue. The LoRA term gets its own fp32 accumulator and is
+    scaled once."""
+    if HAS_LORA:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = r < R
+            s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :] * stride_sr,
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            low = tl.load(l_ptr + r[:, None] * stride_lr + offs_n[None, :].to(tl.int64) * stride_ln,
+                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            lora = dot(s, low, lora, INPUT_PRECISION, BF16_VIA_FP32)
+        acc += lora * lora_scaling
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, qmap_ptr, bias_ptr, s_ptr, l_ptr, y_ptr, nested_absmax_ptr, nested_map_ptr,
     M, N_OUT, K_RED, W_COLS, R, lora_scaling, absmax_offset,
@@ -70,21 +96,9 @@ def _nf4_matmul_kernel(
             scale = tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_mask, other=0.0)
         w = (level * scale).to(x_ptr.dtype.element_ty)  # the reference rounds W to x's dtype too
         acc = dot(x, w, acc, INPUT_PRECISION, BF16_VIA_FP32)
-    if HAS_LORA:  # the LoRA term in its own accumulator, scaled once
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = r < R
-            s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :] * stride_sr,
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            low = tl.load(l_ptr + r[:, None] * stride_lr + offs_n[None, :].to(tl.int64) * stride_ln,
-                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            lora = dot(s, low, lora, INPUT_PRECISION, BF16_VIA_FP32)
-        acc += lora * lora_scaling
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_with_lora_and_bias(acc, y_ptr, s_ptr, l_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, R, lora_scaling,
+                             stride_ym, stride_yn, stride_sm, stride_sr, stride_lr, stride_ln,
+                             HAS_LORA, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, INPUT_PRECISION, BF16_VIA_FP32)
 
 
 @triton.jit
@@ -164,21 +178,9 @@ def _nf4_gemv_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N_OUT
-    if HAS_LORA:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = r < R
-            s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + r[None, :] * stride_sr,
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            low = tl.load(l_ptr + r[:, None] * stride_lr + offs_n[None, :].to(tl.int64) * stride_ln,
-                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            lora = dot(s, low, lora, INPUT_PRECISION, BF16_VIA_FP32)
-        out += lora * lora_scaling
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn,
-             out.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_with_lora_and_bias(out, y_ptr, s_ptr, l_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, R, lora_scaling,
+                             stride_ym, stride_yn, stride_sm, stride_sr, stride_lr, stride_ln,
+                             HAS_LORA, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, INPUT_PRECISION, BF16_VIA_FP32)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, shared memory in bytes): a first guess, not
