@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .. import backends
 from .case import AT_LEAST, AT_MOST, BenchOp, Case, Target, Variants
-from .variants import DTYPES, with_faces
+from .variants import DTYPES, layer_inputs, layer_stack, with_faces
 
 BLOCKSIZE = 64
 ISSUE_5 = "issue 5, Benchmarks"
@@ -122,21 +122,10 @@ def variants(case: Case, device: str, layers: dict[str, list[nn.Module]] | None 
     """One call of each variant runs the case's `layers` weights on x, one after the other:
     inference cases under no_grad, training cases with dx (see :func:`build_layers`)."""
     layers = layers or build_layers(case, device)
-    M, K, N = (case.dims[k] for k in "MKN")
-    dtype = DTYPES[case.dtype]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(M, K, generator=gen).to(device, dtype).requires_grad_(case.training)
-    dy = torch.randn(M, N, generator=gen).to(device, dtype)
+    x, dy = layer_inputs(case, device)
 
     def stack(group):
-        def run():
-            for layer in group:
-                if case.training:
-                    layer(x).backward(dy)
-                else:
-                    with torch.no_grad():
-                        layer(x)
-        return run
+        return layer_stack(group, x, dy, case.training)
 
     out = with_faces({"linear": stack(layers["linear"]), "fastpeft": stack(layers["fastpeft"])}, device,
                      reference=False)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..nn import LoRALinear
 from . import nf4_matmul
 from .case import AT_MOST, BenchOp, Case, Target, Variants
-from .variants import DTYPES, default_dtype, peft_lora_layer, with_faces
+from .variants import DTYPES, default_dtype, layer_inputs, layer_stack, peft_lora_layer, with_faces
 
 ISSUE_18 = "issue 18, Targets"
 PER_CALL = Target("fastpeft/base", AT_MOST, 1.5, "per call over nn.Linear's, 64x64 layer, one token, inference",
@@ -77,22 +77,10 @@ def variants(case: Case, device: str) -> Variants:
         groups["base"] = groups.pop("linear")
     else:
         groups = _lora_layers(case, device)
-    M, K, N = (case.dims[k] for k in "MKN")
-    dtype = DTYPES[case.dtype]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(M, K, generator=gen).to(device, dtype).requires_grad_(case.training)
-    dy = torch.randn(M, N, generator=gen).to(device, dtype)
+    x, dy = layer_inputs(case, device)
 
     def stack(group):
-        def run():
-            if case.training:
-                for layer in group:
-                    layer(x).backward(dy)
-            else:
-                with torch.no_grad():
-                    for layer in group:
-                        layer(x)
-        return run
+        return layer_stack(group, x, dy, case.training)
 
     out = with_faces({"base": stack(groups["base"]), "fastpeft": stack(groups["fastpeft"])}, device)
     for peer in ("bitsandbytes", "peft"):

@@ -31,6 +31,31 @@ def on_backend(face: str, fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def layer_inputs(case, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (requiring a gradient in a training case) and dy [M, N] of a layer case, in its dtype,
+    the same values every run."""
+    M, K, N = (case.dims[k] for k in "MKN")
+    dtype = DTYPES[case.dtype]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=gen).to(device, dtype).requires_grad_(case.training)
+    return x, torch.randn(M, N, generator=gen).to(device, dtype)
+
+
+def layer_stack(layers: list[nn.Module], x: torch.Tensor, dy: torch.Tensor, training: bool) -> Callable[[], None]:
+    """One call runs every layer on x, one after the other: forward and backward from dy when
+    training, else the forwards under one no_grad block (entered once, not per layer: a tiny
+    layer's call is a few microseconds, and so is entering the block)."""
+    def run():
+        if training:
+            for layer in layers:
+                layer(x).backward(dy)
+        else:
+            with torch.no_grad():
+                for layer in layers:
+                    layer(x)
+    return run
+
+
 def with_faces(variants: Variants, device: str, reference: bool = True) -> Variants:
     """`variants` plus ``fastpeft[<face>]`` for every fast face usable here, and ``reference`` (the
     pure-PyTorch face) unless told otherwise, each forcing its face on the ``fastpeft`` variant."""
