@@ -280,6 +280,20 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quan
     return y
 
 
+def _aot_signature(ptr: str, nested: bool, reduction_sizes: tuple[str, str]) -> dict:
+    """Both NF4 kernels' argument types for an AOT compile, x's pointer type `ptr`; they differ only in
+    the names of their two reduction-size arguments (the tile kernel's K_RED, W_COLS; the GEMV's
+    K_PART, PART_BYTES)."""
+    k_size, w_size = reduction_sizes
+    return {"x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32",
+            "qmap_ptr": "*fp32", "bias_ptr": ptr, "s_ptr": ptr, "l_ptr": ptr, "y_ptr": ptr,
+            "nested_absmax_ptr": "*fp32", "nested_map_ptr": "*fp32",
+            "M": "i32", "N_OUT": "i32", k_size: "i32", w_size: "i32", "R": "i32",
+            "lora_scaling": "fp32", "absmax_offset": "fp32",
+            "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32", "stride_yn": "i32",
+            "stride_sm": "i32", "stride_sr": "i32", "stride_lr": "i32", "stride_ln": "i32"}
+
+
 def aot_configs():
     yield from _gemv_aot_configs()
     for (bm, bn, bk, warps, stages, _), tname in ((t, d) for t in GPU_TILES for d in TRITON_DTYPES):
@@ -293,14 +307,7 @@ def aot_configs():
                     variants = (False, True) if blocksize == 64 else (False,)
                     for has_lora, rank_block in ((v, 16) for v in variants):
                         for nested in variants:
-                            yield _nf4_matmul_kernel, {
-                                "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32",
-                                "qmap_ptr": "*fp32", "bias_ptr": ptr, "s_ptr": ptr, "l_ptr": ptr, "y_ptr": ptr,
-                                "nested_absmax_ptr": "*fp32", "nested_map_ptr": "*fp32",
-                                "M": "i32", "N_OUT": "i32", "K_RED": "i32", "W_COLS": "i32", "R": "i32",
-                                "lora_scaling": "fp32", "absmax_offset": "fp32",
-                                "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32", "stride_yn": "i32",
-                                "stride_sm": "i32", "stride_sr": "i32", "stride_lr": "i32", "stride_ln": "i32"}, \
+                            yield _nf4_matmul_kernel, _aot_signature(ptr, nested, ("K_RED", "W_COLS")), \
                                 dict(BLOCKSIZE=blocksize, TRANSPOSED=transposed, HAS_BIAS=has_bias, HAS_LORA=has_lora,
                                      NESTED=nested, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=rank_block,
                                      INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -317,14 +324,7 @@ def _gemv_aot_configs():
             for nested in (False, True):
                 flags = [(False, False)] + ([(True, False), (False, True)] if tname == "bf16" and not nested else [])
                 for has_bias, has_lora in flags:
-                    yield _nf4_gemv_kernel, {
-                        "x_ptr": ptr, "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32",
-                        "qmap_ptr": "*fp32", "bias_ptr": ptr, "s_ptr": ptr, "l_ptr": ptr, "y_ptr": ptr,
-                        "nested_absmax_ptr": "*fp32", "nested_map_ptr": "*fp32",
-                        "M": "i32", "N_OUT": "i32", "K_PART": "i32", "PART_BYTES": "i32", "R": "i32",
-                        "lora_scaling": "fp32", "absmax_offset": "fp32",
-                        "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32", "stride_yn": "i32",
-                        "stride_sm": "i32", "stride_sr": "i32", "stride_lr": "i32", "stride_ln": "i32"}, \
+                    yield _nf4_gemv_kernel, _aot_signature(ptr, nested, ("K_PART", "PART_BYTES")), \
                         dict(BLOCKSIZE=64, HAS_BIAS=has_bias, HAS_LORA=has_lora, NESTED=nested, SPLIT=split,
                              BLOCK_M=GEMV_BLOCK_M, BLOCK_N=GEMV_BLOCK_V // split, BLOCK_K=GEMV_BLOCK_K, BLOCK_R=16,
                              INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BF16_VIA_FP32=False), \
