@@ -42,6 +42,25 @@ __device__ __forceinline__ float lane_dot(const T* __restrict__ a, const T* __re
   return acc;
 }
 
+// The decode GEMVs' epilogue: a warp holds lane-partial sums acc[j][i] of output feature n0 + j for
+// row i of x; lane 0 stores y[i, n0 + j] = (sum over lanes) + bias[n0 + j] for rows i < rows and
+// features below N (ldy: y's row stride).
+template <int kRowsPerWarp, int kMaxRows, typename T>
+__device__ __forceinline__ void store_warp_sums(const float (&acc)[kRowsPerWarp][kMaxRows], T* __restrict__ y,
+                                                int64_t ldy, const T* __restrict__ bias, int n0, int N, int rows,
+                                                int lane) {
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int n = n0 + j;
+    const float bias_n = bias && n < N ? to_float(bias[n]) : 0.f;
+#pragma unroll
+    for (int i = 0; i < kMaxRows; ++i) {
+      const float total = warp_sum(acc[j][i]);
+      if (lane == 0 && i < rows && n < N) y[static_cast<int64_t>(i) * ldy + n] = static_cast<T>(total + bias_n);
+    }
+  }
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 }  // namespace cuda

@@ -165,16 +165,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize)
       }
     }
   }
-#pragma unroll
-  for (int j = 0; j < kRowsPerWarp; ++j) {
-    const int n = n0 + j;
-    const float bias_n = bias && n < N ? to_float(bias[n]) : 0.f;
-#pragma unroll
-    for (int i = 0; i < kMaxRows; ++i) {
-      const float total = cuda::warp_sum(acc[j][i]);
-      if (lane == 0 && i < rows && n < N) y[static_cast<int64_t>(i) * N + n] = static_cast<T>(total + bias_n);
-    }
-  }
+  cuda::store_warp_sums(acc, y, N, bias, n0, N, rows, lane);
 }
 
 // out[i] = dequant(W) element e0 + i, for i < count (a tile of whole weight rows), in T.
