@@ -1,7 +1,11 @@
 """Triton face of ``bgmv_shrink`` / ``bgmv_expand``: one program per (token, output block), the
 token's adapter slot looked up in the kernel. Decode-shaped work (few tokens, each its own
-adapter) is a batch of GEMVs: products are summed with ``tl.sum`` in fp32 rather than ``tl.dot``,
-whose 16-row minimum would waste 15/16 of each MMA on a single token.
+adapter) is a batch of GEMVs: products are summed in fp32 on the vector units rather than with
+``tl.dot``, whose 16-row minimum would waste 15/16 of each MMA on a single token.
+
+The shrink (R outputs per token, a reduction over K) splits K into parts when the tokens and rank
+blocks alone make less than a wave of programs (:func:`shrink_plan`); the expand (N outputs per
+token) has N/BLOCK_N programs per token already.
 
 Slots outside ``[0, S)`` (including -1) mask every load of the factors: such a token gets s = 0
 and out = base, and no id can make a kernel read out of bounds.
@@ -20,29 +24,49 @@ from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, block_r
 
 @triton.jit
 def _bgmv_shrink_kernel(
-    x_ptr, a_ptr, ids_ptr, s_ptr,
-    K, R, S,
-    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_st, stride_sr,
+    x_ptr, a_ptr, ids_ptr, out_ptr,
+    K, K_PART, R, S,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_oh, stride_ot, stride_or,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """s[t, r] = sum_k a[slot(t), r, k]·x[t, k]; grid (T, ⌈R/BLOCK_R⌉)."""
+    """out[h, t, r] = sum over k in part h (``[h·K_PART, (h+1)·K_PART) ∩ [0, K)``) of
+    a[slot(t), r, k]·x[t, k]; grid (T, ⌈R/BLOCK_R⌉, parts). With one part, out is s itself.
+
+    The K loop only multiplies and adds into a [BLOCK_R, BLOCK_K] fp32 accumulator (no trip waits
+    on another's reduction, so the next trip's loads issue while this one's products are summed);
+    the cross-thread sum runs once, after the loop."""
     t = tl.program_id(0).to(tl.int64)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = tl.program_id(2)
     slot = tl.load(ids_ptr + t)
     valid = (slot >= 0) & (slot < S)
     slot = tl.where(valid, slot, 0).to(tl.int64)
     r_mask = (offs_r < R) & valid
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = h.to(tl.int64) * K_PART + tl.arange(0, BLOCK_K)
     a_rows = a_ptr + slot * stride_as + offs_r[:, None].to(tl.int64) * stride_ar
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K_PART, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
         xv = tl.load(x_ptr + t * stride_xt + k * stride_xk, mask=k_mask & valid, other=0.0).to(tl.float32)
-        a = tl.load(a_rows + k[None, :].to(tl.int64) * stride_ak, mask=r_mask[:, None] & k_mask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(a * xv[None, :], axis=1)
-    tl.store(s_ptr + t * stride_st + offs_r * stride_sr, acc.to(s_ptr.dtype.element_ty), mask=offs_r < R)
+        a = tl.load(a_rows + k[None, :] * stride_ak, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += a.to(tl.float32) * xv[None, :]
+    s = tl.sum(acc, axis=1)
+    tl.store(out_ptr + h * stride_oh + t * stride_ot + offs_r * stride_or, s.to(out_ptr.dtype.element_ty),
+             mask=offs_r < R)
+
+
+@triton.jit
+def _bgmv_split_sum_kernel(part_ptr, s_ptr, NUMEL, R, PARTS, stride_ph, stride_st, stride_sr, BLOCK: tl.constexpr):
+    """s[t, r] = Σ_h part[h, t, r] in the order h = 0..PARTS-1 (the same sum every run), for the
+    flattened index t·R + r of part's contiguous [T, R] planes; grid ⌈T·R/BLOCK⌉."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for h in range(PARTS):
+        acc += tl.load(part_ptr + h * stride_ph + offs, mask=mask, other=0.0)
+    t, r = offs // R, offs % R
+    tl.store(s_ptr + t * stride_st + r * stride_sr, acc.to(s_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -75,13 +99,49 @@ def _bgmv_expand_kernel(
              mask=n_mask)
 
 
-# BLOCK_K of the shrink, BLOCK_N of the expand: 16-byte-per-lane loads of a 4-warp program on the GPU;
-# small under the interpreter so ragged edges are exercised by small tests.
-_BLOCKS = {"gpu": (256, 128), "interpret": (32, 32)}
+# BLOCK_N of the expand: 16-byte-per-lane loads of a 4-warp program on the GPU; small under the
+# interpreter so ragged edges are exercised by small tests.
+_BLOCK_N = {"gpu": 128, "interpret": 32}
+# The shrink's accumulator: BLOCK_R·BLOCK_K fp32 entries, 4096 on the GPU (32 registers per thread
+# of a 4-warp program whatever the rank block: BLOCK_K = 256, 128, 64 for BLOCK_R = 16, 32, 64, so a
+# trip loads 8 KB of bf16 A); BLOCK_K 32 under the interpreter, so small tests split K.
+SHRINK_ACC = 4096
+_INTERPRET_BLOCK_K = 32
+# Parts the shrink splits K into to reach SHRINK_MIN_PROGRAMS programs (one wave on the 132 SMs of
+# an H100/H200, as the NF4 GEMV; a fixed count, so a shape compiles the same variants on every
+# GPU). A decode batch of 64 tokens at rank 16 is 64 programs unsplit; 4 parts make 256. The parts'
+# fp32 sums are added in a fixed order by a second kernel: no atomics, the same result every run.
+SHRINK_SPLITS = (1, 2, 4, 8)
+SHRINK_MIN_PROGRAMS = 132
+_SPLIT_SUM_BLOCK = 512
 
 
-def _blocks():
-    return _BLOCKS["interpret" if triton_interpreting() else "gpu"]
+def _gpu_shrink_block_k(rb: int) -> int:
+    return SHRINK_ACC // rb
+
+
+def shrink_plan(T: int, K: int, R: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_K, parts, K_PART) of the shrink of T tokens, K inputs, rank R: the least
+    split of K in SHRINK_SPLITS whose grid T·⌈R/BLOCK_R⌉·parts reaches SHRINK_MIN_PROGRAMS, at most
+    one BLOCK_K trip per part; K_PART a whole number of trips, and no part empty (so the parts may
+    number fewer than the split: K = 1536 in 256-wide trips split 4 ways is 3 parts of 512)."""
+    rb = block_r(R)
+    bk = _INTERPRET_BLOCK_K if triton_interpreting() else _gpu_shrink_block_k(rb)
+    trips = triton.cdiv(K, bk)
+    split = 1
+    for s in SHRINK_SPLITS:
+        if s > max(trips, 1):
+            break
+        split = s
+        if T * triton.cdiv(R, rb) * s >= SHRINK_MIN_PROGRAMS:
+            break
+    k_part = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    parts = triton.cdiv(K, k_part) if k_part else 1
+    return rb, bk, parts, k_part
+
+
+def _expand_block_n() -> int:
+    return _BLOCK_N["interpret" if triton_interpreting() else "gpu"]
 
 
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
@@ -91,12 +151,18 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor
     s = torch.empty((T, R), device=x.device, dtype=x.dtype)
     if s.numel() == 0:
         return s
-    block_k, _ = _blocks()
-    rb = block_r(R)
-    wrap_triton(_bgmv_shrink_kernel)[(T, triton.cdiv(R, rb))](
-        x, lora_a, adapter_ids, s, K, R, S,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), s.stride(0), s.stride(1),
-        BLOCK_K=block_k, BLOCK_R=rb, num_warps=4)
+    rb, bk, parts, k_part = shrink_plan(T, K, R)
+    # one part: the sums go to s; more: to fp32 planes [parts, T, R], added after
+    out = s if parts == 1 else torch.empty((parts, T, R), device=x.device, dtype=torch.float32)
+    plane = out.stride(0) if parts > 1 else 0
+    ot, orr = (out.stride(1), out.stride(2)) if parts > 1 else (s.stride(0), s.stride(1))
+    wrap_triton(_bgmv_shrink_kernel)[(T, triton.cdiv(R, rb), parts)](
+        x, lora_a, adapter_ids, out, K, k_part, R, S,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), plane, ot, orr,
+        BLOCK_K=bk, BLOCK_R=rb, num_warps=4)
+    if parts > 1:
+        wrap_triton(_bgmv_split_sum_kernel)[(triton.cdiv(T * R, _SPLIT_SUM_BLOCK),)](
+            out, s, T * R, R, parts, out.stride(0), s.stride(0), s.stride(1), BLOCK=_SPLIT_SUM_BLOCK, num_warps=4)
     return s
 
 
@@ -108,7 +174,7 @@ def bgmv_expand(base: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scali
     out = torch.empty_like(base)
     if out.numel() == 0:
         return out
-    _, block_n = _blocks()
+    block_n = _expand_block_n()
     wrap_triton(_bgmv_expand_kernel)[(T, triton.cdiv(N, block_n))](
         base, s, lora_b, scalings, adapter_ids, out, N, R, S,
         base.stride(0), base.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
@@ -118,17 +184,25 @@ def bgmv_expand(base: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scali
 
 
 def aot_configs():
-    block_k, block_n = _BLOCKS["gpu"]
+    """Every launch the launchers make: each dtype and rank block; the shrink writing s (one part)
+    or fp32 planes (a split K), the split sum (the number of parts an argument), the expand."""
+    block_n = _BLOCK_N["gpu"]
+    i32 = "i32"
     for tname in TRITON_DTYPES:
         ptr = f"*{tname}"
         for rb in BLOCK_R_CHOICES:
-            yield _bgmv_shrink_kernel, {
-                "x_ptr": ptr, "a_ptr": ptr, "ids_ptr": "*i32", "s_ptr": ptr, "K": "i32", "R": "i32", "S": "i32",
-                **{f: "i32" for f in ("stride_xt", "stride_xk", "stride_as", "stride_ar", "stride_ak", "stride_st",
-                                      "stride_sr")}}, dict(BLOCK_K=block_k, BLOCK_R=rb), dict(num_warps=4)
+            for out in sorted({ptr, "*fp32"}):
+                yield _bgmv_shrink_kernel, {
+                    "x_ptr": ptr, "a_ptr": ptr, "ids_ptr": "*i32", "out_ptr": out, "K": i32, "K_PART": i32, "R": i32,
+                    "S": i32, **{f: i32 for f in ("stride_xt", "stride_xk", "stride_as", "stride_ar", "stride_ak",
+                                                  "stride_oh", "stride_ot", "stride_or")}}, \
+                    dict(BLOCK_K=_gpu_shrink_block_k(rb), BLOCK_R=rb), dict(num_warps=4)
             yield _bgmv_expand_kernel, {
                 "base_ptr": ptr, "s_ptr": ptr, "b_ptr": ptr, "scal_ptr": "*fp32", "ids_ptr": "*i32", "out_ptr": ptr,
-                "N": "i32", "R": "i32", "S": "i32",
-                **{f: "i32" for f in ("stride_baset", "stride_basen", "stride_st", "stride_sr", "stride_bs",
-                                      "stride_bn", "stride_br", "stride_ot", "stride_on")}}, \
+                "N": i32, "R": i32, "S": i32,
+                **{f: i32 for f in ("stride_baset", "stride_basen", "stride_st", "stride_sr", "stride_bs",
+                                    "stride_bn", "stride_br", "stride_ot", "stride_on")}}, \
                 dict(BLOCK_N=block_n, BLOCK_R=rb), dict(num_warps=4)
+        yield _bgmv_split_sum_kernel, {
+            "part_ptr": "*fp32", "s_ptr": ptr, "NUMEL": i32, "R": i32, "PARTS": i32, "stride_ph": i32,
+            "stride_st": i32, "stride_sr": i32}, dict(BLOCK=_SPLIT_SUM_BLOCK), dict(num_warps=4)
