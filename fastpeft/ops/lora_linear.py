@@ -79,12 +79,10 @@ def lora_linear_fwd_reference(x, weight, bias, lora_a, lora_b, scaling, x_lora=N
     return y, s
 
 
-def _choose_fwd(device, x, *args):
-    if device.type == "cuda":
-        # The CUDA face is a fused GEMV for decode; prefill-sized M goes to the fused Triton GEMM.
-        # By design, not yet by measurement: the first GPU run of `fastpeft bench` decides.
-        return ("cuda", "triton", "torch") if x.shape[0] <= 16 else ("triton", "cuda", "torch")
-    return None
+def _choose_fwd_cuda(device, x, *args):
+    # The CUDA face is a fused GEMV for decode; prefill-sized M goes to the fused Triton GEMM.
+    # By design, not yet by measurement: the first GPU run of `fastpeft bench` decides.
+    return ("cuda", "triton", "torch") if x.shape[0] <= 16 else ("triton", "cuda", "torch")
 
 
 # The forward's derivative: the backward op below, declared once here for every way the op is called.
@@ -112,7 +110,7 @@ lora_linear_fwd = _registry.define(
     "lora_linear_fwd",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor? x_lora=None)"
     " -> (Tensor, Tensor)",
-    check=_check_fwd, fake=_fake_fwd, reference=lora_linear_fwd_reference, choose=_choose_fwd,
+    check=_check_fwd, fake=_fake_fwd, reference=lora_linear_fwd_reference, choose={"cuda": _choose_fwd_cuda},
     triton="lora_linear", cpp=("cpu", "cuda"), setup_context=_setup_fwd, backward=_backward_fwd)
 
 

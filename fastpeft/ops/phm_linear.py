@@ -191,15 +191,24 @@ def _fake_bwd(grad_y, x, phm_rule, phm_b=None, phm_b_left=None, phm_b_right=None
     return torch.empty_like(x), torch.empty_like(phm_rule), like(phm_b), like(phm_b_left), like(phm_b_right)
 
 
-def _choose(device, x, phm_rule, phm_b=None, *args):
-    if device.type == "cuda":  # the Triton kernels keep n-wide tiles in registers: n <= 16
-        return ("triton", "torch") if phm_rule.shape[0] <= 16 else ("torch",)
-    if device.type == "cpu" and phm_b is not None:
+def _choose_cuda(device, x, phm_rule, *args):
+    # the Triton kernels keep n-wide tiles in registers: n <= 16
+    return ("triton", "torch") if phm_rule.shape[0] <= 16 else ("torch",)
+
+
+def _choose_cpu(device, x, phm_rule, phm_b=None, *args):
+    if phm_b is not None:
         # Full Bᵢ: the factored step has the dense layer's M·in·out FLOPs plus n-times-wider
         # intermediates, while forming W costs only n·in·out; measured on 2 cores (M=512,
         # in=out=1024/2048, n=4/8) the factored fwd+bwd took 1.04-1.28x the reference's time.
         return ("torch", "cpu")
     return None
+
+
+def _for_backward(rule):
+    """The forward's rule for the backward op, whose arguments are grad_y and then the forward's."""
+    return lambda device, grad_y, x, *factors: rule(device, x, *factors)
+
 
 
 def _setup_fwd(ctx, inputs, output):
@@ -226,7 +235,8 @@ phm_linear_fwd = _registry.define(
     "phm_linear_fwd",
     "(Tensor x, Tensor phm_rule, Tensor? phm_b=None, Tensor? phm_b_left=None, Tensor? phm_b_right=None,"
     " Tensor? bias=None) -> Tensor",
-    check=_check_fwd, fake=_fake_fwd, reference=phm_linear_fwd_reference, choose=_choose, triton="phm_linear",
+    check=_check_fwd, fake=_fake_fwd, reference=phm_linear_fwd_reference,
+    choose={"cuda": _choose_cuda, "cpu": _choose_cpu}, triton="phm_linear",
     cpu_kernel=phm_linear_fwd_factored, setup_context=_setup_fwd, backward=_backward_fwd)
 
 phm_linear_bwd = _registry.define(
@@ -234,7 +244,7 @@ phm_linear_bwd = _registry.define(
     "(Tensor grad_y, Tensor x, Tensor phm_rule, Tensor? phm_b=None, Tensor? phm_b_left=None,"
     " Tensor? phm_b_right=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     check=_check_bwd, fake=_fake_bwd, reference=phm_linear_bwd_reference,
-    choose=lambda device, grad_y, x, *factors: _choose(device, x, *factors), triton="phm_linear",
+    choose={"cuda": _for_backward(_choose_cuda), "cpu": _for_backward(_choose_cpu)}, triton="phm_linear",
     cpu_kernel=phm_linear_bwd_factored)
 
 
