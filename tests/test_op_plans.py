@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft.nn import Linear4bit, LoRALinear
+from fastpeft.nn.lora import DoRAMagnitude
 from fastpeft.ops import record_faces
 from fastpeft.ops.lora_linear import lora_linear_fwd
 from fastpeft.ops.nf4_matmul import nf4_matmul
@@ -217,8 +218,20 @@ def lora_changes():
             layer.lora_A["default"].weight.set_(torch.randn(R + 1, K))
             layer.lora_B["default"].weight.set_(torch.randn(N, R + 1))
 
+    def write_into_parameter_dict(layer):
+        # as accelerate's set_module_tensor_to_device does: no __setattr__, no hook sees it
+        layer.base_layer._parameters["weight"] = nn.Parameter(torch.randn(N, K) / K ** 0.5, requires_grad=False)
+
+    def replace_adapter_module(layer):
+        layer.lora_B["default"] = nn.Linear(R, N, bias=False)
+
+    def make_the_adapter_dora(layer):
+        # a magnitude for the active adapter: the layer computes DoRA, which no LoRA plan may run
+        layer.lora_magnitude_vector["default"] = DoRAMagnitude(torch.rand(N) + 0.5)
+
     return [replace_base_weight, replace_lora_a, drop_bias, copy_into_lora_b, scaling, switch_adapter,
-            load_state_dict, load_state_dict_assign, set_rank_in_place]
+            load_state_dict, load_state_dict_assign, set_rank_in_place, write_into_parameter_dict,
+            replace_adapter_module, make_the_adapter_dora]
 
 
 @pytest.mark.parametrize("change", lora_changes(), ids=lambda f: f.__name__)
@@ -233,8 +246,41 @@ def test_lora_layer_after_a_change_computes_its_formula(change):
     assert not torch.allclose(after.float(), before.float(), atol=1e-3), "the change changed nothing"
     expected = layer.forward_unplanned(x)
     assert after.dtype == expected.dtype
-    assert_close(after, lora_formula(layer, x), expected.dtype)
+    if not layer.uses_dora():
+        assert_close(after, lora_formula(layer, x), expected.dtype)
     assert_close(after, expected, expected.dtype)
+
+
+def test_dropout_in_training_mode_is_never_run_by_a_plan_made_in_eval():
+    """Training mode under no_grad with dropout: the call drops (dropout is what the layer computes),
+    so the plan made in eval mode is neither run nor kept; back in eval a new one runs."""
+    layer = LoRALinear.from_linear(nn.Linear(K, N), r=R, lora_alpha=2 * R, lora_dropout=0.5,
+                                   init_lora_weights=False).eval()
+    x = torch.randn(64, K)
+    with torch.no_grad():
+        planned = layer(x)
+        assert held_plan(layer) is not None
+        layer.train()
+        torch.manual_seed(0)
+        dropped = layer(x)
+        assert held_plan(layer) is None
+        torch.manual_seed(0)
+        assert torch.equal(dropped, layer.forward_unplanned(x))
+        assert not torch.allclose(dropped, planned, atol=1e-3), "dropout changed nothing"
+        layer.eval()
+        assert torch.equal(layer(x), planned) and held_plan(layer) is not None
+
+
+def test_a_value_absent_when_the_plan_was_made_is_seen_when_it_appears():
+    """A base layer without a bias: a bias registered later (a path that read nothing) is used."""
+    layer = lora_layer(bias=False)
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        before = layer(x)
+        layer.base_layer.register_parameter("bias", nn.Parameter(torch.randn(N), requires_grad=False))
+        after = layer(x)
+    assert_close(after, before + layer.base_layer.bias, torch.float32)
+    assert_close(after, lora_formula(layer, x), torch.float32)
 
 
 def test_a_tensor_changed_in_place_into_a_bad_argument_gets_the_ops_error():

@@ -254,21 +254,24 @@ class Linear4bit(nn.Module):
         return x2, None if self.bias is None else self.bias.to(dtype), dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Inference on a plan (the op's checks of the weight made once, x's per call); anything a
-        # plan does not take (training with grad mode on, autocast, torch.compile, an x to cast or
-        # make contiguous, one needing a gradient) takes the full path.
-        if (type(x) is not torch.Tensor or self.training and torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch._C._is_any_autocast_enabled()):
-            return self.forward_unplanned(x)
+        # Inference on the held op plan: the op's checks of the weight made once; each call checks
+        # that the layer still holds what the plan was made from, and x (HeldPlan.call, one frame).
         held = self.__dict__.get("_held_plan")
-        plan = held.plan if held is not None and held.holds(self.op_tensors()) else self.op_plan(x)
-        if plan is None:
-            return self.forward_unplanned(x)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if not plan.fits(x2):
-            return self.forward_unplanned(x)
-        y = plan.run(x2)
-        return y if x2 is x else y.reshape(*x.shape[:-1], self.out_features)
+        if held is not None:
+            y = held.call(self, x)
+            if y is not None:
+                return y
+        # No plan yet, a stale one, or a call no plan takes (training with grad mode on, autocast,
+        # torch.compile, an x to cast or make contiguous, one needing a gradient): a new plan where
+        # one applies, else the full path.
+        if (type(x) is torch.Tensor and (held is None or not held.holds(self)) and not (
+                self.training and torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch._C._is_any_autocast_enabled())):
+            held = self._new_held_plan(x)
+            y = None if held is None else held.call(self, x)
+            if y is not None:
+                return y
+        return self.forward_unplanned(x)
 
     def forward_unplanned(self, x: torch.Tensor) -> torch.Tensor:
         """The forward for any x, every argument checked by the op (what a plan's call equals)."""
@@ -284,27 +287,33 @@ class Linear4bit(nn.Module):
                 buffers["quant_map"], buffers["nested_absmax"], buffers["nested_quant_map"],
                 params["bias"] if "bias" in params else self.__dict__.get("bias"))
 
+    # What the op plan is made from, read again at every planned call (HeldPlan): the op's tensors
+    # and the values the NF4 view of them is built from.
+    PLAN_PATHS = (("weight",), ("absmax",), ("quant_map",), ("nested_absmax",), ("nested_quant_map",), ("bias",),
+                  ("quant_state_sharded",), ("blocksize",), ("absmax_offset",))
+
     def op_plan(self, x: torch.Tensor):
         """The layer's :class:`~fastpeft.ops._registry.Plan` for an x of this dtype, made with x (or None: x
         in another dtype than the weight's, which the layer casts; a bias in another dtype; a
         sharded layer). Kept while the layer holds the same tensors (:class:`HeldPlan`): a
         decode step calls hundreds of layers, and the op's checks of the weight cost about 8 us a
         call on a 64x64 layer (AMD EPYC Zen 4, one thread), more than its kernel."""
-        tensors = self.op_tensors()
         held = self.__dict__.get("_held_plan")
-        if held is not None and held.holds(tensors):
-            return held.plan
-        if x.dtype is not self.weight_dtype:
-            return None
+        if held is None or not held.holds(self):
+            held = self._new_held_plan(x)
+        return None if held is None else held.plan
+
+    def _new_held_plan(self, x: torch.Tensor) -> HeldPlan | None:
+        """A new op plan made with x, held by the layer (None, holding none, where no plan applies)."""
         self.__dict__.pop("_held_plan", None)
+        tensors = self.op_tensors()
         bias = tensors[5]
-        if (bias is not None and bias.dtype is not x.dtype or x.shape[-1] != self.in_features
-                or any(is_dtensor(t) for t in tensors)):
+        if (x.dtype is not self.weight_dtype or bias is not None and bias.dtype is not x.dtype
+                or x.shape[-1] != self.in_features or any(is_dtensor(t) for t in tensors)):
             return None
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        plan = nf4_linear_plan(x2, self.q, bias)
-        self.__dict__["_held_plan"] = HeldPlan(plan, tensors)
-        return plan
+        plan = nf4_linear_plan(x.reshape(-1, self.in_features).contiguous(), self.q, bias)
+        held = self.__dict__["_held_plan"] = HeldPlan(plan, self, self.PLAN_PATHS, self.in_features, self.out_features)
+        return held
 
     def drop_op_plan(self) -> None:
         """Forget the op plan (the next inference call makes a new one)."""

@@ -333,26 +333,49 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Inference on a plan (the op's checks of the weights made once, x's per call); anything a
-        # plan does not take (training with grad mode on, autocast, torch.compile, DoRA, a 4-bit
-        # base, casts, dropout, an x to make contiguous or one needing a gradient) takes the full path.
-        if type(x) is torch.Tensor and not (self.training and torch.is_grad_enabled() or torch.compiler.is_compiling()
-                                            or torch._C._is_any_autocast_enabled()):
-            plan = self.op_plan(x)
-            if plan is not None and (x.dim() == 2 or x.shape[-1] == self.in_features):
-                x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-                if plan.fits(x2):
-                    y = plan.run(x2)[0]
-                    return y if x2 is x else y.reshape(*x.shape[:-1], self.out_features)
+        # Inference on the held op plan: the op's checks of the weights made once; each call checks
+        # that the layer still holds what the plan was made from, and x (HeldPlan.call, one frame).
+        held = self.__dict__.get("_held_plan")
+        if held is not None:
+            y = held.call(self, x)
+            if y is not None:
+                return y
+        # No plan yet, a stale one, or a call no plan takes (training with grad mode on, autocast,
+        # torch.compile, DoRA, a 4-bit base, casts, dropout, an x to make contiguous or one needing
+        # a gradient): a new plan where one applies, else the full path.
+        if (type(x) is torch.Tensor and (held is None or not held.holds(self)) and not (
+                self.training and torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch._C._is_any_autocast_enabled())):
+            held = self._new_held_plan(x)
+            y = None if held is None else held.call(self, x)
+            if y is not None:
+                return y
         return self.forward_unplanned(x)
+
+    @staticmethod
+    def plan_paths(name: str) -> tuple[tuple, ...]:
+        """What the op plan over adapter `name` is made from, read again at every planned call
+        (:class:`HeldPlan`): the tensors, and every value that decides whether the layer computes
+        ``lora_linear`` over them."""
+        return (("base_layer", "weight"), ("base_layer", "bias"), ("lora_A", name, "weight"), ("lora_B", name, "weight"),
+                ("lora_magnitude_vector", name), ("active_adapter",), ("scaling", name), ("lora_dropout", name),
+                ("training",), ("disabled",), ("merged_adapters",), ("quantized",), ("fan_in_fan_out",))
 
     def op_plan(self, x: torch.Tensor):
         """The :class:`~fastpeft.ops._registry.Plan` of ``lora_linear_fwd`` over the active adapter's tensors,
         made with x (or None where the layer computes otherwise: disabled, merged, DoRA, a 4-bit or
         ``fan_in_fan_out`` base, tensors of another dtype than x to cast, dropout in training).
-        Kept while the layer holds the same tensors, adapter name and scaling (:class:`HeldPlan`):
+        Kept while the layer holds the same tensors, adapter, scaling and flags (:class:`HeldPlan`):
         a decode step calls hundreds of layers, and the op's checks of the weights cost about
         8 us a call on a 64x64 layer (AMD EPYC Zen 4, one thread), more than its kernels."""
+        held = self.__dict__.get("_held_plan")
+        if held is None or not held.holds(self):
+            held = self._new_held_plan(x)
+        return None if held is None else held.plan
+
+    def _new_held_plan(self, x: torch.Tensor) -> HeldPlan | None:
+        """A new op plan made with x, held by the layer (None, holding none, where no plan applies)."""
+        self.__dict__.pop("_held_plan", None)
         name = self.active_adapter
         if self.disabled or self.merged_adapters or self.quantized or self.fan_in_fan_out:
             return None
@@ -363,14 +386,8 @@ class LoRALinear(nn.Module):
             return None
         base_layer = modules["base_layer"]
         base = base_layer._parameters
-        tensors = (base.get("weight"), base["bias"] if "bias" in base else getattr(base_layer, "bias", None),
-                   a_layer._parameters.get("weight"), b_layer._parameters.get("weight"))
-        values = (name, self.scaling[name])
-        held = self.__dict__.get("_held_plan")
-        if held is not None and held.holds(tensors, values):
-            return held.plan
-        self.__dict__.pop("_held_plan", None)
-        weight, bias, lora_a, lora_b = tensors
+        weight, bias = base.get("weight"), base["bias"] if "bias" in base else getattr(base_layer, "bias", None)
+        lora_a, lora_b = a_layer._parameters.get("weight"), b_layer._parameters.get("weight")
         if weight is None or lora_a is None or lora_b is None:
             return None  # a base whose weight is not a parameter (a parametrised one): as it computes
         dtype = weight.dtype
@@ -378,9 +395,10 @@ class LoRALinear(nn.Module):
                 or bias is not None and bias.dtype is not dtype or x.shape[-1] != self.in_features):
             return None
         plan = lora_linear_fwd.plan(x.reshape(-1, self.in_features).contiguous(), weight, bias, lora_a, lora_b,
-                                    float(values[1]), None)
-        self.__dict__["_held_plan"] = HeldPlan(plan, tensors, values)
-        return plan
+                                    float(self.scaling[name]), None)
+        held = self.__dict__["_held_plan"] = HeldPlan(plan, self, self.plan_paths(name), self.in_features,
+                                                      self.out_features, output=0)
+        return held
 
     def drop_op_plan(self) -> None:
         """Forget the op plan (the next inference call makes a new one)."""

@@ -2,31 +2,70 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 
 
 class HeldPlan:
-    """A :class:`~fastpeft.ops._registry.Plan` and its key: the tensors it holds (by identity and version
-    counter, never by address: freed memory is reused) and any other value the layer made it
-    from (an adapter's name, its scaling). A layer computes its key's parts from what it holds
-    now at every call and runs the plan only when they are the same (:attr:`holds`); otherwise it
-    makes a new one (or takes its full path). So a weight replaced (``load_state_dict(assign=True)``,
-    a merge into a 4-bit base, FSDP putting a shard in place), converted (``.to()``, ``resize_``,
-    ``set_``: these bump the version), another adapter made active or a scaling changed can never
-    run against a stale plan; new values written into the same tensors (an optimiser step,
-    ``copy_``) are read by the plan itself at each call. Layers also drop their plan where they see
-    a change (``_apply``, state-dict loads). A write through ``tensor.data`` is invisible to the key,
-    as to autograd; the faces' own checks refuse what it would make inconsistent."""
+    """A :class:`~fastpeft.ops._registry.Plan` a layer made over what it holds, and the test that it
+    still holds it.
 
-    __slots__ = ("plan", "holds")
+    The layer names what the plan was made from as paths of keys from itself: ``("base_layer",
+    "weight")`` is its base layer's weight parameter, ``("scaling", name)`` an entry of its scaling
+    dict, ``("active_adapter",)`` an attribute. :meth:`holds` reads every path again, as the layer
+    holds it now, and compares: tensors by identity and version counter (never by address: freed
+    memory is reused), modules by identity, anything else by equality with its value when the
+    plan was made. So a weight replaced (``load_state_dict(assign=True)``, a merge into a 4-bit
+    base, FSDP or accelerate putting another tensor in the module's dict), converted (``.to()``,
+    ``resize_``, ``set_``: these bump the version), another adapter made active or a scaling
+    changed can never run against a stale plan. New values written into the same tensors in
+    place bump the version too, and the layer makes a new plan. A write through ``tensor.data`` is
+    invisible to the test, as to autograd; the faces' own checks refuse what it would make
+    inconsistent. Layers also drop their plan where they see a change (``_apply``, state-dict
+    loads).
 
-    def __init__(self, plan, tensors: Sequence[torch.Tensor | None], values: tuple = ()):
+    :meth:`call` is the layer's whole inference call on the plan, in one frame: the test, the
+    plan's own test of x (:meth:`Plan.runner`), the reshape of a ``[..., in_features]`` x.
+    """
+
+    __slots__ = ("plan", "holds", "call")
+
+    def __init__(self, plan, layer: nn.Module, paths: Sequence[tuple], in_features: int, out_features: int,
+                 output: int | None = None):
+        """paths: what the plan was made from, read from `layer` (see the class). output: the index
+        of the layer's output among the op's outputs (None: the op has one)."""
         self.plan = plan
-        # holds(tensors, values) -> bool: whether the plan was made with these very tensors
-        # (unchanged since) and values; the layer passes its tensors in the same order every call.
-        self.holds = _key_check(tuple(tensors), values)
+        terms, names = _guard_terms(layer, paths)
+        names.update(Tensor=torch.Tensor, compiling=torch.compiler.is_compiling,
+                     autocast=torch._C._is_any_autocast_enabled, run_if_fits=plan.runner())
+        y = "out" if output is None else f"out[{output}]"
+        # Written out for these paths: 0.6 us a call for a LoRA layer's eleven reads, where building
+        # a tuple of them and comparing it cost 1.2-2.3 us (AMD EPYC Zen 4, one thread).
+        source = f"""
+def holds(layer):
+    return {" and ".join(terms)}
+
+def call(layer, x):
+    if compiling() or type(x) is not Tensor or autocast() or not ({" and ".join(terms)}):
+        return None
+    if x.dim() == 2:
+        out = run_if_fits(x)
+        return None if out is None else {y}
+    if x.dim() and x.shape[-1] == {in_features}:
+        out = run_if_fits(x.reshape(-1, {in_features}))
+        if out is not None:
+            return {y}.reshape(*x.shape[:-1], {out_features})
+    return None
+"""
+        exec(source, names)
+        # holds(layer) -> bool: whether the layer holds what the plan was made from.
+        # call(layer, x) -> the layer's output, or None where the plan does not take the call
+        # (torch.compile, autocast, a subclass of Tensor, an x the plan's op would not take as it
+        # is, a layer that no longer holds what the plan was made from): the layer's own path then.
+        self.holds, self.call = names["holds"], names["call"]
 
     def __reduce__(self):
         # A copy or a pickle of the layer holds no plan (it would hold the op itself, and the copy
@@ -34,21 +73,52 @@ class HeldPlan:
         return _no_plan, ()
 
 
-def _key_check(tensors: tuple, values: tuple):
-    """``holds(now, now_values)``, written out for these tensors: ``now[i] is t_i and
-    t_i._version == v_i`` for each (``now[i] is None`` where the layer held None), and the values
-    equal. Written out, it costs 0.3 us a call for four tensors; map() over them cost 0.6 and a
-    loop 1.4 (AMD EPYC Zen 4, under load)."""
-    names: dict = {"held_values": values}
-    terms = ["now_values == held_values"]
-    for i, t in enumerate(tensors):
-        if t is None:
-            terms.append(f"now[{i}] is None")
-        else:
-            names[f"t{i}"] = t
-            terms.append(f"now[{i}] is t{i} and t{i}._version == {int(t._version)}")
-    exec(f"def holds(now, now_values=()):\n    return {' and '.join(terms)}\n", names)
-    return names["holds"]
+def _guard_terms(layer: nn.Module, paths: Sequence[tuple]) -> tuple[list[str], dict]:
+    """The conditions, as Python source over ``layer``, that each path reads what it reads now, and
+    the objects they compare with (by name)."""
+    terms: list[str] = []
+    names: dict = {}
+    known: dict[tuple, str] = {(): "layer"}  # path prefix -> the source that gives its object
+    values: dict[tuple, object] = {(): layer}
+    for path in paths:
+        for depth in range(1, len(path) + 1):
+            prefix = path[:depth]
+            if prefix in known:
+                continue
+            parent, key = values[prefix[:-1]], prefix[-1]
+            read, value = _read(known[prefix[:-1]], parent, key)
+            name = f"v{len(names)}"
+            if isinstance(value, torch.Tensor):
+                names[name] = value
+                terms.append(f"{read} is {name} and {name}._version == {int(value._version)}")
+            elif value is None or isinstance(value, (nn.Module, dict)):  # a dict: its entries are read below
+                names[name] = value
+                terms.append(f"{read} is {name}")
+            else:
+                names[name] = copy.copy(value)  # a list changed in place is seen
+                terms.append(f"{read} == {name}")
+            # below a checked object, read it from its name: the object it must be
+            known[prefix], values[prefix] = name, value
+    return terms, names
+
+
+def _read(source: str, parent, key) -> tuple[str, object]:
+    """(source reading `key` from `parent` given by `source`, as the parent holds it now; its value now)."""
+    if isinstance(parent, nn.Module):
+        for table in ("_parameters", "_buffers", "_modules"):
+            entries = parent.__dict__[table]
+            if key in entries:
+                return f"{source}.{table}.get({key!r})", entries[key]
+        if key in parent.__dict__:
+            return f"{source}.{key}", parent.__dict__[key]
+        if not hasattr(type(parent), key):  # held nowhere: it must stay so (getattr's AttributeError costs 1 us)
+            absent = " and ".join(f"{key!r} not in {source}.{table}" for table in (
+                "_parameters", "_buffers", "_modules", "__dict__"))
+            return f"(None if {absent} else False)", None
+        return f"{source}.{key}", getattr(parent, key)  # a class's attribute or a property
+    if isinstance(parent, dict):
+        return f"{source}.get({key!r})", parent.get(key)
+    raise TypeError(f"a plan's path reads modules and dicts, not {type(parent).__name__}")
 
 
 def _no_plan() -> None:
