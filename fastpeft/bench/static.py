@@ -25,8 +25,14 @@ then ``cuobjdump``) when nvcc is found, their launch geometry mirrored from the 
 (:data:`CUDA_PLANS`), and modelled the same way; their in-flight bytes count the loads marked
 L1::no_allocate (the streamed weight) when the kernel marks any, as the rest hits the cache.
 
-``check`` fails on a spill, a launch over an architecture's shared memory per block, or an NF4/LoRA
-GEMV (M ≤ 16) with less than 20 KB in flight per SM; known failures name their issue.
+Each launch's grid is also given in waves of the architecture's SMs (programs / SMs: below 1, SMs
+sit idle for the whole launch; the launchers plan their grids for the SM count the model assumes,
+``fastpeft.kernels.aot.SM_COUNT``), and the tensor-core time counts only the SMs the grid uses.
+
+``check`` fails on a spill, a launch over an architecture's shared memory per block, an NF4/LoRA
+GEMV (M ≤ 16) with less than 20 KB in flight per SM, or a Triton launch below one wave for which
+the launcher noted no reason (``note_short_grid``: e.g. the whole problem is fewer tiles than SMs);
+known failures name their issue.
 """
 
 from __future__ import annotations
@@ -51,20 +57,24 @@ from .case import Case
 # bandwidth: effective HBM bytes/s (issue 15: 4.3 TB/s of the H200's 4.8); flops: dense bf16/fp16
 # tensor-core peak; clock: boost, for instruction issue (4 warp-instructions per SM per cycle).
 MACHINES = {
-    90: dict(gpu="H200", sms=132, bandwidth=4.3e12, flops=790e12, clock=1.98e9, smem_per_sm=233472, max_warps=64,
+    90: dict(gpu="H200", sms=aot.SM_COUNT[90], bandwidth=4.3e12, flops=790e12, clock=1.98e9, smem_per_sm=233472, max_warps=64,
              max_ctas=32),
-    80: dict(gpu="A100-80GB", sms=108, bandwidth=1.8e12, flops=312e12, clock=1.41e9, smem_per_sm=167936,
+    80: dict(gpu="A100-80GB", sms=aot.SM_COUNT[80], bandwidth=1.8e12, flops=312e12, clock=1.41e9, smem_per_sm=167936,
              max_warps=64, max_ctas=32),
-    86: dict(gpu="RTX 3090/A10", sms=82, bandwidth=0.85e12, flops=71e12, clock=1.7e9, smem_per_sm=102400,
+    86: dict(gpu="RTX 3090/A10", sms=aot.SM_COUNT[86], bandwidth=0.85e12, flops=71e12, clock=1.7e9, smem_per_sm=102400,
              max_warps=48, max_ctas=16),
-    89: dict(gpu="RTX 4090/L40S", sms=128, bandwidth=0.9e12, flops=165e12, clock=2.5e9, smem_per_sm=102400,
+    89: dict(gpu="RTX 4090/L40S", sms=aot.SM_COUNT[89], bandwidth=0.9e12, flops=165e12, clock=2.5e9, smem_per_sm=102400,
              max_warps=48, max_ctas=24),
 }
 DRAM_LATENCY_S = 620e-9
 MIN_IN_FLIGHT = 20 * 1024      # bytes per SM an NF4/LoRA GEMV must keep in flight (issue 15)
 GEMV_M = 16
 # Known failures of the checks, by (op, kernel, what failed): the issue that tracks each.
-KNOWN = {}
+KNOWN = {
+    ("multi_lora", "_sgmv_shrink_kernel", "below one wave"): "issue 15 item 8 (SGMV grids: kernels/bgmv.py)",
+    ("multi_lora", "_sgmv_expand_kernel", "below one wave"): "issue 15 item 8 (SGMV grids: kernels/bgmv.py)",
+    ("phm_linear", "_phm_grad_factor_kernel", "below one wave"): "issue 15 item 8 (PHM factor gradients)",
+}
 
 
 def _tool(name: str) -> str:
@@ -325,8 +335,8 @@ def trips_and_flops(launch: aot.Launch) -> tuple[int | None, float]:
                 2.0 * a["BLOCK_M"] * split * _cdiv(a["N_OUT"], a["BLOCK_N"]) * a["BLOCK_N"] * split * a["K_PART"])
     if name == "_fused_matmul_kernel":
         return _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["M"] * a["N"] * (a["K"] + a["R"])
-    if name == "_shrink_kernel":
-        return _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["M"] * a["R"] * a["K"]
+    if name == "_shrink_kernel":  # each program reduces one part of K
+        return _cdiv(min(a["K_PART"], a["K"]), a["BLOCK_K"]), 2.0 * a["M"] * a["R"] * a["K"]
     if name == "_adapter_block_fwd_kernel":
         return _cdiv(a["R"], a["BLOCK_R"]) * _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["M"] * a["R"] * (a["K"] + a["N"])
     if name == "_adapter_block_bwd_kernel":
@@ -379,9 +389,20 @@ class Row:
     ideal_us: float
     gemv: bool
     problems: list
+    sm_waves: float = 0.0      # programs / SMs: below 1, SMs sit idle for the whole launch
+    short_grid_reason: str | None = None   # the launcher's, for a grid below one wave
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def grid_problem(grid: int, arch: int, reason: str | None) -> str | None:
+    """The check's complaint about a Triton grid of `grid` programs on sm_`arch`: fewer programs than
+    SMs (SMs idle for the whole launch) with no reason noted by the launcher; None when it passes."""
+    sms = MACHINES[arch]["sms"]
+    if grid >= sms or reason:
+        return None
+    return f"grid of {grid} programs below one wave of {sms} SMs, and the launcher noted no reason"
 
 
 def compile_and_read(spec: aot.Spec, arch: int) -> tuple[int, Sass, dict]:
@@ -411,7 +432,7 @@ def analyse(op: str, case: Case, arch: int, launch: aot.Launch, compiled: dict) 
     bandwidth = min(m["bandwidth"], in_flight * sms_used / DRAM_LATENCY_S) if in_flight else m["bandwidth"] / 8
     t_mem = nbytes / bandwidth
     t_issue = (sass.instructions * warps * trips * grid / (sms_used * 4 * m["clock"])) if trips else 0.0
-    t_mma = flops / m["flops"]
+    t_mma = flops / (m["flops"] * sms_used / m["sms"])   # a short grid leaves tensor cores idle too
     waves = grid / (ctas * m["sms"]) if ctas else float("inf")
     est = max(t_mem, t_issue, t_mma) * max(1.0, math.ceil(waves) / waves if waves >= 1 else 1.0)
     ideal = max(nbytes / m["bandwidth"], useful_flops(launch) / m["flops"])
@@ -426,10 +447,13 @@ def analyse(op: str, case: Case, arch: int, launch: aot.Launch, compiled: dict) 
         problems.append(f"shared memory {shared} B > {aot.SMEM_PER_BLOCK_OPTIN[arch]} B per block")
     if gemv and in_flight < MIN_IN_FLIGHT and arch in (80, 90):
         problems.append(f"GEMV with {in_flight / 1024:.1f} KB in flight per SM < {MIN_IN_FLIGHT // 1024} KB")
+    short = grid_problem(grid, arch, launch.short_grid_reason)
+    if short:
+        problems.append(short)
     return Row(op, f"{case.label} {case.mode} {case.shape} {case.dtype}", arch, launch.name, config, grid,
                usage.get("REG", 0), usage.get("LOCAL", 0), shared, aot.SMEM_PER_BLOCK_OPTIN[arch], ctas, limiter,
                round(waves, 2), sass.instructions, loop_bytes, in_flight, round(instr_per_byte, 3),
-               est * 1e6, ideal * 1e6, gemv, problems)
+               est * 1e6, ideal * 1e6, gemv, problems, round(grid / m["sms"], 2), launch.short_grid_reason)
 
 
 # ---------------------------------------------------------------- the C++ CUDA faces
@@ -568,7 +592,8 @@ def analyse_cuda(op: str, case: Case, arch: int, launch: CudaLaunch, compiled: d
     return Row(op, f"{case.label} {case.mode} {case.shape} {case.dtype}", arch, "cuda " + launch.label,
                f"{launch.threads} threads", launch.grid, usage.get("REG", 0), usage.get("LOCAL", 0), shared,
                aot.SMEM_PER_BLOCK_OPTIN[arch], ctas, limiter, round(waves, 2), sass.instructions, loop_bytes,
-               in_flight, round(instr_per_byte, 3), est * 1e6, ideal * 1e6, gemv, problems)
+               in_flight, round(instr_per_byte, 3), est * 1e6, ideal * 1e6, gemv, problems,
+               round(launch.grid / m["sms"], 2))
 
 
 def cuda_launches(ops=None, quick: bool = False) -> list[tuple[str, Case, CudaLaunch]]:
@@ -607,11 +632,14 @@ def known_issue(row: Row, problem: str) -> str | None:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("| op | case | sm | kernel | tile (BLOCK_*, warps, stages) | grid | regs | spill B | smem KB | CTAs/SM "
-            "(limit) | loop instr | loop B/CTA | in flight KB/SM | instr/B | **estimate µs** | ideal µs |")
+    head = ("| op | case | sm | kernel | tile (BLOCK_*, warps, stages) | grid (waves of SMs) | regs | spill B | "
+            "smem KB | CTAs/SM (limit) | loop instr | loop B/CTA | in flight KB/SM | instr/B | **estimate µs** | "
+            "ideal µs |")
     lines = [head, "|" + "---|" * 16]
     for r in rows:
-        lines.append(f"| {r.op} | {r.case} | {r.arch} | {r.kernel.strip('_')} | {r.config} | {r.grid} | {r.regs} | "
+        short = "†" if r.short_grid_reason else ""
+        lines.append(f"| {r.op} | {r.case} | {r.arch} | {r.kernel.strip('_')} | {r.config} | "
+                     f"{r.grid} ({r.sm_waves:.2f}){short} | {r.regs} | "
                      f"{r.spill} | {r.shared / 1024:.0f} | {r.ctas_per_sm} ({r.limited_by}) | {r.loop_instr} | "
                      f"{r.loop_bytes_cta} | {r.in_flight_sm / 1024:.1f} | {r.instr_per_byte:.2f} | "
                      f"**{r.est_us:.1f}** | {r.ideal_us:.1f} |")
@@ -670,11 +698,14 @@ def report(rows: list[Row]) -> str:
             f"bytes in flight, main-loop issue, MMA FLOPs / peak); ideal = max(unique bytes / "
             f"{MACHINES[archs[0]]['bandwidth'] / 1e12:.1f} TB/s, FLOPs / {MACHINES[archs[0]]['flops'] / 1e12:.0f} "
             f"TFLOP/s) on sm_{archs[0]}.")
-    out = [head, "", format_table(rows), "", estimates_table(rows), ""]
+    reasons = list(dict.fromkeys(f"sm_{r.arch} {r.kernel.strip('_')} [{r.case}]: {r.short_grid_reason}"
+                                 for r in rows if r.short_grid_reason))
+    out = [head, "", format_table(rows), ""] + [f"† below one wave: {line}" for line in reasons] + \
+        ["", estimates_table(rows), ""]
     out += [f"FAILED {f}" for f in failures] + [f"known failure: {k}" for k in known]
     out.append(f"static checks: {len(failures)} failures, {len(known)} known failures "
                f"(spills, shared memory over a block's limit, NF4/LoRA GEMV under {MIN_IN_FLIGHT // 1024} KB in flight "
-               f"per SM)")
+               f"per SM, a Triton grid below one wave of SMs with no reason)")
     return "\n".join(out)
 
 

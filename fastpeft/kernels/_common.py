@@ -73,6 +73,59 @@ def smem_limit(device: torch.device) -> int:
     return limit
 
 
+# ---------------------------------------------------------------- streaming multiprocessors
+
+# SMs by compute capability, for launches planned without the device (the static model, CI's
+# compile list): H100/H200, A100, RTX 3090 class, RTX 4090/L40S class. A GPU reports its own.
+SM_COUNT = {80: 108, 86: 82, 89: 128, 90: 132}
+_sm_counts: dict[int, int] = {}         # device index -> its SMs, queried once
+_sm_override: list[int | None] = [None]
+_short_grid_note: list[str | None] = [None]
+
+
+def set_sm_count_override(count: int | None) -> None:
+    """Plan grids for `count` SMs instead of the device's (see set_smem_limit_override); None restores."""
+    _sm_override[0] = count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (multi_processor_count, cached per device index); a
+    launch whose grid has fewer programs than this leaves SMs idle for its whole run. Non-CUDA
+    tensors (the interpreter) plan for sm_90's 132."""
+    if _sm_override[0] is not None:
+        return _sm_override[0]
+    if device.type != "cuda":
+        return SM_COUNT[90]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _sm_counts.get(index)
+    if count is None:
+        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+def wave_split(programs: int, blocks: int, sms: int) -> int:
+    """Parts to split a reduction of `blocks` blocks into so that `programs`·parts reaches `sms`
+    (one program per SM at least): the fewest that do, at most one part per block; 1 when the grid
+    already fills a wave."""
+    if programs >= sms or blocks <= 1:
+        return 1
+    per_part = max(1, blocks // triton.cdiv(sms, programs))
+    return triton.cdiv(blocks, per_part)
+
+
+def note_short_grid(reason: str) -> None:
+    """Why the next launch's grid has fewer programs than the device has SMs (a launch below one
+    wave). The static model (fastpeft.kernels.aot.record_launches) attaches it to that launch and
+    fails a short grid without one; on a GPU it is never read."""
+    _short_grid_note[0] = reason
+
+
+def take_short_grid_note() -> str | None:
+    """The reason noted for the launch being made, cleared for the next one."""
+    reason, _short_grid_note[0] = _short_grid_note[0], None
+    return reason
+
+
 def fitting(tiles, limit: int):
     """The first of `tiles` (each ending in its shared memory in bytes, as compiled) within `limit`."""
     for tile in tiles:

@@ -23,8 +23,8 @@ dA and dB are).
 
 The activation is a runtime argument (an index into ``fastpeft.activations.ADAPTER_ACTIVATIONS``),
 not a constexpr: one uniform branch per tile costs nothing next to the GEMMs, and it keeps the
-compiled configurations (``aot_configs``, compiled by CI for sm_80 and sm_90) to 24, as do the
-runtime bias flags. gelu is the exact (erf) form or the tanh approximation, as asked.
+compiled configurations (``aot_configs``, compiled by CI for sm_80 and sm_90) to 54, as do the
+runtime bias flags (the rows per program are halved on a short grid: ``_launch_params``). gelu is the exact (erf) form or the tanh approximation, as asked.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch.library import wrap_triton
 
 from ..activations import ADAPTER_ACTIVATIONS
 from ..backends import triton_interpreting
-from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision
+from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision, note_short_grid, sm_count
 
 ACTIVATIONS = ADAPTER_ACTIVATIONS
 
@@ -227,16 +227,38 @@ def _block_r(R: int) -> int:
     return next((b for b in BLOCK_R_CHOICES if R <= b), BLOCK_R_CHOICES[-1])
 
 
-def _launch_params(kernel: str, R: int, dtype: torch.dtype) -> dict:
+# Rows per program never go below this (tl.dot's least M).
+MIN_BLOCK_M = 16
+
+
+def _block_m_choices(block_m: int) -> tuple[int, ...]:
+    """A table entry's BLOCK_M and its halvings down to MIN_BLOCK_M: the rows a launch may take."""
+    return tuple(block_m >> i for i in range(block_m.bit_length()) if block_m >> i >= MIN_BLOCK_M)
+
+
+def _launch_params(kernel: str, M: int, R: int, dtype: torch.dtype, device: torch.device) -> tuple[dict, str | None]:
+    """(the launch's constexprs and options, why its grid is below one wave or None). One program
+    per BLOCK_M rows: the table's BLOCK_M, halved (down to MIN_BLOCK_M) until the grid gives every SM
+    of `device` a program; 4096 rows: 16 on 132 SMs (256 programs), 32 on 108 (128). Halving further
+    only adds issue work: the static model (fastpeft bench --static) estimates 4096 rows, R = 64, on
+    sm_80 at 112 µs with 32 rows per program and 242 µs with 16 (estimates, not measurements). Each
+    program reads both weights whole (from L2): fewer rows per program cost L2 traffic, not DRAM."""
     if triton_interpreting():
         block_m, block_k, block_n, block_r = _INTERPRET_TILES
         warps, stages = 4, 1
     else:
         block_r = _block_r(R)
         block_m, block_k, block_n, warps, stages = _TILES[(kernel, dtype == torch.float32, block_r)]
+    sms = sm_count(device)
+    for block_m in _block_m_choices(block_m):
+        if triton.cdiv(M, block_m) >= sms:
+            break
+    programs = triton.cdiv(M, block_m)
+    reason = None if programs >= sms else (
+        f"{M} rows are {programs} row tiles of {block_m} (the fewest rows a program takes), fewer than the {sms} SMs")
     return dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r,
                 INPUT_PRECISION=input_precision(dtype), BF16_VIA_FP32=bf16_via_fp32(dtype),
-                num_warps=warps, num_stages=stages)
+                num_warps=warps, num_stages=stages), reason
 
 
 def _partial_sums_dtype(R: int, params: dict, dtype: torch.dtype) -> torch.dtype:
@@ -254,10 +276,12 @@ def adapter_block_fwd(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_
     """Triton face of ``fastpeft::adapter_block_fwd`` (shapes and dtypes: fastpeft/ops/adapter_block.py)."""
     M, K = x.shape
     R, N = w_down.shape[0], w_up.shape[0]
-    params = _launch_params("fwd", R, x.dtype)
+    params, reason = _launch_params("fwd", M, R, x.dtype, x.device)
     y = torch.empty((M, N), device=x.device, dtype=_partial_sums_dtype(R, params, x.dtype))
     if y.numel() == 0:
         return y.to(x.dtype)  # an empty grid is not a valid launch
+    if reason:
+        note_short_grid(reason)
     # Absent biases get a valid pointer of the right dtype, never dereferenced (the flag masks the load).
     wrap_triton(_adapter_block_fwd_kernel)[(triton.cdiv(M, params["BLOCK_M"]),)](
         x, h, w_down, w_down if b_down is None else b_down, w_up, w_up if b_up is None else b_up, y,
@@ -275,11 +299,13 @@ def adapter_block_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_down: torch.Tenso
     """Triton face of ``fastpeft::adapter_block_bwd``."""
     M, K = x.shape
     R, N = w_down.shape[0], w_up.shape[0]
-    params = _launch_params("bwd", R, x.dtype)
+    params, reason = _launch_params("bwd", M, R, x.dtype, x.device)
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format, dtype=_partial_sums_dtype(R, params, x.dtype))
     a = x.new_empty((M, R))
     dz = x.new_empty((M, R))
     if M:  # with no rows every output is empty or (the weight gradients below) zero
+        if reason:
+            note_short_grid(reason)
         wrap_triton(_adapter_block_bwd_kernel)[(triton.cdiv(M, params["BLOCK_M"]),)](
             grad_y, x, w_down, w_down if b_down is None else b_down, w_up, grad_x, dz, a,
             M, K, N, R, scaling, ACTIVATIONS.index(activation), int(b_down is not None),
@@ -294,16 +320,17 @@ def adapter_block_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_down: torch.Tenso
 
 # ---------------------------------------------------------------- ahead-of-time compile list
 
-def _aot_launch(kernel: str, dtype: torch.dtype, precision: str, block_r: int) -> tuple[dict, dict]:
-    """(constexprs, options) of one table entry, as ``_launch_params`` gives them on a GPU."""
+def _aot_launches(kernel: str, dtype: torch.dtype, precision: str, block_r: int):
+    """(constexprs, options) of one table entry at each BLOCK_M ``_launch_params`` may give it on a GPU."""
     block_m, block_k, block_n, warps, stages = _TILES[(kernel, dtype == torch.float32, block_r)]
-    return (dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r, INPUT_PRECISION=precision,
-                 BF16_VIA_FP32=False), dict(num_warps=warps, num_stages=stages))
+    for bm in _block_m_choices(block_m):
+        yield (dict(BLOCK_M=bm, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r, INPUT_PRECISION=precision,
+                    BF16_VIA_FP32=False), dict(num_warps=warps, num_stages=stages))
 
 
 def aot_configs():
     """Yield (kernel, signature, constexprs, options) for every launch configuration above:
-    2 kernels × 3 BLOCK_R × 4 dtype/precision pairs = 24."""
+    2 kernels × 3 BLOCK_R × 4 dtype/precision pairs × each entry's BLOCK_M halvings = 54."""
     scalars = {"M": "i32", "K": "i32", "N": "i32", "R": "i32", "scaling": "fp32", "ACT": "i32", "HAS_BD": "i32"}
     for tname, dtype in TRITON_DTYPES.items():
         ptr = f"*{tname}"
@@ -312,10 +339,12 @@ def aot_configs():
                 fwd = {**{p: ptr for p in ("x_ptr", "h_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "y_ptr")},
                        **scalars, "HAS_BU": "i32",
                        **{f"stride_{s}": "i32" for s in ("xm", "xk", "hm", "hn", "dr", "dk", "un", "ur", "ym", "yn")}}
-                yield _adapter_block_fwd_kernel, fwd, *_aot_launch("fwd", dtype, precision, block_r)
+                for launch in _aot_launches("fwd", dtype, precision, block_r):
+                    yield _adapter_block_fwd_kernel, fwd, *launch
                 bwd = {**{p: ptr for p in ("dy_ptr", "x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "dx_ptr", "dz_ptr",
                                            "a_ptr")},
                        **scalars,
                        **{f"stride_{s}": "i32" for s in ("gm", "gn", "xm", "xk", "dr", "dk", "un", "ur", "dxm", "dxk",
                                                          "zm", "zr")}}
-                yield _adapter_block_bwd_kernel, bwd, *_aot_launch("bwd", dtype, precision, block_r)
+                for launch in _aot_launches("bwd", dtype, precision, block_r):
+                    yield _adapter_block_bwd_kernel, bwd, *launch

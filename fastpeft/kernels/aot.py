@@ -21,7 +21,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from ._common import SMEM_PER_BLOCK_OPTIN, set_smem_limit_override
+from ._common import (SM_COUNT, SMEM_PER_BLOCK_OPTIN, set_sm_count_override, set_smem_limit_override,
+                      take_short_grid_note)
 
 
 
@@ -33,6 +34,7 @@ class Launch:
     grid: tuple
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    short_grid_reason: str | None = None   # why the grid is below one wave, as the launcher noted it
 
     @property
     def name(self) -> str:
@@ -77,9 +79,11 @@ def record_launches() -> Iterator[list[Launch]]:
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append(Launch(self.kernel, tuple(grid) if not callable(grid) else grid, args, kwargs))
+                launches.append(Launch(self.kernel, tuple(grid) if not callable(grid) else grid, args, kwargs,
+                                       take_short_grid_note()))
             return launch
 
+    take_short_grid_note()  # a note left by a launch made outside the recording is not this one's
     patched = [(m, m.wrap_triton) for m in _kernel_modules() if hasattr(m, "wrap_triton")]
     for module, _ in patched:
         module.wrap_triton = Recorder
@@ -92,13 +96,15 @@ def record_launches() -> Iterator[list[Launch]]:
 
 @contextlib.contextmanager
 def target_arch(arch: int) -> Iterator[None]:
-    """Launchers inside choose their tiles for sm_`arch`'s shared memory per block, whatever device
-    their tensors are on."""
+    """Launchers inside choose their tiles for sm_`arch`'s shared memory per block and their grids
+    for its SM count, whatever device their tensors are on."""
     set_smem_limit_override(SMEM_PER_BLOCK_OPTIN[arch])
+    set_sm_count_override(SM_COUNT.get(arch))
     try:
         yield
     finally:
         set_smem_limit_override(None)
+        set_sm_count_override(None)
 
 
 def _backend(arch: int):

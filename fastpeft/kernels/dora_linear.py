@@ -27,8 +27,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision
-from .lora_linear import GROUP_M, MATMUL_TILES, add_lora_delta, fused_matmul, lora_linear_bwd, matmul_tile, shrink
+from ._common import (BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, note_short_grid,
+                      sm_count)
+from .lora_linear import GROUP_M, MATMUL_TILES, add_lora_delta, fused_matmul, lora_linear_bwd, matmul_plan, shrink
 
 
 @triton.jit
@@ -166,6 +167,15 @@ def _elementwise_tile() -> tuple[int, int]:
     return _ELEMENTWISE_TILES["interpret" if triton_interpreting() else "gpu"]
 
 
+def _note_elementwise_grid(M: int, N: int, device: torch.device) -> None:
+    """The epilogues' grid is one program per 32x128 tile of [M, N], each a few KB of traffic: below
+    one wave only when the whole [M, N] is (the reason the static model reports)."""
+    em, en = _elementwise_tile()
+    programs, sms = max(1, triton.cdiv(M, em)) * triton.cdiv(N, en), sm_count(device)
+    if programs < sms:
+        note_short_grid(f"the whole [{M}, {N}] output is {programs} tiles of {em}x{en}, fewer than the {sms} SMs")
+
+
 def quad_terms(weight_norm_sq: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
                ) -> torch.Tensor:
     """``‖Wᵢ‖² + scaling²·Bᵢ·(A·Aᵀ)·Bᵢᵀ``, ``[N]`` float32: the norm terms W's product with A is not in."""
@@ -189,9 +199,12 @@ def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     norm = torch.empty(N, device=x.device, dtype=torch.float32)
     if N == 0:
         return y, s, z, norm
-    block_m, block_n, block_k, warps, stages = MATMUL_TILES[matmul_tile(M, x.dtype)]
+    tile, reason = matmul_plan(M, N, x.dtype, x.device, extra_rows=R)  # A's rows are tiled after x's
+    block_m, block_n, block_k, warps, stages = MATMUL_TILES[tile]
     tiles_x = triton.cdiv(M, block_m)
     grid = ((tiles_x + triton.cdiv(R, block_m)) * triton.cdiv(N, block_n),)
+    if reason:
+        note_short_grid(reason)
     xl = x if x_lora is None else x_lora
     if xl.stride() != x.stride():  # x_lora is read with x's strides (F.dropout returns it contiguous)
         xl = xl.contiguous()
@@ -208,6 +221,7 @@ def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     )
     partial = quad_terms(weight_norm_sq, lora_a, lora_b, scaling)
     em, en = _elementwise_tile()
+    _note_elementwise_grid(M, N, x.device)
     wrap_triton(_dora_scale_kernel)[(max(1, triton.cdiv(M, em)), triton.cdiv(N, en))](
         z, y, aw, lora_b, partial, magnitude, y if bias is None else bias, y, norm,
         M, N, R, scaling,
@@ -233,6 +247,7 @@ def dora_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     tiles_m = triton.cdiv(M, em)
     colsum = torch.zeros((max(tiles_m, 1), N), device=dy.device, dtype=torch.float32)
     if dy.numel():
+        _note_elementwise_grid(M, N, dy.device)
         wrap_triton(_dora_grad_kernel)[(tiles_m, triton.cdiv(N, en))](
             dy, z, magnitude, norm, dy_g, dy_gm1, colsum, M, N, magnitude.stride(0),
             HAS_X_LORA=x_lora is not None, BLOCK_M=em, BLOCK_N=en, num_warps=4)
@@ -256,7 +271,8 @@ def aot_configs():
     for tname, dtype in TRITON_DTYPES.items():
         ptr = f"*{tname}"
         for precision in (["ieee", "tf32"] if dtype == torch.float32 else ["tf32"]):
-            for tile in (["fp32"] if dtype == torch.float32 else ["small_m", "large"]):
+            for tile in (["fp32", "fp32_narrow"] if dtype == torch.float32 else
+                         ["small_m", "small_m_narrow", "large", "large_99k", "medium"]):
                 bm, bn, bk, warps, stages = MATMUL_TILES[tile]
                 for has_x_lora in (False, True):
                     for rb in BLOCK_R_CHOICES:

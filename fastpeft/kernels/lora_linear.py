@@ -1,7 +1,8 @@
 """Triton face of ``lora_linear``: a shrink GEMM and a GEMM whose accumulator also takes the LoRA delta.
 
 Forward, for x ``[M, K]``, W ``[N, K]``, A ``[r, K]``, B ``[N, r]``:
-  1. ``s = x_lora·Aᵀ`` (``_shrink_kernel``; [M, r] is small: r ≤ 128 in practice);
+  1. ``s = x_lora·Aᵀ`` (``_shrink_kernel``; [M, r] is small: r ≤ 128 in practice, so K is split
+     across programs until the grid gives every SM one, the fp32 parts summed after: ``shrink``);
   2. ``y = x·Wᵀ + bias + (scaling·s)·Bᵀ`` (``_fused_matmul_kernel``): the main K loop accumulates x·Wᵀ
      and then the same fp32 accumulator takes ``tl.dot(scaling·s, Bᵀ)``, so y is written once and
      x and W are read once. No ``W + ΔW`` is ever formed.
@@ -13,8 +14,10 @@ Backward reuses both kernels through transposed views (no kernel is written twic
   across SMs, which a plain tiled Triton GEMM with a grid of ⌈r/BLOCK⌉ tiles cannot.
 
 Kernels take arbitrary strides, so transposed views and Conv1D-style weights cost no copy.
-Matmul tiles come from a fixed table (``_matmul_config``) rather than autotuning, so every
-configuration launched is known ahead of time (CI compiles them all) and no call pays for tuning.
+Matmul tiles come from a fixed table (``MATMUL_TILES``, chosen by ``matmul_plan``: shared memory
+first, then the first tile of its kind whose grid fills the device's SMs) rather than autotuning,
+so every configuration launched is known ahead of time (CI compiles them all) and no call pays for
+tuning.
 """
 
 from __future__ import annotations
@@ -25,38 +28,44 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, smem_limit
+from ._common import (BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, note_short_grid,
+                      sm_count, smem_limit, wave_split)
 
 
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, s_ptr,
-    M, K, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    M, K, R, K_PART,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sp, stride_sm, stride_sr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
 ):
-    """s[M, R] = x[M, K] · a[R, K]ᵀ, fp32 accumulation; grid (⌈M/BLOCK_M⌉, ⌈R/BLOCK_R⌉)."""
+    """s[p, M, R] = x[M, Kₚ] · a[R, Kₚ]ᵀ over part p = [p·K_PART, (p+1)·K_PART) of K (K_PART a
+    multiple of BLOCK_K), fp32 accumulation; grid (⌈M/BLOCK_M⌉, ⌈R/BLOCK_R⌉, parts). One part:
+    s is the product itself (stride_sp unused)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_p = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     r_mask = offs_r < R
+    k_start = pid_p * K_PART
+    k_end = tl.minimum(k_start + K_PART, K)
     # int64 offsets, advanced by pointer: transposed views have strides up to the other dimension.
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-    a_ptrs = a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k[None, :]).to(tl.int64) * stride_xk
+    a_ptrs = a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + (k_start + offs_k[:, None]).to(tl.int64) * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_mask = (k0 + offs_k) < k_end
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         a_t = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
         acc = dot(x, a_t, acc, INPUT_PRECISION, BF16_VIA_FP32)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
-    tl.store(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr,
-             acc.to(s_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+    tl.store(s_ptr + pid_p.to(tl.int64) * stride_sp + offs_m[:, None].to(tl.int64) * stride_sm
+             + offs_r[None, :] * stride_sr, acc.to(s_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -136,9 +145,12 @@ def _fused_matmul_kernel(
 # session that wrote them: see benchmarks/results/ for the first measured run).
 MATMUL_TILES = {
     "small_m": (32, 128, 64, 4, 4),    # M <= 64: decode and short prompts
+    "small_m_narrow": (16, 16, 256, 4, 4),  # M <= 64 where small_m leaves SMs idle (N < 132·128)
     "large": (128, 256, 64, 8, 3),     # 96-160 KiB of shared memory (below): sm_80, sm_90
     "large_99k": (128, 128, 64, 8, 3),  # 64-80 KiB on sm_8x: the large tile for 99 KiB parts (sm_86, sm_89)
+    "medium": (64, 64, 64, 4, 4),      # M > 64 where the large tiles leave SMs idle (M·N < 132·128·128)
     "fp32": (64, 128, 32, 4, 3),
+    "fp32_narrow": (32, 64, 32, 4, 3),
     "interpret": (32, 32, 32, 4, 1),   # the CPU interpreter: small tiles keep tests fast, ragged edges hit
 }
 _SHRINK_TILES = {"gpu": (64, 128), "interpret": (32, 32)}  # (BLOCK_M, BLOCK_K)
@@ -152,37 +164,92 @@ GROUP_M = 8
 LARGE_TILE_SMEM = {16: 98304, 32: 98304, 64: 114688}
 
 
-def matmul_tile(M: int, dtype: torch.dtype, device: torch.device | None = None, rank_block: int = 64) -> str:
-    """The tile of ``MATMUL_TILES`` for M rows of `dtype` on `device` (None: the current CUDA
-    device), within its shared memory per block; rank_block: the launch's BLOCK_R."""
+# Tiles tried in order for each kind of launch (after the shared-memory rule): the first whose grid
+# gives every SM a program (one wave at least) is taken; when none does, the last (the most programs)
+# with the reason noted. Smaller tiles re-read x and W more often (from L2), so they come last.
+_TILE_ORDER = {"fp32": ("fp32", "fp32_narrow"), "small_m": ("small_m", "small_m_narrow"),
+               "large": ("large", "large_99k", "medium"), "large_99k": ("large_99k", "medium")}
+
+
+def matmul_plan(M: int, N: int | None, dtype: torch.dtype, device: torch.device | None = None,
+                rank_block: int = 64, extra_rows: int = 0) -> tuple[str, str | None]:
+    """(tile of ``MATMUL_TILES``, why its grid is below one wave or None) for an [M, N] output of
+    `dtype` on `device` (None: the current CUDA device), within its shared memory per block and
+    filling its SMs when a tile of the kind can; rank_block: the launch's BLOCK_R; extra_rows: rows
+    tiled after M's (DoRA's A); N None: the grid is not considered."""
     if triton_interpreting():
-        return "interpret"
+        return "interpret", None
+    device = device if device is not None else torch.device("cuda")
     if dtype == torch.float32:
-        return "fp32"
-    if M <= 64:
-        return "small_m"
-    limit = smem_limit(device if device is not None else torch.device("cuda"))
-    return "large" if LARGE_TILE_SMEM[rank_block] <= limit else "large_99k"
+        kind = "fp32"
+    elif M <= 64:
+        kind = "small_m"
+    else:
+        kind = "large" if LARGE_TILE_SMEM[rank_block] <= smem_limit(device) else "large_99k"
+    order = _TILE_ORDER[kind]
+    if N is None:
+        return order[0], None
+    sms = sm_count(device)
+
+    def programs(tile):
+        bm, bn = MATMUL_TILES[tile][:2]
+        return (triton.cdiv(M, bm) + triton.cdiv(extra_rows, bm)) * triton.cdiv(N, bn)
+    for tile in order:
+        if programs(tile) >= sms:
+            return tile, None
+    bm, bn = MATMUL_TILES[order[-1]][:2]
+    return order[-1], (f"the whole output is {programs(order[-1])} tiles of {bm}x{bn} (the smallest {kind} tile), "
+                       f"fewer than the {sms} SMs")
+
+
+def matmul_tile(M: int, dtype: torch.dtype, device: torch.device | None = None, rank_block: int = 64,
+                N: int | None = None, extra_rows: int = 0) -> str:
+    """The tile :func:`matmul_plan` picks."""
+    return matmul_plan(M, N, dtype, device, rank_block, extra_rows)[0]
+
+
+def shrink_parts(M: int, K: int, R: int, block_m: int, block_k: int, sms: int) -> tuple[int, int, str | None]:
+    """(K_PART, parts, why the grid stays below `sms` programs or None) of the shrink: K split into
+    parts of whole BLOCK_K blocks, the fewest that give every SM a program (``wave_split``)."""
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r(R))
+    blocks = max(1, triton.cdiv(K, block_k))
+    parts = wave_split(tiles, blocks, sms)
+    k_part = triton.cdiv(blocks, parts) * block_k
+    parts = triton.cdiv(blocks, k_part // block_k)
+    reason = None if tiles * parts >= sms else (
+        f"the whole product is {tiles} tile(s) of {block_m}x{block_r(R)} by {blocks} K block(s) of {block_k}: "
+        f"{tiles * parts} programs, fewer than the {sms} SMs, each with {k_part // block_k} K block(s)")
+    return k_part, parts, reason
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``x[M, K] · a[R, K]ᵀ`` → ``[M, R]`` in x's dtype (any strides)."""
+    """``x[M, K] · a[R, K]ᵀ`` → ``[M, R]`` in x's dtype (any strides).
+
+    [M, R] is a few tiles (64 at M = 4096, one at decode), so K is split across programs until the
+    grid fills the device's SMs; each part writes its fp32 partial sums to its own slice of a
+    [parts, M, R] buffer and the parts are summed by ``torch.sum`` in a fixed order (no atomics:
+    the result is the same on every run), then rounded once to x's dtype."""
     M, K = x.shape
     R = a.shape[0]
-    s = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    if s.numel() == 0:
-        return s.zero_()  # an empty grid is not a valid launch
+    if M * R == 0:
+        return torch.zeros((M, R), device=x.device, dtype=x.dtype)  # an empty grid is not a valid launch
     block_m, block_k = _SHRINK_TILES["interpret" if triton_interpreting() else "gpu"]
     rank_block = block_r(R)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(R, rank_block))
+    k_part, parts, reason = shrink_parts(M, K, R, block_m, block_k, sm_count(x.device))
+    out = torch.empty((M, R) if parts == 1 else (parts, M, R), device=x.device,
+                      dtype=x.dtype if parts == 1 else torch.float32)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(R, rank_block), parts)
+    if reason:
+        note_short_grid(reason)
     wrap_triton(_shrink_kernel)[grid](
-        x, a, s, M, K, R,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
+        x, a, out, M, K, R, k_part,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0) if parts > 1 else 0,
+        out.stride(-2), out.stride(-1),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block, INPUT_PRECISION=input_precision(x.dtype),
         BF16_VIA_FP32=bf16_via_fp32(x.dtype),
         num_warps=4,
     )
-    return s
+    return out if parts == 1 else out.sum(0).to(x.dtype)
 
 
 def fused_matmul(x, w, bias, s, b, scaling: float) -> torch.Tensor:
@@ -194,8 +261,11 @@ def fused_matmul(x, w, bias, s, b, scaling: float) -> torch.Tensor:
         return y
     has_lora = s is not None
     R = s.shape[1] if has_lora else 0
-    block_m, block_n, block_k, warps, stages = MATMUL_TILES[matmul_tile(M, x.dtype, x.device, block_r(R))]
+    tile, reason = matmul_plan(M, N, x.dtype, x.device, block_r(R))
+    block_m, block_n, block_k, warps, stages = MATMUL_TILES[tile]
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    if reason:
+        note_short_grid(reason)
     # Unused pointer arguments get y, a valid tensor of the right dtype, never dereferenced.
     s_, b_ = (s, b) if has_lora else (y, y)
     wrap_triton(_fused_matmul_kernel)[grid](
@@ -248,13 +318,16 @@ def aot_configs():
         prec = ["ieee", "tf32"] if dtype == torch.float32 else ["tf32"]
         for precision in prec:
             for rb in BLOCK_R_CHOICES:
-                sig = {"x_ptr": ptr, "a_ptr": ptr, "s_ptr": ptr, "M": "i32", "K": "i32", "R": "i32",
-                       **{f: "i32" for f in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_sm", "stride_sr")}}
-                bm, bk = _SHRINK_TILES["gpu"]
-                yield _shrink_kernel, sig, dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=rb, INPUT_PRECISION=precision,
-                                                  BF16_VIA_FP32=False), \
-                    dict(num_warps=4, num_stages=3)
-            tiles = ["fp32"] if dtype == torch.float32 else ["small_m", "large", "large_99k"]
+                for out in dict.fromkeys((ptr, "*fp32")):  # s itself, or the fp32 partial sums of a split K
+                    sig = {"x_ptr": ptr, "a_ptr": ptr, "s_ptr": out, "M": "i32", "K": "i32", "R": "i32", "K_PART": "i32",
+                           **{f: "i32" for f in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_sp",
+                                                 "stride_sm", "stride_sr")}}
+                    bm, bk = _SHRINK_TILES["gpu"]
+                    yield _shrink_kernel, sig, dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=rb, INPUT_PRECISION=precision,
+                                                      BF16_VIA_FP32=False), \
+                        dict(num_warps=4, num_stages=3)
+            tiles = (["fp32", "fp32_narrow"] if dtype == torch.float32 else
+                     ["small_m", "small_m_narrow", "large", "large_99k", "medium"])
             for tile in tiles:
                 bm, bn, bk, warps, stages = MATMUL_TILES[tile]
                 for has_bias in (False, True):
