@@ -246,16 +246,19 @@ class MultiLoRALinear(nn.Module):
         y = self.base_layer(x2)
         if rows is not None:
             y = y * self.ia3_out[rows]
-        segments, routing = batch.prefers_segments(), batch.routing
+        segments = batch.prefers_segments()
         if not (torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad or self.lora_a.requires_grad
                                              or self.lora_b.requires_grad)):
-            # inference: no autograd node to build (nor a lease to keep: nothing runs later)
+            # inference: no autograd node to build (nor a lease to keep: nothing runs later); BGMV
+            # reads the ids alone, so a decode batch never builds SGMV's routing
+            routing = batch.routing if segments else None
             s = _shrink(x2, self.lora_a, segments, batch.adapter_ids, routing)
             out = _expand(y, s, self.lora_b, self.scalings, segments, batch.adapter_ids, routing)
             return out.reshape(*lead, self.out_features)
         # An AdapterPool's lease rides on the graph in eager mode only: under torch.compile an object
         # made per forward would be a new guard each time (the pool does not compile its hooks).
         lease = None if torch.compiler.is_compiling() else batch.lease
+        routing = batch.routing  # the stacks' gradients sum per segment (sgmv_outer), whatever the forward took
         out = MultiLoRAFunction.apply(x2, y, self.lora_a, self.lora_b, self.scalings, batch.adapter_ids, routing,
                                       segments, lease)
         return out.reshape(*lead, self.out_features)

@@ -1,8 +1,10 @@
 """Batch metadata for mixed-adapter batches, built once per forward and shared by every layer.
 
 Every token names an adapter slot (``-1``: the base model alone). SGMV kernels want tokens grouped
-by adapter: :meth:`AdapterBatch.build` sorts token indices by slot once, on the device the kernels
-run on, and every LoRA layer of the model reuses the result in that forward.
+by adapter: the first layer that takes SGMV has the batch sort token indices by slot, on the device
+the kernels run on, and every other LoRA layer of the model reuses the result in that forward.
+BGMV (decode batches, :meth:`AdapterBatch.prefers_segments` False) needs the per-token ids alone,
+so an inference forward of a decode batch builds no routing at all.
 
 Nothing here waits for a device: the routing (:func:`route`) is a stable sort and a count per
 slot, with one segment per slot (empty for a slot the batch does not use), so its shapes depend on
@@ -54,11 +56,14 @@ def route(adapter_ids: torch.Tensor, num_slots: int, checked: bool = False) -> t
 class AdapterBatch:
     """Token → adapter-slot routing of one batch, all on the kernels' device.
 
-    adapter_ids:   ``[T]`` int32, the slot of each token, -1 for none.
+    adapter_ids:   ``[T]`` int32, the slot of each token, -1 for none. All BGMV needs.
     sorted_tokens: ``[T]`` int32, token indices ordered by slot (stable; -1 tokens first).
     seg_starts, seg_lens, seg_adapters: ``[S]`` int32, one segment per slot (``max_adapters`` of
         them, in slot order; empty for a slot no token uses): where its tokens start in
         ``sorted_tokens``, how many, which slot.
+        These four (SGMV's routing, :attr:`routing`) are built on first use, once per batch: a
+        decode batch served by BGMV in inference never builds them (a sort, a search and five
+        small tensors per forward saved).
     max_seg_len:   a bound on any segment's length (it sizes kernel grids): the number of tokens,
         known without reading the ids.
     per_sequence:  when the ids were given per sequence (``tokens_per_row``), the routing of one row
@@ -68,14 +73,13 @@ class AdapterBatch:
     """
 
     adapter_ids: torch.Tensor
-    sorted_tokens: torch.Tensor
-    seg_starts: torch.Tensor
-    seg_lens: torch.Tensor
-    seg_adapters: torch.Tensor
     max_seg_len: int
     max_adapters: int
     per_sequence: "AdapterBatch | None" = None
     lease: object = None
+    # SGMV's routing once built (a list of at most one tuple: torch.compile traces a list's creation
+    # and its append, not a helper class's), shared with the copies with_lease makes
+    routing_cache: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -83,13 +87,13 @@ class AdapterBatch:
 
     @property
     def num_segments(self) -> int:
-        return self.seg_adapters.shape[0]
+        return self.max_adapters
 
     @classmethod
     def build(cls, adapter_ids: torch.Tensor, max_adapters: int, loaded: list[bool] | None = None,
               tokens_per_row: int | None = None, device: torch.device | None = None,
               per_sequence: bool = False) -> "AdapterBatch":
-        """Validate ids and build the routing on `device`.
+        """Validate ids and put them on `device` (the SGMV routing follows on first use).
 
         Args:
             adapter_ids: int tensor, ``[T]`` (one id per token) or ``[B]`` with ``tokens_per_row``
@@ -119,19 +123,22 @@ class AdapterBatch:
         if tokens_per_row is not None:
             if per_sequence and tokens_per_row != 1:
                 sequences = cls.from_ids(ids, max_adapters)
-            ids = ids.repeat_interleave(tokens_per_row)
-        batch = cls.from_ids(ids, max_adapters)
-        return batch if sequences is None else dataclasses.replace(batch, per_sequence=sequences)
+            if tokens_per_row != 1:  # a decode step's one token per sequence: the ids as they are
+                ids = ids.repeat_interleave(tokens_per_row)
+        return cls.from_ids(ids, max_adapters, per_sequence=sequences)
 
     @classmethod
-    def from_ids(cls, ids: torch.Tensor, max_adapters: int) -> "AdapterBatch":
-        """The routing of checked int32 ids, where they are (no check, no copy)."""
-        return cls(ids, *route(ids, max_adapters, checked=True), max_seg_len=ids.shape[0], max_adapters=max_adapters)
+    def from_ids(cls, ids: torch.Tensor, max_adapters: int, per_sequence: "AdapterBatch | None" = None
+                 ) -> "AdapterBatch":
+        """The batch of checked int32 ids, where they are (no check, no copy; routing on first use)."""
+        return cls(ids, max_seg_len=ids.shape[0], max_adapters=max_adapters, per_sequence=per_sequence)
 
     def with_lease(self, lease) -> "AdapterBatch":
-        """The same routing, held by `lease` (the per-sequence routing too)."""
+        """The same routing, held by `lease` (the per-sequence routing too); the routing, built or
+        not, stays shared with this batch."""
         per_sequence = None if self.per_sequence is None else dataclasses.replace(self.per_sequence, lease=lease)
-        return dataclasses.replace(self, lease=lease, per_sequence=per_sequence)
+        return dataclasses.replace(self, lease=lease, per_sequence=per_sequence,
+                                   routing_cache=self.routing_cache)
 
     def for_rows(self, rows: int) -> "AdapterBatch | None":
         """The routing of a layer input with `rows` rows: every token's, or one per sequence; None if neither."""
@@ -142,9 +149,39 @@ class AdapterBatch:
         return None
 
     @property
+    def routing_built(self) -> bool:
+        """Whether a layer has asked for :attr:`routing` yet (once built it is kept)."""
+        return bool(self.routing_cache)
+
+    @property
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sorted_tokens, seg_starts, seg_lens, seg_adapters), built by :func:`route` on the ids'
+        device the first time any layer asks, then shared."""
+        cache = self.routing_cache
+        if not cache:
+            cache.append(route(self.adapter_ids, self.max_adapters, checked=True))
+        return cache[0]
+
+    @property
+    def sorted_tokens(self) -> torch.Tensor:
+        return self.segments[0]
+
+    @property
+    def seg_starts(self) -> torch.Tensor:
+        return self.segments[1]
+
+    @property
+    def seg_lens(self) -> torch.Tensor:
+        return self.segments[2]
+
+    @property
+    def seg_adapters(self) -> torch.Tensor:
+        return self.segments[3]
+
+    @property
     def routing(self) -> tuple:
-        """The SGMV ops' routing arguments."""
-        return self.sorted_tokens, self.seg_starts, self.seg_lens, self.seg_adapters, self.max_seg_len
+        """The SGMV ops' routing arguments (built on first use)."""
+        return (*self.segments, self.max_seg_len)
 
     def prefers_segments(self) -> bool:
         """SGMV (a tiled GEMM per adapter's segment) from :data:`SEGMENT_MIN_TOKENS` tokens; BGMV below."""
