@@ -46,6 +46,20 @@ class _SlotLease:
             self.pool._lock.notify_all()
 
 
+class _Generation:
+    """One ``generate(adapter_names=...)`` call: the per-sequence slot ids, resolved once; the lease
+    on their slots, held for the whole call; and the AdapterBatch of each input shape its forwards
+    see, built by the first forward of that shape. The decode steps (one token per sequence, the
+    same rows every step) share one batch: the routing, the check of the ids and the lease are
+    paid once per generation, not once per token."""
+
+    __slots__ = ("ids", "lease", "batches")
+
+    def __init__(self, ids: torch.Tensor, lease: _SlotLease):
+        self.ids, self.lease = ids, lease
+        self.batches: dict[tuple, AdapterBatch] = {}  # (sequences, tokens per sequence, device) -> batch
+
+
 class AdapterPool:
     """Up to `max_adapters` LoRA adapters of rank up to `max_rank` on `model` (changed in place).
 
@@ -70,7 +84,7 @@ class AdapterPool:
         self._in_flight = [0] * max_adapters
         self._holders = [collections.Counter() for _ in range(max_adapters)]  # slot -> thread -> leases
         self._lock = threading.Condition()
-        self._generation = threading.local()  # the per-sequence slots of a generate() running on a thread
+        self._generation = threading.local()  # .current: the _Generation of a generate() running on a thread
         model.register_forward_pre_hook(self._enter, with_kwargs=True)
         model.register_forward_hook(self._exit, with_kwargs=True, always_call=True)
         self._route_generate(model)
@@ -212,7 +226,8 @@ class AdapterPool:
         """``model.generate(..., adapter_names=[...])`` (or ``adapter_ids``), as PEFT's: the names are
         resolved to slots once, held for the whole generation (an unload waits), and every forward
         inside routes by them, the KV-cached steps and the rows generate adds per sequence (beams,
-        num_return_sequences) included. generate does not take the keywords itself, so the pool wraps
+        num_return_sequences) included; the routing of each input shape is built once per generation
+        (see :class:`_Generation`). generate does not take the keywords itself, so the pool wraps
         the model's generate (any model that has one)."""
         original = getattr(model, "generate", None)
         if not callable(original):
@@ -223,14 +238,12 @@ class AdapterPool:
         def generate(*args, adapter_names=None, adapter_ids=None, **kwargs):
             if adapter_names is None and adapter_ids is None:
                 return original(*args, **kwargs)
-            ids, lease = pool._sequence_ids(adapter_names, adapter_ids)
-            previous = getattr(pool._generation, "ids", None)
-            pool._generation.ids = ids
+            previous = getattr(pool._generation, "current", None)
+            pool._generation.current = _Generation(*pool._sequence_ids(adapter_names, adapter_ids))
             try:
                 return original(*args, **kwargs)
             finally:
-                pool._generation.ids = previous
-                del lease  # the slots are free to unload again
+                pool._generation.current = previous  # with its batches, the lease goes: the slots may unload
 
         model.generate = generate
 
@@ -256,12 +269,12 @@ class AdapterPool:
         if names is not None and ids is not None:
             raise ValueError("pass adapter_names or adapter_ids, not both")
         batch_size, seq, device = self._tokens_per_sequence(args, kwargs)
-        generation = getattr(self._generation, "ids", None)
+        generation = getattr(self._generation, "current", None)
         if names is None and ids is None and generation is not None:  # a forward inside generate(adapter_names=)
-            if batch_size % generation.numel():
-                raise ValueError(f"generate: adapter_names has {generation.numel()} entries for a batch of "
-                                 f"{batch_size} sequences")
-            ids = generation.repeat_interleave(batch_size // generation.numel())  # beams, num_return_sequences
+            batch = self._generation_batch(generation, batch_size, seq, device)
+            pop_adapter_batch()
+            push_adapter_batch(batch)
+            return args, kwargs
         with self._lock:
             if names is not None:
                 if len(names) != batch_size:
@@ -272,9 +285,7 @@ class AdapterPool:
                 ids = torch.tensor([-1 if n is None else self._slots[n] for n in names], dtype=torch.int64)
             elif ids is None:
                 ids = torch.full((batch_size,), -1, dtype=torch.int64)
-            loaded = [False] * self.max_adapters
-            for slot in self._slots.values():
-                loaded[slot] = True
+            loaded = self._loaded()
             per_token = isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.shape[0] == batch_size * seq \
                 and batch_size * seq != batch_size
             batch = AdapterBatch.build(ids, self.max_adapters, loaded, tokens_per_row=None if per_token else seq,
@@ -284,6 +295,31 @@ class AdapterPool:
         pop_adapter_batch()
         push_adapter_batch(batch)
         return args, kwargs
+
+    def _generation_batch(self, generation: _Generation, batch_size: int, seq: int, device) -> AdapterBatch:
+        """The batch of a forward inside a generation: built by the first forward of its shape, held
+        by the generation's lease (its slots cannot be unloaded before the generation ends, so the
+        check of the ids against the loaded slots made then still holds)."""
+        key = (batch_size, seq, device)
+        batch = generation.batches.get(key)
+        if batch is None:
+            per_sequence = generation.ids
+            if batch_size % per_sequence.numel():
+                raise ValueError(f"generate: adapter_names has {per_sequence.numel()} entries for a batch of "
+                                 f"{batch_size} sequences")
+            ids = per_sequence.repeat_interleave(batch_size // per_sequence.numel())  # beams, num_return_sequences
+            with self._lock:
+                batch = AdapterBatch.build(ids, self.max_adapters, self._loaded(), tokens_per_row=seq, device=device,
+                                           per_sequence=True)
+            batch = generation.batches[key] = batch.with_lease(generation.lease)
+        return batch
+
+    def _loaded(self) -> list[bool]:
+        """Per-slot flags of the published adapters (the pool's lock held)."""
+        loaded = [False] * self.max_adapters
+        for slot in self._slots.values():
+            loaded[slot] = True
+        return loaded
 
     def _exit(self, module, args, kwargs, output):
         # The lease goes with the last reference to the batch: here, or when a graph that kept it is freed.

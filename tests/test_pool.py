@@ -284,3 +284,49 @@ def test_generate_with_mixed_adapters_equals_each_request_alone(checkpoints, bea
         assert torch.equal(plain, tiny_model("llama").generate(prompts, **settings))
     assert pool.names() == ["a", "c"]
     pool.unload("a")  # nothing holds the slots after generate
+
+
+def test_generate_builds_each_routing_once_and_holds_its_slots(checkpoints, monkeypatch):
+    """Inside one generate, the prompt's forward and the first decode step build the routing; every
+    later decode step reuses it (no build, no new lease). Each generation routes by its own
+    adapters, row for row as each adapter generates alone; an unload on the generating thread is
+    refused as before, and nothing holds a slot afterwards."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from fastpeft.ops.adapter_batch import AdapterBatch
+
+    model = tiny_model("llama")
+    pool = fastpeft.AdapterPool(model, max_adapters=3, max_rank=8)
+    for name in ("a", "b", "c"):
+        pool.load(name, str(checkpoints / name))
+    builds, forwards = [], []
+    build = AdapterBatch.build.__func__
+    monkeypatch.setattr(AdapterBatch, "build", classmethod(lambda cls, ids, *a, **kw: builds.append(ids.numel()) or
+                                                            build(cls, ids, *a, **kw)))
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    prompts = model_inputs("llama", batch=3, seq=4)["input_ids"]
+    settings = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    for names in (["a", None, "c"], ["c", "b", "b"]):
+        builds.clear(), forwards.clear()
+        with torch.no_grad():
+            mixed = model.generate(prompts, adapter_names=names, **settings)
+        assert len(forwards) == 6 and builds == [3, 3], (forwards, builds)  # prompt (3 x 4 rows), decode (3 x 1)
+        with torch.no_grad():
+            for row, name in enumerate(names):
+                alone = tiny_model("llama") if name is None else \
+                    peft.PeftModel.from_pretrained(tiny_model("llama"), str(checkpoints / name))
+                assert torch.equal(mixed[row], alone.generate(prompts[row:row + 1], **settings)[0]), (names, row)
+        assert pool._in_flight == [0, 0, 0]
+
+    class UnloadMidway(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == prompts.shape[1] + 2:
+                pool.unload("a")
+            return scores
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"unload\('a'\): a forward pass of this thread"):
+        model.generate(prompts, adapter_names=["a", "b", None], logits_processor=LogitsProcessorList([UnloadMidway()]),
+                       **settings)
+    assert pool.names() == ["a", "b", "c"] and pool._in_flight == [0, 0, 0]
+    pool.unload("a")
+    assert pool.names() == ["b", "c"]
