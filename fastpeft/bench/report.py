@@ -5,12 +5,17 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
+import sys
 
 import torch
 
 from .. import __version__, backends
 from .case import AT_MOST, BenchOp
+
+# Environment variables that cap the instruction set of fastpeft's kernels, torch's, oneDNN's, MKL's
+ISA_CAPS = ("FASTPEFT_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def environment(device: str) -> dict:
@@ -26,6 +31,12 @@ def environment(device: str) -> dict:
                fastpeft=__version__, torch=torch.__version__, triton=version("triton"), peft=version("peft"),
                bitsandbytes=version("bitsandbytes"), python=platform.python_version(), cpu=backends.cpu_model(),
                cpu_threads=torch.get_num_threads())
+    if device == "cpu":  # the ISA each library runs at, and the caps set (a run emulating an older CPU says so)
+        env.update(torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   isa_caps={name: os.environ[name] for name in ISA_CAPS if name in os.environ})
+        bnb = sys.modules.get("bitsandbytes.functional")
+        if bnb is not None:  # loaded by the run: does it take its AVX512_BF16 CPU kernel
+            env["bitsandbytes_avx512bf16"] = bool(bnb.has_avx512bf16())
     ext = backends.extension()
     if ext is not None:  # what the CPU kernels found and use: every CPU figure names its CPU
         env.update(cpu_isa_supported=ext.cpu_isa_supported(),
