@@ -17,15 +17,17 @@ from conftest import DTYPES, assert_close, on_face
 
 S = 5
 
-# (T, K, R, parts the plan must choose under the interpreter's BLOCK_K of 32)
+# (T, K, R, parts the plan must choose under the interpreter's BLOCK_K of 32, for 132 SMs: what the
+# interpreter's CPU tensors plan for)
 SHAPES = [
     (1, 45, 8, 2),     # one token, ragged K over two parts
     (1, 1, 1, 1),      # rank 1, one input
-    (3, 200, 1, 4),    # rank 1, four parts, the last one short
+    (3, 200, 1, 7),    # rank 1, a part per trip, the last one short
     (5, 33, 40, 2),    # R = 40 in one 64-row block; the second part one column
-    (37, 300, 3, 4),   # many tokens, still under a wave: split
+    (37, 300, 3, 4),   # many tokens, still under a wave: 4 parts of 3, 3, 3 and 1 trips
     (70, 24, 16, 1),   # K within one trip: no split
-    (9, 129, 70, 3),   # R above the largest rank block: two rank blocks; split 4 ways, 3 parts of 2 trips
+    (9, 129, 70, 5),   # R above the largest rank block: two rank blocks, a part per trip
+    (1, 96, 8, 3),     # split 4 ways over 3 trips: 3 parts
 ]
 
 
@@ -42,7 +44,7 @@ def test_triton_shrink_matches_reference(T, K, R, parts, dtype):
     x = torch.randn(T, K).to(dtype)
     a = (torch.randn(S, R, K) / K ** 0.5).to(dtype)
     ids = _ids(T)
-    assert triton_bgmv.shrink_plan(T, K, R)[2] == parts
+    assert triton_bgmv.shrink_plan(T, K, R, 132)[2] == parts
     with aot.record_launches() as launches:  # what the launcher launches, nothing run
         triton_bgmv.bgmv_shrink(x, a, ids)
     names = [launch.name for launch in launches]
@@ -64,7 +66,7 @@ def test_every_part_is_summed():
     T, K, R = 2, 64, 4
     x, a = torch.ones(T, K), torch.ones(S, R, K)
     ids = torch.tensor([0, 3], dtype=torch.int32)
-    assert triton_bgmv.shrink_plan(T, K, R)[2] == 2
+    assert triton_bgmv.shrink_plan(T, K, R, 132)[2] == 2
     with on_face("triton"):
         assert torch.equal(bgmv_shrink(x, a, ids), torch.full((T, R), float(K)))
 
@@ -82,7 +84,7 @@ def test_strided_stack_as_the_backward_passes_it():
     T, N, R = 6, 70, 8
     dy, b = torch.randn(T, N), torch.randn(S, N, R)
     ids = _ids(T)
-    assert triton_bgmv.shrink_plan(T, N, R)[2] > 1
+    assert triton_bgmv.shrink_plan(T, N, R, 132)[2] > 1
     with on_face("triton"):
         s = bgmv_shrink(dy, b.transpose(1, 2), ids)
     assert_close(s, bgmv_shrink_reference(dy, b.transpose(1, 2), ids))
@@ -105,7 +107,7 @@ def test_decode_layer_trains_through_the_split(dtype):
     dy = torch.randn(T, N).to(dtype)
     batch = AdapterBatch.build(ids, S, layer.loaded)
     assert not batch.prefers_segments()
-    assert triton_bgmv.shrink_plan(T, K, R)[2] > 1 and triton_bgmv.shrink_plan(T, N, R)[2] > 1
+    assert triton_bgmv.shrink_plan(T, K, R, 132)[2] > 1 and triton_bgmv.shrink_plan(T, N, R, 132)[2] > 1
     with on_face("triton") as taken, use_adapter_batch(batch):
         out = layer(x)
         (out.float() * dy.float()).sum().backward()

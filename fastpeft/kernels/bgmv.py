@@ -4,7 +4,7 @@ adapter) is a batch of GEMVs: products are summed in fp32 on the vector units ra
 ``tl.dot``, whose 16-row minimum would waste 15/16 of each MMA on a single token.
 
 The shrink (R outputs per token, a reduction over K) splits K into parts when the tokens and rank
-blocks alone make less than a wave of programs (:func:`shrink_plan`); the expand (N outputs per
+blocks alone make fewer programs than the device has SMs (:func:`shrink_plan`); the expand (N outputs per
 token) has N/BLOCK_N programs per token already.
 
 Slots outside ``[0, S)`` (including -1) mask every load of the factors: such a token gets s = 0
@@ -19,7 +19,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, block_r
+from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, block_r, note_short_grid, sm_count
 
 
 @triton.jit
@@ -107,12 +107,11 @@ _BLOCK_N = {"gpu": 128, "interpret": 32}
 # trip loads 8 KB of bf16 A); BLOCK_K 32 under the interpreter, so small tests split K.
 SHRINK_ACC = 4096
 _INTERPRET_BLOCK_K = 32
-# Parts the shrink splits K into to reach SHRINK_MIN_PROGRAMS programs (one wave on the 132 SMs of
-# an H100/H200, as the NF4 GEMV; a fixed count, so a shape compiles the same variants on every
-# GPU). A decode batch of 64 tokens at rank 16 is 64 programs unsplit; 4 parts make 256. The parts'
-# fp32 sums are added in a fixed order by a second kernel: no atomics, the same result every run.
-SHRINK_SPLITS = (1, 2, 4, 8)
-SHRINK_MIN_PROGRAMS = 132
+# The shrink splits K into parts (a power of two, at most one per BLOCK_K trip) until its grid gives
+# every SM of the device a program (sm_count: 132 on an H100/H200). A decode batch of 64 tokens at
+# rank 16 is 64 programs unsplit; 4 parts of 4 trips make 256 (an even split: wave_split's fewest
+# parts would give 5, 5, 5, 1 trips). The parts' fp32 sums are added in a fixed order by a second
+# kernel: no atomics, the same result every run.
 _SPLIT_SUM_BLOCK = 512
 
 
@@ -120,24 +119,25 @@ def _gpu_shrink_block_k(rb: int) -> int:
     return SHRINK_ACC // rb
 
 
-def shrink_plan(T: int, K: int, R: int) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_K, parts, K_PART) of the shrink of T tokens, K inputs, rank R: the least
-    split of K in SHRINK_SPLITS whose grid T·⌈R/BLOCK_R⌉·parts reaches SHRINK_MIN_PROGRAMS, at most
-    one BLOCK_K trip per part; K_PART a whole number of trips, and no part empty (so the parts may
-    number fewer than the split: K = 1536 in 256-wide trips split 4 ways is 3 parts of 512)."""
+def shrink_plan(T: int, K: int, R: int, sms: int) -> tuple[int, int, int, int, str | None]:
+    """(BLOCK_R, BLOCK_K, parts, K_PART, why the grid stays below `sms` programs or None) of the
+    shrink of T tokens, K inputs, rank R: the least power-of-two split of K whose grid
+    T·⌈R/BLOCK_R⌉·parts reaches `sms`, at most one BLOCK_K trip per part; K_PART a whole number of
+    trips, and no part empty (so the parts may number fewer than the split: K = 1536 in 256-wide
+    trips split 4 ways is 3 parts of 512)."""
     rb = block_r(R)
     bk = _INTERPRET_BLOCK_K if triton_interpreting() else _gpu_shrink_block_k(rb)
-    trips = triton.cdiv(K, bk)
+    programs = T * triton.cdiv(R, rb)
+    trips = max(1, triton.cdiv(K, bk))
     split = 1
-    for s in SHRINK_SPLITS:
-        if s > max(trips, 1):
-            break
-        split = s
-        if T * triton.cdiv(R, rb) * s >= SHRINK_MIN_PROGRAMS:
-            break
-    k_part = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    parts = triton.cdiv(K, k_part) if k_part else 1
-    return rb, bk, parts, k_part
+    while split < trips and programs * split < sms:
+        split *= 2
+    k_part = triton.cdiv(trips, min(split, trips)) * bk
+    parts = triton.cdiv(trips, k_part // bk)
+    reason = None if programs * parts >= sms else (
+        f"{T} token(s) x {triton.cdiv(R, rb)} rank block(s) of {rb}, K in {trips} trip(s) of {bk}: {programs * parts} "
+        f"programs of one trip or more, fewer than the {sms} SMs")
+    return rb, bk, parts, k_part, reason
 
 
 def _expand_block_n() -> int:
@@ -151,16 +151,22 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor
     s = torch.empty((T, R), device=x.device, dtype=x.dtype)
     if s.numel() == 0:
         return s
-    rb, bk, parts, k_part = shrink_plan(T, K, R)
+    rb, bk, parts, k_part, reason = shrink_plan(T, K, R, sm_count(x.device))
     # one part: the sums go to s; more: to fp32 planes [parts, T, R], added after
     out = s if parts == 1 else torch.empty((parts, T, R), device=x.device, dtype=torch.float32)
     plane = out.stride(0) if parts > 1 else 0
     ot, orr = (out.stride(1), out.stride(2)) if parts > 1 else (s.stride(0), s.stride(1))
+    if reason:
+        note_short_grid(reason)
     wrap_triton(_bgmv_shrink_kernel)[(T, triton.cdiv(R, rb), parts)](
         x, lora_a, adapter_ids, out, K, k_part, R, S,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), plane, ot, orr,
         BLOCK_K=bk, BLOCK_R=rb, num_warps=4)
     if parts > 1:
+        sums = triton.cdiv(T * R, _SPLIT_SUM_BLOCK)
+        if sums < sm_count(x.device):
+            note_short_grid(f"adds {parts} fp32 parts of {T * R} sums, {_SPLIT_SUM_BLOCK} per program: {sums} "
+                            "program(s), a few reads of each part")
         wrap_triton(_bgmv_split_sum_kernel)[(triton.cdiv(T * R, _SPLIT_SUM_BLOCK),)](
             out, s, T * R, R, parts, out.stride(0), s.stride(0), s.stride(1), BLOCK=_SPLIT_SUM_BLOCK, num_warps=4)
     return s
@@ -175,6 +181,10 @@ def bgmv_expand(base: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scali
     if out.numel() == 0:
         return out
     block_n = _expand_block_n()
+    programs = T * triton.cdiv(N, block_n)
+    if programs < sm_count(base.device):
+        note_short_grid(f"{T} token(s) x {triton.cdiv(N, block_n)} blocks of {block_n} outputs: {programs} programs, "
+                        "each reading its B rows once (a few tokens of a narrow layer)")
     wrap_triton(_bgmv_expand_kernel)[(T, triton.cdiv(N, block_n))](
         base, s, lora_b, scalings, adapter_ids, out, N, R, S,
         base.stride(0), base.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
