@@ -365,6 +365,13 @@ def run_method(method: str, s: CompareSettings) -> dict:
     task = synthetic_task(s, kind)
     model, tokenizer = load_model_and_tokenizer(s, kind)
     model = model.to(s.device)
+    if method == "bitfit":
+        from .methods.bitfit import bias_names
+
+        if not bias_names(model):  # a method that does not fit the model is refused, as ICL on an encoder
+            row.not_applicable = (f"does not fit {type(model).__name__}: BitFit trains bias terms and it has none "
+                                  "(bias=False layers, as in Llama-style models)")
+            return asdict(row)
     if method in ICL_METHODS:
         from .methods import count_parameters
 

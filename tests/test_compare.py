@@ -57,6 +57,24 @@ def test_a_failing_method_is_reported_in_its_row(monkeypatch, tmp_path):
     assert (tmp_path / "chart.png").exists()
 
 
+def test_bitfit_on_a_model_without_biases_is_refused_not_an_error(monkeypatch):
+    """SmolLM2 (a Llama) has no bias terms: its BitFit row says it does not fit, as ICL's on an encoder."""
+    real = compare.load_model_and_tokenizer
+
+    def without_biases(s, kind=compare.CAUSAL):
+        model, tokenizer = real(s, kind)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.bias = None
+        return model, tokenizer
+
+    monkeypatch.setattr(compare, "load_model_and_tokenizer", without_biases)
+    (row,) = compare.compare(compare.CompareSettings(methods=["bitfit"], steps=2, eval_size=8, fresh_process=False,
+                                                     progress=False))
+    assert not row.error and "BitFit trains bias terms" in row.not_applicable, row
+    assert row.accuracy == 0 and row.step_ms == 0 and row.trainable_params == 0
+
+
 def test_a_child_error_comes_back_as_the_row_error():
     # a broken model directory fails in the child process; the parent gets the message
     settings = compare.CompareSettings(methods=["full"], model="/nonexistent/model", steps=2, progress=False)
