@@ -62,15 +62,22 @@ def set_smem_limit_override(limit: int | None) -> None:
 
 def smem_limit(device: torch.device) -> int:
     """Shared memory per block the launch may use on `device`, cached per device index."""
-    if _smem_override[0] is not None:
-        return _smem_override[0]
+    return _per_device(device, _smem_override, _smem_limits, SMEM_PER_BLOCK_OPTIN[90],
+                       lambda props: props.shared_memory_per_block_optin)
+
+
+def _per_device(device: torch.device, override: list, cache: dict, off_cuda: int, read) -> int:
+    """The override when set; `off_cuda` for a tensor not on a GPU (the interpreter plans for
+    sm_90); else read(the device's properties), queried once per device index."""
+    if override[0] is not None:
+        return override[0]
     if device.type != "cuda":
-        return SMEM_PER_BLOCK_OPTIN[90]
+        return off_cuda
     index = device.index if device.index is not None else torch.cuda.current_device()
-    limit = _smem_limits.get(index)
-    if limit is None:
-        limit = _smem_limits[index] = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-    return limit
+    value = cache.get(index)
+    if value is None:
+        value = cache[index] = read(torch.cuda.get_device_properties(index))
+    return value
 
 
 # ---------------------------------------------------------------- streaming multiprocessors
@@ -92,15 +99,7 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (multi_processor_count, cached per device index); a
     launch whose grid has fewer programs than this leaves SMs idle for its whole run. Non-CUDA
     tensors (the interpreter) plan for sm_90's 132."""
-    if _sm_override[0] is not None:
-        return _sm_override[0]
-    if device.type != "cuda":
-        return SM_COUNT[90]
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _sm_counts.get(index)
-    if count is None:
-        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return count
+    return _per_device(device, _sm_override, _sm_counts, SM_COUNT[90], lambda props: props.multi_processor_count)
 
 
 def wave_split(programs: int, blocks: int, sms: int) -> int:
