@@ -8,7 +8,7 @@ import torch.nn as nn
 from ..ops.nf4_matmul import dequantize_packed, nf4_linear, nf4_linear_plan
 from ..quant.nf4 import NF4Weight, dequantize_nf4, nf4_from_state_dict, quantize_nf4
 from .dtypes import autocast_enabled, compute_dtype, is_dtensor
-from .op_plans import HeldPlan
+from .op_plans import HeldPlan, call_on_new_plan
 
 # The quantisation state's tensors, registered as buffers under these names; in the state dict they
 # are bitsandbytes' ``weight.<name>`` keys.
@@ -257,21 +257,10 @@ class Linear4bit(nn.Module):
         # Inference on the held op plan: the op's checks of the weight made once; each call checks
         # that the layer still holds what the plan was made from, and x (HeldPlan.call, one frame).
         held = self.__dict__.get("_held_plan")
-        if held is not None:
-            y = held.call(self, x)
-            if y is not None:
-                return y
-        # No plan yet, a stale one, or a call no plan takes (training with grad mode on, autocast,
-        # torch.compile, an x to cast or make contiguous, one needing a gradient): a new plan where
-        # one applies, else the full path.
-        if (type(x) is torch.Tensor and (held is None or not held.holds(self)) and not (
-                self.training and torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch._C._is_any_autocast_enabled())):
-            held = self._new_held_plan(x)
-            y = None if held is None else held.call(self, x)
-            if y is not None:
-                return y
-        return self.forward_unplanned(x)
+        y = None if held is None else held.call(self, x)
+        if y is None:
+            y = call_on_new_plan(self, held, x)
+        return y if y is not None else self.forward_unplanned(x)
 
     def forward_unplanned(self, x: torch.Tensor) -> torch.Tensor:
         """The forward for any x, every argument checked by the op (what a plan's call equals)."""
@@ -300,11 +289,12 @@ class Linear4bit(nn.Module):
         call on a 64x64 layer (AMD EPYC Zen 4, one thread), more than its kernel."""
         held = self.__dict__.get("_held_plan")
         if held is None or not held.holds(self):
-            held = self._new_held_plan(x)
+            held = self.new_held_plan(x)
         return None if held is None else held.plan
 
-    def _new_held_plan(self, x: torch.Tensor) -> HeldPlan | None:
-        """A new op plan made with x, held by the layer (None, holding none, where no plan applies)."""
+    def new_held_plan(self, x: torch.Tensor) -> HeldPlan | None:
+        """A new op plan made with x, held by the layer in place of any it held (None, holding none,
+        where no plan applies to the layer or to x)."""
         self.__dict__.pop("_held_plan", None)
         tensors = self.op_tensors()
         bias = tensors[5]

@@ -16,7 +16,7 @@ from ..ops.nf4_matmul import nf4_linear, qlora_linear
 from ..quant.nf4 import quantize_nf4
 from .dtypes import compute_dtype
 from .linear4bit import Linear4bit
-from .op_plans import HeldPlan
+from .op_plans import HeldPlan, call_on_new_plan
 
 DEFAULT_ADAPTER = "default"
 
@@ -336,21 +336,10 @@ class LoRALinear(nn.Module):
         # Inference on the held op plan: the op's checks of the weights made once; each call checks
         # that the layer still holds what the plan was made from, and x (HeldPlan.call, one frame).
         held = self.__dict__.get("_held_plan")
-        if held is not None:
-            y = held.call(self, x)
-            if y is not None:
-                return y
-        # No plan yet, a stale one, or a call no plan takes (training with grad mode on, autocast,
-        # torch.compile, DoRA, a 4-bit base, casts, dropout, an x to make contiguous or one needing
-        # a gradient): a new plan where one applies, else the full path.
-        if (type(x) is torch.Tensor and (held is None or not held.holds(self)) and not (
-                self.training and torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch._C._is_any_autocast_enabled())):
-            held = self._new_held_plan(x)
-            y = None if held is None else held.call(self, x)
-            if y is not None:
-                return y
-        return self.forward_unplanned(x)
+        y = None if held is None else held.call(self, x)
+        if y is None:
+            y = call_on_new_plan(self, held, x)
+        return y if y is not None else self.forward_unplanned(x)
 
     @staticmethod
     def plan_paths(name: str) -> tuple[tuple, ...]:
@@ -370,11 +359,12 @@ class LoRALinear(nn.Module):
         8 us a call on a 64x64 layer (AMD EPYC Zen 4, one thread), more than its kernels."""
         held = self.__dict__.get("_held_plan")
         if held is None or not held.holds(self):
-            held = self._new_held_plan(x)
+            held = self.new_held_plan(x)
         return None if held is None else held.plan
 
-    def _new_held_plan(self, x: torch.Tensor) -> HeldPlan | None:
-        """A new op plan made with x, held by the layer (None, holding none, where no plan applies)."""
+    def new_held_plan(self, x: torch.Tensor) -> HeldPlan | None:
+        """A new op plan made with x, held by the layer in place of any it held (None, holding none,
+        where no plan applies to the layer or to x)."""
         self.__dict__.pop("_held_plan", None)
         name = self.active_adapter
         if self.disabled or self.merged_adapters or self.quantized or self.fan_in_fan_out:

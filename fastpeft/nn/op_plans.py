@@ -75,6 +75,18 @@ def call(layer, x):
         return _no_plan, ()
 
 
+def call_on_new_plan(layer: nn.Module, held: HeldPlan | None, x):
+    """A layer's output for a call its held plan (`held`, or none) did not take, on a plan made now
+    with x (``layer.new_held_plan(x)``) when the call is one a plan can take and `held` no longer
+    holds; None where the layer's own full path must run (training with grad mode on, autocast,
+    torch.compile, a plan that holds but did not take this x, a layer no plan applies to)."""
+    if (type(x) is not torch.Tensor or held is not None and held.holds(layer) or layer.training
+            and torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()):
+        return None
+    held = layer.new_held_plan(x)
+    return None if held is None else held.call(layer, x)
+
+
 def _guard_terms(layer: nn.Module, paths: Sequence[tuple]) -> tuple[list[str], dict]:
     """The conditions, as Python source over ``layer``, that each path reads what it reads now, and
     the objects they compare with (by name)."""
