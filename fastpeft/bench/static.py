@@ -341,8 +341,10 @@ def trips_and_flops(launch: aot.Launch) -> tuple[int | None, float]:
         return _cdiv(a["R"], a["BLOCK_R"]) * _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["M"] * a["R"] * (a["K"] + a["N"])
     if name == "_adapter_block_bwd_kernel":
         return _cdiv(a["R"], a["BLOCK_R"]) * _cdiv(a["N"], a["BLOCK_N"]), 2.0 * a["M"] * a["R"] * (2 * a["K"] + a["N"])
-    if name == "_bgmv_shrink_kernel":
-        return _cdiv(a["K"], a["BLOCK_K"]), 0.0
+    if name == "_bgmv_shrink_kernel":  # each program reduces one part of K
+        return _cdiv(min(a["K_PART"], a["K"]), a["BLOCK_K"]), 0.0
+    if name == "_bgmv_split_sum_kernel":
+        return a["PARTS"], 0.0
     if name == "_bgmv_expand_kernel":
         return _cdiv(a["R"], a["BLOCK_R"]), 0.0
     if name == "_sgmv_shrink_kernel":
