@@ -58,6 +58,20 @@ HEAD_LR = 1e-2  # AdamW's rate for the head row: one linear layer on frozen feat
 ENCODER_LR = {"lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "prompt": 3e-2, "prefix": 1e-2, "ia3": 1e-2,
               "bottleneck": 1e-3, "compacter": 3e-3, "bitfit": 3e-3, "diffpruning": 1e-4, "layerfreeze": 5e-4,
               "full": 1e-4, HEAD: HEAD_LR}
+# AdamW's rates for a pretrained causal LM (real weights: SmolLM2 or a model folder; the tiny random
+# default keeps finetune.DEFAULT_LR). Measured on SmolLM2-135M's rating task (40 steps of 8, 100
+# held out, chance 0.25): at DEFAULT_LR's rates (LoRA/QLoRA/DoRA/bottleneck/Compacter/DiffPruning
+# 5e-3, full 1e-3) all seven answered one label (0.19-0.22). One run each here: LoRA 5e-4 0.900,
+# QLoRA 5e-4 0.890, DoRA 5e-4 0.900, bottleneck 1e-3 1.000, full 5e-5 1.000. Compacter (0.08% of the
+# weights) needs larger steps: 3e-3 0.240, 1e-2 1.000. Layer freezing (the top layer): 1e-4 0.350,
+# 1e-3 0.710 (the survey's run), 3e-3 0.520: it keeps finetune's 1e-3. DiffPruning 1e-4 drove the
+# training loss to 0.002 yet scored 0.210, the untrained model's zero-shot score (at 5e-3: 0.210,
+# loss 0.844): its rate is the usual one for updates to every weight, as full fine-tuning's, not
+# one this task confirms. Prompt, prefix, (IA)3 (0.900) and the head keep their rates, and BitFit
+# finetune's (SmolLM2 has no biases: not measured here).
+PRETRAINED_CAUSAL_LR = {"lora": 5e-4, "qlora": 5e-4, "dora": 5e-4, "prompt": 3e-2, "prefix": 1e-2, "ia3": 5e-2,
+                        "bottleneck": 1e-3, "compacter": 1e-2, "bitfit": 1e-2, "diffpruning": 1e-4,
+                        "layerfreeze": 1e-3, "full": 5e-5, HEAD: HEAD_LR}
 CAUSAL, ENCODER = "causal", "encoder"
 TEMPLATE = "Review: {text}\nOn a 1 to 4 star scale, the reviewer would give {label}"
 LABEL_WORDS = ["1", "2", "3", "4"]
@@ -336,13 +350,22 @@ def _rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def usual_rates(kind: str, model: str | None) -> dict[str, float]:
+    """Each method's usual AdamW rate for a model of `kind`: ENCODER_LR for an encoder,
+    PRETRAINED_CAUSAL_LR for a causal LM from a folder (real weights), finetune.DEFAULT_LR (and the
+    head row's HEAD_LR) for the tiny random default (`model` None)."""
+    if kind == ENCODER:
+        return ENCODER_LR
+    if model is not None:
+        return PRETRAINED_CAUSAL_LR
+    return {**finetune.DEFAULT_LR, HEAD: HEAD_LR}
+
+
 def learning_rate(method: str, kind: str, s: CompareSettings) -> float:
-    """s.lr, else the method's usual rate for the kind of model (the head row: a linear probe's)."""
+    """s.lr, else the method's usual rate for the kind of model (usual_rates)."""
     if s.lr is not None:
         return s.lr
-    if kind == ENCODER:
-        return ENCODER_LR[method]
-    return HEAD_LR if method == HEAD else finetune.DEFAULT_LR[method]
+    return usual_rates(kind, s.model)[method]
 
 
 def does_not_fit(method: str, kind: str) -> str:

@@ -160,6 +160,31 @@ def test_a_models_kind_is_read_from_its_config(tmp_path, tiny_bert_dir):
         models.kind_of(str(tmp_path))
 
 
+def test_each_kind_of_model_gets_its_own_table_of_rates(tmp_path, tiny_bert_dir):
+    """A causal LM from a folder (real weights: SmolLM2, any model directory) trains at
+    PRETRAINED_CAUSAL_LR, the tiny random default at finetune.DEFAULT_LR, an encoder at ENCODER_LR;
+    --lr overrides every table. (Only the folders' configs are read: no weights are loaded.)"""
+    transformers = pytest.importorskip("transformers")
+    transformers.LlamaConfig(architectures=["LlamaForCausalLM"], hidden_size=576, num_hidden_layers=30
+                             ).save_pretrained(tmp_path / "causal")
+    pretrained = compare.CompareSettings(model=str(tmp_path / "causal"))
+    default, encoder = compare.CompareSettings(), compare.CompareSettings(model=tiny_bert_dir)
+    assert [compare.model_kind(s) for s in (pretrained, default, encoder)] == [compare.CAUSAL, compare.CAUSAL,
+                                                                               compare.ENCODER]
+    trained = [m for m in compare.COMPARE_METHODS if m not in compare.ICL_METHODS]
+    for method in trained:
+        rate = compare.learning_rate(method, compare.model_kind(pretrained), pretrained)
+        assert rate == compare.PRETRAINED_CAUSAL_LR[method], method
+        expected = compare.HEAD_LR if method == compare.HEAD else finetune.DEFAULT_LR[method]
+        assert compare.learning_rate(method, compare.model_kind(default), default) == expected, method
+        assert compare.learning_rate(method, compare.ENCODER, encoder) == compare.ENCODER_LR[method], method
+        overridden = compare.CompareSettings(model=pretrained.model, lr=rate * 3)
+        assert compare.learning_rate(method, compare.CAUSAL, overridden) == rate * 3, method
+    # the rates the pretrained table exists for: the tiny model's left SmolLM2 at one label for everything
+    for method in ("lora", "qlora", "dora", "full"):
+        assert compare.PRETRAINED_CAUSAL_LR[method] < finetune.DEFAULT_LR[method], method
+
+
 def test_the_sentiment_task_holds_its_test_templates_out_and_labels_through_negation():
     s = compare.CompareSettings(steps=50, batch_size=16, eval_size=600, seed=int(torch.randint(1000, ())))
     task = compare.synthetic_task(s, compare.ENCODER)
