@@ -80,8 +80,9 @@ def call_on_new_plan(layer: nn.Module, held: HeldPlan | None, x):
     with x (``layer.new_held_plan(x)``) when the call is one a plan can take and `held` no longer
     holds; None where the layer's own full path must run (training with grad mode on, autocast,
     torch.compile, a plan that holds but did not take this x, a layer no plan applies to)."""
-    if (type(x) is not torch.Tensor or held is not None and held.holds(layer) or layer.training
-            and torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()):
+    # torch.compile first: a traced tensor's version counter cannot be read (holds() would break the graph)
+    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor or layer.training and torch.is_grad_enabled()
+            or torch._C._is_any_autocast_enabled() or held is not None and held.holds(layer)):
         return None
     held = layer.new_held_plan(x)
     return None if held is None else held.call(layer, x)
