@@ -304,9 +304,9 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                    help=f"a subset of {','.join(COMPARE_METHODS)} (default: all)")
     c.add_argument("--model", metavar="NAME|DIR", type=any_model,
                    help="minilm or smollm2 (pretrained, see fastpeft.models) or a local Hugging Face model folder "
-                        "with its tokenizer: a causal LM learns a 4-class rating task, an encoder (BERT-style, "
-                        "told by its config) a sentiment task as a sequence classifier (default: a tiny random "
-                        "Llama)")
+                        "with its tokenizer: a causal LM completes reviews of a sentiment task with their label word, "
+                        "an encoder (BERT-style, told by its config) learns the same task as a sequence classifier "
+                        "(default: a tiny random Llama, on a 4-class rating task its word tokenizer can spell)")
     c.add_argument("--steps", type=positive_int, default=CompareSettings.steps,
                    help="training steps per method (the same batches for each)")
     c.add_argument("--batch-size", type=positive_int, default=CompareSettings.batch_size, help="examples per step")

@@ -5,11 +5,14 @@ final accuracy, printed, as JSON and as a chart.
 The model's kind decides the task and how it is scored (:func:`fastpeft.models.kind_of`, a rule on
 its config, not its name):
 
-* a causal LM (the default tiny random Llama, SmolLM2, any local ``*ForCausalLM`` folder): a
-  synthetic 4-class review classification it must learn. A review is five words, four neutral ones
-  and one that carries the rating (``"awful"``: 1 star ... ``"superb"``: 4 stars), put into the
-  verbalizer template :data:`TEMPLATE`; the answer is the label word after it.
-  ``icl`` / ``icl0`` (few- and zero-shot, no fine-tuning) score prompts with
+* a pretrained causal LM (SmolLM2, any local ``*ForCausalLM`` folder): the encoder's sentiment task
+  below as text to complete, each review put into :data:`SENTIMENT_TEMPLATE` and answered by a
+  label word (:data:`SENTIMENT_LABEL_WORDS`); the held-out reviews come from the test templates.
+* the default tiny random Llama (its word-level tokenizer knows no English): a synthetic 4-class
+  review classification it must learn. A review is five words, four neutral ones and one that
+  carries the rating (``"awful"``: 1 star ... ``"superb"``: 4 stars), put into the verbalizer
+  template :data:`TEMPLATE`; the answer is the label word after it.
+* for both: ``icl`` / ``icl0`` (few- and zero-shot, no fine-tuning) score prompts with
   :func:`fastpeft.icl.label_probabilities`; every trained method trains on the filled template with
   the loss on the label word only, then is scored zero-shot by the same scorer.
 * an encoder (a BERT-style model: MiniLM, any local masked-LM family folder): binary sentiment of
@@ -110,6 +113,9 @@ TEST_TEMPLATES = [
     ("In short: a {adj} {noun}.", False), ("The {noun} never seemed {adj} to me.", True),
     ("I would hardly describe the {noun} as {adj}.", True), ("The {noun} was far from {adj}.", True),
 ]
+# The sentiment task for a pretrained causal LM: a review, then its label word after this prompt.
+SENTIMENT_TEMPLATE = "Review: {text}\nSentiment: {label}"
+SENTIMENT_LABEL_WORDS = ["negative", "positive"]
 
 
 @dataclass
@@ -153,6 +159,9 @@ class Task:
     eval_texts: list[str]
     eval_labels: list[int]
     shots: list[tuple[str, int]]
+    # a causal LM's verbalizer: the prompt a review fills and the word of each label after it
+    template: str = TEMPLATE
+    label_words: list[str] = field(default_factory=lambda: list(LABEL_WORDS))
 
 
 def reviews(n: int, generator: torch.Generator) -> tuple[list[str], list[int]]:
@@ -191,17 +200,36 @@ def sentiment_reviews(n: int, generator: torch.Generator, templates: list[tuple[
 
 def synthetic_task(s: CompareSettings, kind: str = CAUSAL) -> Task:
     """Training reviews for every step, a held-out evaluation set and the ICL demonstrations: the
-    4-class rating task for a causal LM, the sentiment task (test templates unseen) for an encoder."""
-    if kind == ENCODER:
+    sentiment task (test templates unseen) for an encoder and for a pretrained causal LM (s.model
+    set; its verbalizer SENTIMENT_TEMPLATE), the 4-class rating task for the tiny default."""
+    if kind == ENCODER or s.model is not None:
         def make(n, seed, templates):
             return sentiment_reviews(n, torch.Generator().manual_seed(seed), templates)
-        train, evaluation = make(s.steps * s.batch_size, s.seed + 1, TRAIN_TEMPLATES), make(s.eval_size, s.seed + 2,
-                                                                                            TEST_TEMPLATES)
-        return Task(*train, *evaluation, [])
+        train = make(s.steps * s.batch_size, s.seed + 1, TRAIN_TEMPLATES)
+        evaluation = make(s.eval_size, s.seed + 2, TEST_TEMPLATES)
+        if kind == ENCODER:
+            return Task(*train, *evaluation, [])
+        shots = balanced_shots(*make(8 * s.few_shot, s.seed + 3, TRAIN_TEMPLATES), s.few_shot)
+        return Task(*train, *evaluation, shots, SENTIMENT_TEMPLATE, list(SENTIMENT_LABEL_WORDS))
     train = reviews(s.steps * s.batch_size, torch.Generator().manual_seed(s.seed + 1))
     evaluation = reviews(s.eval_size, torch.Generator().manual_seed(s.seed + 2))
     shot_texts, shot_labels = reviews(s.few_shot, torch.Generator().manual_seed(s.seed + 3))
     return Task(*train, *evaluation, list(zip(shot_texts, shot_labels)))
+
+
+def balanced_shots(texts: list[str], labels: list[int], n: int) -> list[tuple[str, int]]:
+    """n (text, label) demonstrations from the pool, the labels taking turns (0, 1, 0, ...; the
+    pool's order otherwise): SmolLM2 given three seeded draws that were all negative answered
+    "negative" more (3-shot 0.71 against zero-shot 0.76)."""
+    queues = {label: [t for t, y in zip(texts, labels) if y == label] for label in sorted(set(labels))}
+    order = sorted(queues)
+    shots = []
+    for i in range(n):
+        label = order[i % len(order)]
+        if not queues[label]:
+            raise ValueError(f"the pool of {len(texts)} reviews has too few of label {label} for {n} demonstrations")
+        shots.append((queues[label].pop(0), label))
+    return shots
 
 
 def sentiment_vocabulary() -> list[str]:
@@ -270,7 +298,7 @@ def training_batches(task: Task, tokenizer, s: CompareSettings):
     """(input_ids, labels, attention_mask) per step: the filled template, loss on the label word only."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, s.steps * s.batch_size, s.batch_size):
-        encoded = [icl.encode_labelled(tokenizer, TEMPLATE, text, LABEL_WORDS[label])
+        encoded = [icl.encode_labelled(tokenizer, task.template, text, task.label_words[label])
                    for text, label in zip(task.train_texts[start: start + s.batch_size],
                                           task.train_labels[start: start + s.batch_size])]
         width = max(len(ids) for ids, _ in encoded)
@@ -402,8 +430,9 @@ def run_method(method: str, s: CompareSettings) -> dict:
         row.total_params = count_parameters(model)[1]
         base = finetune._rss_mb()
         start = time.perf_counter()
-        row.accuracy = icl.accuracy(model, tokenizer, task.eval_texts, task.eval_labels, TEMPLATE, LABEL_WORDS,
-                                    examples=task.shots if method == ICL else (), batch_size=s.batch_size)
+        row.accuracy = icl.accuracy(model, tokenizer, task.eval_texts, task.eval_labels, task.template,
+                                    task.label_words, examples=task.shots if method == ICL else (),
+                                    batch_size=s.batch_size)
         row.seconds = time.perf_counter() - start
         row.step_ms = 1000 * row.seconds / len(task.eval_texts)
         row.peak_memory_mb = _rss_peak_mb() - base
@@ -426,8 +455,8 @@ def run_method(method: str, s: CompareSettings) -> dict:
     if kind == ENCODER:
         row.accuracy = classifier_accuracy(model, tokenizer, task.eval_texts, task.eval_labels, s)
     else:
-        row.accuracy = icl.accuracy(model, tokenizer, task.eval_texts, task.eval_labels, TEMPLATE, LABEL_WORDS,
-                                    batch_size=s.batch_size)
+        row.accuracy = icl.accuracy(model, tokenizer, task.eval_texts, task.eval_labels, task.template,
+                                    task.label_words, batch_size=s.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         fastpeft.save_adapter(model, os.path.join(tmp, "adapter"))
         folder = os.path.join(tmp, "adapter")
@@ -536,12 +565,16 @@ def plot(rows: list[CompareRow], path: str, chance: float = 1 / len(LABEL_WORDS)
     plt.close(fig)
 
 
-def task_description(kind: str) -> dict:
-    """What the rows were trained and scored on (for the JSON)."""
+def task_description(kind: str, model: str | None = None) -> dict:
+    """What the rows were trained and scored on (for the JSON): the task of synthetic_task for a
+    model of `kind` from folder `model` (None: the tiny default)."""
+    sentiment = dict(train_templates=TRAIN_TEMPLATES, test_templates=TEST_TEMPLATES, adjectives=SENTIMENT_WORDS,
+                     subjects=SUBJECTS, negated_share=NEGATED_SHARE, chance=1 / len(LABEL_NAMES))
     if kind == ENCODER:
-        return dict(kind=kind, task="binary sentiment, sequence classification", label_names=LABEL_NAMES,
-                    train_templates=TRAIN_TEMPLATES, test_templates=TEST_TEMPLATES, adjectives=SENTIMENT_WORDS,
-                    subjects=SUBJECTS, chance=1 / len(LABEL_NAMES))
+        return dict(kind=kind, task="binary sentiment, sequence classification", label_names=LABEL_NAMES, **sentiment)
+    if model is not None:
+        return dict(kind=kind, task="binary sentiment, label word scored", template=SENTIMENT_TEMPLATE,
+                    label_words=SENTIMENT_LABEL_WORDS, **sentiment)
     return dict(kind=kind, task="4-class ratings, label word scored", template=TEMPLATE, label_words=LABEL_WORDS,
                 chance=1 / len(LABEL_WORDS))
 
@@ -549,12 +582,13 @@ def task_description(kind: str) -> dict:
 def run(s: CompareSettings, json_path: str | None = None, plot_path: str | None = None,
         title: str = "") -> list[CompareRow]:
     kind = model_kind(s)  # a folder that is neither kind is refused before any row runs
-    chance = task_description(kind)["chance"]
+    description = task_description(kind, s.model)
+    chance = description["chance"]
     rows = compare(s)
     print(format_table(rows, chance))
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(dict(settings=asdict(s), **task_description(kind), rows=[asdict(r) for r in rows]), f,
+            json.dump(dict(settings=asdict(s), **description, rows=[asdict(r) for r in rows]), f,
                       indent=2)
             f.write("\n")
         print(f"wrote {json_path}")

@@ -297,3 +297,64 @@ def test_a_stored_survey_has_every_method_measured_or_refused(path):
         else:
             assert not r["error"] and 0 < r["accuracy"] <= 1 and r["step_ms"] > 0, method
             assert r["trainable_params"] > 0 or method in compare.ICL_METHODS, method
+
+
+# ---------------------------------------------------------------- a pretrained causal LM from a folder
+
+@pytest.fixture(scope="module")
+def tiny_causal_dir(tmp_path_factory):
+    """A tiny random Llama folder with a word-level tokenizer over the sentiment task's words and its
+    verbalizer: what compare sees of SmolLM2 (a causal LM from a folder), at a tiny model's cost."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny-causal")
+    prompt = compare.SENTIMENT_TEMPLATE.replace("{text}", " ").replace("{label}", " ".join(compare.SENTIMENT_LABEL_WORDS))
+    tok = compare.word_tokenizer(compare.sentiment_vocabulary() + [prompt])
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      architectures=["LlamaForCausalLM"], bos_token_id=tok.bos_token_id,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=None)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_pretrained_causal_lm_gets_the_sentiment_task_as_text_to_complete(tiny_causal_dir):
+    """A causal LM from a folder learns the encoder's sentiment task (test templates unseen) through
+    SENTIMENT_TEMPLATE, the loss on its label word; its demonstrations take turns by label."""
+    s = compare.CompareSettings(model=tiny_causal_dir, steps=2, batch_size=4, eval_size=32, few_shot=4,
+                                seed=int(torch.randint(1000, ())))
+    task = compare.synthetic_task(s, compare.model_kind(s))
+    assert task.template == compare.SENTIMENT_TEMPLATE and task.label_words == compare.SENTIMENT_LABEL_WORDS
+    sentiment = compare.synthetic_task(s, compare.ENCODER)  # the same reviews as the encoder's
+    assert (task.train_texts, task.eval_texts, task.eval_labels) == (sentiment.train_texts, sentiment.eval_texts,
+                                                                     sentiment.eval_labels)
+    assert [y for _, y in task.shots] == [0, 1, 0, 1]
+    tok = compare.load_tokenizer(s)
+    ids, labels, _ = next(compare.training_batches(task, tok, s))
+    answers = labels[labels != -100]  # one label token per review: its label word
+    assert answers.tolist() == [tok.convert_tokens_to_ids(compare.SENTIMENT_LABEL_WORDS[y])
+                                for y in task.train_labels[:4]]
+    assert compare.task_description(compare.CAUSAL, s.model)["chance"] == 0.5
+    assert compare.task_description(compare.CAUSAL)["label_words"] == compare.LABEL_WORDS  # the tiny default's
+
+
+def test_balanced_shots_take_turns_and_refuse_a_short_pool():
+    texts, labels = ["a", "b", "c", "d", "e"], [1, 1, 0, 1, 0]
+    assert compare.balanced_shots(texts, labels, 4) == [("c", 0), ("a", 1), ("e", 0), ("b", 1)]
+    with pytest.raises(ValueError, match="too few of label 0 for 5 demonstrations"):
+        compare.balanced_shots(texts, labels, 5)
+
+
+def test_compare_on_a_causal_folder_scores_every_row_on_the_sentiment_task(tiny_causal_dir, tmp_path):
+    s = compare.CompareSettings(model=tiny_causal_dir, methods=["icl0", "icl", "lora", "head"], steps=3,
+                                batch_size=4, eval_size=8, fresh_process=False, progress=False)
+    report = tmp_path / "compare.json"
+    rows = {r.method: r for r in compare.run(s, json_path=str(report))}
+    for r in rows.values():
+        assert not r.error and not r.not_applicable, (r.method, r.error)
+        assert r.accuracy in {k / 8 for k in range(9)}
+    assert rows["lora"].first_loss > 0 and rows["lora"].checkpoint_bytes > 0
+    saved = json.loads(report.read_text())
+    assert saved["task"] == "binary sentiment, label word scored" and saved["chance"] == 0.5
+    assert saved["template"] == compare.SENTIMENT_TEMPLATE
