@@ -103,9 +103,13 @@ def bench(args) -> int:
         raise SystemExit("fastpeft bench: --check goes with --static")
     device = _device(args)
     ops = fb.selected(args.op, args.quick)
-    with tqdm(total=sum(len(op.cases(device, args.quick)) for op in ops), desc="fastpeft bench", unit="case",
+    try:
+        fb.check_labels(ops, device, args.quick, args.case)
+    except ValueError as e:
+        raise SystemExit(f"fastpeft bench: --case: {e}") from None
+    with tqdm(total=fb.count_cases(device, args.quick, args.op, args.case), desc="fastpeft bench", unit="case",
               disable=args.no_progress, file=sys.stderr) as progress:
-        rows = fb.run(ops, device, args.quick, progress)
+        rows = fb.run(ops, device, args.quick, progress, args.case)
     env = fb.environment(device)
     print(fb.format_tables(rows))
     path = args.json or f"bench-{datetime.date.today().isoformat()}-{device}.json"
@@ -259,6 +263,9 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                    help=f"only this op's cases; repeatable; one of {', '.join(fb.ALL_OPS)} (default: every kernel op; "
                         f"{', '.join(fb.MODEL_OPS)}: end to end on SmolLM2-135M, generation and a QLoRA step beside "
                         "bitsandbytes, PEFT and bf16, run when named, and with --quick on a tiny random Llama)")
+    b.add_argument("--case", action="append", metavar="LABEL",
+                   help="only the cases with this label (as the tables print it: decode, prefill, "
+                        "'4-bit generation'...); repeatable (default: every case of the chosen ops)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--static", action="store_true",
                    help="no kernel runs: compile each GPU case's Triton launches as the JIT does, for sm_90 and sm_80, "

@@ -67,11 +67,16 @@ def quantize_model(model: nn.Module, double_quant: bool = False, blocksize: int 
         except re.error as e:
             raise ValueError(f"quantize_model: skip_modules entry {entry!r} is not a valid pattern ({e})") from None
     skip = full_precision_modules(model) if skip_modules is None else list(skip_modules)
-    chosen = [(name, module) for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and not _skipped(name, skip)]
-    for name, module in chosen:
+    for name in quantized_module_names(model, skip):
+        module = model.get_submodule(name)
         replace_module(model, name, Linear4bit.from_linear(module, blocksize, double_quant, quant_storage))
     return model
+
+
+def quantized_module_names(model: nn.Module, skip_modules: list[str]) -> list[str]:
+    """Names of the ``nn.Linear`` layers :func:`quantize_model` replaces when it keeps `skip_modules`."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not _skipped(name, skip_modules)]
 
 
 _QUANT_STATE_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"

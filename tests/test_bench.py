@@ -181,6 +181,9 @@ def test_e2e_quick_runs_each_path_beside_its_peer():
     assert set(by_label) == {e2e.GENERATE, e2e.ADAPTER_GENERATE, e2e.QLORA_STEP}
     has_bnb = "bitsandbytes" in by_label[e2e.GENERATE]["times_ms"]
     assert has_bnb == (importlib.util.find_spec("bitsandbytes") is not None)
+    assert {"bf16", "fastpeft", "floor"} <= set(by_label[e2e.GENERATE]["times_ms"])
+    generate = by_label[e2e.GENERATE]
+    assert generate["ratios"]["bf16/floor"] == generate["times_ms"]["bf16"] / generate["times_ms"]["floor"]
     assert set(by_label[e2e.ADAPTER_GENERATE]["times_ms"]) == {"bf16", "fastpeft", "peft"}
     assert set(by_label[e2e.QLORA_STEP]["times_ms"]) == {"bf16", "fastpeft"} | ({"peft+bitsandbytes"} if has_bnb else set())
     for row in rows:
@@ -197,6 +200,13 @@ def test_e2e_quick_runs_each_path_beside_its_peer():
     model = e2e.load_fastpeft_nf4(folder, "cpu")
     assert isinstance(model.model.layers[0].mlp.down_proj, fastpeft.nn.Linear4bit)
     assert type(model.lm_head) is torch.nn.Linear
+    # the floor: the same layers answer zeros, the output layer is the bf16 model's
+    floor = e2e.load_floor(folder, "cpu")
+    quantised = {n for n, m in model.named_modules() if isinstance(m, fastpeft.nn.Linear4bit)}
+    assert quantised and quantised == {n for n, m in floor.named_modules() if isinstance(m, e2e.ZeroLinear)}
+    assert type(floor.lm_head) is torch.nn.Linear
+    x = torch.randn(2, 3, model.config.intermediate_size)
+    assert torch.equal(floor.model.layers[0].mlp.down_proj(x), torch.zeros(2, 3, model.config.hidden_size))
     [case] = [c for c in e2e.cases("cpu", quick=True) if c.label == e2e.ADAPTER_GENERATE]
     variants = e2e.adapter_variants(case, "cpu", quick=True)
     base, pool, peft_out = (variants[n]() for n in ("bf16", "fastpeft", "peft"))

@@ -126,3 +126,14 @@ def test_info_and_a_quick_bench_with_its_chart(tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--no-progress", "--op", "nf4_matmul", "--op", "phm_linear",
                      "--json", str(path)]) == 0
     assert {r["op"] for r in json.loads(path.read_text())["results"]} == {"nf4_matmul", "phm_linear"}
+
+
+def test_bench_case_runs_only_the_cases_of_that_label(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--no-progress", "--op", "e2e", "--case", "4-bit generation",
+                     "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["results"]
+    assert [r["label"] for r in rows] == ["4-bit generation"]
+    with pytest.raises(SystemExit, match="--case: no case is labelled 'prefil' among the chosen ops' cases here "
+                                         "\\('quick'\\)"):
+        cli.main(["bench", "--quick", "--no-progress", "--op", "lora_linear", "--case", "prefil"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 from . import adapter_block, dora_linear, e2e, lora_linear, multi_lora, nf4_matmul, overhead, phm_linear
 from .case import AT_LEAST, AT_MOST, BenchOp, Case, Target
 from .report import environment, format_tables, plot, write_json
-from .runner import run, run_op, time_variants_ms
+from .runner import check_labels, chosen_cases, run, run_op, time_variants_ms
 
 # what `fastpeft bench --op` picks from, in the order the report shows them
 OPS: dict[str, BenchOp] = {m.BENCH.name: m.BENCH for m in (lora_linear, dora_linear, multi_lora, nf4_matmul,
@@ -36,9 +36,10 @@ def selected(names: list[str] | None, quick: bool = False) -> list[BenchOp]:
     return [op for name, op in ALL_OPS.items() if name in names]
 
 
-def count_cases(device: str, quick: bool, names: list[str] | None = None) -> int:
-    return sum(len(op.cases(device, quick)) for op in selected(names, quick))
+def count_cases(device: str, quick: bool, names: list[str] | None = None, labels: list[str] | None = None) -> int:
+    return sum(len(chosen_cases(op, device, quick, labels)) for op in selected(names, quick))
 
 
-__all__ = ["OPS", "MODEL_OPS", "ALL_OPS", "AT_LEAST", "AT_MOST", "BenchOp", "Case", "Target", "count_cases", "environment", "format_tables",
+__all__ = ["OPS", "MODEL_OPS", "ALL_OPS", "AT_LEAST", "AT_MOST", "BenchOp", "Case", "Target", "check_labels",
+           "chosen_cases", "count_cases", "environment", "format_tables",
            "plot", "run", "run_op", "selected", "time_variants_ms", "write_json"]

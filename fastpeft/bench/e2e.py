@@ -5,7 +5,10 @@ each of fastpeft's paths beside its peer on the same weights, timed interleaved 
   (``bf16``, the baseline), the same model with :func:`fastpeft.quantize_model` (``fastpeft``, NF4,
   double quantisation, computing in bf16) and loaded by transformers with bitsandbytes NF4
   (``bitsandbytes``: the same settings, in eval mode, its fastest CPU path: it repacks its weights
-  for its AVX512_BF16 kernel outside training only).
+  for its AVX512_BF16 kernel outside training only). ``floor``: the bf16 model with every layer
+  quantize_model would quantise answering zeros at once: what the rest of a token costs (attention,
+  norms, the output layer, generate's own work), the least any 4-bit model could take; bf16/floor
+  is the most a faster quantised layer could gain over bf16 on this machine.
 * ``8-adapter generation``: a batch of 8 requests, each with its own of 8 LoRA adapters (r = 16,
   every linear layer), 64 new tokens each: the base model without adapters (``bf16``), a
   :class:`fastpeft.AdapterPool` and PEFT's ``generate(..., adapter_names=[...])`` (``peft``; its
@@ -116,6 +119,29 @@ def load_fastpeft_nf4(folder: str, device: str):
     return quantize_model(load_bf16(folder, device), double_quant=True).eval()
 
 
+class ZeroLinear(torch.nn.Module):
+    """A linear layer that costs nothing: zeros of its output's shape (the floor variant)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def load_floor(folder: str, device: str):
+    """The bf16 model with every linear layer quantize_model would quantise (the output layer and
+    heads kept, by the same rule) replaced by a ZeroLinear."""
+    from ..quantize import full_precision_modules, quantized_module_names
+    from ..targeting import replace_module
+
+    model = load_bf16(folder, device)
+    for name in quantized_module_names(model, full_precision_modules(model)):
+        replace_module(model, name, ZeroLinear(model.get_submodule(name).out_features))
+    return model
+
+
 def prompt_ids(folder: str, batch: int, device: str, quick: bool) -> torch.Tensor:
     """[batch, seq] token ids: the prompt through the model's tokenizer, or for --quick seeded random ids."""
     if quick:
@@ -150,6 +176,7 @@ def generate_variants(case: Case, device: str, quick: bool) -> Variants:
     peer = load_bitsandbytes(folder, device)
     if peer is not None:
         out["bitsandbytes"] = generation(peer, ids, tokens)
+    out["floor"] = generation(load_floor(folder, device), ids, tokens)
     return out
 
 
@@ -244,10 +271,13 @@ def variants(case: Case, device: str) -> Variants:
 
 
 def derive_ratios(rows: list[dict]) -> None:
-    """Per-token times of the generations: a call's time over its new tokens."""
+    """Per-token times of the generations: a call's time over its new tokens; where the floor ran,
+    bf16/floor, the most any quantised layer could speed bf16's generation up here."""
     for row in rows:
         if "new_tokens" in row:
             row["ms_per_token"] = {name: ms / row["new_tokens"] for name, ms in row["times_ms"].items()}
+        if "floor" in row["times_ms"]:
+            row["ratios"]["bf16/floor"] = row["times_ms"]["bf16"] / row["times_ms"]["floor"]
 
 
 # One warm-up call (bitsandbytes repacks its weights on its first eval call), then 5 timed rounds:

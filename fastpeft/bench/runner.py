@@ -110,10 +110,16 @@ def ratio_value(key: str, row: dict) -> float | None:
     return times[a] / times[b] if a in times and b in times else None
 
 
-def run_op(bench_op: BenchOp, device: str, quick: bool, progress=None) -> list[dict]:
-    """Result rows of every case of one op, its targets checked."""
+def chosen_cases(bench_op: BenchOp, device: str, quick: bool, labels: list[str] | None = None) -> list[Case]:
+    """The op's cases for the device, only those whose label is one of `labels` when given."""
+    cases = bench_op.cases(device, quick)
+    return cases if labels is None else [case for case in cases if case.label in labels]
+
+
+def run_op(bench_op: BenchOp, device: str, quick: bool, progress=None, labels: list[str] | None = None) -> list[dict]:
+    """Result rows of every case of one op (of those labelled `labels`, when given), its targets checked."""
     warmup, rounds = repetitions(device, quick) if quick or bench_op.repetitions is None else bench_op.repetitions
-    cases, rows = bench_op.cases(device, quick), []
+    cases, rows = chosen_cases(bench_op, device, quick, labels), []
     for case in cases:
         variants = bench_op.variants(case, device)
         if progress is not None:
@@ -136,5 +142,17 @@ def run_op(bench_op: BenchOp, device: str, quick: bool, progress=None) -> list[d
     return rows
 
 
-def run(ops: list[BenchOp], device: str, quick: bool, progress=None) -> list[dict]:
-    return [row for bench_op in ops for row in run_op(bench_op, device, quick, progress)]
+def run(ops: list[BenchOp], device: str, quick: bool, progress=None, labels: list[str] | None = None) -> list[dict]:
+    """Result rows of the ops' cases (those labelled `labels`, when given: check_labels first)."""
+    return [row for bench_op in ops for row in run_op(bench_op, device, quick, progress, labels)]
+
+
+def check_labels(ops: list[BenchOp], device: str, quick: bool, labels: list[str] | None) -> None:
+    """Raise ValueError naming every label in `labels` that no case of `ops` has, and the labels they have."""
+    if labels is None:
+        return
+    known = list(dict.fromkeys(case.label for bench_op in ops for case in bench_op.cases(device, quick)))
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ValueError(f"no case is labelled {', '.join(map(repr, unknown))} among the chosen ops' cases here "
+                         f"({', '.join(map(repr, known))})")
