@@ -203,11 +203,13 @@ def record_case(op: str, case: Case, arch: int) -> list[aot.Launch]:
         return []
     with aot.target_arch(arch), aot.record_launches() as launches:
         PLANS[op](case, DTYPES[case.dtype])
-    own = [aot.jit_spec(launch, arch) for launch in launches]
+    def plan_of(recorded):  # kernels, grids and constants: the same plan launches the same code
+        return [(launch.name, launch.grid, sorted(launch.kwargs.items())) for launch in recorded]
+    own = plan_of(launches)
     for label, plan in VARIANTS.get(op, lambda c: {})(case).items():
         with aot.target_arch(arch), aot.record_launches() as more:
             plan(case, DTYPES[case.dtype])
-        if [aot.jit_spec(launch, arch) for launch in more] != own:
+        if plan_of(more) != own:
             launches += [dataclasses.replace(launch, variant=label) for launch in more]
     return launches
 
