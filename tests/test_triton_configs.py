@@ -46,6 +46,13 @@ CHILD = textwrap.dedent('''
             lora_linear.lora_linear_bwd(torch.empty(M, N, dtype=dtype, **meta), x, w, a, b, s, 2.0)
         return launches
 
+    def fused_shrink_launches(M, dtype, r, N=4096, K=4096):
+        x, w = torch.empty(M, K, dtype=dtype, **meta), torch.empty(N, K, dtype=dtype, **meta)
+        a, b = torch.empty(r, K, dtype=dtype, **meta), torch.empty(N, r, dtype=dtype, **meta)
+        with aot.record_launches() as launches:
+            lora_linear.fused_shrink_matmul(x, w, None, a, b, 2.0)
+        return launches
+
     # 1. the JIT's specialisation
     (launch,) = nf4_launches(1, torch.bfloat16)   # decode: the GEMV, split in two for 14336 rows
     spec = aot.jit_spec(launch, 90)
@@ -77,10 +84,18 @@ CHILD = textwrap.dedent('''
                 assert lora_linear.matmul_tile(4096, torch.bfloat16, torch.device("cuda"), 64) == "large_99k"
             if arch == 90:
                 assert lora_linear.matmul_tile(4096, torch.bfloat16, torch.device("cuda"), 64) == "large"
+            # the fused-shrink kernel at every rank block, the large tile and a smaller one (M = 1024)
+            launches += [launch for r in (16, 32, 64) for M in (4096, 1024)
+                         for launch in fused_shrink_launches(M, torch.bfloat16, r)]
         for launch in launches:
             shared, sass, usage = static.compile_and_read(aot.jit_spec(launch, arch), arch)
             assert shared <= limit, (arch, launch.name, dict(aot.jit_spec(launch, arch).constexprs), shared, limit)
             assert usage["REG"] > 0 and sass.instructions > 0
+            if launch.name == "_fused_shrink_matmul_kernel" and not (arch < 90 and
+                                                                     dict(launch.kwargs)["BLOCK_R"] == 64):
+                # no spill, not even to the stack (the tile rule keeps the 128x256 tile off sm_8x),
+                # except sm_8x at BLOCK_R 64, which the mode rule never takes
+                assert usage["LOCAL"] == 0 and usage["STACK"] == 0, (arch, dict(launch.kwargs), usage)
             checked += 1
     print("checked", checked)
 ''')

@@ -50,20 +50,22 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import aot
+from ..kernels._common import GPU_ROOFLINE
 from . import OPS
 from .case import Case
 
 # What the estimate assumes of each architecture (the GPU the project measures on, and the A100).
 # bandwidth: effective HBM bytes/s (issue 15: 4.3 TB/s of the H200's 4.8); flops: dense bf16/fp16
 # tensor-core peak; clock: boost, for instruction issue (4 warp-instructions per SM per cycle).
+# bandwidth and flops: fastpeft/kernels/_common.py's GPU_ROOFLINE, which the launchers' cost rules read too.
 MACHINES = {
-    90: dict(gpu="H200", sms=aot.SM_COUNT[90], bandwidth=4.3e12, flops=790e12, clock=1.98e9, smem_per_sm=233472, max_warps=64,
+    90: dict(gpu="H200", sms=aot.SM_COUNT[90], **GPU_ROOFLINE[90], clock=1.98e9, smem_per_sm=233472, max_warps=64,
              max_ctas=32),
-    80: dict(gpu="A100-80GB", sms=aot.SM_COUNT[80], bandwidth=1.8e12, flops=312e12, clock=1.41e9, smem_per_sm=167936,
+    80: dict(gpu="A100-80GB", sms=aot.SM_COUNT[80], **GPU_ROOFLINE[80], clock=1.41e9, smem_per_sm=167936,
              max_warps=64, max_ctas=32),
-    86: dict(gpu="RTX 3090/A10", sms=aot.SM_COUNT[86], bandwidth=0.85e12, flops=71e12, clock=1.7e9, smem_per_sm=102400,
+    86: dict(gpu="RTX 3090/A10", sms=aot.SM_COUNT[86], **GPU_ROOFLINE[86], clock=1.7e9, smem_per_sm=102400,
              max_warps=48, max_ctas=16),
-    89: dict(gpu="RTX 4090/L40S", sms=aot.SM_COUNT[89], bandwidth=0.9e12, flops=165e12, clock=2.5e9, smem_per_sm=102400,
+    89: dict(gpu="RTX 4090/L40S", sms=aot.SM_COUNT[89], **GPU_ROOFLINE[89], clock=2.5e9, smem_per_sm=102400,
              max_warps=48, max_ctas=24),
 }
 DRAM_LATENCY_S = 620e-9
@@ -114,6 +116,31 @@ def _lora(case: Case, dt):
         _face("lora_linear_bwd")(_meta(M, N, dtype=dt), x, w, a, b, s, 2.0, None)
 
 
+def _lora_variants(case: Case) -> dict:
+    """The LoRA forward's plans the launcher did not take, for the comparison (:func:`lora_paths_table`):
+    the other Triton mode (fused-shrink, or shrink + fused GEMM) and the base GEMM alone."""
+    if case.training:
+        return {}
+    from ..kernels import lora_linear as kl
+    M, K, N, r = (case.dims[k] for k in "MKNr")
+
+    def inputs(dt):
+        return _meta(M, K, dtype=dt), _meta(N, K, dtype=dt), _meta(r, K, dtype=dt), _meta(N, r, dtype=dt)
+
+    def fused_shrink(case, dt):
+        x, w, a, b = inputs(dt)
+        kl.fused_shrink_matmul(x, w, None, a, b, 2.0)
+
+    def shrink_then_fused(case, dt):
+        x, w, a, b = inputs(dt)
+        kl.shrink_then_fused(x, w, None, a, b, 2.0)
+
+    def base(case, dt):
+        x, w, _, _ = inputs(dt)
+        kl.fused_matmul(x, w, None, None, None, 0.0)
+    return {"fused shrink": fused_shrink, "shrink + fused": shrink_then_fused, "base GEMM": base}
+
+
 def _multi_lora(case: Case, dt):
     from ..ops.adapter_batch import AdapterBatch
     T, K, N, r, U = (case.dims[k] for k in ("T", "K", "N", "r", "U"))
@@ -155,6 +182,11 @@ def _dora(case: Case, dt):
         _face("dora_linear_bwd")(_meta(M, N, dtype=dt), x, w, a, b, magnitude, s, z, norm, 2.0, None)
 
 
+# op -> (case) -> {label: plan}: launches of plans the launcher does not take at the case, compiled
+# and estimated beside its own (rows labelled with the variant; the launcher's own plan repeated
+# under its label is dropped).
+VARIANTS = {"lora_linear": _lora_variants}
+
 PLANS = {"dora_linear": _dora, "nf4_matmul": _nf4, "lora_linear": _lora, "multi_lora": _multi_lora, "phm_linear": _phm,
          "adapter_block": _adapter_block}
 
@@ -171,6 +203,14 @@ def record_case(op: str, case: Case, arch: int) -> list[aot.Launch]:
         return []
     with aot.target_arch(arch), aot.record_launches() as launches:
         PLANS[op](case, DTYPES[case.dtype])
+    def plan_of(recorded):  # kernels, grids and constants: the same plan launches the same code
+        return [(launch.name, launch.grid, sorted(launch.kwargs.items())) for launch in recorded]
+    own = plan_of(launches)
+    for label, plan in VARIANTS.get(op, lambda c: {})(case).items():
+        with aot.target_arch(arch), aot.record_launches() as more:
+            plan(case, DTYPES[case.dtype])
+        if plan_of(more) != own:
+            launches += [dataclasses.replace(launch, variant=label) for launch in more]
     return launches
 
 
@@ -335,6 +375,10 @@ def trips_and_flops(launch: aot.Launch) -> tuple[int | None, float]:
                 2.0 * a["BLOCK_M"] * split * _cdiv(a["N_OUT"], a["BLOCK_N"]) * a["BLOCK_N"] * split * a["K_PART"])
     if name == "_fused_matmul_kernel":
         return _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["M"] * a["N"] * (a["K"] + a["R"])
+    if name == "_fused_shrink_matmul_kernel":  # x·Aᵀ recomputed by every program, at the MMA's BLOCK_R width
+        programs = _cdiv(a["M"], a["BLOCK_M"]) * _cdiv(a["N"], a["BLOCK_N"] * a["N_GROUP"])
+        return (a["N_GROUP"] * _cdiv(a["K"], a["BLOCK_K"]),
+                2.0 * a["M"] * a["N"] * (a["K"] + a["R"]) + 2.0 * programs * a["BLOCK_M"] * a["K"] * a["BLOCK_R"])
     if name == "_shrink_kernel":  # each program reduces one part of K
         return _cdiv(min(a["K_PART"], a["K"]), a["BLOCK_K"]), 2.0 * a["M"] * a["R"] * a["K"]
     if name == "_adapter_block_fwd_kernel":
@@ -365,6 +409,8 @@ def useful_flops(launch: aot.Launch) -> float:
     a = _bound_args(launch)
     if launch.name == "_nf4_gemv_kernel":
         return 2.0 * a["M"] * a["N_OUT"] * a["K_PART"] * a["SPLIT"]
+    if launch.name == "_fused_shrink_matmul_kernel":  # x·Aᵀ once
+        return 2.0 * a["M"] * a["N"] * (a["K"] + a["R"]) + 2.0 * a["M"] * a["K"] * a["R"]
     return trips_and_flops(launch)[1]
 
 
@@ -393,6 +439,7 @@ class Row:
     problems: list
     sm_waves: float = 0.0      # programs / SMs: below 1, SMs sit idle for the whole launch
     short_grid_reason: str | None = None   # the launcher's, for a grid below one wave
+    variant: str = ""          # a plan the launcher did not take at this case (VARIANTS), or ""
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
@@ -455,7 +502,8 @@ def analyse(op: str, case: Case, arch: int, launch: aot.Launch, compiled: dict) 
     return Row(op, f"{case.label} {case.mode} {case.shape} {case.dtype}", arch, launch.name, config, grid,
                usage.get("REG", 0), usage.get("LOCAL", 0), shared, aot.SMEM_PER_BLOCK_OPTIN[arch], ctas, limiter,
                round(waves, 2), sass.instructions, loop_bytes, in_flight, round(instr_per_byte, 3),
-               est * 1e6, ideal * 1e6, gemv, problems, round(grid / m["sms"], 2), launch.short_grid_reason)
+               est * 1e6, ideal * 1e6, gemv, problems, round(grid / m["sms"], 2), launch.short_grid_reason,
+               launch.variant)
 
 
 # ---------------------------------------------------------------- the C++ CUDA faces
@@ -649,9 +697,11 @@ def format_table(rows: list[Row]) -> str:
 
 
 def face_of(row: Row) -> str:
-    """The face a row's launch belongs to: the C++ CUDA kernels or the Triton ones (alternatives,
-    never summed together)."""
-    return "cuda" if row.kernel.startswith("cuda ") else "triton"
+    """The face a row's launch belongs to: the C++ CUDA kernels or the Triton ones, a plan the
+    launcher did not take labelled apart (alternatives, never summed together)."""
+    if row.kernel.startswith("cuda "):
+        return "cuda"
+    return f"triton: {row.variant}" if row.variant else "triton"
 
 
 def case_totals(rows: list[Row]) -> list[tuple[str, str, int, str, float, float]]:
@@ -688,6 +738,54 @@ def estimates_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def lora_paths_table(rows: list[Row]) -> str:
+    """The LoRA forward's ways at each case above the CUDA GEMV's rows: the compiled-code estimate
+    of each Triton plan (MMA at the dense peak) beside the launchers' cost rule
+    (``fastpeft.kernels.lora_linear.fwd_estimates``: MMA at MMA_EFFICIENCY of the peak), the rule's
+    cuBLAS paths, each over the rule's cuBLAS base GEMM (what the bench's 1.05x target divides by),
+    and what the rule picks."""
+    from ..kernels import lora_linear as kl
+    from .variants import DTYPES
+    totals: dict = {}
+    for op, case, arch, face, est, _ in case_totals([r for r in rows if r.op == "lora_linear"]):
+        totals[(case, arch, face)] = est
+    own_mode = {}
+    for r in rows:
+        if r.op == "lora_linear" and not r.variant and r.kernel.startswith("_fused"):
+            own_mode[(r.case, r.arch)] = "fused shrink" if r.kernel == "_fused_shrink_matmul_kernel" else \
+                "shrink + fused"
+    lines = ["| case | sm | path | compiled-code estimate µs | **cost-rule estimate µs** | rule / cuBLAS base GEMM | "
+             "taken |", "|" + "---|" * 7]
+    for op, case in bench_cases():
+        M = case.dims.get("M", 0)
+        if op != "lora_linear" or case.training or M <= GEMV_M:
+            continue
+        label = f"{case.label} {case.mode} {case.shape} {case.dtype}"
+        K, N, r = (case.dims[k] for k in "KNr")
+        for arch in sorted({a for (c, a) in own_mode if c == label}, reverse=True):
+            with aot.target_arch(arch):
+                est = kl.fwd_estimates(M, N, K, r, DTYPES[case.dtype])
+                mode = kl.fwd_mode(M, N, K, r, DTYPES[case.dtype])
+                face = kl.fastest_fwd_face(M, N, K, r, DTYPES[case.dtype], torch.device("cuda"))
+            base = est["base"]
+
+            def compiled(variant):
+                face_label = "triton" if own_mode[(label, arch)] == variant else f"triton: {variant}"
+                value = totals.get((label, arch, face_label))
+                return "–" if value is None else f"{value:.1f}"
+            for name, key, variant in (("Triton: shrink, then fused GEMM", "shrink_then_fused", "shrink + fused"),
+                                       ("Triton: fused shrink (one launch)", "fused_shrink", "fused shrink"),
+                                       ("cuBLAS: s·Bᵀ (+ bias), then addmm_ with it as C", "cublas", None),
+                                       ("cuBLAS: base GEMM x·Wᵀ alone", "base", None),
+                                       ("Triton: base GEMM alone", None, "base GEMM")):
+                rule = est.get(key) if key else None
+                taken = ("yes" if (key == mode and face == "triton") or (key == "cublas" and face == "cuda") else "")
+                lines.append(f"| {label} | {arch} | {name} | {compiled(variant) if variant else '–'} | "
+                             + (f"**{rule * 1e6:.1f}** | {rule / base:.3f}x" if rule is not None else "– | –")
+                             + f" | {taken} |")
+    return "\n".join(lines)
+
+
 def report(rows: list[Row]) -> str:
     failures, known = check(rows)
     archs = sorted({r.arch for r in rows}, reverse=True)
@@ -703,7 +801,8 @@ def report(rows: list[Row]) -> str:
     reasons = list(dict.fromkeys(f"sm_{r.arch} {r.kernel.strip('_')} [{r.case}]: {r.short_grid_reason}"
                                  for r in rows if r.short_grid_reason))
     out = [head, "", format_table(rows), ""] + [f"† below one wave: {line}" for line in reasons] + \
-        ["", estimates_table(rows), ""]
+        ["", estimates_table(rows), "", "LoRA forward above the GEMV rows: every path (ESTIMATES)", "",
+         lora_paths_table(rows), ""]
     out += [f"FAILED {f}" for f in failures] + [f"known failure: {k}" for k in known]
     out.append(f"static checks: {len(failures)} failures, {len(known)} known failures "
                f"(spills, shared memory over a block's limit, NF4/LoRA GEMV under {MIN_IN_FLIGHT // 1024} KB in flight "

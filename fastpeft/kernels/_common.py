@@ -125,6 +125,34 @@ def take_short_grid_note() -> str | None:
     return reason
 
 
+# ---------------------------------------------------------------- roofline figures
+
+# What an architecture computes and moves per second: dense bf16/fp16 tensor-core peak (FLOP/s)
+# and effective HBM bandwidth (bytes/s; issue 15: 4.3 TB/s of the H200's 4.8). The static model
+# (fastpeft/bench/static.py) and the launchers' cost rules (kernels/lora_linear.py: fwd_estimates)
+# read them here: H200, A100-80GB, RTX 3090/A10, RTX 4090/L40S.
+GPU_ROOFLINE = {90: dict(flops=790e12, bandwidth=4.3e12), 80: dict(flops=312e12, bandwidth=1.8e12),
+                86: dict(flops=71e12, bandwidth=0.85e12), 89: dict(flops=165e12, bandwidth=0.9e12)}
+_arch_override: list[int | None] = [None]
+_archs: dict[int, int] = {}             # device index -> its planning architecture, read once
+
+
+def set_arch_override(arch: int | None) -> None:
+    """Cost rules plan for sm_`arch` instead of the device's (see set_smem_limit_override); None restores."""
+    _arch_override[0] = arch
+
+
+def gpu_arch(device: torch.device) -> int:
+    """The compute capability (90 for sm_90) whose figures plan launches on `device`: the override
+    when set; sm_90 off CUDA (the interpreter plans for it); else the device's, or the nearest known
+    one below it (an unknown newer part is planned as the newest known), cached per device index."""
+    def nearest(props):
+        arch = props.major * 10 + props.minor
+        known = [a for a in sorted(GPU_ROOFLINE) if a <= arch]
+        return known[-1] if known else min(GPU_ROOFLINE)
+    return _per_device(device, _arch_override, _archs, 90, nearest)
+
+
 def fitting(tiles, limit: int):
     """The first of `tiles` (each ending in its shared memory in bytes, as compiled) within `limit`."""
     for tile in tiles:

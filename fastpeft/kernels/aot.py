@@ -21,8 +21,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from ._common import (SM_COUNT, SMEM_PER_BLOCK_OPTIN, set_sm_count_override, set_smem_limit_override,
-                      take_short_grid_note)
+from ._common import (SM_COUNT, SMEM_PER_BLOCK_OPTIN, set_arch_override, set_sm_count_override,
+                      set_smem_limit_override, take_short_grid_note)
 
 
 
@@ -35,6 +35,7 @@ class Launch:
     args: tuple
     kwargs: dict = field(default_factory=dict)
     short_grid_reason: str | None = None   # why the grid is below one wave, as the launcher noted it
+    variant: str = ""   # the static model's label of a launch from a plan the launcher did not choose
 
     @property
     def name(self) -> str:
@@ -96,15 +97,17 @@ def record_launches() -> Iterator[list[Launch]]:
 
 @contextlib.contextmanager
 def target_arch(arch: int) -> Iterator[None]:
-    """Launchers inside choose their tiles for sm_`arch`'s shared memory per block and their grids
-    for its SM count, whatever device their tensors are on."""
+    """Launchers inside choose their tiles for sm_`arch`'s shared memory per block, their grids
+    for its SM count and their cost rules for its roofline, whatever device their tensors are on."""
     set_smem_limit_override(SMEM_PER_BLOCK_OPTIN[arch])
     set_sm_count_override(SM_COUNT.get(arch))
+    set_arch_override(arch)
     try:
         yield
     finally:
         set_smem_limit_override(None)
         set_sm_count_override(None)
+        set_arch_override(None)
 
 
 def _backend(arch: int):

@@ -79,13 +79,27 @@ def lora_linear_fwd_reference(x, weight, bias, lora_a, lora_b, scaling, x_lora=N
     return y, s
 
 
-def _choose_fwd_cuda(device, x, *args):
-    # The CUDA face is a fused GEMV for decode; prefill-sized M goes to the fused Triton GEMM.
-    # By design, not yet by measurement: the static model (sm_90, 4096², r = 16) puts the CUDA GEMV
-    # at 7.8 us for M = 1 and 19.8 for M = 16, Triton at 7.9 for both, but Triton's decode is three
-    # launches (split shrink, its sum, fused GEMM) against one, and the model leaves launch cost
-    # out. The first GPU run of `fastpeft bench` decides.
-    return ("cuda", "triton", "torch") if x.shape[0] <= 16 else ("triton", "cuda", "torch")
+def fwd_face_order_cuda(device, x, weight, bias, lora_a, *rest):
+    """The forward's faces on a CUDA device, best first, for these arguments."""
+    # M <= 16: the CUDA face's fused GEMV first. By design, not yet by measurement: the static
+    # model (sm_90, 4096², r = 16) puts the CUDA GEMV at 7.8 us for M = 1 and 19.8 for M = 16,
+    # Triton at 7.9 for both, but Triton's decode is three launches (split shrink, its sum, fused
+    # GEMM) against one, and the model leaves launch cost out. The first GPU run of `fastpeft bench`
+    # decides.
+    M = x.shape[0]
+    if M <= 16:
+        return ("cuda", "triton", "torch")
+    # Above: the Triton face (fused-shrink kernel, or shrink + fused GEMM) or the CUDA face's cuBLAS
+    # composition (the delta as the GEMM's C operand), whichever the Triton face's cost rule
+    # (fastpeft/kernels/lora_linear.py: fwd_estimates, its efficiencies MMA_EFFICIENCY) puts first.
+    # fp32 (another MMA peak) and a loop-traced symbolic shape keep Triton first.
+    dims = (M, weight.shape[0], x.shape[1], lora_a.shape[0])
+    if x.dtype == torch.float32 or not all(type(d) is int for d in dims) or \
+            not lora_linear_fwd.has_face("triton", "cuda"):
+        return ("triton", "cuda", "torch")
+    from ..kernels.lora_linear import fastest_fwd_face  # loaded with the Triton face (has_face above)
+    return ("triton", "cuda", "torch") if fastest_fwd_face(*dims, x.dtype, device) == "triton" else \
+        ("cuda", "triton", "torch")
 
 
 # The forward's derivative: the backward op below, declared once here for every way the op is called.
@@ -113,7 +127,7 @@ lora_linear_fwd = _registry.define(
     "lora_linear_fwd",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor? x_lora=None)"
     " -> (Tensor, Tensor)",
-    check=_check_fwd, fake=_fake_fwd, reference=lora_linear_fwd_reference, choose={"cuda": _choose_fwd_cuda},
+    check=_check_fwd, fake=_fake_fwd, reference=lora_linear_fwd_reference, choose={"cuda": fwd_face_order_cuda},
     triton="lora_linear", cpp=("cpu", "cuda"), setup_context=_setup_fwd, backward=_backward_fwd)
 
 
