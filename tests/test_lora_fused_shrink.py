@@ -175,7 +175,8 @@ def test_the_ops_cuda_rule_orders_the_faces_by_the_estimates(monkeypatch):
         a, b = torch.empty(16, 4096, device="meta", dtype=dtype), torch.empty(N, 16, device="meta", dtype=dtype)
         return fwd_face_order_cuda(torch.device("cuda"), x, w, None, a, b, 2.0, None)
     with at_arch(monkeypatch, 90):
-        assert order(16, 4096)[0] == "cuda"          # the GEMV
+        assert order(1, 4096)[0] == order(7, 4096)[0] == "cuda"          # the GEMV
+        assert order(8, 4096)[0] == order(16, 4096)[0] == "triton"        # the GEMV's FMAs bind
         assert order(4096, 4096) == ("cuda", "triton", "torch")
         assert order(4096, 4096, torch.float32)[0] == "triton"
     with at_arch(monkeypatch, 80):

@@ -79,16 +79,24 @@ def lora_linear_fwd_reference(x, weight, bias, lora_a, lora_b, scaling, x_lora=N
     return y, s
 
 
+# Up to this many rows the CUDA face's GEMV goes first on a GPU (fwd_face_order_cuda says why).
+CUDA_GEMV_FIRST_ROWS = 7
+
+
 def fwd_face_order_cuda(device, x, weight, bias, lora_a, *rest):
     """The forward's faces on a CUDA device, best first, for these arguments."""
-    # M <= 16: the CUDA face's fused GEMV first. By design, not yet by measurement: the static
-    # model (sm_90, 4096², r = 16) puts the CUDA GEMV at 7.8 us for M = 1 and 19.8 for M = 16,
-    # Triton at 7.9 for both, but Triton's decode is three launches (split shrink, its sum, fused
-    # GEMM) against one, and the model leaves launch cost out. The first GPU run of `fastpeft bench`
-    # decides.
+    # M <= 16: each face is a small pipeline: the CUDA face's x·Aᵀ (at::mm) then its fused GEMV (two
+    # launches); the Triton face's split shrink, its sum, then the fused GEMM (three). Static-model
+    # estimates (sm_90, 4096², r = 16, bf16; README's static section): the CUDA GEMV 7.8 us at
+    # M = 1, where it streams W at the roofline, and 19.8 at M = 16, where its FMAs bind (1.24 us a
+    # row); Triton 7.9 at both. Taking the GEMV as the larger of the two bounds, max(7.8, 1.24·M),
+    # and one launch more for Triton as about 2 us (an assumption: the model leaves launches out),
+    # the CUDA face is ahead up to M = 7 and behind from M = 8 (9.9 us). A GPU run replaces this.
     M = x.shape[0]
-    if M <= 16:
+    if M <= CUDA_GEMV_FIRST_ROWS:
         return ("cuda", "triton", "torch")
+    if M <= 16:
+        return ("triton", "cuda", "torch")
     # Above: the Triton face (fused-shrink kernel, or shrink + fused GEMM) or the CUDA face's cuBLAS
     # composition (the delta as the GEMM's C operand), whichever the Triton face's cost rule
     # (fastpeft/kernels/lora_linear.py: fwd_estimates, its efficiencies MMA_EFFICIENCY) puts first.
