@@ -72,11 +72,7 @@ DRAM_LATENCY_S = 620e-9
 MIN_IN_FLIGHT = 20 * 1024      # bytes per SM an NF4/LoRA GEMV must keep in flight (issue 15)
 GEMV_M = 16
 # Known failures of the checks, by (op, kernel, what failed): the issue that tracks each.
-KNOWN = {
-    ("multi_lora", "_sgmv_shrink_kernel", "below one wave"): "issue 15 item 8 (SGMV grids: kernels/bgmv.py)",
-    ("multi_lora", "_sgmv_expand_kernel", "below one wave"): "issue 15 item 8 (SGMV grids: kernels/bgmv.py)",
-    ("phm_linear", "_phm_grad_factor_kernel", "below one wave"): "issue 15 item 8 (PHM factor gradients)",
-}
+KNOWN: dict[tuple[str, str, str], str] = {}
 
 
 def _tool(name: str) -> str:
