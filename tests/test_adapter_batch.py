@@ -102,3 +102,16 @@ def test_per_sequence_ids_of_a_decode_step_are_the_tokens_ids():
     prompt = AdapterBatch.build(ids, S, tokens_per_row=3, per_sequence=True)
     assert torch.equal(prompt.adapter_ids, ids.to(torch.int32).repeat_interleave(3))
     assert torch.equal(prompt.per_sequence.adapter_ids, ids.to(torch.int32))
+
+
+def test_gpu_ids_take_sgmv_from_the_static_models_threshold():
+    """Ids on the CPU switch to SGMV at SEGMENT_MIN_TOKENS (16); ids anywhere else (a GPU; meta
+    tensors here, as the static model records a GPU's launches) at SEGMENT_MIN_TOKENS_GPU (64)."""
+    from fastpeft.ops.adapter_batch import SEGMENT_MIN_TOKENS_GPU, segment_min_tokens
+    assert (SEGMENT_MIN_TOKENS, SEGMENT_MIN_TOKENS_GPU) == (16, 64)
+    assert segment_min_tokens(torch.device("cpu")) == 16 and segment_min_tokens(torch.device("meta")) == 64
+    for T in (16, 32, 63, 64, 65):
+        cpu = AdapterBatch.from_ids(torch.zeros(T, dtype=torch.int32), S)
+        gpu = AdapterBatch.from_ids(torch.zeros(T, dtype=torch.int32, device="meta"), S)
+        assert cpu.prefers_segments()
+        assert gpu.prefers_segments() == (T >= 64), T

@@ -82,11 +82,13 @@ def cuda_face():
 
 @pytest.mark.parametrize("device,backend", cuda_face())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,N,R", [(64, 4096 + 3, 16), (5, 300, 7), (9, 257, 64), (3, 40, 1)])
+@pytest.mark.parametrize("T,N,R", [(64, 4096 + 3, 16), (5, 300, 7), (9, 257, 64), (3, 40, 1), (1, 4096, 16),
+                                   (8, 4096 + 5, 16)])
 def test_cuda_expand_thread_per_feature_matches_the_reference(device, backend, dtype, T, N, R):
     """csrc/cuda/bgmv.cu's expand (a thread per output feature, the rank in 16-byte steps when it
-    divides, scalar otherwise, s in shared memory): ranks 1 to 64, N beyond whole blocks, slots
-    mixed with -1, and B as a transposed view (scalar path)."""
+    divides, scalar otherwise, s in shared memory, blocks narrowed down to a warp for a few tokens:
+    T = 1 and 8 at N = 4096 take 32 and 128 threads on a 132-SM GPU): ranks 1 to 64, N beyond
+    whole blocks, slots mixed with -1, and B as a transposed view (scalar path)."""
     K = 32
     a, b, scalings = stacks(K, N, R, dtype, device, ranks=tuple(min(r, R) for r in (1, 3, 8, 2, 5, 8)))
     ids = torch.randint(-1, b.shape[0], (T,), dtype=torch.int32, device=device)
@@ -97,3 +99,21 @@ def test_cuda_expand_thread_per_feature_matches_the_reference(device, backend, d
         with on_face(backend):
             got = bgmv_expand(base, s, factors, scalings, ids)
         assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("device,backend", cuda_face())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,K,R", [(1, 4096, 16), (8, 4096 + 3, 16), (64, 4096, 64), (5, 45, 1), (3, 1, 7)])
+def test_cuda_shrink_block_per_pair_matches_the_reference(device, backend, dtype, T, K, R):
+    """csrc/cuda/bgmv.cu's shrink (a block per (token, rank) pair, K shared by its 128 threads, their
+    sums added in a fixed order): one token, K off the 16-byte step and shorter than a block's
+    share, rank 1 to 64, slots mixed with -1; the same bits on a second run."""
+    a, _, _ = stacks(K, 8, R, dtype, device, ranks=tuple(min(r, R) for r in (1, 3, 8, 2, 5, 8)))
+    ids = torch.randint(-1, a.shape[0], (T,), dtype=torch.int32, device=device)
+    x = torch.randn(T, K, dtype=dtype, device=device)
+    expected = bgmv_shrink_reference(x.float(), a.float(), ids)
+    with on_face(backend):
+        got = bgmv_shrink(x, a, ids)
+        again = bgmv_shrink(x, a, ids)
+    assert_close(got, expected, dtype)
+    assert torch.equal(got, again)

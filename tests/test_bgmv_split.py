@@ -48,7 +48,7 @@ def test_triton_shrink_matches_reference(T, K, R, parts, dtype):
     with aot.record_launches() as launches:  # what the launcher launches, nothing run
         triton_bgmv.bgmv_shrink(x, a, ids)
     names = [launch.name for launch in launches]
-    assert names == ["_bgmv_shrink_kernel"] + (["_bgmv_split_sum_kernel"] if parts > 1 else []), names
+    assert names == ["_bgmv_shrink_kernel"] + (["_sum_parts_kernel"] if parts > 1 else []), names
     assert launches[0].grid[2] == parts
     with on_face("triton"):
         s = bgmv_shrink(x, a, ids)
@@ -125,9 +125,10 @@ def test_decode_layer_trains_through_the_split(dtype):
 def test_aot_list_holds_every_launch(monkeypatch):
     """Every launch the shrink makes on a GPU (one part and split, each rank block) has its
     configuration in aot_configs, which CI compiles (the GPU's tiles: not the interpreter's)."""
+    from fastpeft.kernels import _common
     monkeypatch.setattr(triton_bgmv, "triton_interpreting", lambda: False)
     listed = {(kernel.fn.__name__, tuple(sorted(constexprs.items())), sig.get("out_ptr", sig.get("s_ptr")))
-              for kernel, sig, constexprs, _ in triton_bgmv.aot_configs()}
+              for kernel, sig, constexprs, _ in (*triton_bgmv.aot_configs(), *_common.aot_configs())}
     import fastpeft.kernels.bgmv as mod
     meta = dict(device="meta", dtype=torch.bfloat16)
     for T, R in [(64, 16), (1, 16), (200, 16), (64, 64), (8, 32), (300, 64), (4, 8)]:

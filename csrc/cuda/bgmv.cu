@@ -1,9 +1,12 @@
 // CUDA face of fastpeft::bgmv_shrink / bgmv_expand, for decode: every token its own adapter.
-// Shrink gives a warp one (token, rank) pair and streams the factor row A[slot, r, :] against
-// x[t, :] with 16-byte loads; expand gives a thread one (token, feature) pair and the whole rank
-// (a warp per output element, as before, left T·N warps of a few loads each: 262k at T = 64,
-// N = 4096). The slot is read per token; a slot outside [0, S)
-// (including -1) means "no adapter": s = 0, out = base, nothing of the factors is read.
+// Shrink gives a block one (token, rank) pair: its kShrinkThreads threads stream the factor row
+// A[slot, r, :] against x[t, :] with 16-byte loads, each a share of K, summed across the block (a
+// warp per pair in 8-warp blocks made T·R/8 blocks: 16 at T = 8, rank 16, an eighth of an H200's
+// 132 SMs; a block per pair makes 128). Expand gives a thread one (token, feature) pair and the
+// whole rank (a warp per output element, as before, left T·N warps of a few loads each: 262k at
+// T = 64, N = 4096), in blocks narrowed for a few tokens until the grid covers the SMs. The slot is
+// read per token; a slot outside [0, S) (including -1) means "no adapter": s = 0, out = base,
+// nothing of the factors is read.
 #include "../lora_gather.h"
 #include "common.cuh"
 
@@ -15,30 +18,42 @@ namespace fastpeft {
 namespace {
 
 using cuda::kWarpSize;
-constexpr int kWarps = 8;
-constexpr int kExpandThreads = 256;  // output features per expand block, one per thread
+// Threads of a shrink block: a (token, rank) pair's K shared by 4 warps, so a 4096-wide bf16 row is
+// 4 trips of 16-byte loads per thread. Blocks: T·R (1024 at T = 64, rank 16; 128 at T = 8).
+constexpr int kShrinkThreads = 128;
+constexpr int kExpandThreads = 256;  // output features per expand block, one per thread, at most
 
+// s[t, r] = sum_k A[slot, r, k]·x[t, k], slot = ids[t]; grid (T, R), a block per pair.
 template <typename T, int kVec>
-__global__ void bgmv_shrink_kernel(const T* __restrict__ x, const T* __restrict__ a, const int32_t* __restrict__ ids,
-                                   T* __restrict__ s, int K, int R, int S, int64_t ldx, int64_t a_slot, int64_t a_row,
-                                   int64_t lds) {
+__global__ void __launch_bounds__(kShrinkThreads)
+    bgmv_shrink_kernel(const T* __restrict__ x, const T* __restrict__ a, const int32_t* __restrict__ ids,
+                       T* __restrict__ s, int K, int R, int S, int64_t ldx, int64_t a_slot, int64_t a_row,
+                       int64_t lds) {
+  __shared__ float warp_sums[kShrinkThreads / kWarpSize];
   const int t = blockIdx.x;
-  const int r = blockIdx.y * kWarps + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  if (r >= R) return;  // whole warp
+  const int r = blockIdx.y;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int slot = ids[t];
   float acc = 0.f;
-  if (slot >= 0 && slot < S) {  // uniform across the warp
-    acc = cuda::warp_sum(cuda::lane_dot<T, kVec>(a + slot * a_slot + r * a_row, x + t * ldx, K, lane));
+  if (slot >= 0 && slot < S) {  // uniform across the block
+    acc = cuda::warp_sum(cuda::lane_dot<T, kVec, kShrinkThreads>(a + slot * a_slot + r * a_row, x + t * ldx, K,
+                                                                  threadIdx.x));
   }
-  if (lane == 0) s[t * lds + r] = static_cast<T>(acc);
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kShrinkThreads / kWarpSize; ++w) total += warp_sums[w];  // a fixed order
+    s[t * lds + r] = static_cast<T>(total);
+  }
 }
 
 // out[t, n] = base[t, n] + scalings[slot]·sum_r s[t, r]·B[slot, n, r], slot = ids[t].
-// grid: (T, ceil(N / kExpandThreads)); a thread per output feature (its B row is R contiguous
-// values, read with 16-byte loads when kVec > 1: adjacent threads read adjacent rows, so a warp's
-// loads are one contiguous stretch), s[t, :] read once per block into shared memory as fp32; no
-// cross-lane reduction.
+// grid: (T, ceil(N / blockDim.x)), blockDim.x <= kExpandThreads (expand_threads); a thread per
+// output feature (its B row is R contiguous values, read with 16-byte loads when kVec > 1: adjacent
+// threads read adjacent rows, so a warp's loads are one contiguous stretch), s[t, :] read once per
+// block into shared memory as fp32; no cross-lane reduction.
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kExpandThreads)
     bgmv_expand_kernel(const T* __restrict__ base, const T* __restrict__ s, const T* __restrict__ b,
@@ -47,7 +62,7 @@ __global__ void __launch_bounds__(kExpandThreads)
                        int64_t b_col, int64_t ldout) {
   extern __shared__ float s_row[];  // [R]
   const int t = blockIdx.x;
-  const int n = blockIdx.y * kExpandThreads + threadIdx.x;
+  const int n = blockIdx.y * blockDim.x + threadIdx.x;
   const int slot = ids[t];
   const bool adapted = slot >= 0 && slot < S;  // uniform across the block
   if (adapted)
@@ -73,6 +88,15 @@ __global__ void __launch_bounds__(kExpandThreads)
       static_cast<T>(cuda::to_float(base[static_cast<int64_t>(t) * ldbase + n]) + acc);
 }
 
+// Threads of an expand block: the widest of 256, 128, 64, 32 whose grid T·ceil(N / threads) gives
+// every SM a block; 32 when none does (one token of a 4096-wide layer: 128 blocks of a warp, short
+// of an H200's 132 SMs by 4, each reading 32 rows of B). T = 8, N = 4096: 128 threads, 256 blocks.
+int expand_threads(int T, int N, int sms) {
+  int threads = kExpandThreads;
+  while (threads > kWarpSize && static_cast<int64_t>(T) * ((N + threads - 1) / threads) < sms) threads /= 2;
+  return threads;
+}
+
 void check_cuda_inputs(const char* op, const at::Tensor& first, std::initializer_list<const at::Tensor*> rest) {
   TORCH_CHECK(first.is_cuda(), op, ": tensors must be on a CUDA device");
   for (const auto* t : rest) TORCH_CHECK(t->device() == first.device(), op, ": all tensors must be on one device");
@@ -92,7 +116,7 @@ at::Tensor bgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const
   const int T = x.size(0), K = x.size(1), S = lora_a.size(0), R = lora_a.size(1);
   at::Tensor s = at::empty({T, R}, x.options());
   if (s.numel() == 0) return s;
-  const dim3 grid(T, (R + kWarps - 1) / kWarps), block(kWarps * kWarpSize);
+  const dim3 grid(T, R), block(kShrinkThreads);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bgmv_shrink", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
@@ -126,7 +150,8 @@ at::Tensor bgmv_expand_cuda(const at::Tensor& base, const at::Tensor& s, const a
   const int T = base.size(0), N = base.size(1), S = lora_b.size(0), R = lora_b.size(2);
   at::Tensor out = at::empty_like(base, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
-  const dim3 grid(T, (N + kExpandThreads - 1) / kExpandThreads), block(kExpandThreads);
+  const int threads = expand_threads(T, N, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const dim3 grid(T, (N + threads - 1) / threads), block(threads);
   const size_t smem = static_cast<size_t>(R) * sizeof(float);
   TORCH_CHECK(smem <= 48 * 1024, "bgmv_expand: rank ", R, " is above ", 48 * 1024 / sizeof(float),
               ", the most the CUDA face keeps in shared memory");

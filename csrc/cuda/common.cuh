@@ -19,13 +19,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Dot product of two rows of length K, split over the lanes of one warp, fp32 partial sums (not
-// yet reduced across lanes). kVec elements per 16-byte load when both rows are 16-byte aligned.
-template <typename T, int kVec>
+// Dot product of two rows of length K, split over kLanes threads (one warp by default; lane in
+// [0, kLanes)), fp32 partial sums (not yet reduced across lanes). kVec elements per 16-byte load
+// when both rows are 16-byte aligned.
+template <typename T, int kVec, int kLanes = kWarpSize>
 __device__ __forceinline__ float lane_dot(const T* __restrict__ a, const T* __restrict__ b, int K, int lane) {
   float acc = 0.f;
   const int k_vec_end = (K / kVec) * kVec;
-  for (int k = lane * kVec; k < k_vec_end; k += kWarpSize * kVec) {
+  for (int k = lane * kVec; k < k_vec_end; k += kLanes * kVec) {
     alignas(16) T av[kVec];
     alignas(16) T bv[kVec];
     if constexpr (kVec > 1) {
@@ -38,7 +39,7 @@ __device__ __forceinline__ float lane_dot(const T* __restrict__ a, const T* __re
 #pragma unroll
     for (int j = 0; j < kVec; ++j) acc += to_float(av[j]) * to_float(bv[j]);
   }
-  for (int k = k_vec_end + lane; k < K; k += kWarpSize) acc += to_float(a[k]) * to_float(b[k]);
+  for (int k = k_vec_end + lane; k < K; k += kLanes) acc += to_float(a[k]) * to_float(b[k]);
   return acc;
 }
 

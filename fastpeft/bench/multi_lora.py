@@ -33,8 +33,9 @@ def cases(device: str, quick: bool) -> list[Case]:
                 Target(VS_ONE_ADAPTER, AT_MOST, 1.15, "8 distinct adapters over one adapter", ISSUE_4), vs_peft)),
             Case("decode", "fwd", "bf16", dims(64, 4096, 4096, 16, 64), (
                 Target(VS_ONE_ADAPTER, AT_MOST, 1.6, "64 distinct adapters over one adapter", ISSUE_4), vs_peft)),
-            # fewer than SEGMENT_MIN_TOKENS tokens: the BGMV kernels, which the T = 64 cases never reach
+            # fewer than SEGMENT_MIN_TOKENS_GPU tokens: the BGMV kernels, which the T = 64 cases never reach
             Case("decode", "fwd", "bf16", dims(8, 4096, 4096, 16, 8)),
+            Case("decode", "fwd", "bf16", dims(1, 4096, 4096, 16, 1)),   # one sequence decoding
         ]
     # "≥ 3x faster than PEFT's mixed batch" read as what the adapters add to the base GEMM, which
     # both pay alike (PEFT's layer took 1.3-1.45x the base alone here).

@@ -30,8 +30,10 @@ sit idle for the whole launch; the launchers plan their grids for the SM count t
 ``fastpeft.kernels.aot.SM_COUNT``), and the tensor-core time counts only the SMs the grid uses.
 
 ``check`` fails on a spill, a launch over an architecture's shared memory per block, an NF4/LoRA
-GEMV (M ≤ 16) with less than 20 KB in flight per SM, or a Triton launch below one wave for which
-the launcher noted no reason (``note_short_grid``: e.g. the whole problem is fewer tiles than SMs);
+GEMV (M ≤ 16) with less than 20 KB in flight per SM, or a launch below one wave for which the
+launcher noted no reason (Triton: ``note_short_grid``, e.g. the whole problem is fewer tiles than
+SMs; CUDA: the reason its plan in :data:`CUDA_PLANS` carries, the C++ launcher's comment mirrored,
+the grid planned for the architecture's SM count as the launcher plans it for the device's);
 known failures name their issue.
 """
 
@@ -72,11 +74,7 @@ DRAM_LATENCY_S = 620e-9
 MIN_IN_FLIGHT = 20 * 1024      # bytes per SM an NF4/LoRA GEMV must keep in flight (issue 15)
 GEMV_M = 16
 # Known failures of the checks, by (op, kernel, what failed): the issue that tracks each.
-KNOWN = {
-    ("multi_lora", "_sgmv_shrink_kernel", "below one wave"): "issue 15 item 8 (SGMV grids: kernels/bgmv.py)",
-    ("multi_lora", "_sgmv_expand_kernel", "below one wave"): "issue 15 item 8 (SGMV grids: kernels/bgmv.py)",
-    ("phm_linear", "_phm_grad_factor_kernel", "below one wave"): "issue 15 item 8 (PHM factor gradients)",
-}
+KNOWN: dict[tuple[str, str, str], str] = {}
 
 
 def _tool(name: str) -> str:
@@ -141,13 +139,14 @@ def _lora_variants(case: Case) -> dict:
     return {"fused shrink": fused_shrink, "shrink + fused": shrink_then_fused, "base GEMM": base}
 
 
-def _multi_lora(case: Case, dt):
+def _multi_lora(case: Case, dt, segments: bool | None = None):
+    """SGMV or BGMV as nn.multi_lora routes the batch on a GPU (`segments` None), or as told."""
     from ..ops.adapter_batch import AdapterBatch
     T, K, N, r, U = (case.dims[k] for k in ("T", "K", "N", "r", "U"))
     batch = AdapterBatch.build(torch.arange(T) % U, U, device=torch.device("meta"))
     a, b = _meta(U, r, K, dtype=dt), _meta(U, N, r, dtype=dt)
     x, base, scal = _meta(T, K, dtype=dt), _meta(T, N, dtype=dt), _meta(U, dtype=torch.float32)
-    if batch.prefers_segments():  # as nn.multi_lora routes it
+    if batch.prefers_segments() if segments is None else segments:
         s = _face("sgmv_shrink")(x, a, *batch.routing)
         _face("sgmv_expand")(base, s, b, scal, *batch.routing)
     else:
@@ -387,20 +386,20 @@ def trips_and_flops(launch: aot.Launch) -> tuple[int | None, float]:
         return _cdiv(a["R"], a["BLOCK_R"]) * _cdiv(a["N"], a["BLOCK_N"]), 2.0 * a["M"] * a["R"] * (2 * a["K"] + a["N"])
     if name == "_bgmv_shrink_kernel":  # each program reduces one part of K
         return _cdiv(min(a["K_PART"], a["K"]), a["BLOCK_K"]), 0.0
-    if name == "_bgmv_split_sum_kernel":
-        return a["PARTS"], 0.0
+    if name == "_sum_parts_kernel":
+        return _cdiv(a["PARTS"], a["BLOCK_P"]), 0.0
     if name == "_bgmv_expand_kernel":
         return _cdiv(a["R"], a["BLOCK_R"]), 0.0
-    if name == "_sgmv_shrink_kernel":
-        return _cdiv(a["K"], a["BLOCK_K"]), 2.0 * a["T"] * a["R"] * a["K"]
+    if name == "_sgmv_shrink_kernel":  # each program reduces one part of K
+        return _cdiv(min(a["K_PART"], a["K"]), a["BLOCK_K"]), 2.0 * a["T"] * a["R"] * a["K"]
     if name == "_sgmv_expand_kernel":
         return _cdiv(a["R"], a["BLOCK_R"]), 2.0 * a["T"] * a["R"] * a["N"]
     if name == "_phm_mix_kernel":
         n = a["NPHM"]
         return n * n * _cdiv(a["D"], a["BLOCK_D"]), 2.0 * a["M"] * n * n * a["P"] * a["D"]
-    if name == "_phm_grad_factor_kernel":
+    if name == "_phm_grad_factor_kernel":  # each program reduces one part of the tokens
         n = a["NPHM"]
-        return _cdiv(a["M"], a["BLOCK_M"]) * n, 2.0 * a["M"] * n * n * a["C"] * a["D"]
+        return _cdiv(min(a["M_PART"], a["M"]), a["BLOCK_M"]) * n, 2.0 * a["M"] * n * n * a["C"] * a["D"]
     return None, 0.0
 
 
@@ -446,8 +445,10 @@ class Row:
 
 
 def grid_problem(grid: int, arch: int, reason: str | None) -> str | None:
-    """The check's complaint about a Triton grid of `grid` programs on sm_`arch`: fewer programs than
-    SMs (SMs idle for the whole launch) with no reason noted by the launcher; None when it passes."""
+    """The check's complaint about a grid of `grid` programs (Triton) or blocks (CUDA) on sm_`arch`:
+    fewer than SMs (SMs idle for the whole launch) with no reason noted by the launcher (a Triton
+    launcher's note_short_grid; for a CUDA launch, its plan here, mirroring the C++ launcher's
+    comment); None when it passes."""
     sms = MACHINES[arch]["sms"]
     if grid >= sms or reason:
         return None
@@ -523,6 +524,10 @@ class CudaLaunch:
     trips: int         # main-loop iterations per thread
     nbytes: int        # unique bytes read and written
     flops: float = 0.0
+    short_grid_reason: str | None = None   # why the grid is below one wave, as the launcher's comment says
+    # global loads per thread per trip of the source loop, when known: the SASS loop unrolled u times
+    # issues u times as many, so it runs trips / u times (ldg_ops / loads_per_trip = u)
+    loads_per_trip: int | None = None
 
 
 def nvcc_cubin(source: str, arch: int, csrc: str = CSRC) -> bytes:
@@ -557,7 +562,7 @@ def read_cuda(source: str, arch: int, functions: tuple[str, ...], csrc: str = CS
 _CUDA_T = {"bf16": ("N3c108BFloat16E", 2), "fp16": ("N3c104HalfE", 2), "fp32": ("f", 4)}
 
 
-def _cuda_nf4(case: Case) -> list[CudaLaunch]:
+def _cuda_nf4(case: Case, arch: int) -> list[CudaLaunch]:
     """csrc/cuda/nf4_matmul.cu, launch_gemv: the decode GEMV (M <= 16, K % 32 == 0); other shapes
     dequantise tiles for cuBLAS (not modelled)."""
     M, K, N = (case.dims[k] for k in "MKN")
@@ -574,7 +579,7 @@ def _cuda_nf4(case: Case) -> list[CudaLaunch]:
                        _cdiv(K, NF4_CUDA_GEMV["weights_per_trip"]), nbytes)]
 
 
-def _cuda_lora(case: Case) -> list[CudaLaunch]:
+def _cuda_lora(case: Case, arch: int) -> list[CudaLaunch]:
     """csrc/cuda/lora_linear.cu, launch_lora_gemv: the fused decode GEMV (M <= 16; s = x·Aᵀ by
     cuBLAS before it, not modelled); other shapes are ATen/cuBLAS."""
     M, K, N, r = (case.dims[k] for k in "MKNr")
@@ -589,20 +594,32 @@ def _cuda_lora(case: Case) -> list[CudaLaunch]:
                        LORA_CUDA_GEMV["threads"], _cdiv(K, 32 * vec * LORA_CUDA_GEMV["loads_per_trip"]), nbytes)]
 
 
-def _cuda_bgmv(case: Case) -> list[CudaLaunch]:
-    """csrc/cuda/bgmv.cu: shrink (a warp per (token, rank)), expand (a thread per (token, feature),
-    kExpandThreads per block, the rank in 16-byte steps), at the bench shape whichever of BGMV and
-    SGMV the batch routes to (the CUDA face is BGMV's)."""
+def _cuda_bgmv(case: Case, arch: int) -> list[CudaLaunch]:
+    """csrc/cuda/bgmv.cu: shrink (a block of kShrinkThreads per (token, rank) pair, K shared by its
+    threads), expand (a thread per (token, feature), expand_threads per block, the rank in 16-byte
+    steps), at the bench shape whichever of BGMV and SGMV the batch routes to (the CUDA face is
+    BGMV's)."""
     T, K, N, r, U = (case.dims[k] for k in ("T", "K", "N", "r", "U"))
     mangled, size = _CUDA_T[case.dtype]
+    sms = MACHINES[arch]["sms"]
     vec = 16 // size
-    warps, expand_threads = 8, 256
+    threads = BGMV_CUDA["shrink_threads"]
     shrink = CudaLaunch("bgmv.cu", f"bgmv_shrink_kernelI{mangled}Li{vec}E", f"bgmv_shrink_kernel<{case.dtype}, {vec}>",
-                        T * _cdiv(r, warps), 32 * warps, _cdiv(K, 32 * vec), (T * K + U * r * K + T * r) * size)
+                        T * r, threads, _cdiv(K, threads * vec), (T * K + U * r * K + T * r) * size,
+                        loads_per_trip=2, short_grid_reason=None if T * r >= sms else (
+                            f"a block per (token, rank) pair: {T} x {r}, K shared by its {threads} threads (a split "
+                            "across blocks would need a second launch to add the parts)"))
+    expand_threads = BGMV_CUDA["expand_threads"]
+    while expand_threads > 32 and T * _cdiv(N, expand_threads) < sms:
+        expand_threads //= 2
     expand_vec = vec if r % vec == 0 else 1
+    expand_blocks = T * _cdiv(N, expand_threads)
     expand = CudaLaunch("bgmv.cu", f"bgmv_expand_kernelI{mangled}Li{expand_vec}E",
-                        f"bgmv_expand_kernel<{case.dtype}, {expand_vec}>", T * _cdiv(N, expand_threads), expand_threads,
-                        _cdiv(r, expand_vec), (2 * T * N + U * N * r + T * r) * size + 4 * U)
+                        f"bgmv_expand_kernel<{case.dtype}, {expand_vec}>", expand_blocks, expand_threads,
+                        _cdiv(r, expand_vec), (2 * T * N + U * N * r + T * r) * size + 4 * U, loads_per_trip=1,
+                        short_grid_reason=None if expand_blocks >= sms else (
+                            f"{T} token(s) x {_cdiv(N, expand_threads)} blocks of one warp, a thread per output "
+                            "feature"))
     return [shrink, expand]
 
 
@@ -612,6 +629,9 @@ CUDA_PLANS = {"nf4_matmul": _cuda_nf4, "lora_linear": _cuda_lora, "multi_lora": 
 # in one pass, kUnroll 16-byte chunks per row per lane per trip of the main loop.
 NF4_CUDA_GEMV = dict(max_rows=16, rows_per_cta=16, threads=256, weights_per_trip=32 * 32 * 4)
 LORA_CUDA_GEMV = dict(max_rows=16, rows_per_cta=16, threads=256, loads_per_trip=4)
+# csrc/cuda/bgmv.cu: kShrinkThreads per (token, rank) block; expand blocks of kExpandThreads, halved
+# (expand_threads, down to a warp) while the grid is below a wave of the device's SMs.
+BGMV_CUDA = dict(shrink_threads=128, expand_threads=256)
 
 
 def analyse_cuda(op: str, case: Case, arch: int, launch: CudaLaunch, compiled: dict) -> Row:
@@ -629,7 +649,10 @@ def analyse_cuda(op: str, case: Case, arch: int, launch: CudaLaunch, compiled: d
     instr_per_byte = sass.instructions * warps / loop_bytes if loop_bytes else float("nan")
     bandwidth = min(m["bandwidth"], in_flight * sms_used / DRAM_LATENCY_S) if in_flight else m["bandwidth"] / 8
     t_mem = launch.nbytes / bandwidth
-    t_issue = sass.instructions * warps * launch.trips * launch.grid / (sms_used * 4 * m["clock"])
+    trips = launch.trips
+    if launch.loads_per_trip and sass.ldg_ops > launch.loads_per_trip:   # an unrolled loop
+        trips = _cdiv(trips, sass.ldg_ops // launch.loads_per_trip)
+    t_issue = sass.instructions * warps * trips * launch.grid / (sms_used * 4 * m["clock"])
     waves = launch.grid / (ctas * m["sms"]) if ctas else float("inf")
     est = max(t_mem, t_issue) * max(1.0, math.ceil(waves) / waves if waves >= 1 else 1.0)
     ideal = max(launch.nbytes / m["bandwidth"], launch.flops / m["flops"])
@@ -639,31 +662,41 @@ def analyse_cuda(op: str, case: Case, arch: int, launch: CudaLaunch, compiled: d
         problems.append(f"spills {usage['LOCAL']} B/thread")
     if gemv and in_flight < MIN_IN_FLIGHT and arch in (80, 90):
         problems.append(f"GEMV with {in_flight / 1024:.1f} KB in flight per SM < {MIN_IN_FLIGHT // 1024} KB")
+    short = grid_problem(launch.grid, arch, launch.short_grid_reason)
+    if short:
+        problems.append(short)
     return Row(op, f"{case.label} {case.mode} {case.shape} {case.dtype}", arch, "cuda " + launch.label,
                f"{launch.threads} threads", launch.grid, usage.get("REG", 0), usage.get("LOCAL", 0), shared,
                aot.SMEM_PER_BLOCK_OPTIN[arch], ctas, limiter, round(waves, 2), sass.instructions, loop_bytes,
                in_flight, round(instr_per_byte, 3), est * 1e6, ideal * 1e6, gemv, problems,
-               round(launch.grid / m["sms"], 2))
+               round(launch.grid / m["sms"], 2), launch.short_grid_reason)
 
 
-def cuda_launches(ops=None, quick: bool = False) -> list[tuple[str, Case, CudaLaunch]]:
-    return [(op, case, launch) for op, case in bench_cases(quick) if (ops is None or op in ops) and op in CUDA_PLANS
-            for launch in CUDA_PLANS[op](case)]
+def cuda_launches(archs, ops=None, quick: bool = False) -> list[tuple[str, Case, int, CudaLaunch]]:
+    """(op, case, arch, launch) of every CUDA launch of the GPU bench cases (of `ops`), its geometry
+    planned for sm_`arch`'s SM count as the C++ launcher plans it for the device's."""
+    return [(op, case, arch, launch) for op, case in bench_cases(quick) if (ops is None or op in ops)
+            and op in CUDA_PLANS for arch in archs for launch in CUDA_PLANS[op](case, arch)]
 
 
 def model(archs=(90, 80), quick: bool = False, ops: list[str] | None = None, workers: int | None = None) -> list[Row]:
     """A row per launch of every GPU bench case (of `ops`) for every architecture; the distinct
     kernels compiled in parallel, one process per core."""
-    import concurrent.futures as cf
-
     launches = [(op, case, arch, launch) for op, case in bench_cases(quick) if ops is None or op in ops
                 for arch in archs for launch in record_case(op, case, arch)]
+    cuda = cuda_launches(archs, ops, quick) if shutil.which("nvcc") or os.environ.get("CUDA_HOME") else []
+    return analyse_all(launches, cuda, workers)
+
+
+def analyse_all(launches, cuda, workers: int | None = None) -> list[Row]:
+    """Rows of recorded Triton launches ``(op, case, arch, launch)`` and CUDA ones, each distinct
+    kernel compiled once, in parallel (one process per core)."""
+    import concurrent.futures as cf
+
     keys = list(dict.fromkeys((aot.jit_spec(launch, arch), arch) for _, _, arch, launch in launches))
-    cuda = cuda_launches(ops, quick) if shutil.which("nvcc") or os.environ.get("CUDA_HOME") else []
     functions: dict = {}
-    for _, _, launch in cuda:
-        for arch in archs:
-            functions.setdefault((launch.source, arch), set()).add(launch.function)
+    for _, _, arch, launch in cuda:
+        functions.setdefault((launch.source, arch), set()).add(launch.function)
     cuda_keys = list(functions)
     with cf.ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         cuda_jobs = [pool.submit(read_cuda, source, arch, tuple(sorted(functions[(source, arch)])))
@@ -671,7 +704,47 @@ def model(archs=(90, 80), quick: bool = False, ops: list[str] | None = None, wor
         compiled = dict(zip(keys, pool.map(compile_and_read, *zip(*keys)))) if keys else {}
         compiled.update(zip(cuda_keys, (job.result() for job in cuda_jobs)))
     return [analyse(op, case, arch, launch, compiled) for op, case, arch, launch in launches] + \
-        [analyse_cuda(op, case, arch, launch, compiled) for op, case, launch in cuda for arch in archs]
+        [analyse_cuda(op, case, arch, launch, compiled) for op, case, arch, launch in cuda]
+
+
+# ---------------------------------------------------------------- BGMV against SGMV by token count
+
+ROUTE_TOKENS = (8, 16, 32, 64)
+ROUTE_ADAPTERS = (1, 8, 64)
+
+
+def route_estimates(archs=(90, 80), tokens=ROUTE_TOKENS, adapters=ROUTE_ADAPTERS,
+                    workers: int | None = None) -> list[tuple[int, int, int, float, float, float]]:
+    """(T, U, arch, BGMV on Triton µs, BGMV on CUDA µs, SGMV on Triton µs): ESTIMATES of both routes
+    of a mixed batch at the multi_lora bench's layer (K = N = 4096, rank 16, bf16), T tokens over
+    min(U, T) adapters, each route's launches summed (launch cost left out, as everywhere here).
+    What ``SEGMENT_MIN_TOKENS_GPU`` (fastpeft/ops/adapter_batch.py) is read from."""
+    from .multi_lora import dims
+    cases = [Case("route", "fwd", "bf16", dims(T, 4096, 4096, 16, min(U, T))) for T in tokens for U in adapters]
+    cases = list({c.shape: c for c in cases}.values())   # U = T reached twice is one case
+    launches, cuda = [], []
+    for case in cases:
+        for arch in archs:
+            for segments, op in ((False, "bgmv"), (True, "sgmv")):
+                with aot.target_arch(arch), aot.record_launches() as recorded:
+                    _multi_lora(case, torch.bfloat16, segments)
+                launches += [(op, case, arch, launch) for launch in recorded]
+            cuda += [("bgmv", case, arch, launch) for launch in _cuda_bgmv(case, arch)]
+    rows = analyse_all(launches, cuda, workers)
+    totals = {(op, case, arch, face): est for op, case, arch, face, est, _ in case_totals(rows)}
+    out = []
+    for case in cases:
+        for arch in archs:
+            label = f"{case.label} {case.mode} {case.shape} {case.dtype}"
+            out.append((case.dims["T"], case.dims["U"], arch, totals[("bgmv", label, arch, "triton")],
+                        totals.get(("bgmv", label, arch, "cuda"), float("nan")), totals[("sgmv", label, arch, "triton")]))
+    return out
+
+
+def routes_table(estimates) -> str:
+    lines = ["| T | U | sm | BGMV triton µs | BGMV cuda µs | SGMV triton µs |", "|" + "---|" * 6]
+    lines += [f"| {T} | {U} | {arch} | {bt:.2f} | {bc:.2f} | {st:.2f} |" for T, U, arch, bt, bc, st in estimates]
+    return "\n".join(lines)
 
 
 def known_issue(row: Row, problem: str) -> str | None:
@@ -806,7 +879,7 @@ def report(rows: list[Row]) -> str:
     out += [f"FAILED {f}" for f in failures] + [f"known failure: {k}" for k in known]
     out.append(f"static checks: {len(failures)} failures, {len(known)} known failures "
                f"(spills, shared memory over a block's limit, NF4/LoRA GEMV under {MIN_IN_FLIGHT // 1024} KB in flight "
-               f"per SM, a Triton grid below one wave of SMs with no reason)")
+               f"per SM, a grid below one wave of SMs with no reason)")
     return "\n".join(out)
 
 
@@ -820,7 +893,15 @@ def main(argv=None) -> int:
     p.add_argument("--op", action="append", choices=list(OPS), help="only these ops (repeatable)")
     p.add_argument("--check", action="store_true", help="exit 1 on a failure that is not a known one")
     p.add_argument("--json", metavar="FILE", help="also write every row as JSON")
+    p.add_argument("--routes", action="store_true",
+                   help="only BGMV against SGMV by token count at the multi_lora bench's layer (estimates)")
     args = p.parse_args(argv)
+    if args.routes:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            raise SystemExit("unset TRITON_INTERPRET: the static model compiles the kernels the interpreter replaces")
+        print("ESTIMATES (static model), launches of each route summed, launch cost left out:")
+        print(routes_table(route_estimates(tuple(int(a) for a in args.arch.split(",")))))
+        return 0
     return run(tuple(int(a) for a in args.arch.split(",")), args.op, args.check, args.json)
 
 

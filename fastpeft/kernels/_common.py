@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
 
@@ -159,3 +160,55 @@ def fitting(tiles, limit: int):
         if tile[-1] <= limit:
             return tile
     return tiles[-1]
+
+
+# ---------------------------------------------------------------- split reductions
+
+@triton.jit
+def _sum_parts_kernel(part_ptr, out_ptr, NUMEL, PARTS, stride_part, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = Σ_h part[h, i] over h < PARTS, fp32, rounded once to out's dtype; part's planes and
+    out contiguous; grid ⌈NUMEL/BLOCK⌉. A trip loads BLOCK_P parts of BLOCK sums at once (64 loads
+    in flight per thread: one trip for up to 64 parts), row j of the accumulator takes parts
+    j, j + BLOCK_P, ... and the rows are summed last: a fixed order, the same sum every run."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    acc = tl.zeros((BLOCK_P, BLOCK), dtype=tl.float32)
+    for h0 in range(0, PARTS, BLOCK_P):
+        h = h0 + tl.arange(0, BLOCK_P)
+        acc += tl.load(part_ptr + h[:, None].to(tl.int64) * stride_part + offs[None, :],
+                       mask=(h < PARTS)[:, None] & mask[None, :], other=0.0)
+    tl.store(out_ptr + offs, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# A sum program: 64 parts x 128 sums per trip (64 fp32 per thread of 4 warps). The split kernels'
+# parts are few sums each (T·R = 1024 for 64 decode tokens at rank 16), so the sum is latency-bound:
+# its bytes in flight are all its loads of a trip, which is why parts are loaded side by side.
+SUM_PARTS_TILE = (64, 128)
+
+
+def sum_parts(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``parts[P, *shape]`` (contiguous float32: the partial sums of a reduction split into P parts)
+    summed over P in a fixed order → a new contiguous ``[*shape]`` tensor of `dtype`. No atomics: a
+    split kernel writes each part to its own plane and this adds them, so every run gives the same
+    result. The split kernels (BGMV and SGMV shrinks, PHM's factor gradients) share it."""
+    count = parts.shape[0]
+    out = torch.empty(parts.shape[1:], device=parts.device, dtype=dtype)
+    numel = out.numel()
+    if numel == 0:
+        return out
+    block_p, block = SUM_PARTS_TILE
+    programs = triton.cdiv(numel, block)
+    if programs < sm_count(parts.device):
+        note_short_grid(f"adds {count} fp32 parts of {numel} sums, {block} per program: {programs} program(s), "
+                        f"{block_p} parts loaded at once")
+    wrap_triton(_sum_parts_kernel)[(programs,)](parts, out, numel, count, parts.stride(0), BLOCK_P=block_p,
+                                                BLOCK=block, num_warps=4)
+    return out
+
+
+def aot_configs():
+    """The split sum for each output dtype (its parts are always float32)."""
+    for tname in TRITON_DTYPES:
+        yield _sum_parts_kernel, {"part_ptr": "*fp32", "out_ptr": f"*{tname}", "NUMEL": "i32", "PARTS": "i32",
+                                  "stride_part": "i32"}, dict(BLOCK_P=SUM_PARTS_TILE[0], BLOCK=SUM_PARTS_TILE[1]), \
+            dict(num_warps=4)

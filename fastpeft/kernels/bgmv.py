@@ -5,7 +5,7 @@ adapter) is a batch of GEMVs: products are summed in fp32 on the vector units ra
 
 The shrink (R outputs per token, a reduction over K) splits K into parts when the tokens and rank
 blocks alone make fewer programs than the device has SMs (:func:`shrink_plan`); the expand (N outputs per
-token) has N/BLOCK_N programs per token already.
+token) has N/BLOCK_N programs per token, BLOCK_N narrowed for a few tokens (:func:`expand_plan`).
 
 Slots outside ``[0, S)`` (including -1) mask every load of the factors: such a token gets s = 0
 and out = base, and no id can make a kernel read out of bounds.
@@ -19,7 +19,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, block_r, note_short_grid, sm_count
+from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, block_r, note_short_grid, sm_count, sum_parts
 
 
 @triton.jit
@@ -57,19 +57,6 @@ def _bgmv_shrink_kernel(
 
 
 @triton.jit
-def _bgmv_split_sum_kernel(part_ptr, s_ptr, NUMEL, R, PARTS, stride_ph, stride_st, stride_sr, BLOCK: tl.constexpr):
-    """s[t, r] = Σ_h part[h, t, r] in the order h = 0..PARTS-1 (the same sum every run), for the
-    flattened index t·R + r of part's contiguous [T, R] planes; grid ⌈T·R/BLOCK⌉."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < NUMEL
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for h in range(PARTS):
-        acc += tl.load(part_ptr + h * stride_ph + offs, mask=mask, other=0.0)
-    t, r = offs // R, offs % R
-    tl.store(s_ptr + t * stride_st + r * stride_sr, acc.to(s_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _bgmv_expand_kernel(
     base_ptr, s_ptr, b_ptr, scal_ptr, ids_ptr, out_ptr,
     N, R, S,
@@ -99,9 +86,13 @@ def _bgmv_expand_kernel(
              mask=n_mask)
 
 
-# BLOCK_N of the expand: 16-byte-per-lane loads of a 4-warp program on the GPU; small under the
-# interpreter so ragged edges are exercised by small tests.
-_BLOCK_N = {"gpu": 128, "interpret": 32}
+# BLOCK_N of the expand, widest first: 128 gives a 4-warp program 16-byte-per-lane loads of its B
+# rows at rank 16; narrower blocks are taken while the grid T·⌈N/BLOCK_N⌉ is below a wave (expand_plan).
+# One decode token of a 4096-wide layer (static-model estimates, sm_90 / sm_80): 128 wide, 32
+# programs, 0.44 / 0.44 us; 64: 0.33 / 0.33; 32: 128 programs, 0.08 / 0.20; 16: 256 programs (a
+# wave on sm_90), 0.10 / 0.26. So 32 is the narrowest, and one token stays 4 programs short of an
+# H200's wave. Small under the interpreter so that ragged edges are exercised by small tests.
+_BLOCK_N = {"gpu": (128, 64, 32), "interpret": (32, 16)}
 # The shrink's accumulator: BLOCK_R·BLOCK_K fp32 entries, 4096 on the GPU (32 registers per thread
 # of a 4-warp program whatever the rank block: BLOCK_K = 256, 128, 64 for BLOCK_R = 16, 32, 64, so a
 # trip loads 8 KB of bf16 A); BLOCK_K 32 under the interpreter, so small tests split K.
@@ -111,8 +102,7 @@ _INTERPRET_BLOCK_K = 32
 # every SM of the device a program (sm_count: 132 on an H100/H200). A decode batch of 64 tokens at
 # rank 16 is 64 programs unsplit; 4 parts of 4 trips make 256 (an even split: wave_split's fewest
 # parts would give 5, 5, 5, 1 trips). The parts' fp32 sums are added in a fixed order by a second
-# kernel: no atomics, the same result every run.
-_SPLIT_SUM_BLOCK = 512
+# kernel (_common.sum_parts): no atomics, the same result every run.
 
 
 def _gpu_shrink_block_k(rb: int) -> int:
@@ -140,36 +130,37 @@ def shrink_plan(T: int, K: int, R: int, sms: int) -> tuple[int, int, int, int, s
     return rb, bk, parts, k_part, reason
 
 
-def _expand_block_n() -> int:
-    return _BLOCK_N["interpret" if triton_interpreting() else "gpu"]
+def expand_plan(T: int, N: int, sms: int) -> tuple[int, str | None]:
+    """(BLOCK_N, why the grid stays below `sms` programs or None) of the expand of T tokens to N
+    outputs: the widest block of _BLOCK_N whose grid T·⌈N/BLOCK_N⌉ reaches `sms`, else the
+    narrowest (narrower still is estimated slower: _BLOCK_N's comment)."""
+    choices = _BLOCK_N["interpret" if triton_interpreting() else "gpu"]
+    for block_n in choices:
+        if T * triton.cdiv(N, block_n) >= sms:
+            return block_n, None
+    programs = T * triton.cdiv(N, block_n)
+    return block_n, (f"{T} token(s) x {triton.cdiv(N, block_n)} blocks of {block_n} outputs: {programs} programs "
+                     f"(blocks narrower than {block_n} estimated slower)")
 
 
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
     """Triton face of ``fastpeft::bgmv_shrink`` (shapes: fastpeft/ops/bgmv.py)."""
     T, K = x.shape
     S, R, _ = lora_a.shape
-    s = torch.empty((T, R), device=x.device, dtype=x.dtype)
-    if s.numel() == 0:
-        return s
+    if T * R == 0:
+        return torch.empty((T, R), device=x.device, dtype=x.dtype)
     rb, bk, parts, k_part, reason = shrink_plan(T, K, R, sm_count(x.device))
     # one part: the sums go to s; more: to fp32 planes [parts, T, R], added after
-    out = s if parts == 1 else torch.empty((parts, T, R), device=x.device, dtype=torch.float32)
+    out = torch.empty((T, R), device=x.device, dtype=x.dtype) if parts == 1 else \
+        torch.empty((parts, T, R), device=x.device, dtype=torch.float32)
     plane = out.stride(0) if parts > 1 else 0
-    ot, orr = (out.stride(1), out.stride(2)) if parts > 1 else (s.stride(0), s.stride(1))
     if reason:
         note_short_grid(reason)
     wrap_triton(_bgmv_shrink_kernel)[(T, triton.cdiv(R, rb), parts)](
         x, lora_a, adapter_ids, out, K, k_part, R, S,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), plane, ot, orr,
-        BLOCK_K=bk, BLOCK_R=rb, num_warps=4)
-    if parts > 1:
-        sums = triton.cdiv(T * R, _SPLIT_SUM_BLOCK)
-        if sums < sm_count(x.device):
-            note_short_grid(f"adds {parts} fp32 parts of {T * R} sums, {_SPLIT_SUM_BLOCK} per program: {sums} "
-                            "program(s), a few reads of each part")
-        wrap_triton(_bgmv_split_sum_kernel)[(triton.cdiv(T * R, _SPLIT_SUM_BLOCK),)](
-            out, s, T * R, R, parts, out.stride(0), s.stride(0), s.stride(1), BLOCK=_SPLIT_SUM_BLOCK, num_warps=4)
-    return s
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), plane, out.stride(-2),
+        out.stride(-1), BLOCK_K=bk, BLOCK_R=rb, num_warps=4)
+    return out if parts == 1 else sum_parts(out, x.dtype)
 
 
 def bgmv_expand(base: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scalings: torch.Tensor,
@@ -180,11 +171,9 @@ def bgmv_expand(base: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scali
     out = torch.empty_like(base)
     if out.numel() == 0:
         return out
-    block_n = _expand_block_n()
-    programs = T * triton.cdiv(N, block_n)
-    if programs < sm_count(base.device):
-        note_short_grid(f"{T} token(s) x {triton.cdiv(N, block_n)} blocks of {block_n} outputs: {programs} programs, "
-                        "each reading its B rows once (a few tokens of a narrow layer)")
+    block_n, reason = expand_plan(T, N, sm_count(base.device))
+    if reason:
+        note_short_grid(reason)
     wrap_triton(_bgmv_expand_kernel)[(T, triton.cdiv(N, block_n))](
         base, s, lora_b, scalings, adapter_ids, out, N, R, S,
         base.stride(0), base.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
@@ -195,8 +184,7 @@ def bgmv_expand(base: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scali
 
 def aot_configs():
     """Every launch the launchers make: each dtype and rank block; the shrink writing s (one part)
-    or fp32 planes (a split K), the split sum (the number of parts an argument), the expand."""
-    block_n = _BLOCK_N["gpu"]
+    or fp32 planes (a split K; their sum is _common's), the expand at each of its BLOCK_N."""
     i32 = "i32"
     for tname in TRITON_DTYPES:
         ptr = f"*{tname}"
@@ -207,12 +195,10 @@ def aot_configs():
                     "S": i32, **{f: i32 for f in ("stride_xt", "stride_xk", "stride_as", "stride_ar", "stride_ak",
                                                   "stride_oh", "stride_ot", "stride_or")}}, \
                     dict(BLOCK_K=_gpu_shrink_block_k(rb), BLOCK_R=rb), dict(num_warps=4)
-            yield _bgmv_expand_kernel, {
-                "base_ptr": ptr, "s_ptr": ptr, "b_ptr": ptr, "scal_ptr": "*fp32", "ids_ptr": "*i32", "out_ptr": ptr,
-                "N": i32, "R": i32, "S": i32,
-                **{f: i32 for f in ("stride_baset", "stride_basen", "stride_st", "stride_sr", "stride_bs",
-                                    "stride_bn", "stride_br", "stride_ot", "stride_on")}}, \
-                dict(BLOCK_N=block_n, BLOCK_R=rb), dict(num_warps=4)
-        yield _bgmv_split_sum_kernel, {
-            "part_ptr": "*fp32", "s_ptr": ptr, "NUMEL": i32, "R": i32, "PARTS": i32, "stride_ph": i32,
-            "stride_st": i32, "stride_sr": i32}, dict(BLOCK=_SPLIT_SUM_BLOCK), dict(num_warps=4)
+            for block_n in _BLOCK_N["gpu"]:
+                yield _bgmv_expand_kernel, {
+                    "base_ptr": ptr, "s_ptr": ptr, "b_ptr": ptr, "scal_ptr": "*fp32", "ids_ptr": "*i32",
+                    "out_ptr": ptr, "N": i32, "R": i32, "S": i32,
+                    **{f: i32 for f in ("stride_baset", "stride_basen", "stride_st", "stride_sr", "stride_bs",
+                                        "stride_bn", "stride_br", "stride_ot", "stride_on")}}, \
+                    dict(BLOCK_N=block_n, BLOCK_R=rb), dict(num_warps=4)

@@ -15,7 +15,9 @@ all the work (indices: m token, a/b block, i term, c/d columns of a block):
         ``dAᵢ[a, b] = ⟨dy[:, a]·Bᵢ, x[:, b]⟩``; the shares are summed on the host (deterministic).
 ``_phm_grad_factor_kernel``  ``out[i, c, d] = Σ_m Σ_b (Σ_a rule[i, a, b]·l[m, a, i, c])·r[m, b, i, d]``
     The gradient of B (l = dy, r = x), and of S and T in the low-rank case: a GEMM reducing over
-    the tokens whose left operand is mixed by Aᵢ in registers as it is loaded.
+    the tokens whose left operand is mixed by Aᵢ in registers as it is loaded. A small gradient
+    (Compacter's rank-1 factors: n·⌈C/BC⌉ tiles, 64 at n = 4) splits the tokens across programs
+    until the grid fills the SMs (``factor_plan``), the parts summed in a fixed order.
 
 Tiles come from a fixed table keyed by NB = n rounded up to a power of two (≤ 16), so every
 configuration launched is listed in ``aot_configs`` and compiled ahead of time by CI.
@@ -29,7 +31,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision
+from ._common import (TRITON_DTYPES, bf16_via_fp32, dot, input_precision, note_short_grid, sm_count, sum_parts,
+                      wave_split)
 
 MAX_PHM_DIM = 16
 
@@ -92,16 +95,19 @@ def _phm_mix_kernel(
 @triton.jit
 def _phm_grad_factor_kernel(
     l_ptr, rule_ptr, r_ptr, out_ptr,
-    M, NPHM, C, D,
+    M, NPHM, C, D, M_PART,
     stride_lm, stride_la, stride_li, stride_lc,
     stride_ri, stride_ra, stride_rb,
     stride_xm, stride_xb, stride_xi, stride_xd,
-    stride_oi, stride_oc, stride_od,
+    stride_op, stride_oi, stride_oc, stride_od,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
 ):
-    """out[i, c, d] = Σ_m Σ_b (Σ_a rule[i, a, b]·l[m, a, i, c])·r[m, b, i, d]; grid (n, ⌈C/BC⌉, ⌈D/BD⌉)."""
-    i = tl.program_id(0)
+    """out[p, i, c, d] = Σ_m Σ_b (Σ_a rule[i, a, b]·l[m, a, i, c])·r[m, b, i, d] over the tokens of
+    part p, m in [p·M_PART, (p+1)·M_PART) ∩ [0, M) (M_PART a multiple of BLOCK_M); grid
+    (parts·n, ⌈C/BC⌉, ⌈D/BD⌉), axis 0 = p·n + i. One part: out is the gradient itself (stride_op unused)."""
+    i = tl.program_id(0) % NPHM
+    part = tl.program_id(0) // NPHM
     pid_c = tl.program_id(1)
     pid_d = tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -111,9 +117,11 @@ def _phm_grad_factor_kernel(
     d_mask = offs_d < D
     a_mask = offs_a < NPHM
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    m_start = part * M_PART
+    m_stop = tl.minimum(m_start + M_PART, M)
+    for m0 in range(m_start, m_stop, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
+        m_mask = offs_m < m_stop
         m64 = offs_m.to(tl.int64)
         left = tl.load(l_ptr + offs_a[:, None, None] * stride_la + m64[None, :, None] * stride_lm + i * stride_li
                        + offs_c[None, None, :] * stride_lc,
@@ -126,7 +134,7 @@ def _phm_grad_factor_kernel(
             right = tl.load(r_ptr + m64[:, None] * stride_xm + b * stride_xb + i * stride_xi
                             + offs_d[None, :] * stride_xd, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
             acc = dot(tl.trans(mixed.to(r_ptr.dtype.element_ty)), right, acc, INPUT_PRECISION, BF16_VIA_FP32)
-    tl.store(out_ptr + i * stride_oi + offs_c[:, None] * stride_oc + offs_d[None, :] * stride_od,
+    tl.store(out_ptr + part * stride_op + i * stride_oi + offs_c[:, None] * stride_oc + offs_d[None, :] * stride_od,
              acc.to(out_ptr.dtype.element_ty), mask=c_mask[:, None] & d_mask[None, :])
 
 
@@ -174,23 +182,46 @@ def _mix(inp4, rule, w, bias, x2=None):
     return out, (part.sum(0)[..., :n] if x2 is not None else None)
 
 
+def factor_plan(M: int, n: int, C: int, D: int, sms: int) -> tuple[tuple[int, int, int], int, int, str | None]:
+    """((BLOCK_M, BLOCK_C, BLOCK_D), parts, M_PART, why the grid stays below `sms` programs or None)
+    of a factor gradient ``[n, C, D]`` reduced over M tokens: n·⌈C/BC⌉·⌈D/BD⌉ tiles, the tokens split
+    into the fewest parts of whole BLOCK_M trips that bring the grid to `sms` (_common.wave_split).
+    Compacter's rank-1 factors at 4096 tokens (n = 4: C or D = 1024 and 1, 64 tiles of 128 trips)
+    take 4 parts of 32 trips on 132 SMs: 256 programs."""
+    block_m, block_c, block_d = _INTERPRET_TILES if triton_interpreting() else _FACTOR_TILES[_nb(n)]
+    tiles = n * triton.cdiv(C, block_c) * triton.cdiv(D, block_d)
+    trips = max(1, triton.cdiv(M, block_m))
+    parts = wave_split(tiles, trips, sms)
+    m_part = triton.cdiv(trips, parts) * block_m
+    parts = triton.cdiv(trips, m_part // block_m)   # no empty part
+    reason = None if tiles * parts >= sms else (
+        f"{tiles} tile(s) of {block_c}x{block_d} over {n} terms, {M} token(s) in {trips} trip(s) of {block_m}: "
+        f"{tiles * parts} programs, fewer than the {sms} SMs")
+    return (block_m, block_c, block_d), parts, m_part, reason
+
+
 def _grad_factor(l4, rule, r4):
-    """``out[i, c, d] = Σ_m Σ_b (Σ_a rule[i, a, b]·l4[m, a, i, c])·r4[m, b, i, d]`` → ``[n, C, D]``."""
+    """``out[i, c, d] = Σ_m Σ_b (Σ_a rule[i, a, b]·l4[m, a, i, c])·r4[m, b, i, d]`` → ``[n, C, D]``.
+    Below a wave of tiles the tokens are split (:func:`factor_plan`): each part's fp32 sums go to its
+    own plane of ``[parts, n, C, D]``, added in a fixed order after (the same result every run)."""
     M, n, _, C = l4.shape
     D = r4.shape[3]
-    out = torch.empty((n, C, D), device=l4.device, dtype=l4.dtype)
     if M == 0:
-        return out.zero_()
+        return torch.zeros((n, C, D), device=l4.device, dtype=l4.dtype)
     nb = _nb(n)
-    block_m, block_c, block_d = _INTERPRET_TILES if triton_interpreting() else _FACTOR_TILES[nb]
-    grid = (n, triton.cdiv(C, block_c), triton.cdiv(D, block_d))
+    (block_m, block_c, block_d), parts, m_part, reason = factor_plan(M, n, C, D, sm_count(l4.device))
+    out = torch.empty((n, C, D), device=l4.device, dtype=l4.dtype) if parts == 1 else \
+        torch.empty((parts, n, C, D), device=l4.device, dtype=torch.float32)
+    if reason:
+        note_short_grid(reason)
+    grid = (parts * n, triton.cdiv(C, block_c), triton.cdiv(D, block_d))
     wrap_triton(_phm_grad_factor_kernel)[grid](
-        l4, rule, r4, out, M, n, C, D,
-        *l4.stride(), *rule.stride(), *r4.stride(), *out.stride(),
+        l4, rule, r4, out, M, n, C, D, m_part,
+        *l4.stride(), *rule.stride(), *r4.stride(), out.stride(0) if parts > 1 else 0, *out.stride()[-3:],
         NB=nb, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
         INPUT_PRECISION=input_precision(l4.dtype), BF16_VIA_FP32=bf16_via_fp32(l4.dtype), num_warps=4,
     )
-    return out
+    return out if parts == 1 else sum_parts(out, l4.dtype)
 
 
 def _blocks(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -262,10 +293,11 @@ def aot_configs():
                                                      BLOCK_C=bc, BLOCK_D=bd, INPUT_PRECISION=precision,
                                                      BF16_VIA_FP32=False), dict(num_warps=4, num_stages=3)
                 bm, bc, bd = _FACTOR_TILES[nb]
-                sig = {"l_ptr": ptr, "rule_ptr": ptr, "r_ptr": ptr, "out_ptr": ptr,
-                       "M": "i32", "NPHM": "i32", "C": "i32", "D": "i32",
-                       **{f"stride_{s}": "i32" for s in ("lm", "la", "li", "lc", "ri", "ra", "rb", "xm", "xb", "xi",
-                                                         "xd", "oi", "oc", "od")}}
-                yield _phm_grad_factor_kernel, sig, dict(NB=nb, BLOCK_M=bm, BLOCK_C=bc, BLOCK_D=bd,
-                                                         INPUT_PRECISION=precision, BF16_VIA_FP32=False), \
-                    dict(num_warps=4, num_stages=3)
+                for out in sorted({ptr, "*fp32"}):   # the gradient itself, or fp32 parts of a token split
+                    sig = {"l_ptr": ptr, "rule_ptr": ptr, "r_ptr": ptr, "out_ptr": out,
+                           "M": "i32", "NPHM": "i32", "C": "i32", "D": "i32", "M_PART": "i32",
+                           **{f"stride_{s}": "i32" for s in ("lm", "la", "li", "lc", "ri", "ra", "rb", "xm", "xb",
+                                                             "xi", "xd", "op", "oi", "oc", "od")}}
+                    yield _phm_grad_factor_kernel, sig, dict(NB=nb, BLOCK_M=bm, BLOCK_C=bc, BLOCK_D=bd,
+                                                             INPUT_PRECISION=precision, BF16_VIA_FP32=False), \
+                        dict(num_warps=4, num_stages=3)

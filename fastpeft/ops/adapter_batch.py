@@ -26,8 +26,25 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 # Below this many tokens BGMV (one gathered product per token) serves; from it SGMV (a tiled GEMM
 # per adapter's segment). Decided by the token count alone, which every layer knows without
-# reading the ids: decode batches take BGMV, prefill and training SGMV.
+# reading the ids: decode batches take BGMV, prefill and training SGMV. SEGMENT_MIN_TOKENS holds
+# for ids on the CPU; on a GPU, SEGMENT_MIN_TOKENS_GPU.
 SEGMENT_MIN_TOKENS = 16
+# From the static model's estimates (`fastpeft bench --static --routes`, both routes' launches
+# summed, launch cost left out; not a measurement) at the multi_lora bench's layer, K = N = 4096,
+# rank 16, bf16, T tokens over U adapters: BGMV's faster face against SGMV, sm_90 (H200):
+#   T = 8:  U = 1 0.17 against 0.98 us, U = 8 0.67 against 0.74;
+#   T = 16: U = 1 0.34 / 1.12, U = 8 0.58 / 0.77, U = 16 1.07 / 1.17;
+#   T = 32: U = 1 0.68 / 1.13, U = 8 0.69 / 0.84, U = 32 2.13 / 2.51;
+#   T = 64: U = 1 1.32 / 1.16, U = 8 1.31 / 0.87, U = 64 4.61 / 4.54 (SGMV ahead).
+# sm_80 (A100) agrees: BGMV ahead or level to T = 32 (T = 32, U = 32: 5.10 / 5.80), SGMV at 64
+# (U = 1 2.23 / 1.50, U = 64 11.41 / 10.18). So a GPU takes SGMV from 64 tokens, until a GPU
+# measures the tokens between 32 and 64.
+SEGMENT_MIN_TOKENS_GPU = 64
+
+
+def segment_min_tokens(device: torch.device) -> int:
+    """The token count from which a batch whose ids are on `device` takes SGMV."""
+    return SEGMENT_MIN_TOKENS if device.type == "cpu" else SEGMENT_MIN_TOKENS_GPU
 
 
 def route(adapter_ids: torch.Tensor, num_slots: int, checked: bool = False) -> tuple[torch.Tensor, ...]:
@@ -184,8 +201,9 @@ class AdapterBatch:
         return (*self.segments, self.max_seg_len)
 
     def prefers_segments(self) -> bool:
-        """SGMV (a tiled GEMM per adapter's segment) from :data:`SEGMENT_MIN_TOKENS` tokens; BGMV below."""
-        return self.num_tokens >= SEGMENT_MIN_TOKENS
+        """SGMV (a tiled GEMM per adapter's segment) from :func:`segment_min_tokens` tokens of the
+        ids' device (16 on the CPU, 64 on a GPU); BGMV below."""
+        return self.num_tokens >= segment_min_tokens(self.adapter_ids.device)
 
 
 def check_ids(ids: torch.Tensor, max_adapters: int, loaded: list[bool] | None = None) -> None:
