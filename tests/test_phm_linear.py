@@ -10,8 +10,9 @@ from fastpeft.ops.phm_linear import phm_dense_weight, phm_linear_fwd_reference
 
 from conftest import DTYPES, assert_close, face_params, on_face
 
-# (phm_dim, in/n, out/n): n = 2, 4, 8 with blocks that are not multiples of any tile (16, 32).
-DIMS = [(2, 9, 5), (4, 5, 3), (8, 3, 2)]
+# (phm_dim, in/n, out/n): n = 2, 3 (no power of two), 4, 8 with blocks that are not multiples of any
+# tile (16, 32).
+DIMS = [(2, 9, 5), (3, 7, 5), (4, 5, 3), (8, 3, 2)]
 
 
 def make_factors(n, q, p, rank, dtype, device="cpu", generator=None):
