@@ -69,6 +69,21 @@ def assert_refused_before_any_face(monkeypatch, op, call, exc, pattern):
         call()
 
 
+def fresh_seed() -> int:
+    """A seed drawn from torch's global generator: fresh inputs each run, reproducible within it."""
+    return int(torch.randint(2**31 - 1, ()))
+
+
+def offset_view(t):
+    """t's values in a tensor starting one element into its storage (a pointer off 16-byte alignment)."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+def wide_rows(t, pad=8):
+    """t's values (2-D) in a slice of a wider tensor: rows strided beyond the row length, from column 3."""
+    return torch.empty(t.shape[0], t.shape[1] + pad, dtype=t.dtype, device=t.device)[:, 3:3 + t.shape[1]].copy_(t)
+
+
 def peak_cpu_bytes_above_start(fn) -> int:
     """Peak of the CPU bytes `fn` allocates and has not yet freed (torch's profiler memory events)."""
     from torch.profiler import ProfilerActivity, profile
