@@ -7,8 +7,8 @@ from fastpeft.ops import AdapterBatch, bgmv_expand, bgmv_shrink
 from fastpeft.ops.bgmv import bgmv_expand_reference, bgmv_shrink_reference
 
 from adapter_stacks import FACE_SHAPES, S, id_patterns, mixed_batch, stacks, wide_rank_batch
-from conftest import (DTYPES, assert_close, device_params, face_params, fresh_seed, offset_view, on_face,
-                      wide_rows)
+from conftest import (ROWS_PAST_INT32, DTYPES, assert_close, device_params, face_params, fresh_seed, gpu_face_params,
+                      offset_view, on_face, wide_rows)
 
 
 @pytest.mark.parametrize("device,backend", face_params(bgmv_shrink))
@@ -147,3 +147,36 @@ def test_faces_read_offset_and_strided_rows(device, backend, dtype):
             got_out = bgmv_expand(base, s, b, m["scalings"], ids)
         assert_close(got_s, m["s_ref"], dtype, msg=f"bgmv_shrink, {layout.__name__}")
         assert_close(got_out, m["out_ref"], dtype, msg=f"bgmv_expand, {layout.__name__}")
+
+
+def rows_past_int32_check(device, backend, T, K, N, R, dtype):
+    """bgmv_shrink of x [T, K] and bgmv_expand of base [T, N] on `backend`; the first and last 8
+    tokens against the per-row reference on those tokens alone (x freed before base is made)."""
+    a, b, scalings = stacks(K, N, R, dtype, device, ranks=(R, 1, R - 3, 2, R // 2 + 1, R), seed=fresh_seed())
+    ids = torch.randint(-1, S, (T,), dtype=torch.int32, device=device)
+    ids[-1] = S - 1
+    ends = (slice(0, 8), slice(T - 8, T))
+    x = torch.randn(T, K, dtype=dtype, device=device)
+    with on_face(backend):
+        s = bgmv_shrink(x, a, ids)
+    x_ends = [x[rows].clone() for rows in ends]
+    del x
+    base = torch.randn(T, N, dtype=dtype, device=device)
+    with on_face(backend):
+        out = bgmv_expand(base, s, b, scalings, ids)
+    assert s.shape == (T, R) and out.shape == (T, N)
+    for rows, x_rows in zip(ends, x_ends):
+        assert_close(s[rows], bgmv_shrink_reference(x_rows, a, ids[rows]), dtype, msg=f"bgmv_shrink, rows {rows}")
+        assert_close(out[rows], bgmv_expand_reference(base[rows], s[rows], b, scalings, ids[rows]), dtype,
+                     msg=f"bgmv_expand, rows {rows}")
+
+
+@pytest.mark.parametrize("device,backend", gpu_face_params(bgmv_shrink))
+def test_faces_index_rows_beyond_int32(release_gpu_memory, device, backend):
+    """x [T, 4096] and base [T, 4096] bf16 with T·K = T·N > 2³¹ (T = ROWS_PAST_INT32: 4.3 GB
+    each, x freed before base and out are made: 8.6 GB at most), rank 16: the last tokens' element
+    offsets pass int32's range. Each tensor read or written once (~1 ms each at 4.3 TB/s) after
+    the kernels' JIT: seconds on an H200 (estimate)."""
+    T = ROWS_PAST_INT32
+    assert (T - 1) * 4096 >= 2**31
+    rows_past_int32_check(device, backend, T, 4096, 4096, 16, torch.bfloat16)

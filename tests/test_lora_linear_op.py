@@ -7,7 +7,8 @@ from fastpeft.ops import lora_linear, record_faces
 from fastpeft.ops.lora_linear import (lora_linear_bwd_reference, lora_linear_fwd,
                                       lora_linear_fwd_reference)
 
-from conftest import DTYPES, assert_close, device_params, face_params, fresh_seed, offset_view, on_face, wide_rows
+from conftest import (ROWS_PAST_INT32, DTYPES, assert_close, device_params, face_params, fresh_seed, gpu_face_params,
+                      offset_view, on_face, wide_rows)
 
 # (M, K, N, r): one token; sizes that are not multiples of any block (32, 64, 128); r = 1 and r = 128
 # (128 > the 64-wide rank chunk: the rank loop runs twice); K smaller than r.
@@ -270,3 +271,23 @@ def test_face_reads_offset_and_strided_rows(device, backend, dtype, M, layout):
     for name, got, exp in zip(NAMES, actual, expected):
         assert got.shape == exp.shape, name
         assert_close(got, exp, dtype, msg=f"{name} ({backend}, {layout.__name__})")
+
+
+@pytest.mark.parametrize("device,backend", gpu_face_params(lora_linear_fwd))
+def test_face_indexes_x_beyond_int32(release_gpu_memory, device, backend):
+    """x [M, 4096] bf16 with M·K > 2³¹ (M = ROWS_PAST_INT32, 4.3 GB): the last rows' element
+    offsets pass int32's range. The first and last 16 rows of y against the reference on those
+    rows alone. About 4.5 GB of GPU memory; x read once (~1 ms at 4.3 TB/s) after its kernels' JIT:
+    a few seconds on an H200 (estimate)."""
+    K, N, r, dtype = 4096, 64, 8, torch.bfloat16
+    M = ROWS_PAST_INT32
+    _, w, b, a, bb = make_inputs(1, K, N, r, dtype, device, seed=fresh_seed())
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    assert (M - 1) * x.stride(0) >= 2**31
+    with on_face(backend):
+        y, s = lora_linear_fwd(x, w, b, a, bb, 0.5)
+    assert y.shape == (M, N) and s.shape == (M, r)
+    for rows in (slice(0, 16), slice(M - 16, M)):
+        expected, expected_s = lora_linear_fwd_reference(x[rows], w, b, a, bb, 0.5)
+        assert_close(y[rows], expected, dtype, msg=f"rows {rows}")
+        assert_close(s[rows], expected_s, dtype, msg=f"s, rows {rows}")
