@@ -10,7 +10,7 @@ from fastpeft.nn import Linear4bit
 from fastpeft.ops import nf4_matmul
 from fastpeft.ops.nf4_matmul import nf4_matmul_reference
 
-from conftest import DTYPES, assert_close, face_params, gpu_face_params, on_face
+from conftest import DTYPES, assert_close, face_params, gpu_face_params, offset_view, on_face, wide_rows
 
 
 def nested_args(q) -> dict:
@@ -409,3 +409,42 @@ def test_face_indexes_packed_bytes_beyond_int32(release_gpu_memory, device, back
     N = 2**32 // K + 64
     assert N * K // 2 > 2**31
     features_past_int32_check(device, backend, M, K, N, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device,backend", face_params(nf4_matmul))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [offset_view, wide_rows])
+def test_faces_read_offset_and_strided_rows_of_many_tokens(triton_launches, device, backend, dtype, layout):
+    """M = 20 (above the GEMV's 16 rows: Triton's tiled kernel) with x one element into its storage
+    or its rows strided beyond K, in the forward product and the transposed one (dy·W), double
+    quantised, against the reference."""
+    M, K, N = 20, 128, 40
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, True).to(device).q
+    for x, transposed in ((torch.randn(M, K, dtype=dtype, device=device), False),
+                          (torch.randn(M, N, dtype=dtype, device=device), True)):
+        expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, 64, N, None, transposed)
+        placed = layout(x)
+        assert placed.storage_offset() % 8 == 1 or placed.stride(0) > x.shape[1]
+        triton_launches.clear()
+        with on_face(backend):
+            got = nf4_matmul(placed, q.packed, q.absmax, q.quant_map, 64, N, None, transposed, **nested_args(q))
+        assert triton_launches == (["_nf4_matmul_kernel"] if backend == "triton" else [])
+        assert_close(got, expected, dtype, msg=f"transposed={transposed}, {layout.__name__}")
+
+
+@pytest.mark.parametrize("device,backend", face_params(nf4_matmul))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_faces_take_no_tokens(device, backend, dtype):
+    """M = 0: outputs of no rows for the forward product (with bias and the LoRA term) and the
+    transposed one."""
+    K, N = 128, 40
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, True).to(device).q
+    bias = torch.randn(N, dtype=dtype, device=device)
+    lora = {"lora_s": torch.randn(0, 4, dtype=dtype, device=device),
+            "lora_l": torch.randn(4, N, dtype=dtype, device=device), "lora_scaling": 0.5}
+    with on_face(backend):
+        y = nf4_matmul(torch.randn(0, K, dtype=dtype, device=device), q.packed, q.absmax, q.quant_map, 64, N, bias,
+                       **lora, **nested_args(q))
+        dx = nf4_matmul(torch.randn(0, N, dtype=dtype, device=device), q.packed, q.absmax, q.quant_map, 64, N, None,
+                        True, **nested_args(q))
+    assert y.shape == (0, N) and dx.shape == (0, K) and y.dtype == dx.dtype == dtype
