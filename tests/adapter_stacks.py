@@ -5,6 +5,8 @@ import torch
 from fastpeft.ops import AdapterBatch
 from fastpeft.ops.bgmv import bgmv_expand_reference, bgmv_shrink_reference
 
+from conftest import fresh_seed
+
 S = 6  # slots
 
 
@@ -51,3 +53,19 @@ def mixed_batch(T, K, N, R, pattern, dtype, device):
 
 # The shapes the face tests run: one token; ragged sizes; a rank of 16; 70 tokens (SGMV's tiles).
 FACE_SHAPES = [(1, 16, 24, 8), (37, 45, 70, 8), (20, 33, 17, 16), (70, 24, 40, 8)]
+
+
+def wide_rank_batch(T, K, N, R, dtype, device):
+    """T tokens (slots mixed with -1) over stacks whose slots reach the full rank R (ranks R, 1,
+    R - 3, 2, R/2 + 1, R: every rank lane is read), a random s ``[T, R]`` for the expand (not the
+    shrink's, whose columns beyond a slot's rank are zero), and the per-row references.
+
+    Returns a dict: x, base, a, b, scalings, s, batch, s_ref (shrink of x), out_ref (expand of s)."""
+    ids = id_patterns(T, seed=fresh_seed())["random with -1 and the last slot"][:T]
+    a, b, scalings = stacks(K, N, R, dtype, device, ranks=(R, 1, R - 3, 2, R // 2 + 1, R), seed=fresh_seed())
+    x, base = torch.randn(T, K).to(device, dtype), torch.randn(T, N).to(device, dtype)
+    s = (torch.randn(T, R) / R ** 0.5).to(device, dtype)
+    batch = AdapterBatch.build(ids, S, device=device)
+    return dict(x=x, base=base, a=a, b=b, scalings=scalings, s=s, batch=batch,
+                s_ref=bgmv_shrink_reference(x, a, batch.adapter_ids),
+                out_ref=bgmv_expand_reference(base, s, b, scalings, batch.adapter_ids))

@@ -46,6 +46,35 @@ def face_params(op=None):
     return params
 
 
+def gpu_face_params(op):
+    """(device, backend) of `op`'s GPU faces, marked gpu: collected everywhere, run only on a GPU
+    (for tests too large for the interpreter: the index-width ones)."""
+    params = []
+    for backend in ("triton", "cuda"):
+        if backend not in op.faces("cuda"):
+            continue
+        marks = [pytest.mark.gpu]
+        if HAS_GPU:
+            avail = backends.availability(backend, torch.device("cuda"))
+            if not avail.usable:
+                marks.append(pytest.mark.skip(reason=avail.reason))
+        params.append(pytest.param("cuda", backend, marks=marks, id=f"cuda-{backend}"))
+    return params
+
+
+# The row count that puts a [rows, 4096] tensor's last elements beyond 2³¹ (int32's range): 7 rows
+# (28,672 elements) past it.
+ROWS_PAST_INT32 = 2**31 // 4096 + 7
+
+
+@pytest.fixture
+def release_gpu_memory():
+    """Hands the GPU memory a test cached back when it ends (tests of tensors of several GB)."""
+    yield
+    if HAS_GPU:
+        torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def on_face(backend):
     """Force `backend` inside the block and prove that it ran: some fastpeft op was called, and
@@ -67,6 +96,21 @@ def assert_refused_before_any_face(monkeypatch, op, call, exc, pattern):
     monkeypatch.setattr(op, "run", no_face)
     with pytest.raises(exc, match=pattern):
         call()
+
+
+def fresh_seed() -> int:
+    """A seed drawn from torch's global generator: fresh inputs each run, reproducible within it."""
+    return int(torch.randint(2**31 - 1, ()))
+
+
+def offset_view(t):
+    """t's values in a tensor starting one element into its storage (a pointer off 16-byte alignment)."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+def wide_rows(t, pad=8):
+    """t's values (2-D) in a slice of a wider tensor: rows strided beyond the row length, from column 3."""
+    return torch.empty(t.shape[0], t.shape[1] + pad, dtype=t.dtype, device=t.device)[:, 3:3 + t.shape[1]].copy_(t)
 
 
 def peak_cpu_bytes_above_start(fn) -> int:

@@ -11,7 +11,8 @@ from fastpeft.nn import PHMLinear
 from fastpeft.ops import adapter_block, adapter_block_fwd, record_faces
 from fastpeft.ops.adapter_block import ACTIVATIONS, adapter_block_bwd_reference, adapter_block_fwd_reference
 
-from conftest import DTYPES, TOLERANCES, assert_close, assert_refused_before_any_face, face_params, on_face
+from conftest import (DTYPES, TOLERANCES, assert_close, assert_refused_before_any_face, face_params, offset_view, on_face,
+                      wide_rows)
 
 TORCH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
                      "silu": F.silu, "tanh": torch.tanh, "identity": lambda z: z}
@@ -36,9 +37,12 @@ def upstream_grad(shape, like):
     return torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(like)
 
 
-def run(inputs, scaling, activation, backend, sequential=False):
-    """y and the gradients of every input through the public op on one backend (x is h when sequential)."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
+def run(inputs, scaling, activation, backend, sequential=False, layout=None):
+    """y and the gradients of every input through the public op on one backend (x is h when sequential).
+    layout: a function placing x, h and both weights' values in memory (offset_view, wide_rows;
+    default: clones)."""
+    place = {k: layout or torch.clone for k in ("x", "h", "w_down", "w_up")}
+    leaves = {k: place.get(k, torch.clone)(v.detach()).requires_grad_() for k, v in inputs.items() if v is not None}
     x = leaves["h"] if sequential else leaves["x"]
     with on_face(backend):
         y = adapter_block(x, leaves["h"], leaves["w_down"], leaves.get("b_down"), leaves["w_up"], leaves.get("b_up"),
@@ -175,6 +179,19 @@ def test_empty_batch(device, backend):
     assert out["y"].shape == (0, 40)
     assert torch.equal(out["grad_w_down"], torch.zeros(5, 24, device=device))
 
+
+
+@pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [offset_view, wide_rows])
+def test_face_reads_offset_and_strided_rows(device, backend, dtype, layout):
+    """x, h and both weights one element into their storage (pointers off 16-byte alignment), or
+    rows of each strided beyond its length (slices of wider tensors): forward and backward of the
+    parallel block against the reference on contiguous inputs."""
+    b = make_block(19, *FEATURES["parallel"], 5, dtype, device)
+    what = f"{backend} vs reference, {layout.__name__}"
+    compare(run(b, 1.5, "gelu", backend, layout=layout), run(b, 1.5, "gelu", "torch"), dtype, what,
+            bias_grad_magnitudes(b, 1.5, "gelu"))
 
 @pytest.mark.parametrize("device,backend", face_params(adapter_block_fwd))
 def test_face_selected_is_the_face_that_runs(device, backend):

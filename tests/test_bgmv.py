@@ -6,8 +6,9 @@ import torch
 from fastpeft.ops import AdapterBatch, bgmv_expand, bgmv_shrink
 from fastpeft.ops.bgmv import bgmv_expand_reference, bgmv_shrink_reference
 
-from adapter_stacks import FACE_SHAPES, S, id_patterns, mixed_batch, stacks
-from conftest import DTYPES, assert_close, device_params, face_params, on_face
+from adapter_stacks import FACE_SHAPES, S, id_patterns, mixed_batch, stacks, wide_rank_batch
+from conftest import (ROWS_PAST_INT32, DTYPES, assert_close, device_params, face_params, fresh_seed, gpu_face_params,
+                      offset_view, on_face, wide_rows)
 
 
 @pytest.mark.parametrize("device,backend", face_params(bgmv_shrink))
@@ -117,3 +118,85 @@ def test_cuda_shrink_block_per_pair_matches_the_reference(device, backend, dtype
         again = bgmv_shrink(x, a, ids)
     assert_close(got, expected, dtype)
     assert torch.equal(got, again)
+
+
+# ---------------------------------------------------------------- ranks, no tokens, layouts
+
+@pytest.mark.parametrize("device,backend", face_params(bgmv_shrink))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("R", [40, 300])
+def test_faces_match_at_ranks_above_the_rank_blocks(device, backend, dtype, R):
+    """R = 40 (one 64-wide rank block, partly masked) and R = 300 (five, the last 44 wide), with
+    slots of every rank up to R, tokens mixed with -1, ragged T, K and N."""
+    m = wide_rank_batch(11, 21, 19, R, dtype, device)
+    ids = m["batch"].adapter_ids
+    with on_face(backend):
+        s = bgmv_shrink(m["x"], m["a"], ids)
+        out = bgmv_expand(m["base"], m["s"], m["b"], m["scalings"], ids)
+    assert_close(s, m["s_ref"], dtype, msg=f"bgmv_shrink, R = {R}")
+    assert_close(out, m["out_ref"], dtype, msg=f"bgmv_expand, R = {R}")
+
+
+@pytest.mark.parametrize("device,backend", face_params(bgmv_shrink))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_faces_take_no_tokens(device, backend, dtype):
+    """T = 0: outputs of no rows, nothing launched that reads a row."""
+    a, b, scalings = stacks(16, 12, 8, dtype, device, seed=fresh_seed())
+    x, base = torch.randn(0, 16, dtype=dtype, device=device), torch.randn(0, 12, dtype=dtype, device=device)
+    ids = torch.zeros(0, dtype=torch.int32, device=device)
+    with on_face(backend):
+        s = bgmv_shrink(x, a, ids)
+        out = bgmv_expand(base, torch.randn(0, 8, dtype=dtype, device=device), b, scalings, ids)
+    assert s.shape == (0, 8) and out.shape == (0, 12) and s.dtype == out.dtype == dtype
+
+
+@pytest.mark.parametrize("device,backend", face_params(bgmv_shrink))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_faces_read_offset_and_strided_rows(device, backend, dtype):
+    """x, base and s starting one element into their storage (pointers off 16-byte alignment), then
+    as slices of wider tensors (rows strided beyond K, N and R); the stacks one element in."""
+    T, K, N, R = 13, 40, 24, 16
+    m = wide_rank_batch(T, K, N, R, dtype, device)
+    ids = m["batch"].adapter_ids
+    a, b = offset_view(m["a"]), offset_view(m["b"])
+    for layout in (offset_view, wide_rows):
+        x, base, s = (layout(m[name]) for name in ("x", "base", "s"))
+        assert x.storage_offset() % 8 == 1 or x.stride(0) > K
+        with on_face(backend):
+            got_s = bgmv_shrink(x, a, ids)
+            got_out = bgmv_expand(base, s, b, m["scalings"], ids)
+        assert_close(got_s, m["s_ref"], dtype, msg=f"bgmv_shrink, {layout.__name__}")
+        assert_close(got_out, m["out_ref"], dtype, msg=f"bgmv_expand, {layout.__name__}")
+
+
+def rows_past_int32_check(device, backend, T, K, N, R, dtype):
+    """bgmv_shrink of x [T, K] and bgmv_expand of base [T, N] on `backend`; the first and last 8
+    tokens against the per-row reference on those tokens alone (x freed before base is made)."""
+    a, b, scalings = stacks(K, N, R, dtype, device, ranks=(R, 1, R - 3, 2, R // 2 + 1, R), seed=fresh_seed())
+    ids = torch.randint(-1, S, (T,), dtype=torch.int32, device=device)
+    ids[-1] = S - 1
+    ends = (slice(0, 8), slice(T - 8, T))
+    x = torch.randn(T, K, dtype=dtype, device=device)
+    with on_face(backend):
+        s = bgmv_shrink(x, a, ids)
+    x_ends = [x[rows].clone() for rows in ends]
+    del x
+    base = torch.randn(T, N, dtype=dtype, device=device)
+    with on_face(backend):
+        out = bgmv_expand(base, s, b, scalings, ids)
+    assert s.shape == (T, R) and out.shape == (T, N)
+    for rows, x_rows in zip(ends, x_ends):
+        assert_close(s[rows], bgmv_shrink_reference(x_rows, a, ids[rows]), dtype, msg=f"bgmv_shrink, rows {rows}")
+        assert_close(out[rows], bgmv_expand_reference(base[rows], s[rows], b, scalings, ids[rows]), dtype,
+                     msg=f"bgmv_expand, rows {rows}")
+
+
+@pytest.mark.parametrize("device,backend", gpu_face_params(bgmv_shrink))
+def test_faces_index_rows_beyond_int32(release_gpu_memory, device, backend):
+    """x [T, 4096] and base [T, 4096] bf16 with T·K = T·N > 2³¹ (T = ROWS_PAST_INT32: 4.3 GB
+    each, x freed before base and out are made: 8.6 GB at most), rank 16: the last tokens' element
+    offsets pass int32's range. Each tensor read or written once (~1 ms each at 4.3 TB/s) after
+    the kernels' JIT: seconds on an H200 (estimate)."""
+    T = ROWS_PAST_INT32
+    assert (T - 1) * 4096 >= 2**31
+    rows_past_int32_check(device, backend, T, 4096, 4096, 16, torch.bfloat16)

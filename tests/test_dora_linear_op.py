@@ -10,7 +10,8 @@ from fastpeft.ops import dora_linear, record_faces
 from fastpeft.ops.dora_linear import (dora_linear_bwd_reference, dora_linear_fwd, dora_linear_fwd_reference,
                                       norm_from_products, qdora_linear, row_norms_sq)
 
-from conftest import DTYPES, assert_close, assert_refused_before_any_face, device_params, face_params, on_face
+from conftest import (DTYPES, assert_close, assert_refused_before_any_face, device_params, face_params, fresh_seed,
+                      offset_view, on_face, wide_rows)
 
 # (M, K, N, r): one token; sizes that are not multiples of any block (16, 32, 64, 128); r = 1 and
 # r = 128 (A's rows fill several row tiles; the rank loops run twice); K smaller than r.
@@ -59,9 +60,13 @@ def truth(x, w, bias, a, b, m, scaling, x_lora=None):
     return (y if bias is None else y + bias.double()), norm
 
 
-def run_op(x, w, b, a, bb, m, backend, dropout_p=0.0, seed=0, weight_norm_sq=None):
-    """Forward and backward through the public op on one backend; y and the grads of x, A, B, m, bias."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, a, bb, m)]
+def run_op(x, w, b, a, bb, m, backend, dropout_p=0.0, seed=0, weight_norm_sq=None, layout=None):
+    """Forward and backward through the public op on one backend; y and the grads of x, A, B, m, bias.
+    layout: a function placing x, W, A and B's values in memory (offset_view, wide_rows; default:
+    x, A, B and m cloned, W as given)."""
+    place = layout or torch.clone
+    w = w if layout is None else layout(w)
+    leaves = [place(t.detach()).requires_grad_() for t in (x, a, bb)] + [m.detach().clone().requires_grad_()]
     bias = None if b is None else b.detach().clone().requires_grad_()
     xx, aa, bbb, mm = leaves
     torch.manual_seed(seed)
@@ -151,6 +156,34 @@ def test_face_matches_reference(device, backend, dtype, M, K, N, r, bias):
         assert got.dtype == exp.dtype and got.shape == exp.shape, name
         assert_close(got, exp, dtype, msg=f"{name} ({backend} vs reference)")
 
+
+
+@pytest.mark.parametrize("device,backend", face_params(dora_linear_fwd))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_face_takes_no_tokens(device, backend, dtype):
+    """M = 0: y of no rows, an empty grad_x, and A, B, magnitude and bias gradients of zeros
+    (nothing flowed into them), forward and backward."""
+    x, w, b, a, bb, m = make_inputs(0, 24, 33, 4, dtype, device, regime="adapter-dominates", seed=fresh_seed())
+    expected = run_op(x, w, b, a, bb, m, "torch")
+    actual = run_op(x, w, b, a, bb, m, backend)
+    for name, got, exp in zip(NAMES, actual, expected):
+        assert got.dtype == exp.dtype and got.shape == exp.shape, name
+        assert torch.equal(got, torch.zeros_like(got)), name
+
+
+@pytest.mark.parametrize("device,backend", face_params(dora_linear_fwd))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [offset_view, wide_rows])
+def test_face_reads_offset_and_strided_rows(device, backend, dtype, layout):
+    """x, W, A and B one element into their storage (pointers off 16-byte alignment), or rows of
+    each strided beyond its length (slices of wider tensors): forward and backward against the
+    reference on contiguous inputs."""
+    x, w, b, a, bb, m = make_inputs(21, 40, 33, 5, dtype, device, regime="adapter-dominates", seed=fresh_seed())
+    expected = run_op(x, w, b, a, bb, m, "torch")
+    actual = run_op(x, w, b, a, bb, m, backend, layout=layout)
+    for name, got, exp in zip(NAMES, actual, expected):
+        assert got.shape == exp.shape, name
+        assert_close(got, exp, dtype, msg=f"{name} ({backend}, {layout.__name__})")
 
 @pytest.mark.parametrize("device,backend", face_params(dora_linear_fwd))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -7,7 +7,8 @@ from fastpeft.ops import lora_linear, record_faces
 from fastpeft.ops.lora_linear import (lora_linear_bwd_reference, lora_linear_fwd,
                                       lora_linear_fwd_reference)
 
-from conftest import DTYPES, assert_close, device_params, face_params, on_face
+from conftest import (ROWS_PAST_INT32, DTYPES, assert_close, device_params, face_params, fresh_seed, gpu_face_params,
+                      offset_view, on_face, wide_rows)
 
 # (M, K, N, r): one token; sizes that are not multiples of any block (32, 64, 128); r = 1 and r = 128
 # (128 > the 64-wide rank chunk: the rank loop runs twice); K smaller than r.
@@ -27,9 +28,13 @@ def make_inputs(M, K, N, r, dtype, device, bias=True, seed=None):
     return x, w, b, a, bb
 
 
-def run_op(x, w, b, a, bb, scaling, backend, dropout_p=0.0, seed=0):
-    """Forward and backward through the public op on one backend; returns y and all grads."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, a, bb)]
+def run_op(x, w, b, a, bb, scaling, backend, dropout_p=0.0, seed=0, layout=None):
+    """Forward and backward through the public op on one backend; returns y and all grads.
+    layout: a function placing x, W, A and B's values in memory (offset_view, wide_rows; default:
+    x, A and B cloned, W as given)."""
+    place = layout or torch.clone
+    w = w if layout is None else layout(w)
+    leaves = [place(t.detach()).requires_grad_() for t in (x, a, bb)]
     bias = None if b is None else b.detach().clone().requires_grad_()
     xx, aa, bbb = leaves
     torch.manual_seed(seed)
@@ -234,3 +239,55 @@ def test_cuda_decode_gemv_reads_offset_and_strided_rows(device, backend, dtype):
         with on_face(backend):
             got, _ = lora_linear_fwd(xi, wi, b, a, bb, 0.5)
         assert_close(got, expected, dtype)
+
+
+NAMES = ["y", "grad_x", "grad_lora_a", "grad_lora_b", "grad_bias"]
+
+
+@pytest.mark.parametrize("device,backend", face_params(lora_linear_fwd))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_face_takes_no_tokens(device, backend, dtype):
+    """M = 0: y of no rows, an empty grad_x, and A, B and bias gradients of zeros, forward and backward."""
+    x, w, b, a, bb = make_inputs(0, 24, 33, 4, dtype, device, seed=fresh_seed())
+    expected = run_op(x, w, b, a, bb, 2.0, "torch")
+    actual = run_op(x, w, b, a, bb, 2.0, backend)
+    for name, got, exp in zip(NAMES, actual, expected):
+        assert got.dtype == exp.dtype and got.shape == exp.shape, name
+        assert torch.equal(got, torch.zeros_like(got)), name
+
+
+@pytest.mark.parametrize("device,backend", face_params(lora_linear_fwd))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [3, 21])
+@pytest.mark.parametrize("layout", [offset_view, wide_rows])
+def test_face_reads_offset_and_strided_rows(device, backend, dtype, M, layout):
+    """x, W, A and B one element into their storage (pointers off 16-byte alignment), or rows of
+    each strided beyond its length (slices of wider tensors): forward (the Triton face's shrink
+    and fused kernels, the CUDA GEMV at M <= 16) and backward, against the reference on
+    contiguous inputs."""
+    x, w, b, a, bb = make_inputs(M, 40, 33, 5, dtype, device, seed=fresh_seed())
+    expected = run_op(x, w, b, a, bb, 2.0, "torch")
+    actual = run_op(x, w, b, a, bb, 2.0, backend, layout=layout)
+    for name, got, exp in zip(NAMES, actual, expected):
+        assert got.shape == exp.shape, name
+        assert_close(got, exp, dtype, msg=f"{name} ({backend}, {layout.__name__})")
+
+
+@pytest.mark.parametrize("device,backend", gpu_face_params(lora_linear_fwd))
+def test_face_indexes_x_beyond_int32(release_gpu_memory, device, backend):
+    """x [M, 4096] bf16 with M·K > 2³¹ (M = ROWS_PAST_INT32, 4.3 GB): the last rows' element
+    offsets pass int32's range. The first and last 16 rows of y against the reference on those
+    rows alone. About 4.5 GB of GPU memory; x read once (~1 ms at 4.3 TB/s) after its kernels' JIT:
+    a few seconds on an H200 (estimate)."""
+    K, N, r, dtype = 4096, 64, 8, torch.bfloat16
+    M = ROWS_PAST_INT32
+    _, w, b, a, bb = make_inputs(1, K, N, r, dtype, device, seed=fresh_seed())
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    assert (M - 1) * x.stride(0) >= 2**31
+    with on_face(backend):
+        y, s = lora_linear_fwd(x, w, b, a, bb, 0.5)
+    assert y.shape == (M, N) and s.shape == (M, r)
+    for rows in (slice(0, 16), slice(M - 16, M)):
+        expected, expected_s = lora_linear_fwd_reference(x[rows], w, b, a, bb, 0.5)
+        assert_close(y[rows], expected, dtype, msg=f"rows {rows}")
+        assert_close(s[rows], expected_s, dtype, msg=f"s, rows {rows}")

@@ -10,7 +10,7 @@ from fastpeft.nn import Linear4bit
 from fastpeft.ops import nf4_matmul
 from fastpeft.ops.nf4_matmul import nf4_matmul_reference
 
-from conftest import DTYPES, assert_close, face_params, on_face
+from conftest import DTYPES, assert_close, face_params, gpu_face_params, offset_view, on_face, wide_rows
 
 
 def nested_args(q) -> dict:
@@ -377,3 +377,74 @@ def test_cuda_decode_gemv_reads_offset_and_strided_rows(device, backend, dtype):
         with on_face(backend):
             got = nf4_matmul(xi, q.packed, q.absmax, q.quant_map, 64, N, **nested_args(q))
         assert_close(got, expected, dtype)
+
+
+def features_past_int32_check(device, backend, M, K, N, dtype):
+    """nf4_matmul of random bytes (N·K/2 of them) on `backend`; the first and last 64 output features
+    against the reference on those features' bytes and scales alone."""
+    blocksize = 64
+    quant_map = Linear4bit.from_linear(torch.nn.Linear(64, 1), blocksize).q.quant_map.to(device)
+    packed = torch.randint(0, 256, (N * K // 2, 1), dtype=torch.uint8, device=device)
+    absmax = torch.rand(N * K // blocksize, device=device) + 0.5
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    with on_face(backend):
+        y = nf4_matmul(x, packed, absmax, quant_map, blocksize, N)
+    assert y.shape == (M, N)
+    for first in (0, N - 64):  # rows of W are K/2 bytes and K/blocksize scales each
+        expected = nf4_matmul_reference(x, packed[first * K // 2:(first + 64) * K // 2],
+                                        absmax[first * K // blocksize:(first + 64) * K // blocksize], quant_map,
+                                        blocksize, 64)
+        assert_close(y[:, first:first + 64], expected, dtype, msg=f"features {first}..{first + 63}")
+
+
+@pytest.mark.parametrize("device,backend", gpu_face_params(nf4_matmul))
+@pytest.mark.parametrize("M", [1, 20])
+def test_face_indexes_packed_bytes_beyond_int32(release_gpu_memory, device, backend, M):
+    """W [N, 4096] with N·K/2 > 2³¹ packed bytes (N = 2³²/4096 + 64: 2.1 GB of bytes, 268 MB of
+    scales; weight elements past 2³²): M = 1 (Triton's GEMV) and M = 20 (its tiled kernel). The
+    CUDA face takes its tiled path for both (its GEMV takes N·K < 2³¹ only, nf4_matmul.cu).
+    About 2.5 GB of GPU memory; W read once (~0.5 ms at 4.3 TB/s), the CUDA face's 1024 tiles
+    dequantised and multiplied in well under a second: seconds with the JIT on an H200 (estimate)."""
+    K = 4096
+    N = 2**32 // K + 64
+    assert N * K // 2 > 2**31
+    features_past_int32_check(device, backend, M, K, N, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device,backend", face_params(nf4_matmul))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [offset_view, wide_rows])
+def test_faces_read_offset_and_strided_rows_of_many_tokens(triton_launches, device, backend, dtype, layout):
+    """M = 20 (above the GEMV's 16 rows: Triton's tiled kernel) with x one element into its storage
+    or its rows strided beyond K, in the forward product and the transposed one (dy·W), double
+    quantised, against the reference."""
+    M, K, N = 20, 128, 40
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, True).to(device).q
+    for x, transposed in ((torch.randn(M, K, dtype=dtype, device=device), False),
+                          (torch.randn(M, N, dtype=dtype, device=device), True)):
+        expected = nf4_matmul_reference(x, q.packed, q.block_absmax(), q.quant_map, 64, N, None, transposed)
+        placed = layout(x)
+        assert placed.storage_offset() % 8 == 1 or placed.stride(0) > x.shape[1]
+        triton_launches.clear()
+        with on_face(backend):
+            got = nf4_matmul(placed, q.packed, q.absmax, q.quant_map, 64, N, None, transposed, **nested_args(q))
+        assert triton_launches == (["_nf4_matmul_kernel"] if backend == "triton" else [])
+        assert_close(got, expected, dtype, msg=f"transposed={transposed}, {layout.__name__}")
+
+
+@pytest.mark.parametrize("device,backend", face_params(nf4_matmul))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_faces_take_no_tokens(device, backend, dtype):
+    """M = 0: outputs of no rows for the forward product (with bias and the LoRA term) and the
+    transposed one."""
+    K, N = 128, 40
+    q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, True).to(device).q
+    bias = torch.randn(N, dtype=dtype, device=device)
+    lora = {"lora_s": torch.randn(0, 4, dtype=dtype, device=device),
+            "lora_l": torch.randn(4, N, dtype=dtype, device=device), "lora_scaling": 0.5}
+    with on_face(backend):
+        y = nf4_matmul(torch.randn(0, K, dtype=dtype, device=device), q.packed, q.absmax, q.quant_map, 64, N, bias,
+                       **lora, **nested_args(q))
+        dx = nf4_matmul(torch.randn(0, N, dtype=dtype, device=device), q.packed, q.absmax, q.quant_map, 64, N, None,
+                        True, **nested_args(q))
+    assert y.shape == (0, N) and dx.shape == (0, K) and y.dtype == dx.dtype == dtype

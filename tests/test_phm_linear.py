@@ -8,10 +8,11 @@ from fastpeft.nn import PHMLinear
 from fastpeft.ops import phm_linear, phm_linear_fwd, record_faces
 from fastpeft.ops.phm_linear import phm_dense_weight, phm_linear_fwd_reference
 
-from conftest import DTYPES, assert_close, face_params, on_face
+from conftest import DTYPES, assert_close, face_params, offset_view, on_face, wide_rows
 
-# (phm_dim, in/n, out/n): n = 2, 4, 8 with blocks that are not multiples of any tile (16, 32).
-DIMS = [(2, 9, 5), (4, 5, 3), (8, 3, 2)]
+# (phm_dim, in/n, out/n): n = 2, 3 (no power of two), 4, 8 with blocks that are not multiples of any
+# tile (16, 32).
+DIMS = [(2, 9, 5), (3, 7, 5), (4, 5, 3), (8, 3, 2)]
 
 
 def make_factors(n, q, p, rank, dtype, device="cpu", generator=None):
@@ -25,9 +26,12 @@ def make_factors(n, q, p, rank, dtype, device="cpu", generator=None):
                 phm_b_right=rnd(n, rank, q, scale=(n * q) ** -0.5))
 
 
-def run(x, factors, bias, backend):
-    """y and the gradients of x, every factor and bias through the public op on one backend."""
+def run(x, factors, bias, backend, layout=None):
+    """y and the gradients of x, every factor and bias through the public op on one backend.
+    layout: a function placing x's values in memory (offset_view, wide_rows; default: a clone)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in dict(factors, x=x, bias=bias).items()}
+    if layout is not None:
+        leaves["x"] = layout(x.detach()).requires_grad_()
     with on_face(backend):
         y = phm_linear(leaves["x"], leaves["phm_rule"], leaves.get("phm_b"), leaves.get("phm_b_left"),
                        leaves.get("phm_b_right"), leaves["bias"])
@@ -80,6 +84,37 @@ def test_face_matches_reference(device, backend, dtype, n, q, p, rank, M):
         assert got.dtype == exp.dtype and got.shape == exp.shape, name
         assert_close(got, exp, dtype, msg=f"{name} ({backend} vs reference, n={n}, rank={rank}, M={M})")
 
+
+
+@pytest.mark.parametrize("device,backend", face_params(phm_linear_fwd))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", [None, 2], ids=["fullB", "rank2"])
+def test_face_takes_no_tokens(device, backend, dtype, rank):
+    """M = 0: y of no rows, an empty grad_x, and factor and bias gradients of zeros, forward and backward."""
+    f = make_factors(3, 7, 5, rank, dtype, device)
+    x, bias = torch.randn(0, 21).to(device, dtype), torch.randn(15).to(device, dtype)
+    expected = run(x, f, bias, "torch")
+    actual = run(x, f, bias, backend)
+    assert set(actual) == set(expected)
+    for name, exp in expected.items():
+        got = actual[name]
+        assert got.dtype == exp.dtype and got.shape == exp.shape, name
+        assert torch.equal(got, torch.zeros_like(got)), name
+
+
+@pytest.mark.parametrize("device,backend", face_params(phm_linear_fwd))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rank", [None, 2], ids=["fullB", "rank2"])
+@pytest.mark.parametrize("layout", [offset_view, wide_rows])
+def test_face_reads_offset_and_strided_rows(device, backend, dtype, rank, layout):
+    """x one element into its storage (a pointer off 16-byte alignment), or its rows strided beyond
+    in_features (a slice of a wider tensor): forward and backward against the reference."""
+    f = make_factors(3, 7, 5, rank, dtype, device)
+    x, bias = torch.randn(19, 21).to(device, dtype), torch.randn(15).to(device, dtype)
+    expected = run(x, f, bias, "torch")
+    actual = run(x, f, bias, backend, layout=layout)
+    for name, exp in expected.items():
+        assert_close(actual[name], exp, dtype, msg=f"{name} ({backend}, {layout.__name__}, rank={rank})")
 
 @pytest.mark.parametrize("device,backend", face_params(phm_linear_fwd))
 def test_face_selected_is_the_face_that_runs(device, backend):

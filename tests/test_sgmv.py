@@ -9,8 +9,9 @@ from fastpeft.ops.adapter_batch import route
 from fastpeft.ops.bgmv import bgmv_shrink_reference
 from fastpeft.ops.sgmv import sgmv_outer, sgmv_outer_reference
 
-from adapter_stacks import FACE_SHAPES, S, id_patterns, mixed_batch, stacks
-from conftest import DTYPES, assert_close, assert_refused_before_any_face, device_params, face_params, on_face
+from adapter_stacks import FACE_SHAPES, S, id_patterns, mixed_batch, stacks, wide_rank_batch
+from conftest import (DTYPES, assert_close, assert_refused_before_any_face, device_params, face_params, fresh_seed,
+                      offset_view, on_face, wide_rows)
 
 
 @pytest.mark.parametrize("device,backend", face_params(sgmv_shrink))
@@ -177,3 +178,52 @@ def test_outer_refuses_bad_input_before_any_face(case, monkeypatch):
     assert_refused_before_any_face(
         monkeypatch, sgmv_outer,
         lambda: sgmv_outer(args["a"], args["b"], args["tokens"], *batch.routing[1:], args["num_slots"]), exc, pattern)
+
+
+# ---------------------------------------------------------------- ranks, no tokens, layouts
+
+@pytest.mark.parametrize("device,backend", face_params(sgmv_shrink))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("R", [40, 300])
+def test_faces_match_at_ranks_above_the_rank_blocks(device, backend, dtype, R):
+    """R = 40 (one 64-wide rank block, partly masked) and R = 300 (five, the last 44 wide), with
+    slots of every rank up to R, tokens mixed with -1, ragged T, K and N."""
+    m = wide_rank_batch(11, 21, 19, R, dtype, device)
+    routing = m["batch"].routing
+    with on_face(backend):
+        s = sgmv_shrink(m["x"], m["a"], *routing)
+        out = sgmv_expand(m["base"], m["s"], m["b"], m["scalings"], *routing)
+    assert_close(s, m["s_ref"], dtype, msg=f"sgmv_shrink, R = {R}")
+    assert_close(out, m["out_ref"], dtype, msg=f"sgmv_expand, R = {R}")
+
+
+@pytest.mark.parametrize("device,backend", face_params(sgmv_shrink))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_faces_take_no_tokens(device, backend, dtype):
+    """T = 0 (an AdapterBatch of no ids: every segment empty, max_seg_len 0): outputs of no rows."""
+    a, b, scalings = stacks(16, 12, 8, dtype, device, seed=fresh_seed())
+    x, base = torch.randn(0, 16, dtype=dtype, device=device), torch.randn(0, 12, dtype=dtype, device=device)
+    routing = AdapterBatch.build(torch.zeros(0, dtype=torch.int64), S, device=device).routing
+    with on_face(backend):
+        s = sgmv_shrink(x, a, *routing)
+        out = sgmv_expand(base, torch.randn(0, 8, dtype=dtype, device=device), b, scalings, *routing)
+    assert s.shape == (0, 8) and out.shape == (0, 12) and s.dtype == out.dtype == dtype
+
+
+@pytest.mark.parametrize("device,backend", face_params(sgmv_shrink))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_faces_read_offset_and_strided_rows(device, backend, dtype):
+    """x, base and s starting one element into their storage (pointers off 16-byte alignment), then
+    as slices of wider tensors (rows strided beyond K, N and R); the stacks one element in."""
+    T, K, N, R = 13, 40, 24, 16
+    m = wide_rank_batch(T, K, N, R, dtype, device)
+    routing = m["batch"].routing
+    a, b = offset_view(m["a"]), offset_view(m["b"])
+    for layout in (offset_view, wide_rows):
+        x, base, s = (layout(m[name]) for name in ("x", "base", "s"))
+        assert x.storage_offset() % 8 == 1 or x.stride(0) > K
+        with on_face(backend):
+            got_s = sgmv_shrink(x, a, *routing)
+            got_out = sgmv_expand(base, s, b, m["scalings"], *routing)
+        assert_close(got_s, m["s_ref"], dtype, msg=f"sgmv_shrink, {layout.__name__}")
+        assert_close(got_out, m["out_ref"], dtype, msg=f"sgmv_expand, {layout.__name__}")
