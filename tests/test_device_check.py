@@ -106,12 +106,15 @@ def test_device_check_script_leaves_every_file_under_out_when_a_step_times_out(t
     """benchmarks/device_check.sh in its CPU stand-in mode, on two ops (about 70 s on the 2-vCPU
     machine): versions, the extension's stand-in build, the smoke records of each op (Triton, then
     the C++ faces), the bench an op at a time merged into one results file, pytest last. multi_lora's
-    bench is given 1 s and times out, and a bench part a killed run left unreadable lies in $OUT
-    before it starts: the rest must be there all the same, the unreadable part left and named."""
+    bench is given 1 s and times out; in $OUT before it starts lie a bench part a killed run left
+    unreadable and one a timed-out bench left after its first case: the rest must be there all the
+    same, the unreadable part left and named, the cut one merged and the results marked partial."""
     out = tmp_path / "out"
     out.mkdir()
     broken = out / "bench-broken.part"
     broken.write_text('{"environment": {}, "results": [{"op": "nf4_ma')
+    cut = {"environment": {"device": "cpu"}, "results": [{"op": "lora_linear", "label": "decode"}], "partial": True}
+    (out / "bench-lora_linear.part").write_text(json.dumps(cut))  # what a bench stopped after one case leaves
     env = dict(os.environ, FASTPEFT_DEVICE_CHECK_CPU="1", OUT=str(out), PYTHON=sys.executable,
                FASTPEFT_DEVICE_CHECK_OPS="nf4_matmul multi_lora", FASTPEFT_DEVICE_CHECK_LIMITS="bench-multi_lora=1",
                FASTPEFT_DEVICE_CHECK_SECONDS="300")
@@ -148,8 +151,10 @@ def test_device_check_script_leaves_every_file_under_out_when_a_step_times_out(t
     # unreadable part left as it was, and named
     assert "bench multi_lora: exit 124" in log and "bench: no rows from multi_lora" in log
     merged = json.loads((out / results).read_text())
-    assert merged["environment"]["device"] == "cpu" and "partial" not in merged
-    assert merged["results"] and {r["op"] for r in merged["results"]} == {"nf4_matmul"}
+    assert merged["environment"]["device"] == "cpu" and merged["partial"] is True
+    ops = [r["op"] for r in merged["results"]]   # the ops run first, in their order; then any other part
+    assert ops[-1:] == ["lora_linear"] and set(ops[:-1]) == {"nf4_matmul"} and merged["results"][-1] == cut["results"][0]
+    assert "cut short by a timeout (the cases that finished): lora_linear" in log
     assert "\nnf4_matmul\n" in f"\n{(out / 'bench.txt').read_text()}"
     assert broken.read_text() == '{"environment": {}, "results": [{"op": "nf4_ma'
     assert f"bench: left unread in {out}: bench-broken.part (JSONDecodeError" in log
