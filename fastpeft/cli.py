@@ -107,12 +107,20 @@ def bench(args) -> int:
         fb.check_labels(ops, device, args.quick, args.case)
     except ValueError as e:
         raise SystemExit(f"fastpeft bench: --case: {e}") from None
+    path = args.json or f"bench-{datetime.date.today().isoformat()}-{device}.json"
+    # the file holds every finished case's row as the run goes (marked partial), so a run stopped
+    # part way (the device check's per-op timeout) still leaves what it measured
+    finished, env = [], fb.environment(device)
+
+    def keep(row):
+        finished.append(row)
+        fb.write_json(finished, env, path, partial=True)
+
     with tqdm(total=fb.count_cases(device, args.quick, args.op, args.case), desc="fastpeft bench", unit="case",
               disable=args.no_progress, file=sys.stderr) as progress:
-        rows = fb.run(ops, device, args.quick, progress, args.case)
-    env = fb.environment(device)
+        rows = fb.run(ops, device, args.quick, progress, args.case, on_case=keep)
+    env = fb.environment(device)  # again: what the run loaded (bitsandbytes' CPU kernel) shows now
     print(fb.format_tables(rows))
-    path = args.json or f"bench-{datetime.date.today().isoformat()}-{device}.json"
     fb.write_json(rows, env, path)
     print(f"\nwrote {path}")
     if args.plot:

@@ -51,10 +51,19 @@ def environment(device: str) -> dict:
     return env
 
 
-def write_json(rows: list[dict], env: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(dict(environment=env, results=rows), f, indent=2)
+def write_json(rows: list[dict], env: dict, path: str, partial: bool = False) -> None:
+    """The results file: {"environment": env, "results": rows}, and "partial": true when `partial`
+    (the rows of the cases finished so far, written while the run goes on: a run stopped by a
+    timeout leaves them). Written whole to a side file, then renamed over `path`, so `path` is never
+    left half written."""
+    data = dict(environment=env, results=rows)
+    if partial:
+        data["partial"] = True
+    side = f"{path}.tmp"
+    with open(side, "w") as f:
+        json.dump(data, f, indent=2)
         f.write("\n")
+    os.replace(side, path)
 
 
 def _ordered(rows: list[dict], key: str) -> list[str]:

@@ -116,8 +116,14 @@ def chosen_cases(bench_op: BenchOp, device: str, quick: bool, labels: list[str] 
     return cases if labels is None else [case for case in cases if case.label in labels]
 
 
-def run_op(bench_op: BenchOp, device: str, quick: bool, progress=None, labels: list[str] | None = None) -> list[dict]:
-    """Result rows of every case of one op (of those labelled `labels`, when given), its targets checked."""
+def run_op(bench_op: BenchOp, device: str, quick: bool, progress=None, labels: list[str] | None = None,
+           on_case: Callable[[dict], None] | None = None) -> list[dict]:
+    """Result rows of every case of one op (of those labelled `labels`, when given), its targets checked.
+
+    ``on_case(row)``, when given, is called as each case finishes, with its row as it stands then:
+    the op's derived ratios (:attr:`BenchOp.derive_ratios`, which read all its rows) not yet in it,
+    its targets checked against the ratios it has (a target on a derived ratio reads "not measured"
+    until the op ends). The same dict is completed in place when the op ends."""
     warmup, rounds = repetitions(device, quick) if quick or bench_op.repetitions is None else bench_op.repetitions
     cases, rows = chosen_cases(bench_op, device, quick, labels), []
     for case in cases:
@@ -132,19 +138,28 @@ def run_op(bench_op: BenchOp, device: str, quick: bool, progress=None, labels: l
                    faces_taken=faces, times_ms=times, ratios=ratios)
         if case.modules:
             row["modules"] = case.modules
+        row["targets"] = _checked(case, row)
         rows.append(row)
+        if on_case is not None:
+            on_case(row)
         if progress is not None:
             progress.update(1)
     if bench_op.derive_ratios is not None:
         bench_op.derive_ratios(rows)
     for case, row in zip(cases, rows):
-        row["targets"] = [target.record(ratio_value(target.ratio, row)) for target in case.targets]
+        row["targets"] = _checked(case, row)
     return rows
 
 
-def run(ops: list[BenchOp], device: str, quick: bool, progress=None, labels: list[str] | None = None) -> list[dict]:
-    """Result rows of the ops' cases (those labelled `labels`, when given: check_labels first)."""
-    return [row for bench_op in ops for row in run_op(bench_op, device, quick, progress, labels)]
+def _checked(case: Case, row: dict) -> list[dict]:
+    return [target.record(ratio_value(target.ratio, row)) for target in case.targets]
+
+
+def run(ops: list[BenchOp], device: str, quick: bool, progress=None, labels: list[str] | None = None,
+        on_case: Callable[[dict], None] | None = None) -> list[dict]:
+    """Result rows of the ops' cases (those labelled `labels`, when given: check_labels first);
+    `on_case` as :func:`run_op`'s, for every op's cases in turn."""
+    return [row for bench_op in ops for row in run_op(bench_op, device, quick, progress, labels, on_case)]
 
 
 def check_labels(ops: list[BenchOp], device: str, quick: bool, labels: list[str] | None) -> None:

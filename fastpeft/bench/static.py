@@ -484,7 +484,7 @@ def analyse(op: str, case: Case, arch: int, launch: aot.Launch, compiled: dict) 
     t_issue = (sass.instructions * warps * trips * grid / (sms_used * 4 * m["clock"])) if trips else 0.0
     t_mma = flops / (m["flops"] * sms_used / m["sms"])   # a short grid leaves tensor cores idle too
     waves = grid / (ctas * m["sms"]) if ctas else float("inf")
-    est = max(t_mem, t_issue, t_mma) * max(1.0, math.ceil(waves) / waves if waves >= 1 else 1.0)
+    est = max(t_mem, t_issue, t_mma) * max(1.0, math.ceil(waves) / waves if 1 <= waves < math.inf else 1.0)
     ideal = max(nbytes / m["bandwidth"], useful_flops(launch) / m["flops"])
     blocks = {k: v for k, v in spec.constexprs if k.startswith("BLOCK_")}
     config = "x".join(str(v) for v in blocks.values()) + f" w{warps} s{stages}"
@@ -654,7 +654,7 @@ def analyse_cuda(op: str, case: Case, arch: int, launch: CudaLaunch, compiled: d
         trips = _cdiv(trips, sass.ldg_ops // launch.loads_per_trip)
     t_issue = sass.instructions * warps * trips * launch.grid / (sms_used * 4 * m["clock"])
     waves = launch.grid / (ctas * m["sms"]) if ctas else float("inf")
-    est = max(t_mem, t_issue) * max(1.0, math.ceil(waves) / waves if waves >= 1 else 1.0)
+    est = max(t_mem, t_issue) * max(1.0, math.ceil(waves) / waves if 1 <= waves < math.inf else 1.0)
     ideal = max(launch.nbytes / m["bandwidth"], launch.flops / m["flops"])
     gemv = op in ("nf4_matmul", "lora_linear")
     problems = []
