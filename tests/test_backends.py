@@ -240,3 +240,18 @@ def test_record_faces_tells_which_face_ran():
     assert taken == [("lora_linear_fwd", lora_linear_fwd.select(torch.device("cpu"), *x))]
     lora_linear_fwd(*x)
     assert taken == [("lora_linear_fwd", lora_linear_fwd.select(torch.device("cpu"), *x))]  # outside: not recorded
+
+
+def test_an_interpreted_triton_face_refuses_outputs_that_alias():
+    """Under the interpreter a Triton launcher is called directly, not through its triton_op, whose
+    check (no output aliasing an input or another output) refused phm_linear's backward on an H200:
+    the registry runs the same check around the direct call, so the CPU suite fails first."""
+    from fastpeft.ops._registry import refusing_aliases
+
+    x = torch.randn(3, 4)
+    empty = x.new_empty(0)
+    for bad in (lambda x: (x * 2, empty, empty), lambda x: x, lambda x: (x.view(12), x * 2)):
+        with pytest.raises(RuntimeError, match="fastpeft::demo_triton: an output aliases"):
+            refusing_aliases("fastpeft::demo", bad)(x)
+    y, a, b = refusing_aliases("fastpeft::demo", lambda x: (x * 2, x.new_empty(0), x.new_empty(0)))(x)
+    assert torch.equal(y, x * 2)

@@ -259,11 +259,12 @@ def phm_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, phm_rule: torch.Tensor
     rule_t = phm_rule.transpose(1, 2)
     dy4 = _blocks(grad_y, n)
     x4 = _blocks(x, n)
-    empty = x.new_empty(0)
+    # The unused gradients are empty tensors of their own: outputs of a torch.library op may not
+    # alias each other (one `empty` returned twice fails its check on the GPU).
     if phm_b is not None:
         grad_x, grad_rule = _mix(dy4, rule_t, phm_b.transpose(1, 2), None, x2=x.reshape(M, n, q))
         grad_b = _grad_factor(dy4, phm_rule, x4)
-        return grad_x.flatten(1), grad_rule.to(x.dtype), grad_b, empty, empty
+        return grad_x.flatten(1), grad_rule.to(x.dtype), grad_b, x.new_empty(0), x.new_empty(0)
     n, p, r = phm_b_left.shape
     t = _shrink_right(x, phm_b_right)                                                        # [m, b, i, k]
     g = torch.mm(grad_y.reshape(M * n, p), phm_b_left.permute(1, 0, 2).reshape(p, n * r)).view(M, n, n, r)
@@ -271,7 +272,7 @@ def phm_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, phm_rule: torch.Tensor
     grad_rule = torch.einsum("maik,mbik->iab", g, t)      # M·n³·r: small next to the rest
     grad_left = _grad_factor(dy4, phm_rule, t)
     grad_right = _grad_factor(g, phm_rule, x4)
-    return grad_x.flatten(1), grad_rule, empty, grad_left, grad_right
+    return grad_x.flatten(1), grad_rule, x.new_empty(0), grad_left, grad_right
 
 
 # ---------------------------------------------------------------- ahead-of-time compile list
