@@ -141,10 +141,13 @@ def _adapter_block_fwd_kernel(
             y_ptrs = y_ptr + m64[:, None] * stride_ym + n[None, :] * stride_yn
             if r0 == 0:
                 acc += tl.load(bu_ptr + n, mask=n_mask & (HAS_BU != 0), other=0.0).to(tl.float32)[None, :]
-                base = tl.load(h_ptr + m64[:, None] * stride_hm + n[None, :] * stride_hn, mask=mask, other=0.0)
+                # Both branches in float32: h is x's dtype, y float32 where R > BLOCK_R (partial sums),
+                # and Triton's compiler refuses an `if` whose branches give one name two types.
+                base = tl.load(h_ptr + m64[:, None] * stride_hm + n[None, :] * stride_hn, mask=mask,
+                               other=0.0).to(tl.float32)
             else:  # a bottleneck wider than BLOCK_R: add this chunk's share onto y
-                base = tl.load(y_ptrs, mask=mask, other=0.0)
-            tl.store(y_ptrs, (base.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
+                base = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (base + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -330,7 +333,8 @@ def _aot_launches(kernel: str, dtype: torch.dtype, precision: str, block_r: int)
 
 def aot_configs():
     """Yield (kernel, signature, constexprs, options) for every launch configuration above:
-    2 kernels × 3 BLOCK_R × 4 dtype/precision pairs × each entry's BLOCK_M halvings = 54."""
+    2 kernels × 3 BLOCK_R × 4 dtype/precision pairs × each entry's BLOCK_M halvings = 54, and the
+    float32 partial sums of fp16 and bf16 at BLOCK_R 256: 64."""
     scalars = {"M": "i32", "K": "i32", "N": "i32", "R": "i32", "scaling": "fp32", "ACT": "i32", "HAS_BD": "i32"}
     for tname, dtype in TRITON_DTYPES.items():
         ptr = f"*{tname}"
@@ -339,8 +343,13 @@ def aot_configs():
                 fwd = {**{p: ptr for p in ("x_ptr", "h_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "y_ptr")},
                        **scalars, "HAS_BU": "i32",
                        **{f"stride_{s}": "i32" for s in ("xm", "xk", "hm", "hn", "dr", "dk", "un", "ur", "ym", "yn")}}
+                # a half-precision bottleneck wider than the largest BLOCK_R sums its chunks into
+                # float32 y and dx (_partial_sums_dtype): those pointers are other types then
+                wide = block_r == BLOCK_R_CHOICES[-1] and dtype != torch.float32
                 for launch in _aot_launches("fwd", dtype, precision, block_r):
                     yield _adapter_block_fwd_kernel, fwd, *launch
+                    if wide:
+                        yield _adapter_block_fwd_kernel, {**fwd, "y_ptr": "*fp32"}, *launch
                 bwd = {**{p: ptr for p in ("dy_ptr", "x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "dx_ptr", "dz_ptr",
                                            "a_ptr")},
                        **scalars,
@@ -348,3 +357,5 @@ def aot_configs():
                                                          "zm", "zr")}}
                 for launch in _aot_launches("bwd", dtype, precision, block_r):
                     yield _adapter_block_bwd_kernel, bwd, *launch
+                    if wide:
+                        yield _adapter_block_bwd_kernel, {**bwd, "dx_ptr": "*fp32"}, *launch
