@@ -26,7 +26,7 @@ import fastpeft
 from fastpeft import backends
 from fastpeft.nn import Linear4bit, MultiLoRALinear, PHMLinear
 from fastpeft.ops.adapter_block import adapter_block
-from fastpeft.testing import assert_close
+from fastpeft.testing import assert_close, full_precision_reductions
 
 FACES = ("triton", "cuda", "cpu")
 
@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the ragged cases only (the CPU stand-in)")
     parser.add_argument("--jsonl", default="-", help="append the records here (default: stdout)")
     args = parser.parse_args(argv)
+    full_precision_reductions()
     dtypes = [torch.float32, torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
     out = sys.stdout if args.jsonl == "-" else open(args.jsonl, "a")
     try:

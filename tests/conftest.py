@@ -18,6 +18,9 @@ import fastpeft  # noqa: E402
 from fastpeft import backends  # noqa: E402
 from fastpeft.ops import record_faces  # noqa: E402
 from fastpeft.testing import TOLERANCES, assert_close  # noqa: E402,F401  (the one table; tests take it from here)
+from fastpeft.testing import full_precision_reductions  # noqa: E402
+
+full_precision_reductions()
 
 HAS_GPU = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])

@@ -132,7 +132,7 @@ def grads_of(fn, args, seed=1, used=None):
     given by index) w.r.t. the inputs that require grad."""
     outs = outputs(fn(*args))
     g = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(o.shape, generator=g) for o in outs]
+    weights = [torch.randn(o.shape, generator=g).to(o.device) for o in outs]  # CPU generator: same draws on any device
     used = used or [i for i, o in enumerate(outs) if o.requires_grad]
     loss = sum((outs[i] * weights[i]).sum() for i in used)
     return torch.autograd.grad(loss, differentiable(args), allow_unused=True)
