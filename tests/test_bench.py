@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft import bench
+from fastpeft import backends, bench
 from fastpeft.bench import AT_LEAST, AT_MOST, BenchOp, Case, Target, e2e, multi_lora, nf4_matmul, runner
 
 # what `fastpeft bench` wrote; `fastpeft compare`'s tables (named *-compare-*) are test_compare's
@@ -216,3 +216,18 @@ def test_e2e_quick_runs_each_path_beside_its_peer():
     assert not torch.equal(pool, base)
     first = base.shape[1] - tokens
     assert torch.equal(pool[:, first], peft_out[:, first])
+
+
+def test_a_variant_forcing_a_face_the_layer_lacks_is_left_out_with_its_reason():
+    """On the GPU, multi_lora's SGMV ops have no CUDA face: its fastpeft[cuda] variant is refused
+    (the first H200 run stopped the op's whole bench there); any other variant's error still raises."""
+    def refused():
+        raise backends.BackendUnavailable("sgmv_shrink: backend 'cuda' was forced, but it has no cuda kernel")
+    calls = []
+    variants = {"base": lambda: calls.append("base"), "fastpeft": lambda: calls.append("fastpeft"),
+                "fastpeft[cuda]": refused}
+    for warmup in (0, 1):
+        times, _, why = bench.time_variants_ms(variants, "cpu", warmup=warmup, rounds=3)
+        assert set(times) == {"base", "fastpeft"} and "no cuda kernel" in why["fastpeft[cuda]"]
+    with pytest.raises(backends.BackendUnavailable):
+        bench.time_variants_ms({"fastpeft": refused}, "cpu", warmup=1, rounds=1)

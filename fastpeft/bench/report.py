@@ -108,6 +108,8 @@ def format_tables(rows: list[dict]) -> str:
                          + [f"{q[k]:.3f}" if k in q else "-" for k in ratio_keys])
         out += [op] + _aligned(lines)
         out += [f"  target, {row['label']} {row['mode']} {row['shape']}: {target_line(tgt)}" for row in mine for tgt in row["targets"]]
+        out += [f"  refused, {row['label']} {row['mode']} {row['shape']}: {name}: {why}"
+                for row in mine for name, why in row.get("refused", {}).items()]
         out.append("")
     return "\n".join(out).rstrip()
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .. import backends
 from ..ops import all_ops
 from .case import BenchOp, Case, Variants
 
@@ -51,32 +52,51 @@ def faces_taken():
             del op.run
 
 
-def time_variants_ms(variants: Variants, device: str, warmup: int, rounds: int) -> tuple[dict[str, float], dict]:
-    """Median milliseconds per call of each variant (CUDA events on the GPU), and the faces the
-    ``fastpeft`` variant's first warm-up call ran (see :func:`faces_taken`).
+def time_variants_ms(variants: Variants, device: str, warmup: int, rounds: int
+                     ) -> tuple[dict[str, float], dict, dict[str, str]]:
+    """Median milliseconds per call of each variant (CUDA events on the GPU), the faces the
+    ``fastpeft`` variant's first warm-up call ran (see :func:`faces_taken`), and the variants that
+    were refused, each with the reason: a ``fastpeft[<face>]`` variant forcing a face that one of
+    the layer's ops lacks (multi_lora's SGMV ops have no CUDA face) is left out, not fatal.
 
     Variants run interleaved, one call each per round, so clock and cache drift over the run hits
     them all alike (timing them one after another gave ±20 % swings between identical variants on
     the 2-core CPU). Each round's order is shuffled (seeded): rotating by one left each variant
     behind the same predecessor nearly every round, and what ran before matters (an NF4 decode was
     7 % slower right after the bf16 nn.Linear than after itself)."""
-    names = list(variants)
+    names, refused = list(variants), {}
     faces: dict[str, str] = {}
+
+    def refusable(name, call):
+        try:
+            return call()
+        except backends.BackendUnavailable as e:
+            if not name.startswith("fastpeft["):
+                raise
+            refused[name] = str(e)
+            if device == "cuda":
+                torch.cuda.synchronize()  # nothing of the refused call is left in flight
+
     for name in names:
         for i in range(warmup):
+            if name in refused:
+                break
             if name == "fastpeft" and i == 0:
                 with faces_taken() as faces:
                     variants[name]()
             else:
-                variants[name]()
+                refusable(name, variants[name])
     if device == "cuda":
         torch.cuda.synchronize()
     samples = {name: [] for name in names}
     order = random.Random(0)
     for _ in range(rounds):
         for name in order.sample(names, len(names)):
-            samples[name].append(_time_once_ms(variants[name], device))
-    return {name: statistics.median(samples[name]) for name in names}, faces
+            if name not in refused:
+                ms = refusable(name, lambda: _time_once_ms(variants[name], device))
+                if ms is not None:
+                    samples[name].append(ms)
+    return {name: statistics.median(samples[name]) for name in names if name not in refused}, faces, refused
 
 
 def repetitions(device: str, quick: bool) -> tuple[int, int]:
@@ -130,7 +150,7 @@ def run_op(bench_op: BenchOp, device: str, quick: bool, progress=None, labels: l
         variants = bench_op.variants(case, device)
         if progress is not None:
             progress.set_postfix_str(f"{bench_op.name} {case.label} {case.mode}")
-        times, faces = time_variants_ms(variants, device, warmup, rounds)
+        times, faces, refused = time_variants_ms(variants, device, warmup, rounds)
         times = {name: ms / case.layers for name, ms in times.items()}
         ratios = {f"fastpeft/{rival}": times["fastpeft"] / times[rival] for rival in bench_op.rivals if rival in times}
         row = dict(op=bench_op.name, **case.dims, dtype=case.dtype, mode=case.mode, label=case.label,
@@ -138,6 +158,8 @@ def run_op(bench_op: BenchOp, device: str, quick: bool, progress=None, labels: l
                    faces_taken=faces, times_ms=times, ratios=ratios)
         if case.modules:
             row["modules"] = case.modules
+        if refused:
+            row["refused"] = refused
         row["targets"] = _checked(case, row)
         rows.append(row)
         if on_case is not None:
