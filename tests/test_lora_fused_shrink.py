@@ -134,9 +134,11 @@ def at_arch(monkeypatch, arch):
 def test_mode_rule(monkeypatch):
     bf16 = torch.bfloat16
     with at_arch(monkeypatch, 90):
-        # sm_90, large tile, 2 column tiles per program: recompute 16/512 of the GEMM against a read of x
+        # sm_90, large tile, 2 column tiles per program: recompute 16/512 of the GEMM against a read of
+        # x; at Triton's measured 0.37 of the MMA peak the recompute costs more (486.7 against 480.4 us;
+        # the one launch measured 465 us on an H200)
         assert kl.fused_shrink_plan(4096, 4096, 16, bf16) == ("large", 2, None)
-        assert kl.fwd_mode(4096, 4096, 4096, 16, bf16) == "fused_shrink"
+        assert kl.fwd_mode(4096, 4096, 4096, 16, bf16) == "shrink_then_fused"
         # wide N: the shrink's read of x is the smaller share
         assert kl.fwd_mode(4096, 14336, 4096, 16, bf16) == "shrink_then_fused"
         # the separate shrink where the one launch cannot win or run
@@ -146,8 +148,8 @@ def test_mode_rule(monkeypatch):
         assert kl.fwd_mode(4096, 4096, 4096, 16, torch.float32) == "shrink_then_fused"
         assert kl.fwd_mode(4096, 4096, 4096, 16, bf16, dropout=True) == "shrink_then_fused"
         est = kl.fwd_estimates(4096, 4096, 4096, 16, bf16)
-        # cuBLAS at 0.9 of the peak against Triton's 0.75: cuBLAS first on sm_90
-        assert est["base"] < est["cublas"] < est["fused_shrink"] < est["shrink_then_fused"]
+        # cuBLAS at 0.84 of the peak against Triton's 0.37 (measured, H200): cuBLAS first on sm_90
+        assert est["base"] < est["cublas"] < est["shrink_then_fused"] < est["fused_shrink"]
         assert kl.fastest_fwd_face(4096, 4096, 4096, 16, bf16, torch.device("cuda")) == "cuda"
     with at_arch(monkeypatch, 80):
         # sm_80: one 128-wide tile per program (recompute 16/128): the shrink wins at N = 4096, the one
@@ -164,9 +166,10 @@ def test_recompute_is_counted_in_the_estimate(monkeypatch):
     bf16 = torch.bfloat16
     with at_arch(monkeypatch, 90):
         est = kl.fwd_estimates(4096, 4096, 4096, 16, bf16)
-        gemm = 2.0 * 4096 * 4096 * (4096 + 16) / (0.75 * 790e12)
-        assert est["fused_shrink"] == pytest.approx(gemm + 2.0 * 4096 * 4096 * 16 * 8 / (0.75 * 790e12))
-        assert kl.MMA_EFFICIENCY["triton"][90] == 0.75 and _common.GPU_ROOFLINE[90]["flops"] == 790e12
+        peak = kl.MMA_EFFICIENCY["triton"][90] * 790e12
+        gemm = 2.0 * 4096 * 4096 * (4096 + 16) / peak
+        assert est["fused_shrink"] == pytest.approx(gemm + 2.0 * 4096 * 4096 * 16 * 8 / peak)
+        assert _common.GPU_ROOFLINE[90]["flops"] == 790e12
 
 
 def test_the_ops_cuda_rule_orders_the_faces_by_the_estimates(monkeypatch):
@@ -175,8 +178,7 @@ def test_the_ops_cuda_rule_orders_the_faces_by_the_estimates(monkeypatch):
         a, b = torch.empty(16, 4096, device="meta", dtype=dtype), torch.empty(N, 16, device="meta", dtype=dtype)
         return fwd_face_order_cuda(torch.device("cuda"), x, w, None, a, b, 2.0, None)
     with at_arch(monkeypatch, 90):
-        assert order(1, 4096)[0] == order(7, 4096)[0] == "cuda"          # the GEMV
-        assert order(8, 4096)[0] == order(16, 4096)[0] == "triton"        # the GEMV's FMAs bind
+        assert order(1, 4096)[0] == order(16, 4096)[0] == "cuda"         # the GEMV, every row in one pass
         assert order(4096, 4096) == ("cuda", "triton", "torch")
         assert order(4096, 4096, torch.float32)[0] == "triton"
     with at_arch(monkeypatch, 80):

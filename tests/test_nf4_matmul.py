@@ -403,8 +403,8 @@ def test_face_indexes_packed_bytes_beyond_int32(release_gpu_memory, device, back
     """W [N, 4096] with N·K/2 > 2³¹ packed bytes (N = 2³²/4096 + 64: 2.1 GB of bytes, 268 MB of
     scales; weight elements past 2³²): M = 1 (Triton's GEMV) and M = 20 (its tiled kernel). The
     CUDA face takes its tiled path for both (its GEMV takes N·K < 2³¹ only, nf4_matmul.cu).
-    About 2.5 GB of GPU memory; W read once (~0.5 ms at 4.3 TB/s), the CUDA face's 1024 tiles
-    dequantised and multiplied in well under a second: seconds with the JIT on an H200 (estimate)."""
+    About 2.5 GB of GPU memory; W read once (~0.5 ms at 4.3 TB/s), the CUDA face's 65 tiles of
+    16384 rows (the last one partial) dequantised and multiplied in well under a second."""
     K = 4096
     N = 2**32 // K + 64
     assert N * K // 2 > 2**31
@@ -448,3 +448,17 @@ def test_faces_take_no_tokens(device, backend, dtype):
         dx = nf4_matmul(torch.randn(0, N, dtype=dtype, device=device), q.packed, q.absmax, q.quant_map, 64, N, None,
                         True, **nested_args(q))
     assert y.shape == (0, N) and dx.shape == (0, K) and y.dtype == dx.dtype == dtype
+
+
+def test_the_cuda_rule_orders_the_faces_by_rows():
+    """On a GPU (no GPU needed to ask): the CUDA face's GEMV for one row and its dequantise + cuBLAS
+    above 16 rows and for the backward's transposed product, Triton between (H200 measurements in
+    fastpeft/ops/nf4_matmul.py)."""
+    from fastpeft.ops.nf4_matmul import face_order_cuda
+
+    def first(M, transposed=False):
+        x = torch.empty(M, 4096, device="meta", dtype=torch.bfloat16)
+        packed = torch.empty(4096 * 14336 // 2, 1, device="meta", dtype=torch.uint8)
+        return face_order_cuda(torch.device("cuda"), x, packed, None, None, 64, 14336, None, transposed)[0]
+    assert [first(M) for M in (1, 2, 16, 17, 512)] == ["cuda", "triton", "triton", "cuda", "cuda"]
+    assert first(16, transposed=True) == "cuda"

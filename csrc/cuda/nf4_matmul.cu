@@ -10,8 +10,10 @@
 // per block), the absmax of a 32-weight chunk (one block: blocksizes are >= 32) scales the chunk's
 // partial sum, and all M <= 16 rows of x are accumulated in one pass over W (kMaxRows = 16; M = 1
 // gets its own instantiation). Everything else (prefill, the backward's dx, ragged K) dequantises
-// 1024-row tiles into a buffer and multiplies with cuBLAS, so the float weight never exceeds a
-// tile; the Triton face (kernels/nf4_matmul.py) is preferred for every shape on the GPU.
+// the weight into a buffer of at most kTileElements weights and multiplies with cuBLAS: a
+// 4096 x 14336 layer in one tile, its GEMM written straight into y, as bitsandbytes does. With
+// 1024-row tiles (14 rounds of dequantise, GEMM and copy) M = 512 took 0.638 ms against
+// bitsandbytes' 0.485 (H200, bf16; benchmarks/results/2026-12-04-h200-device-check-1).
 #include "../nf4_matmul.h"
 #include "common.cuh"
 
@@ -34,7 +36,8 @@ constexpr int kUnroll = 4;        // 16-byte chunks per row per lane issued befo
 constexpr int kChunk = 32;        // weights per lane per chunk: one 16-byte load of packed codes
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kSharedXRows = 4;   // up to this many x rows, the warp's weight rows are decoded together
-constexpr int64_t kTileRows = 1024;
+// Weights dequantised per round: 128 MiB in bf16, the transient of one large layer's float weight.
+constexpr int64_t kTileElements = int64_t{1} << 26;
 
 // 16 bytes of the weight, read once: not kept in L1 (x and the tables are).
 __device__ __forceinline__ uint4 load_streaming(const uint8_t* p) {
@@ -232,13 +235,16 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x_in, const at::Tensor& packed, con
       launch_gemv<scalar_t>(a, bias_c, y, stream);
       return;
     }
-    at::Tensor tile = at::empty({std::min(kTileRows, a.N), a.K}, a.x.options());
-    for (int64_t n0 = 0; n0 < a.N; n0 += kTileRows) {
-      const int64_t n1 = std::min(a.N, n0 + kTileRows);
+    const int64_t tile_rows = std::min(a.N, std::max<int64_t>(1, kTileElements / std::max<int64_t>(a.K, 1)));
+    at::Tensor tile = at::empty({tile_rows, a.K}, a.x.options());
+    for (int64_t n0 = 0; n0 < a.N; n0 += tile_rows) {
+      const int64_t n1 = std::min(a.N, n0 + tile_rows);
       at::Tensor w = tile.narrow(0, 0, n1 - n0);
       dequantize_tile<scalar_t>(a, n0, n1, w, stream);
       if (transposed) {
         y.addmm_(a.x.narrow(1, n0, n1 - n0), w);  // dx += dy[:, tile]·W[tile, :]
+      } else if (n1 - n0 == a.N) {
+        at::mm_out(y, a.x, w.t());  // the whole weight in one tile: cuBLAS writes y itself
       } else {
         y.narrow(1, n0, n1 - n0).copy_(at::mm(a.x, w.t()));
       }

@@ -79,24 +79,17 @@ def lora_linear_fwd_reference(x, weight, bias, lora_a, lora_b, scaling, x_lora=N
     return y, s
 
 
-# Up to this many rows the CUDA face's GEMV goes first on a GPU (fwd_face_order_cuda says why).
-CUDA_GEMV_FIRST_ROWS = 7
+# Up to this many rows the CUDA face's GEMV (csrc/cuda/lora_linear.cu: kMaxGemvRows) goes first on
+# a GPU. Measured (H200, bf16, K = N = 4096, r = 16, benchmarks/results/2026-12-04-h200-device-check-1):
+# M = 1 CUDA 0.132 ms a call against Triton 0.512; M = 16 CUDA 0.131 against Triton 0.261.
+CUDA_GEMV_FIRST_ROWS = 16
 
 
 def fwd_face_order_cuda(device, x, weight, bias, lora_a, *rest):
     """The forward's faces on a CUDA device, best first, for these arguments."""
-    # M <= 16: each face is a small pipeline: the CUDA face's x·Aᵀ (at::mm) then its fused GEMV (two
-    # launches); the Triton face's split shrink, its sum, then the fused GEMM (three). Static-model
-    # estimates (sm_90, 4096², r = 16, bf16; README's static section): the CUDA GEMV 7.8 us at
-    # M = 1, where it streams W at the roofline, and 19.8 at M = 16, where its FMAs bind (1.24 us a
-    # row); Triton 7.9 at both. Taking the GEMV as the larger of the two bounds, max(7.8, 1.24·M),
-    # and one launch more for Triton as about 2 us (an assumption: the model leaves launches out),
-    # the CUDA face is ahead up to M = 7 and behind from M = 8 (9.9 us). A GPU run replaces this.
     M = x.shape[0]
     if M <= CUDA_GEMV_FIRST_ROWS:
         return ("cuda", "triton", "torch")
-    if M <= 16:
-        return ("triton", "cuda", "torch")
     # Above: the Triton face (fused-shrink kernel, or shrink + fused GEMM) or the CUDA face's cuBLAS
     # composition (the delta as the GEMM's C operand), whichever the Triton face's cost rule
     # (fastpeft/kernels/lora_linear.py: fwd_estimates, its efficiencies MMA_EFFICIENCY) puts first.
@@ -176,8 +169,10 @@ lora_linear_bwd = _registry.define(
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor s, float scaling, Tensor? x_lora=None)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
     check=_check_bwd, fake=_fake_bwd, reference=lora_linear_bwd_reference,
-    # the fused dx GEMM (Triton) first on the GPU; cuBLAS + addmm_ (C++) after
-    prefer={"cuda": ("triton", "cuda", "torch")}, triton="lora_linear", cpp=("cpu", "cuda"))
+    # cuBLAS (the C++ face) first on the GPU: measured on an H200 (bf16, 4096³, r = 16; benchmarks/
+    # results/2026-12-04-h200-device-check-1), a training step with the CUDA backward 0.919 ms,
+    # with the Triton one (its fused dx GEMM at 0.37 of the MMA peak) 1.302 ms
+    triton="lora_linear", cpp=("cpu", "cuda"))
 
 
 # ---------------------------------------------------------------- public entry

@@ -162,17 +162,30 @@ def _backward(ctx, grad_y):
     return (grad_x, None, None, None, None, None, grad_bias, None, grad_s, grad_l, None, None, None, None)
 
 
+# Rows up to which the Triton face goes first on a GPU; the CUDA face (csrc/cuda/nf4_matmul.cu)
+# everywhere else. Measured on an H200 (bf16, K = 4096, N = 14336, per layer of eight;
+# benchmarks/results/2026-12-04-h200-device-check-1): M = 1 CUDA's GEMV 46 us, Triton 112,
+# bitsandbytes 60; M = 16 Triton 115, CUDA's GEMV 323, bitsandbytes 82; M = 512 CUDA (dequantise +
+# cuBLAS) 0.64 ms, Triton's tiles 13.7 ms. Rows 2-15 are unmeasured; Triton takes them as it does 16.
+TRITON_FIRST_ROWS = (2, 16)
+
+
+def face_order_cuda(device, x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False,
+                    *rest):
+    """nf4_matmul's faces on a CUDA device, best first, for these arguments."""
+    low, high = TRITON_FIRST_ROWS
+    if not transposed and low <= x.shape[0] <= high:
+        return ("triton", "cuda", "torch")
+    return ("cuda", "triton", "torch")
+
+
 nf4_matmul = _registry.define(
     "nf4_matmul",
     "(Tensor x, Tensor packed, Tensor absmax, Tensor quant_map, int blocksize, int out_features, Tensor? bias=None,"
     " bool transposed=False, Tensor? lora_s=None, Tensor? lora_l=None, float lora_scaling=1.0,"
     " Tensor? nested_absmax=None, Tensor? nested_quant_map=None, float absmax_offset=0.0) -> Tensor",
-    check=_check, fake=_fake, reference=nf4_matmul_reference,
-    # Triton first on the GPU for every shape: the CUDA decode GEMV (csrc/cuda/nf4_matmul.cu)
-    # compiles but has not run on a GPU yet; the first device session that passes its tests and
-    # measures it puts it first for M <= 16 (what it is built for).
-    prefer={"cuda": ("triton", "cuda", "torch")}, triton="nf4_matmul", cpp=("cpu", "cuda"),
-    setup_context=_setup, backward=_backward)
+    check=_check, fake=_fake, reference=nf4_matmul_reference, choose={"cuda": face_order_cuda},
+    triton="nf4_matmul", cpp=("cpu", "cuda"), setup_context=_setup, backward=_backward)
 
 
 def weight_args(q) -> tuple:
