@@ -7,10 +7,13 @@
 #   3. once the extension is built, its CUDA faces the same way;
 #   4. `fastpeft bench` per op, NF4 and LoRA first, each with its own timeout, merged into one
 #      results file named by date and GPU;
-#   5. `pytest -m gpu -n 8 --timeout 60` with the time left (8 processes, 60 s a test; in one
+#   5. the face sweep (benchmarks/face_sweep.py): NF4 and LoRA decode over M, each face forced,
+#      wall and kernel time: where the dispatch rules' crossovers lie;
+#   6. `pytest -m gpu -n 8 --timeout 60` with the time left (8 processes, 60 s a test; in one
 #      process, with no per-test limit, where pytest-xdist or pytest-timeout is missing).
 # Everything lands under $OUT even when a step times out, in at most 8 files (what comes back):
-# device_check.log, build.log, smoke.jsonl, bench.txt, <date>-<gpu>.json, tests.txt, pytest.xml.
+# device_check.log, build.log, smoke.jsonl, bench.txt, <date>-<gpu>.json, <date>-<gpu>-face-sweep.json,
+# tests.txt, pytest.xml.
 # Each step writes as it goes: smoke.jsonl a line per face checked, the bench its results file
 # after every case (a timed-out op keeps the cases it finished), pytest a line per test (-v) and,
 # stopped by SIGINT at its limit, the junit XML of the tests that ended. A bench file that cannot
@@ -23,7 +26,8 @@
 # Knobs: PYTHON (default python3); FASTPEFT_DEVICE_CHECK_SECONDS, the whole script's budget;
 # FASTPEFT_DEVICE_CHECK_OPS, the ops checked and benched, in order; FASTPEFT_DEVICE_CHECK_LIMITS,
 # seconds for named steps in place of their own limits ("bench-lora_linear=30 tests=120"; the steps:
-# build, smoke-<op>, cpp-smoke-<op>, bench-<op>, tests).
+# build, smoke-<op>, cpp-smoke-<op>, bench-<op>, sweep, tests); FASTPEFT_DEVICE_CHECK_TESTS, what
+# pytest is given besides -m gpu (test files or node ids: a rerun of what failed; default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
@@ -161,6 +165,12 @@ for line in unreadable:
     print(f"bench: left unread in {out}: {line}")
 PY
 
+if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 60 ]; then
+  log "face sweep: NF4 and LoRA decode over M, every face"
+  timeout "$(limit sweep 90)" $PY benchmarks/face_sweep.py --op nf4_matmul --op lora_linear \
+    --json "$OUT/$(date -u +%F)-$GPU-face-sweep.json" >>"$OUT/bench.txt" 2>&1 || log "face sweep: exit $?"
+fi
+
 log "pytest -m gpu with what is left ($(left) s)"
 if [ "$(left)" -gt 20 ]; then
   if $PY -c "import xdist, pytest_timeout" 2>/dev/null; then
@@ -174,7 +184,7 @@ if [ "$(left)" -gt 20 ]; then
   # the limit: pytest then prints its summary and writes the junit XML of the tests that ended;
   # KILL 15 s later if it has not stopped (a hung kernel).
   FASTPEFT_REQUIRE_EXTENSION=1 timeout -s INT -k 15 "$(limit tests 600)" $PY -m pytest -v -m gpu "${SPREAD[@]}" \
-    -p no:cacheprovider --junitxml="$OUT/pytest.xml" >"$OUT/tests.txt" 2>&1
+    -p no:cacheprovider --junitxml="$OUT/pytest.xml" ${FASTPEFT_DEVICE_CHECK_TESTS:-} >"$OUT/tests.txt" 2>&1
   echo "pytest exit $?" >>"$OUT/tests.txt"
   tail -5 "$OUT/tests.txt" | tee -a "$LOG"
 fi

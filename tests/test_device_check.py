@@ -36,6 +36,26 @@ def test_the_device_checks_smoke_run_works_on_the_cpu(tmp_path):
                                                                                                   "multi_lora"}
 
 
+def test_the_face_sweep_works_on_the_cpu(tmp_path):
+    """benchmarks/face_sweep.py, the device check's crossover step, on the quick shapes: a row per M
+    and op, each with wall times and kernel times of the same variants, every forced face among them."""
+    path = ROOT / "benchmarks" / "face_sweep.py"
+    spec = importlib.util.spec_from_file_location("face_sweep", path)
+    face_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(face_sweep)
+    out = tmp_path / "sweep.json"
+    assert face_sweep.main(["--device", "cpu", "--quick", "--op", "nf4_matmul", "--op", "lora_linear",
+                            "--rows", "1,3", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert "partial" not in data
+    rows = data["results"]
+    assert [(r["op"], r["M"]) for r in rows] == [("nf4_matmul", 1), ("nf4_matmul", 3), ("lora_linear", 1),
+                                                 ("lora_linear", 3)]
+    for row in rows:
+        assert set(row["kernel_us"]) == set(row["times_ms"]) and "fastpeft[cpu]" in row["times_ms"]
+        assert all(v > 0 for v in row["kernel_us"].values())
+
+
 class Stopped(Exception):
     """Stands for the device check's timeout killing a bench part way."""
 
