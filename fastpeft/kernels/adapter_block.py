@@ -36,7 +36,7 @@ from torch.library import wrap_triton
 
 from ..activations import ADAPTER_ACTIVATIONS
 from ..backends import triton_interpreting
-from ._common import TRITON_DTYPES, bf16_via_fp32, dot, input_precision, note_short_grid, sm_count
+from ._common import TRITON_DTYPES, bf16_via_fp32, cdiv, dot, input_precision, note_short_grid, sm_count
 
 ACTIVATIONS = ADAPTER_ACTIVATIONS
 
@@ -254,9 +254,9 @@ def _launch_params(kernel: str, M: int, R: int, dtype: torch.dtype, device: torc
         block_m, block_k, block_n, warps, stages = _TILES[(kernel, dtype == torch.float32, block_r)]
     sms = sm_count(device)
     for block_m in _block_m_choices(block_m):
-        if triton.cdiv(M, block_m) >= sms:
+        if cdiv(M, block_m) >= sms:
             break
-    programs = triton.cdiv(M, block_m)
+    programs = cdiv(M, block_m)
     reason = None if programs >= sms else (
         f"{M} rows are {programs} row tiles of {block_m} (the fewest rows a program takes), fewer than the {sms} SMs")
     return dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r,
@@ -286,7 +286,7 @@ def adapter_block_fwd(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_
     if reason:
         note_short_grid(reason)
     # Absent biases get a valid pointer of the right dtype, never dereferenced (the flag masks the load).
-    wrap_triton(_adapter_block_fwd_kernel)[(triton.cdiv(M, params["BLOCK_M"]),)](
+    wrap_triton(_adapter_block_fwd_kernel)[(cdiv(M, params["BLOCK_M"]),)](
         x, h, w_down, w_down if b_down is None else b_down, w_up, w_up if b_up is None else b_up, y,
         M, K, N, R, scaling, ACTIVATIONS.index(activation), int(b_down is not None), int(b_up is not None),
         x.stride(0), x.stride(1), h.stride(0), h.stride(1), w_down.stride(0), w_down.stride(1),
@@ -309,7 +309,7 @@ def adapter_block_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_down: torch.Tenso
     if M:  # with no rows every output is empty or (the weight gradients below) zero
         if reason:
             note_short_grid(reason)
-        wrap_triton(_adapter_block_bwd_kernel)[(triton.cdiv(M, params["BLOCK_M"]),)](
+        wrap_triton(_adapter_block_bwd_kernel)[(cdiv(M, params["BLOCK_M"]),)](
             grad_y, x, w_down, w_down if b_down is None else b_down, w_up, grad_x, dz, a,
             M, K, N, R, scaling, ACTIVATIONS.index(activation), int(b_down is not None),
             grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), w_down.stride(0), w_down.stride(1),

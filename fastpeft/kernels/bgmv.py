@@ -19,7 +19,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, block_r, note_short_grid, sm_count, sum_parts
+from ._common import BLOCK_R_CHOICES, TRITON_DTYPES, block_r, cdiv, note_short_grid, sm_count, sum_parts
 
 
 @triton.jit
@@ -117,15 +117,15 @@ def shrink_plan(T: int, K: int, R: int, sms: int) -> tuple[int, int, int, int, s
     trips split 4 ways is 3 parts of 512)."""
     rb = block_r(R)
     bk = _INTERPRET_BLOCK_K if triton_interpreting() else _gpu_shrink_block_k(rb)
-    programs = T * triton.cdiv(R, rb)
-    trips = max(1, triton.cdiv(K, bk))
+    programs = T * cdiv(R, rb)
+    trips = max(1, cdiv(K, bk))
     split = 1
     while split < trips and programs * split < sms:
         split *= 2
-    k_part = triton.cdiv(trips, min(split, trips)) * bk
-    parts = triton.cdiv(trips, k_part // bk)
+    k_part = cdiv(trips, min(split, trips)) * bk
+    parts = cdiv(trips, k_part // bk)
     reason = None if programs * parts >= sms else (
-        f"{T} token(s) x {triton.cdiv(R, rb)} rank block(s) of {rb}, K in {trips} trip(s) of {bk}: {programs * parts} "
+        f"{T} token(s) x {cdiv(R, rb)} rank block(s) of {rb}, K in {trips} trip(s) of {bk}: {programs * parts} "
         f"programs of one trip or more, fewer than the {sms} SMs")
     return rb, bk, parts, k_part, reason
 
@@ -136,10 +136,10 @@ def expand_plan(T: int, N: int, sms: int) -> tuple[int, str | None]:
     narrowest (narrower still is estimated slower: _BLOCK_N's comment)."""
     choices = _BLOCK_N["interpret" if triton_interpreting() else "gpu"]
     for block_n in choices:
-        if T * triton.cdiv(N, block_n) >= sms:
+        if T * cdiv(N, block_n) >= sms:
             return block_n, None
-    programs = T * triton.cdiv(N, block_n)
-    return block_n, (f"{T} token(s) x {triton.cdiv(N, block_n)} blocks of {block_n} outputs: {programs} programs "
+    programs = T * cdiv(N, block_n)
+    return block_n, (f"{T} token(s) x {cdiv(N, block_n)} blocks of {block_n} outputs: {programs} programs "
                      f"(blocks narrower than {block_n} estimated slower)")
 
 
@@ -156,7 +156,7 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor
     plane = out.stride(0) if parts > 1 else 0
     if reason:
         note_short_grid(reason)
-    wrap_triton(_bgmv_shrink_kernel)[(T, triton.cdiv(R, rb), parts)](
+    wrap_triton(_bgmv_shrink_kernel)[(T, cdiv(R, rb), parts)](
         x, lora_a, adapter_ids, out, K, k_part, R, S,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), plane, out.stride(-2),
         out.stride(-1), BLOCK_K=bk, BLOCK_R=rb, num_warps=4)
@@ -174,7 +174,7 @@ def bgmv_expand(base: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scali
     block_n, reason = expand_plan(T, N, sm_count(base.device))
     if reason:
         note_short_grid(reason)
-    wrap_triton(_bgmv_expand_kernel)[(T, triton.cdiv(N, block_n))](
+    wrap_triton(_bgmv_expand_kernel)[(T, cdiv(N, block_n))](
         base, s, lora_b, scalings, adapter_ids, out, N, R, S,
         base.stride(0), base.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
         lora_b.stride(2), out.stride(0), out.stride(1),

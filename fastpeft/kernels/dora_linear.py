@@ -27,8 +27,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import (BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, note_short_grid,
-                      sm_count)
+from ._common import (BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, cdiv, dot, input_precision,
+                      note_short_grid, sm_count)
 from .lora_linear import GROUP_M, MATMUL_TILES, add_lora_delta, fused_matmul, lora_linear_bwd, matmul_plan, shrink
 
 
@@ -171,7 +171,7 @@ def _note_elementwise_grid(M: int, N: int, device: torch.device) -> None:
     """The epilogues' grid is one program per 32x128 tile of [M, N], each a few KB of traffic: below
     one wave only when the whole [M, N] is (the reason the static model reports)."""
     em, en = _elementwise_tile()
-    programs, sms = max(1, triton.cdiv(M, em)) * triton.cdiv(N, en), sm_count(device)
+    programs, sms = max(1, cdiv(M, em)) * cdiv(N, en), sm_count(device)
     if programs < sms:
         note_short_grid(f"the whole [{M}, {N}] output is {programs} tiles of {em}x{en}, fewer than the {sms} SMs")
 
@@ -201,8 +201,8 @@ def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return y, s, z, norm
     tile, reason = matmul_plan(M, N, x.dtype, x.device, extra_rows=R)  # A's rows are tiled after x's
     block_m, block_n, block_k, warps, stages = MATMUL_TILES[tile]
-    tiles_x = triton.cdiv(M, block_m)
-    grid = ((tiles_x + triton.cdiv(R, block_m)) * triton.cdiv(N, block_n),)
+    tiles_x = cdiv(M, block_m)
+    grid = ((tiles_x + cdiv(R, block_m)) * cdiv(N, block_n),)
     if reason:
         note_short_grid(reason)
     xl = x if x_lora is None else x_lora
@@ -222,7 +222,7 @@ def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     partial = quad_terms(weight_norm_sq, lora_a, lora_b, scaling)
     em, en = _elementwise_tile()
     _note_elementwise_grid(M, N, x.device)
-    wrap_triton(_dora_scale_kernel)[(max(1, triton.cdiv(M, em)), triton.cdiv(N, en))](
+    wrap_triton(_dora_scale_kernel)[(max(1, cdiv(M, em)), cdiv(N, en))](
         z, y, aw, lora_b, partial, magnitude, y if bias is None else bias, y, norm,
         M, N, R, scaling,
         z.stride(0), aw.stride(0), lora_b.stride(0), lora_b.stride(1), magnitude.stride(0),
@@ -244,11 +244,11 @@ def dora_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dy_g = torch.empty_like(dy)
     dy_gm1 = torch.empty_like(dy) if x_lora is not None else dy_g
     em, en = _elementwise_tile()
-    tiles_m = triton.cdiv(M, em)
+    tiles_m = cdiv(M, em)
     colsum = torch.zeros((max(tiles_m, 1), N), device=dy.device, dtype=torch.float32)
     if dy.numel():
         _note_elementwise_grid(M, N, dy.device)
-        wrap_triton(_dora_grad_kernel)[(tiles_m, triton.cdiv(N, en))](
+        wrap_triton(_dora_grad_kernel)[(tiles_m, cdiv(N, en))](
             dy, z, magnitude, norm, dy_g, dy_gm1, colsum, M, N, magnitude.stride(0),
             HAS_X_LORA=x_lora is not None, BLOCK_M=em, BLOCK_N=en, num_warps=4)
     grad_m = (colsum.sum(0) / norm).to(magnitude.dtype)

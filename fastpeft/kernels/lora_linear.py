@@ -30,7 +30,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import (BLOCK_R_CHOICES, GPU_ROOFLINE, TRITON_DTYPES, bf16_via_fp32, block_r, dot, gpu_arch,
+from ._common import (BLOCK_R_CHOICES, GPU_ROOFLINE, TRITON_DTYPES, bf16_via_fp32, block_r, cdiv, dot, gpu_arch,
                       input_precision, note_short_grid, sm_count, smem_limit, wave_split)
 
 
@@ -290,7 +290,7 @@ def matmul_plan(M: int, N: int | None, dtype: torch.dtype, device: torch.device 
 
     def programs(tile):
         bm, bn = MATMUL_TILES[tile][:2]
-        return (triton.cdiv(M, bm) + triton.cdiv(extra_rows, bm)) * triton.cdiv(N, bn)
+        return (cdiv(M, bm) + cdiv(extra_rows, bm)) * cdiv(N, bn)
     for tile in order:
         if programs(tile) >= sms:
             return tile, None
@@ -308,11 +308,11 @@ def matmul_tile(M: int, dtype: torch.dtype, device: torch.device | None = None, 
 def shrink_parts(M: int, K: int, R: int, block_m: int, block_k: int, sms: int) -> tuple[int, int, str | None]:
     """(K_PART, parts, why the grid stays below `sms` programs or None) of the shrink: K split into
     parts of whole BLOCK_K blocks, the fewest that give every SM a program (``wave_split``)."""
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r(R))
-    blocks = max(1, triton.cdiv(K, block_k))
+    tiles = cdiv(M, block_m) * cdiv(R, block_r(R))
+    blocks = max(1, cdiv(K, block_k))
     parts = wave_split(tiles, blocks, sms)
-    k_part = triton.cdiv(blocks, parts) * block_k
-    parts = triton.cdiv(blocks, k_part // block_k)
+    k_part = cdiv(blocks, parts) * block_k
+    parts = cdiv(blocks, k_part // block_k)
     reason = None if tiles * parts >= sms else (
         f"the whole product is {tiles} tile(s) of {block_m}x{block_r(R)} by {blocks} K block(s) of {block_k}: "
         f"{tiles * parts} programs, fewer than the {sms} SMs, each with {k_part // block_k} K block(s)")
@@ -335,7 +335,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     k_part, parts, reason = shrink_parts(M, K, R, block_m, block_k, sm_count(x.device))
     out = torch.empty((M, R) if parts == 1 else (parts, M, R), device=x.device,
                       dtype=x.dtype if parts == 1 else torch.float32)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(R, rank_block), parts)
+    grid = (cdiv(M, block_m), cdiv(R, rank_block), parts)
     if reason:
         note_short_grid(reason)
     wrap_triton(_shrink_kernel)[grid](
@@ -360,7 +360,7 @@ def fused_matmul(x, w, bias, s, b, scaling: float) -> torch.Tensor:
     R = s.shape[1] if has_lora else 0
     tile, reason = matmul_plan(M, N, x.dtype, x.device, block_r(R))
     block_m, block_n, block_k, warps, stages = MATMUL_TILES[tile]
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    grid = (cdiv(M, block_m) * cdiv(N, block_n),)
     if reason:
         note_short_grid(reason)
     # Unused pointer arguments get y, a valid tensor of the right dtype, never dereferenced.
@@ -400,7 +400,7 @@ def fused_shrink_plan(M: int, N: int, R: int, dtype: torch.dtype, device: torch.
     device = device if device is not None else torch.device("cuda")
     sms = sm_count(device)
     for group in (N_GROUPS if gpu_arch(device) >= 90 else (1,)):
-        if triton.cdiv(M, bm) * triton.cdiv(N, bn * group) >= sms:
+        if cdiv(M, bm) * cdiv(N, bn * group) >= sms:
             return tile, group, reason
     return tile, 1, reason
 
@@ -423,7 +423,7 @@ def fused_shrink_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
         return y, s
     tile, n_group, reason = fused_shrink_plan(M, N, R, x.dtype, x.device)
     block_m, block_n, block_k, warps, stages = MATMUL_TILES[tile]
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n * n_group),)
+    grid = (cdiv(M, block_m) * cdiv(N, block_n * n_group),)
     if reason:
         note_short_grid(reason)
     wrap_triton(_fused_shrink_matmul_kernel)[grid](
@@ -479,7 +479,7 @@ def fwd_estimates(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: to
                      + _roofline(2.0 * M * N * K, (M * K + N * K + 2 * M * N) * e, arch, "cublas"))
 
     def padded(n, block):
-        return triton.cdiv(n, block) * block
+        return cdiv(n, block) * block
     gemm_bytes = (M * K + N * K + M * N + N * R + M * R) * e
     tile = MATMUL_TILES[matmul_plan(M, N, dtype, device, rank_block)[0]]
     parts = shrink_parts(M, K, R, *_SHRINK_TILES["gpu"], sm_count(device))[1]
@@ -491,7 +491,7 @@ def fwd_estimates(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: to
         name, n_group, _ = fused_shrink_plan(M, N, R, dtype, device)
         bm, bn = MATMUL_TILES[name][:2]
         flops = (2.0 * padded(M, bm) * padded(N, bn) * (K + rank_block)
-                 + 2.0 * padded(M, bm) * K * rank_block * triton.cdiv(N, bn * n_group))
+                 + 2.0 * padded(M, bm) * K * rank_block * cdiv(N, bn * n_group))
         out["fused_shrink"] = _roofline(flops, gemm_bytes + R * K * e, arch, "triton")
     return out
 

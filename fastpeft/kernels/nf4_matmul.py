@@ -24,7 +24,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import TRITON_DTYPES, bf16_via_fp32, block_r, dot, fitting, input_precision, smem_limit
+from ._common import TRITON_DTYPES, bf16_via_fp32, block_r, cdiv, dot, fitting, input_precision, smem_limit
 
 
 @triton.jit
@@ -216,7 +216,7 @@ def gemv_split(M: int, K: int, N: int, blocksize: int, transposed: bool) -> int 
         if K % (s * blocksize):
             break
         split = s
-        if triton.cdiv(N * s, GEMV_BLOCK_V) >= GEMV_MIN_PROGRAMS:
+        if cdiv(N * s, GEMV_BLOCK_V) >= GEMV_MIN_PROGRAMS:
             break
     return split
 
@@ -258,7 +258,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quan
     split = gemv_split(M, K_red, n_out, blocksize, transposed)
     if split is not None:
         block_n = GEMV_BLOCK_V // split
-        wrap_triton(_nf4_gemv_kernel)[(triton.cdiv(n_out, block_n),)](
+        wrap_triton(_nf4_gemv_kernel)[(cdiv(n_out, block_n),)](
             x, raw, absmax, quant_map, y if bias is None else bias, s, low, y, *nested_args,
             M, n_out, K_red // split, K_red // split // 2, R, float(lora_scaling), float(absmax_offset),
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
@@ -269,7 +269,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, quan
             num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
         return y
     bm, bn, bk, warps, stages = tile(x.device)
-    wrap_triton(_nf4_matmul_kernel)[(triton.cdiv(M, bm), triton.cdiv(n_out, bn))](
+    wrap_triton(_nf4_matmul_kernel)[(cdiv(M, bm), cdiv(n_out, bn))](
         x, raw, absmax, quant_map, y if bias is None else bias, s, low, y, *nested_args,
         M, n_out, K_red, w_cols, R, float(lora_scaling), float(absmax_offset),
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),

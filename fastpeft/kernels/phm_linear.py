@@ -31,8 +31,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import (TRITON_DTYPES, bf16_via_fp32, dot, input_precision, note_short_grid, sm_count, sum_parts,
-                      wave_split)
+from ._common import (TRITON_DTYPES, bf16_via_fp32, cdiv, dot, input_precision, next_power_of_2, note_short_grid,
+                      sm_count, sum_parts, wave_split)
 
 MAX_PHM_DIM = 16
 
@@ -153,7 +153,7 @@ def _nb(n: int) -> int:
     if n > MAX_PHM_DIM:
         raise ValueError(f"phm_linear (triton): phm_dim {n} > {MAX_PHM_DIM} is not supported by the Triton kernels; "
                          "use the torch or cpu face")
-    return max(2, triton.next_power_of_2(n))
+    return max(2, next_power_of_2(n))
 
 
 def _mix(inp4, rule, w, bias, x2=None):
@@ -167,7 +167,7 @@ def _mix(inp4, rule, w, bias, x2=None):
         return out, (torch.zeros((n, n, n), device=inp4.device, dtype=torch.float32) if x2 is not None else None)
     nb = _nb(n)
     block_m, block_c, block_d = _INTERPRET_TILES if triton_interpreting() else _MIX_TILES[nb]
-    grid = (triton.cdiv(M, block_m), triton.cdiv(P, block_c))
+    grid = (cdiv(M, block_m), cdiv(P, block_c))
     part = (torch.empty((grid[0] * grid[1], n, n, nb), device=inp4.device, dtype=torch.float32)
             if x2 is not None else out)
     x2_ = x2 if x2 is not None else out
@@ -189,11 +189,11 @@ def factor_plan(M: int, n: int, C: int, D: int, sms: int) -> tuple[tuple[int, in
     Compacter's rank-1 factors at 4096 tokens (n = 4: C or D = 1024 and 1, 64 tiles of 128 trips)
     take 4 parts of 32 trips on 132 SMs: 256 programs."""
     block_m, block_c, block_d = _INTERPRET_TILES if triton_interpreting() else _FACTOR_TILES[_nb(n)]
-    tiles = n * triton.cdiv(C, block_c) * triton.cdiv(D, block_d)
-    trips = max(1, triton.cdiv(M, block_m))
+    tiles = n * cdiv(C, block_c) * cdiv(D, block_d)
+    trips = max(1, cdiv(M, block_m))
     parts = wave_split(tiles, trips, sms)
-    m_part = triton.cdiv(trips, parts) * block_m
-    parts = triton.cdiv(trips, m_part // block_m)   # no empty part
+    m_part = cdiv(trips, parts) * block_m
+    parts = cdiv(trips, m_part // block_m)   # no empty part
     reason = None if tiles * parts >= sms else (
         f"{tiles} tile(s) of {block_c}x{block_d} over {n} terms, {M} token(s) in {trips} trip(s) of {block_m}: "
         f"{tiles * parts} programs, fewer than the {sms} SMs")
@@ -214,7 +214,7 @@ def _grad_factor(l4, rule, r4):
         torch.empty((parts, n, C, D), device=l4.device, dtype=torch.float32)
     if reason:
         note_short_grid(reason)
-    grid = (parts * n, triton.cdiv(C, block_c), triton.cdiv(D, block_d))
+    grid = (parts * n, cdiv(C, block_c), cdiv(D, block_d))
     wrap_triton(_phm_grad_factor_kernel)[grid](
         l4, rule, r4, out, M, n, C, D, m_part,
         *l4.stride(), *rule.stride(), *r4.stride(), out.stride(0) if parts > 1 else 0, *out.stride()[-3:],

@@ -14,8 +14,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ._common import (BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, dot, input_precision, note_short_grid,
-                      sm_count, sum_parts, wave_split)
+from ._common import (BLOCK_R_CHOICES, TRITON_DTYPES, bf16_via_fp32, block_r, cdiv, dot, input_precision,
+                      next_power_of_2, note_short_grid, sm_count, sum_parts, wave_split)
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _tiles():
 def _block_m(max_seg_len: int, block_m: int, most_programs_per_row_block: int, sms: int) -> int:
     """The table's BLOCK_M, or 16 when the table's rows with the finest split per row block
     (`most_programs_per_row_block` programs) still leave the grid below `sms` programs."""
-    if block_m > MIN_BLOCK_M and triton.cdiv(max_seg_len, block_m) * most_programs_per_row_block < sms:
+    if block_m > MIN_BLOCK_M and cdiv(max_seg_len, block_m) * most_programs_per_row_block < sms:
         return MIN_BLOCK_M
     return block_m
 
@@ -136,14 +136,14 @@ def shrink_plan(U: int, max_seg_len: int, K: int, R: int, sms: int) -> tuple[int
     16 rows: 4 programs, 64 parts of one trip, 256 programs."""
     block_m, block_k, _ = _tiles()
     rb = block_r(R)
-    trips = max(1, triton.cdiv(K, block_k))
-    block_m = _block_m(max_seg_len, block_m, U * triton.cdiv(R, rb) * trips, sms)
-    programs = U * triton.cdiv(max_seg_len, block_m) * triton.cdiv(R, rb)
+    trips = max(1, cdiv(K, block_k))
+    block_m = _block_m(max_seg_len, block_m, U * cdiv(R, rb) * trips, sms)
+    programs = U * cdiv(max_seg_len, block_m) * cdiv(R, rb)
     parts = wave_split(programs, trips, sms)
-    k_part = triton.cdiv(trips, parts) * block_k
-    parts = triton.cdiv(trips, k_part // block_k)   # no empty part
+    k_part = cdiv(trips, parts) * block_k
+    parts = cdiv(trips, k_part // block_k)   # no empty part
     reason = None if programs * parts >= sms else (
-        f"{U} segment(s) x {triton.cdiv(max_seg_len, block_m)} row block(s) of {block_m} x {triton.cdiv(R, rb)} rank "
+        f"{U} segment(s) x {cdiv(max_seg_len, block_m)} row block(s) of {block_m} x {cdiv(R, rb)} rank "
         f"block(s), K in {trips} trip(s) of {block_k}: {programs * parts} programs of one trip or more, fewer than "
         f"the {sms} SMs")
     return block_m, block_k, rb, parts, k_part, reason
@@ -155,13 +155,13 @@ def expand_plan(U: int, max_seg_len: int, N: int, sms: int) -> tuple[int, int, s
     when 16 columns at the table's rows would not. One segment of 64 tokens, N = 4096: 128 programs
     at 64 columns, 256 at 32."""
     block_m, block_n, _ = _tiles()
-    block_m = _block_m(max_seg_len, block_m, U * triton.cdiv(N, MIN_BLOCK_N), sms)
-    rows = U * triton.cdiv(max_seg_len, block_m)
-    while block_n > MIN_BLOCK_N and rows * triton.cdiv(N, block_n) < sms:
+    block_m = _block_m(max_seg_len, block_m, U * cdiv(N, MIN_BLOCK_N), sms)
+    rows = U * cdiv(max_seg_len, block_m)
+    while block_n > MIN_BLOCK_N and rows * cdiv(N, block_n) < sms:
         block_n //= 2
-    programs = rows * triton.cdiv(N, block_n)
+    programs = rows * cdiv(N, block_n)
     reason = None if programs >= sms else (
-        f"{U} segment(s) x {triton.cdiv(max_seg_len, block_m)} row block(s) of {block_m} x {triton.cdiv(N, block_n)} "
+        f"{U} segment(s) x {cdiv(max_seg_len, block_m)} row block(s) of {block_m} x {cdiv(N, block_n)} "
         f"column block(s) of {block_n}: {programs} programs, fewer than the {sms} SMs")
     return block_m, block_n, reason
 
@@ -181,7 +181,7 @@ def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, sorted_tokens: torch.Tens
                       dtype=x.dtype if parts == 1 else torch.float32)
     if reason:
         note_short_grid(reason)
-    wrap_triton(_sgmv_shrink_kernel)[(U, triton.cdiv(max_seg_len, bm), triton.cdiv(R, rb) * parts)](
+    wrap_triton(_sgmv_shrink_kernel)[(U, cdiv(max_seg_len, bm), cdiv(R, rb) * parts)](
         x, lora_a, out, sorted_tokens, seg_starts, seg_lens, seg_adapters, T, K, R, S, k_part,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         out.stride(0) if parts > 1 else 0, out.stride(-2), out.stride(-1),
@@ -204,7 +204,7 @@ def sgmv_expand(base: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, scali
     _, _, warps = _tiles()
     if reason:
         note_short_grid(reason)
-    wrap_triton(_sgmv_expand_kernel)[(U, triton.cdiv(max_seg_len, bm), triton.cdiv(N, bn))](
+    wrap_triton(_sgmv_expand_kernel)[(U, cdiv(max_seg_len, bm), cdiv(N, bn))](
         base, s, lora_b, scalings, out, sorted_tokens, seg_starts, seg_lens, seg_adapters, T, N, R, S,
         base.stride(0), base.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
         lora_b.stride(2), out.stride(0), out.stride(1),
@@ -297,9 +297,9 @@ def sgmv_outer(a: torch.Tensor, b: torch.Tensor, sorted_tokens: torch.Tensor, se
     if out.numel() == 0 or U == 0 or T == 0 or max_seg_len == 0:
         return out.to(a.dtype)
     bm, widest, warps = _OUTER_TILES["interpret" if triton_interpreting() else "gpu"]
-    bp = min(max(16, triton.next_power_of_2(P)), widest)
-    bq = min(max(16, triton.next_power_of_2(Q)), widest)
-    wrap_triton(_sgmv_outer_kernel)[(U, triton.cdiv(P, bp), triton.cdiv(Q, bq))](
+    bp = min(max(16, next_power_of_2(P)), widest)
+    bq = min(max(16, next_power_of_2(Q)), widest)
+    wrap_triton(_sgmv_outer_kernel)[(U, cdiv(P, bp), cdiv(Q, bq))](
         a, b, out, sorted_tokens, seg_starts, seg_lens, seg_adapters, T, P, Q, num_slots,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, INPUT_PRECISION=input_precision(a.dtype),
