@@ -348,10 +348,10 @@ def cuda_face():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 2, 8, 9, 13, 16])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_cuda_decode_gemv_takes_every_row_in_one_pass(device, backend, dtype, M, double_quant):
-    """csrc/cuda/nf4_matmul.cu's GEMV (M <= 16 in one pass over W, two features per warp, four
-    16-byte chunks per row per lane in flight), against the reference: K = 4160 (4096 + 64) leaves a
-    group of chunks partly out of range, N = 35 an odd feature for the last warp."""
+def test_cuda_face_takes_decode_rows(device, backend, dtype, M, double_quant):
+    """csrc/cuda/nf4_matmul.cu's decode shapes against the reference: its GEMV at M = 1 (two features
+    per warp, four 16-byte chunks per row per lane in flight), dequantise + cuBLAS above. K = 4160
+    (4096 + 64) leaves a group of chunks partly out of range, N = 35 an odd feature for the last warp."""
     K, N = 4160, 35
     lin = torch.nn.Linear(K, N).to(dtype)
     q = Linear4bit.from_linear(lin, 64, double_quant).to(device).q
@@ -365,9 +365,11 @@ def test_cuda_decode_gemv_takes_every_row_in_one_pass(device, backend, dtype, M,
 
 @pytest.mark.parametrize("device,backend", cuda_face())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_decode_gemv_reads_offset_and_strided_rows(device, backend, dtype):
-    """x one element into its storage (misaligned: the tiled path) and x rows strided beyond K."""
-    M, K, N = 12, 512, 40
+@pytest.mark.parametrize("M", [1, 12])
+def test_cuda_face_reads_offset_and_strided_rows(device, backend, dtype, M):
+    """x one element into its storage (misaligned: the tiled path even at M = 1) and x rows strided
+    beyond K (the GEMV at M = 1, dequantise + cuBLAS at 12)."""
+    K, N = 512, 40
     q = Linear4bit.from_linear(torch.nn.Linear(K, N), 64, True).to(device).q
     x = torch.randn(M, K, dtype=dtype, device=device)
     shifted = torch.empty(M * K + 1, dtype=dtype, device=device)[1:].view(M, K).copy_(x)
@@ -449,16 +451,3 @@ def test_faces_take_no_tokens(device, backend, dtype):
                         True, **nested_args(q))
     assert y.shape == (0, N) and dx.shape == (0, K) and y.dtype == dx.dtype == dtype
 
-
-def test_the_cuda_rule_orders_the_faces_by_rows():
-    """On a GPU (no GPU needed to ask): the CUDA face's GEMV for one row and its dequantise + cuBLAS
-    above 16 rows and for the backward's transposed product, Triton between (H200 measurements in
-    fastpeft/ops/nf4_matmul.py)."""
-    from fastpeft.ops.nf4_matmul import face_order_cuda
-
-    def first(M, transposed=False):
-        x = torch.empty(M, 4096, device="meta", dtype=torch.bfloat16)
-        packed = torch.empty(4096 * 14336 // 2, 1, device="meta", dtype=torch.uint8)
-        return face_order_cuda(torch.device("cuda"), x, packed, None, None, 64, 14336, None, transposed)[0]
-    assert [first(M) for M in (1, 2, 16, 17, 512)] == ["cuda", "triton", "triton", "cuda", "cuda"]
-    assert first(16, transposed=True) == "cuda"

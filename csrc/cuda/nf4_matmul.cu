@@ -1,19 +1,22 @@
 // CUDA face of fastpeft::nf4_matmul: y = x·dequant(W)ᵀ (+ bias), or x·dequant(W) when transposed.
 //
-// Decode (M <= 16, K % 32 == 0) is bound by reading the weight, which NF4 makes 4x smaller than
-// bf16: a GEMV in which each warp owns kRowsPerWarp output rows and each lane streams 16-byte
-// chunks of packed codes (32 weights), kUnroll chunks per row issued before any is used, so
+// One row (decode at batch 1, K % 32 == 0) is bound by reading the weight, which NF4 makes 4x
+// smaller than bf16: a GEMV in which each warp owns kRowsPerWarp output rows and each lane streams
+// 16-byte chunks of packed codes (32 weights), kUnroll chunks per row issued before any is used, so
 // kRowsPerWarp·kUnroll loads (and their absmax reads, which depend only on the position) are in
 // flight per lane; the weight is read with L1::no_allocate (used once), x through the read-only
 // cache (every warp of the block reads the same x chunk, and the rows of a warp share each load).
 // A byte is decoded with one shared-memory read of its two levels (a 256-entry pair table built
-// per block), the absmax of a 32-weight chunk (one block: blocksizes are >= 32) scales the chunk's
-// partial sum, and all M <= 16 rows of x are accumulated in one pass over W (kMaxRows = 16; M = 1
-// gets its own instantiation). Everything else (prefill, the backward's dx, ragged K) dequantises
-// the weight into a buffer of at most kTileElements weights and multiplies with cuBLAS: a
-// 4096 x 14336 layer in one tile, its GEMM written straight into y, as bitsandbytes does. With
-// 1024-row tiles (14 rounds of dequantise, GEMM and copy) M = 512 took 0.638 ms against
-// bitsandbytes' 0.485 (H200, bf16; benchmarks/results/2026-12-04-h200-device-check-1).
+// per block), and the absmax of a 32-weight chunk (one block: blocksizes are >= 32) scales the
+// chunk's partial sum. Measured on an H200 (bf16, K = 4096, N = 14336; benchmarks/results/
+// 2026-12-04-h200-device-check-2): 37.8 us a layer at M = 1 against bitsandbytes' gemv_4bit 29.5
+// and bf16 cuBLAS 30; its 16-row instantiation took 200-251 us at M = 2-8, so it is gone. Every
+// other shape (two rows and more, the backward's dx, ragged K) dequantises the weight into a
+// buffer of at most kTileElements weights and multiplies with cuBLAS, as bitsandbytes does above
+// one row (its kernels: 45-67 us a layer at M = 2-8 on the same run): a 4096 x 14336 layer in one
+// tile, its GEMM written straight into y. With 1024-row tiles (14 rounds of dequantise, GEMM and
+// copy) M = 512 took 0.638 ms against bitsandbytes' 0.485 (benchmarks/results/
+// 2026-12-04-h200-device-check-1); the one-tile path has not run on a GPU yet.
 #include "../nf4_matmul.h"
 #include "common.cuh"
 
@@ -29,7 +32,6 @@ namespace {
 
 using cuda::kWarpSize;
 using cuda::to_float;
-constexpr int kMaxGemvRows = 16;
 constexpr int kWarps = 8;         // warps per block
 constexpr int kRowsPerWarp = 2;   // output features per warp: each x load serves both
 constexpr int kUnroll = 4;        // 16-byte chunks per row per lane issued before the first is used
@@ -194,12 +196,7 @@ void launch_gemv(const Nf4Args& a, const std::optional<at::Tensor>& bias, at::Te
         bias ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>(), static_cast<int>(a.M), static_cast<int>(a.N),
         static_cast<int>(a.K), a.shift);
   };
-  const bool nested = a.nested_absmax.defined();
-  if (a.M == 1) {
-    nested ? run(nf4_gemv_kernel<T, 1, true>) : run(nf4_gemv_kernel<T, 1, false>);
-  } else {
-    nested ? run(nf4_gemv_kernel<T, kMaxGemvRows, true>) : run(nf4_gemv_kernel<T, kMaxGemvRows, false>);
-  }
+  a.nested_absmax.defined() ? run(nf4_gemv_kernel<T, 1, true>) : run(nf4_gemv_kernel<T, 1, false>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -227,7 +224,7 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x_in, const at::Tensor& packed, con
   at::Tensor y = transposed ? at::zeros({a.M, a.K}, a.x.options()) : at::empty({a.M, a.N}, a.x.options());
   if (a.M == 0) return y;
   const std::optional<at::Tensor> bias_c = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  const bool gemv = !transposed && a.M <= kMaxGemvRows && a.K % kChunk == 0 && blocksize >= kChunk &&
+  const bool gemv = !transposed && a.M == 1 && a.K % kChunk == 0 && blocksize >= kChunk &&
                     a.N * a.K < (int64_t{1} << 31) && cuda::aligned16(a.x.data_ptr()) &&
                     cuda::aligned16(a.raw.data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "nf4_matmul_cuda", [&] {

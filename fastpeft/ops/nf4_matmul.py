@@ -162,29 +162,17 @@ def _backward(ctx, grad_y):
     return (grad_x, None, None, None, None, None, grad_bias, None, grad_s, grad_l, None, None, None, None)
 
 
-# Rows up to which the Triton face goes first on a GPU; the CUDA face (csrc/cuda/nf4_matmul.cu)
-# everywhere else. Measured on an H200 (bf16, K = 4096, N = 14336, per layer of eight;
-# benchmarks/results/2026-12-04-h200-device-check-1): M = 1 CUDA's GEMV 46 us, Triton 112,
-# bitsandbytes 60; M = 16 Triton 115, CUDA's GEMV 323, bitsandbytes 82; M = 512 CUDA (dequantise +
-# cuBLAS) 0.64 ms, Triton's tiles 13.7 ms. Rows 2-15 are unmeasured; Triton takes them as it does 16.
-TRITON_FIRST_ROWS = (2, 16)
-
-
-def face_order_cuda(device, x, packed, absmax, quant_map, blocksize, out_features, bias=None, transposed=False,
-                    *rest):
-    """nf4_matmul's faces on a CUDA device, best first, for these arguments."""
-    low, high = TRITON_FIRST_ROWS
-    if not transposed and low <= x.shape[0] <= high:
-        return ("triton", "cuda", "torch")
-    return ("cuda", "triton", "torch")
-
-
 nf4_matmul = _registry.define(
     "nf4_matmul",
     "(Tensor x, Tensor packed, Tensor absmax, Tensor quant_map, int blocksize, int out_features, Tensor? bias=None,"
     " bool transposed=False, Tensor? lora_s=None, Tensor? lora_l=None, float lora_scaling=1.0,"
     " Tensor? nested_absmax=None, Tensor? nested_quant_map=None, float absmax_offset=0.0) -> Tensor",
-    check=_check, fake=_fake, reference=nf4_matmul_reference, choose={"cuda": face_order_cuda},
+    check=_check, fake=_fake, reference=nf4_matmul_reference,
+    # On a GPU the CUDA face first for every shape (the registry's default order), as measured on an
+    # H200 (bf16, K = 4096, N = 14336, wall per layer of eight; benchmarks/results/
+    # 2026-12-04-h200-device-check-1 and -2): M = 1 its GEMV 55 us, Triton 226 (kernel 55, the
+    # rest its launch path); M = 2-8 Triton 120-220 us, where the CUDA face dequantises and calls
+    # cuBLAS as bitsandbytes does (bitsandbytes 69-121); M = 512 CUDA 0.64 ms, Triton 13.7.
     triton="nf4_matmul", cpp=("cpu", "cuda"), setup_context=_setup, backward=_backward)
 
 
