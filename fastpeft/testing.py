@@ -28,6 +28,8 @@ def full_precision_reductions() -> None:
     matmul in that half type (torch's default allows it). With it allowed, the reference's bf16
     x·Wᵀ at M = 8, K = 4100, N = 33 was 0.156 off an fp32-accumulating GEMV (4 % of the value; an
     H200, benchmarks/results/2026-12-04-h200-device-check-1) where the GEMV was the closer one.
-    Process-wide: call it in test and check processes only, never from the library."""
+    Process-wide: call it in test and check processes only, never from the library, whose own
+    cuBLAS calls (NF4's dequantise + GEMM, LoRA's compositions) follow the user's setting as
+    torch's matmul does."""
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False

@@ -255,3 +255,29 @@ def test_an_interpreted_triton_face_refuses_outputs_that_alias():
             refusing_aliases("fastpeft::demo", bad)(x)
     y, a, b = refusing_aliases("fastpeft::demo", lambda x: (x * 2, x.new_empty(0), x.new_empty(0)))(x)
     assert torch.equal(y, x * 2)
+
+
+def test_gpu_face_orders_follow_the_h200_measurements(monkeypatch):
+    """On a GPU with every face usable (asked without one): NF4 takes its CUDA face at one row and
+    at many, LoRA's backward its CUDA face, LoRA's forward its CUDA GEMV up to 16 rows (the H200's
+    figures in fastpeft/ops/nf4_matmul.py and lora_linear.py)."""
+    from types import SimpleNamespace
+
+    from fastpeft.ops._registry import Op
+
+    monkeypatch.setattr(backends, "availability", lambda name, device: SimpleNamespace(usable=True, reason=""))
+    monkeypatch.setattr(Op, "has_face", lambda self, backend, device_type: True)
+    monkeypatch.setattr(backends, "forced_backend", lambda: None)
+    cuda, ops = torch.device("cuda"), all_ops()
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+    packed = meta(4096 * 1024 // 2, 1, dtype=torch.uint8)
+    for M in (1, 8, 512):
+        args = (meta(M, 4096), packed, meta(4096 * 1024 // 64, dtype=torch.float32), meta(16, dtype=torch.float32),
+                64, 1024)
+        assert ops["nf4_matmul"].select(cuda, *args) == "cuda", M
+    w, a, b = meta(1024, 4096), meta(16, 4096), meta(1024, 16)
+    assert ops["lora_linear_bwd"].select(cuda, meta(64, 1024), meta(64, 4096), w, a, b, meta(64, 16), 2.0) == "cuda"
+    for M in (1, 16):
+        assert ops["lora_linear_fwd"].select(cuda, meta(M, 4096), w, None, a, b, 2.0, None) == "cuda", M

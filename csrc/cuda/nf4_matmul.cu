@@ -38,7 +38,8 @@ constexpr int kUnroll = 4;        // 16-byte chunks per row per lane issued befo
 constexpr int kChunk = 32;        // weights per lane per chunk: one 16-byte load of packed codes
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kSharedXRows = 4;   // up to this many x rows, the warp's weight rows are decoded together
-// Weights dequantised per round: 128 MiB in bf16, the transient of one large layer's float weight.
+// Weights dequantised per round (whole rows, at least one): 128 MiB in bf16 (256 in fp32), the
+// transient of one large layer's float weight per call, where 1024-row tiles took 8 MiB at K = 4096.
 constexpr int64_t kTileElements = int64_t{1} << 26;
 
 // 16 bytes of the weight, read once: not kept in L1 (x and the tables are).
@@ -73,6 +74,8 @@ __device__ __forceinline__ float block_scale(const Nf4Scales& s, int64_t b) {
 }
 
 // y[m, n] = sum_k x[m, k]·W[n, k] (+ bias[n]) for m < M <= kMaxRows; grid: ceil(N / kRowsPerBlock).
+// Only kMaxRows = 1 is instantiated (launch_gemv): the rows > kSharedXRows branch below is not
+// compiled; it stays as the starting point of a multi-row GEMV that beats dequantise + cuBLAS.
 template <typename T, int kMaxRows, bool kNested>
 __global__ void __launch_bounds__(kWarps* kWarpSize)
     nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const Nf4Scales absmax,

@@ -563,18 +563,16 @@ _CUDA_T = {"bf16": ("N3c108BFloat16E", 2), "fp16": ("N3c104HalfE", 2), "fp32": (
 
 
 def _cuda_nf4(case: Case, arch: int) -> list[CudaLaunch]:
-    """csrc/cuda/nf4_matmul.cu, launch_gemv: the decode GEMV (M <= 16, K % 32 == 0); other shapes
-    dequantise tiles for cuBLAS (not modelled)."""
+    """csrc/cuda/nf4_matmul.cu, launch_gemv: the decode GEMV (M == 1, K % 32 == 0); other shapes
+    dequantise the weight for cuBLAS (not modelled)."""
     M, K, N = (case.dims[k] for k in "MKN")
     mangled, size = _CUDA_T[case.dtype]
-    if M > NF4_CUDA_GEMV["max_rows"] or K % 32:
+    if M != 1 or K % 32:
         return []
     # packed bytes, one uint8 absmax code per 64 weights, x, y
     nbytes = N * K // 2 + N * K // 64 + (M * K + M * N) * size
-    rows = 1 if M == 1 else NF4_CUDA_GEMV["max_rows"]   # the kMaxRows instantiation launch_gemv picks
     # the bench weights are double-quantised (QLoRA's): the kNested = true instantiation
-    return [CudaLaunch("nf4_matmul.cu", f"nf4_gemv_kernelI{mangled}Li{rows}ELb1E",
-                       f"nf4_gemv_kernel<{case.dtype}, {rows}, nested>",
+    return [CudaLaunch("nf4_matmul.cu", f"nf4_gemv_kernelI{mangled}Li1ELb1E", f"nf4_gemv_kernel<{case.dtype}, 1, nested>",
                        _cdiv(N, NF4_CUDA_GEMV["rows_per_cta"]), NF4_CUDA_GEMV["threads"],
                        _cdiv(K, NF4_CUDA_GEMV["weights_per_trip"]), nbytes)]
 
@@ -625,9 +623,10 @@ def _cuda_bgmv(case: Case, arch: int) -> list[CudaLaunch]:
 
 CUDA_PLANS = {"nf4_matmul": _cuda_nf4, "lora_linear": _cuda_lora, "multi_lora": _cuda_bgmv}
 # The launch geometry of the CUDA GEMVs, as csrc/cuda/nf4_matmul.cu and lora_linear.cu set it
-# (kept in step by hand: the launchers are C++): kWarps·kRowsPerWarp features per CTA, every M <= 16
-# in one pass, kUnroll 16-byte chunks per row per lane per trip of the main loop.
-NF4_CUDA_GEMV = dict(max_rows=16, rows_per_cta=16, threads=256, weights_per_trip=32 * 32 * 4)
+# (kept in step by hand: the launchers are C++): kWarps·kRowsPerWarp features per CTA, every row
+# in one pass (LoRA: M <= 16; NF4: M == 1), kUnroll 16-byte chunks per row per lane per trip of the
+# main loop.
+NF4_CUDA_GEMV = dict(rows_per_cta=16, threads=256, weights_per_trip=32 * 32 * 4)
 LORA_CUDA_GEMV = dict(max_rows=16, rows_per_cta=16, threads=256, loads_per_trip=4)
 # csrc/cuda/bgmv.cu: kShrinkThreads per (token, rank) block; expand blocks of kExpandThreads, halved
 # (expand_threads, down to a warp) while the grid is below a wave of the device's SMs.

@@ -444,6 +444,8 @@ def fused_shrink_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
 # architecture. sm_90 measured (H200, bf16, M = N = K = 4096, r = 16; benchmarks/results/
 # 2026-12-04-h200-device-check-1/2026-12-04-h200.json): cuBLAS's base GEMM 0.206 ms = 0.84 of
 # 790 TFLOP/s; the Triton face (fused shrink) 0.465 ms = 0.37 (no TMA, no warp specialisation).
+# Wall time per call (CUDA events), so each face's launch path is in it: the rule compares faces as
+# a call costs them, though its rooflines leave launches out.
 # sm_8x not measured: Triton's own matmul tutorial shows it level with cuBLAS there, both 0.9.
 MMA_EFFICIENCY = {"triton": {90: 0.37, 80: 0.9, 86: 0.9, 89: 0.9}, "cublas": {90: 0.84, 80: 0.9, 86: 0.9, 89: 0.9}}
 
