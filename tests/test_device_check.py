@@ -21,12 +21,17 @@ from fastpeft.bench import AT_MOST, BenchOp, Case, Target
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def benchmark_script(name: str):
+    """benchmarks/<name>.py loaded as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_device_checks_smoke_run_works_on_the_cpu(tmp_path):
     """benchmarks/smoke.py, the device check's first step, in its CPU stand-in mode."""
-    path = ROOT / "benchmarks" / "smoke.py"
-    spec = importlib.util.spec_from_file_location("smoke", path)
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
+    smoke = benchmark_script("smoke")
     out = tmp_path / "smoke.jsonl"
     assert smoke.main(["--device", "cpu", "--quick", "--op", "nf4_matmul", "--op", "multi_lora",
                        "--jsonl", str(out)]) == 0
@@ -39,10 +44,7 @@ def test_the_device_checks_smoke_run_works_on_the_cpu(tmp_path):
 def test_the_face_sweep_works_on_the_cpu(tmp_path):
     """benchmarks/face_sweep.py, the device check's crossover step, on the quick shapes: a row per M
     and op, each with wall times and kernel times of the same variants, every forced face among them."""
-    path = ROOT / "benchmarks" / "face_sweep.py"
-    spec = importlib.util.spec_from_file_location("face_sweep", path)
-    face_sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(face_sweep)
+    face_sweep = benchmark_script("face_sweep")
     out = tmp_path / "sweep.json"
     assert face_sweep.main(["--device", "cpu", "--quick", "--op", "nf4_matmul", "--op", "lora_linear",
                             "--rows", "1,3", "--json", str(out)]) == 0
