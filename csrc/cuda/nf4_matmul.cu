@@ -37,7 +37,6 @@ constexpr int kRowsPerWarp = 2;   // output features per warp: each x load serve
 constexpr int kUnroll = 4;        // 16-byte chunks per row per lane issued before the first is used
 constexpr int kChunk = 32;        // weights per lane per chunk: one 16-byte load of packed codes
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
-constexpr int kSharedXRows = 4;   // up to this many x rows, the warp's weight rows are decoded together
 // Weights dequantised per round (whole rows, at least one): 128 MiB in bf16 (256 in fp32), the
 // transient of one large layer's float weight per call, where 1024-row tiles took 8 MiB at K = 4096.
 constexpr int64_t kTileElements = int64_t{1} << 26;
@@ -74,8 +73,8 @@ __device__ __forceinline__ float block_scale(const Nf4Scales& s, int64_t b) {
 }
 
 // y[m, n] = sum_k x[m, k]·W[n, k] (+ bias[n]) for m < M <= kMaxRows; grid: ceil(N / kRowsPerBlock).
-// Only kMaxRows = 1 is instantiated (launch_gemv): the rows > kSharedXRows branch below is not
-// compiled; it stays as the starting point of a multi-row GEMV that beats dequantise + cuBLAS.
+// Only kMaxRows = 1 is instantiated (launch_gemv); the rows of a warp are decoded first, then
+// each x chunk is loaded and converted once for them.
 template <typename T, int kMaxRows, bool kNested>
 __global__ void __launch_bounds__(kWarps* kWarpSize)
     nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const Nf4Scales absmax,
@@ -123,52 +122,28 @@ __global__ void __launch_bounds__(kWarps* kWarpSize)
     for (int u = 0; u < kUnroll; ++u) {
       const int k = k_base + u * kStep;
       if (k >= K) break;  // uniform per lane; the chunks after it are out of range too
-      if constexpr (kMaxRows <= kSharedXRows) {
-        // every row of the warp decoded first, then each x chunk loaded and converted once for them
-        float w[kRowsPerWarp][kChunk];
+      // every row of the warp decoded first, then each x chunk loaded and converted once for them
+      float w[kRowsPerWarp][kChunk];
 #pragma unroll
-        for (int j = 0; j < kRowsPerWarp; ++j) decode_chunk(pairs, raw[j][u], w[j]);
+      for (int j = 0; j < kRowsPerWarp; ++j) decode_chunk(pairs, raw[j][u], w[j]);
 #pragma unroll
-        for (int i = 0; i < kMaxRows; ++i) {
-          if (i < rows) {
-            const T* x_row = x + static_cast<int64_t>(i) * K + k;
-            float part[kRowsPerWarp] = {};
+      for (int i = 0; i < kMaxRows; ++i) {
+        if (i < rows) {
+          const T* x_row = x + static_cast<int64_t>(i) * K + k;
+          float part[kRowsPerWarp] = {};
 #pragma unroll
-            for (int v = 0; v < kChunk / kXVec; ++v) {
-              alignas(16) T xv[kXVec];
-              *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row + v * kXVec));
+          for (int v = 0; v < kChunk / kXVec; ++v) {
+            alignas(16) T xv[kXVec];
+            *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row + v * kXVec));
 #pragma unroll
-              for (int e = 0; e < kXVec; ++e) {
-                const float xe = to_float(xv[e]);
+            for (int e = 0; e < kXVec; ++e) {
+              const float xe = to_float(xv[e]);
 #pragma unroll
-                for (int j = 0; j < kRowsPerWarp; ++j) part[j] = fmaf(w[j][v * kXVec + e], xe, part[j]);
-              }
-            }
-#pragma unroll
-            for (int j = 0; j < kRowsPerWarp; ++j) acc[j][i] = fmaf(part[j], scale[j][u], acc[j][i]);
-          }
-        }
-      } else {
-        // many rows of x: one weight row decoded at a time (registers), x read once per weight row
-#pragma unroll
-        for (int j = 0; j < kRowsPerWarp; ++j) {
-          float w[kChunk];
-          decode_chunk(pairs, raw[j][u], w);
-#pragma unroll
-          for (int i = 0; i < kMaxRows; ++i) {
-            if (i < rows) {
-              const T* x_row = x + static_cast<int64_t>(i) * K + k;
-              float part = 0.f;
-#pragma unroll
-              for (int v = 0; v < kChunk / kXVec; ++v) {
-                alignas(16) T xv[kXVec];
-                *reinterpret_cast<uint4*>(xv) = __ldg(reinterpret_cast<const uint4*>(x_row + v * kXVec));
-#pragma unroll
-                for (int e = 0; e < kXVec; ++e) part = fmaf(w[v * kXVec + e], to_float(xv[e]), part);
-              }
-              acc[j][i] = fmaf(part, scale[j][u], acc[j][i]);
+              for (int j = 0; j < kRowsPerWarp; ++j) part[j] = fmaf(w[j][v * kXVec + e], xe, part[j]);
             }
           }
+#pragma unroll
+          for (int j = 0; j < kRowsPerWarp; ++j) acc[j][i] = fmaf(part[j], scale[j][u], acc[j][i]);
         }
       }
     }
