@@ -204,6 +204,43 @@ def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(monkeypatch, isa, M
 
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [256, 256 - 32])  # 64- and 32-weight steps
+def test_cpu_gemvs_take_x_of_any_magnitude_and_any_levels(cpu_isa, dtype, K):
+    """The AVX2 GEMV of bf16 x sums 16-bit integers: x in steps scaled by powers of two, levels
+    times 16383. Steps of x that differ by up to 2^16 within a row, rows of 1e-30 and 1e30 (fp16
+    keeps to its range), a quant map beyond [-1, 1], and x that is not finite (inf, nan: those
+    rows must come out as float64's do, the others exact) all match the product in float64."""
+    N, blocksize = 24, 64
+    q = varied_blocks(K, N, blocksize, True)
+    spread, big = (8, 1e30) if dtype != torch.float16 else (3, 1.0)  # fp16: y within its range
+    steps = torch.randint(-spread, spread + 1, (4, K // 32)).repeat_interleave(32, dim=1)
+    x = torch.randn(4, K, dtype=torch.float64) * torch.pow(2.0, steps)
+    x[1] *= 1 / big
+    x[2] *= big
+    x = x.to(dtype)
+    maps = {"nf4": q.quant_map, "wide": q.quant_map * 3}
+    for name, quant_map in maps.items():
+        exact = nf4_matmul_reference(x.double(), q.packed, q.block_absmax().double(), quant_map.double(), blocksize,
+                                     N, None, False)
+        with on_face("cpu"):
+            y = nf4_matmul(x, q.packed, q.absmax, quant_map, blocksize, N, None, False, **nested_args(q))
+        for row in range(x.shape[0]):  # each row to its own scale
+            assert_close(y[row], exact[row].to(dtype), dtype, msg=f"{name} map, row {row}")
+    for row, value in [(0, float("inf")), (3, float("nan"))]:  # each alone in its call
+        bad = x.clone()
+        bad[row, 7] = value
+        exact = nf4_matmul_reference(bad.double(), q.packed, q.block_absmax().double(), q.quant_map.double(),
+                                     blocksize, N, None, False)
+        with on_face("cpu"):
+            y = nf4_matmul(bad, q.packed, q.absmax, q.quant_map, blocksize, N, None, False, **nested_args(q))
+        assert torch.equal(y.isnan(), exact.isnan()) and torch.equal(y.isinf(), exact.isinf()), value
+        assert (y[row].isinf() | y[row].isnan()).all(), value
+        for other in {0, 1, 2, 3} - {row}:
+            assert_close(y[other], exact[other].to(dtype), dtype)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
 @pytest.mark.parametrize("M,K,N,blocksize", [
     (17, 96, 300, 64), (20, 160, 40, 32),   # 32-weight steps; 300 rows: several panels and tiles
