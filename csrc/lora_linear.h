@@ -22,6 +22,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_aten(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& s, double scaling, const std::optional<at::Tensor>& x_lora);
 
+// The CPU face (csrc/cpu/lora_linear.cpp): the dispatcher's CPU kernel of fastpeft::lora_linear_fwd,
+// and fastpeft._C.cpu_kernels.lora_linear_fwd.
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                       double scaling, const std::optional<at::Tensor>& x_lora);
+
 // The checks a kernel relies on to never read out of bounds (the Python entry checks more, with
 // friendlier messages, before any face runs; these guard direct torch.ops calls).
 void check_lora_linear_shapes(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

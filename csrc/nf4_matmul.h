@@ -118,4 +118,13 @@ inline void add_nf4_lora_term(at::Tensor& y, const std::optional<at::Tensor>& lo
   if (lora_s && y.numel() > 0) y.addmm_(*lora_s, *lora_l, 1.0, lora_scaling);
 }
 
+// The CPU face (csrc/cpu/nf4_matmul.cpp): the dispatcher's CPU kernel of fastpeft::nf4_matmul, and
+// fastpeft._C.cpu_kernels.nf4_matmul.
+at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& quant_map, int64_t blocksize, int64_t out_features,
+                          const std::optional<at::Tensor>& bias, bool transposed,
+                          const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_l,
+                          double lora_scaling, const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_map, double absmax_offset);
+
 }  // namespace fastpeft

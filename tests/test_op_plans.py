@@ -103,6 +103,36 @@ def test_a_forced_backend_runs_on_the_plan(kind):
     assert_close(forced, auto)
 
 
+@pytest.mark.parametrize("dtype", DTYPES_PLANNED, ids=str)
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind, dtype):
+    """The C++ CPU kernel a plan runs is called as the extension's plain function
+    (fastpeft._C.cpu_kernels), not through the dispatcher: same output as the dispatcher's kernel,
+    bit for bit, and torch.profiler still sees the op, once."""
+    if fastpeft.backends.extension() is None:
+        pytest.skip(f"not built here: {fastpeft.backends.extension_error()}")
+    op = lora_linear_fwd if kind == "lora" else nf4_matmul
+    direct_calls = []
+    kernel = op.direct_cpu_kernel
+    assert kernel is getattr(fastpeft.backends.extension().cpu_kernels, op.name)
+
+    def counting(*args):
+        direct_calls.append(args[0].shape)
+        return kernel(*args)
+    monkeypatch.setattr(op, "direct_cpu_kernel", counting)
+    layer = lora_layer(dtype) if kind == "lora" else nf4_layer(dtype)
+    x = torch.randn(3, K, dtype=dtype)
+    with torch.no_grad():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            y = layer(x)
+        assert direct_calls == [x.shape]
+        plan = held_plan(layer)
+        assert plan.face(x) == "cpu"
+        expected = getattr(torch.ops.fastpeft, op.name)(x, *plan.rest)
+    assert torch.equal(y, expected[0] if kind == "lora" else expected)
+    assert [event.name for event in profile.events()].count(op.qualname) == 1
+
+
 # ---------------------------------------------------------------- what a plan does not take
 
 @pytest.mark.parametrize("kind", ["lora", "nf4"])

@@ -123,6 +123,8 @@ void lora_linear_fwd_one_pass(const at::Tensor& x, const at::Tensor& weight, con
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias,
                                                        const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -143,8 +145,6 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
   });
   return {y, s};
 }
-
-}  // namespace
 
 }  // namespace fastpeft
 

@@ -161,7 +161,9 @@ void dithered_bf16_levels(const float* qmap, uint16_t levels[kDitherTables][16])
   }
 }
 
-namespace {
+}  // namespace fastpeft::nf4_cpu
+
+namespace fastpeft {
 
 at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax_in,
                           const at::Tensor& quant_map, int64_t blocksize, int64_t out_features,
@@ -169,6 +171,7 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, cons
                           const std::optional<at::Tensor>& lora_s, const std::optional<at::Tensor>& lora_l,
                           double lora_scaling, const std::optional<at::Tensor>& nested_absmax,
                           const std::optional<at::Tensor>& nested_map, double absmax_offset) {
+  using namespace nf4_cpu;  // the paths and the rule that picks one
   const Nf4Args a = check_nf4_matmul_args(x_in, packed, absmax_in, quant_map, blocksize, out_features, bias,
                                           transposed, lora_s, lora_l, nested_absmax, nested_map, absmax_offset);
   const at::Tensor& x = a.x;
@@ -205,11 +208,6 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, cons
   return y;
 }
 
-}  // namespace
-}  // namespace fastpeft::nf4_cpu
-
-namespace fastpeft {
-
 std::string nf4_cpu_path(int64_t M, int64_t K, int64_t blocksize, const std::string& dtype, bool transposed) {
   const std::pair<const char*, at::ScalarType> dtypes[] = {
       {"float32", at::kFloat}, {"float16", at::kHalf}, {"bfloat16", at::kBFloat16}, {"float64", at::kDouble}};
@@ -222,4 +220,4 @@ std::string nf4_cpu_last_path() { return nf4_cpu::any_path ? nf4_cpu::path_name(
 
 }  // namespace fastpeft
 
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) { m.impl("nf4_matmul", &fastpeft::nf4_cpu::nf4_matmul_cpu); }
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) { m.impl("nf4_matmul", &fastpeft::nf4_matmul_cpu); }
