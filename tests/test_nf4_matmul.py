@@ -207,12 +207,12 @@ def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(monkeypatch, isa, M
 @pytest.mark.parametrize("K", [256, 256 - 32])  # 64- and 32-weight steps
 def test_cpu_gemvs_take_x_of_any_magnitude_and_any_levels(cpu_isa, dtype, K):
     """The AVX2 GEMV of bf16 x sums 16-bit integers: x in steps scaled by powers of two, levels
-    times 16383. Steps of x that differ by up to 2^16 within a row, rows of 1e-30 and 1e30 (fp16
+    times 16383. Steps of x that differ by up to 2^16 within a row, rows of 1e-31 and 1e31 (fp16
     keeps to its range), a quant map beyond [-1, 1], and x that is not finite (inf, nan: those
     rows must come out as float64's do, the others exact) all match the product in float64."""
     N, blocksize = 24, 64
     q = varied_blocks(K, N, blocksize, True)
-    spread, big = (8, 1e30) if dtype != torch.float16 else (3, 1.0)  # fp16: y within its range
+    spread, big = (8, 1e31) if dtype != torch.float16 else (3, 1.0)  # fp16: y within its range
     steps = torch.randint(-spread, spread + 1, (4, K // 32)).repeat_interleave(32, dim=1)
     x = torch.randn(4, K, dtype=torch.float64) * torch.pow(2.0, steps)
     x[1] *= 1 / big

@@ -17,8 +17,10 @@
 //   More exact than Bf16Levels (levels within 3.1e-5, x within 2^-15 of its step's largest value)
 //   and 1.5x faster: on the README's AMD EPYC Zen 4 capped at AVX2 (FASTPEFT_CPU_ISA=avx2; one
 //   thread, double quant, M = 1, best of 7 interleaved rounds in one process, Bf16Levels forced
-//   by a map the int16 path refuses), 4096 x 4096 0.62 ms against 0.96; SmolLM2's 210 layer
-//   shapes in order 8.1 against 10.0 ms (each call through torch.ops, about 2 ms of those).
+//   by a map the int16 path refuses), 4096 x 4096 0.62-0.65 ms against 0.96-0.99; SmolLM2's 210
+//   layer shapes in order 7.8 against 10.1 ms (each call through torch.ops, about 2 ms of those).
+//   Rejected: four weight rows per pass sharing each step's x (SmolLM2's shapes 10.2-10.9 ms, the
+//   four streams slower from memory; 1-2 KiB prefetches did not recover it).
 // x is stored once in the order that decode produces, so nothing is re-shuffled per weight row.
 // Zen 3 runs shuffles and shifts on two of its four vector pipes, and the decode is bound by them.
 // Measured on an AMD EPYC Zen 3 (AVX2; 4096 x 4096, double quant, M = 1, one thread, best of 30
@@ -34,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -275,42 +278,56 @@ void gemv_steps(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, 
     gemv_staged<Step32, Levels>(x, raw, absmax, qmap, bias, y, M, N, K, shift);
 }
 
-// y[m0:m0+MT, n0:n1] = x·Wᵀ with Int16Levels. xq: x as 16-bit integers in staged order, [M, K];
-// xscale[m · steps + s]: the value of one unit of row m's step s (a power of two). The levels'
-// 1 / kOne is applied to the row's sum, not per step: the step's scale, absmax times x's unit,
-// stays a normal float down to |w|·|x| ~ 2^-112.
+// The sums of eight vectors, lane j the sum of v[j]'s lanes.
+FASTPEFT_AVX2 inline __m256 horizontal_sums8(const __m256 v[8]) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// y[m0:m0+MT, n0:n1] = x·Wᵀ with Int16Levels. xq, xscale, row_unit: x as stage_int16 stages it.
+// Weight rows are reduced eight at a time: one by one, the horizontal sum and the scalar tail took
+// about a sixth of the time of K = 576 rows (9 steps each; perf, SmolLM2's generation).
 template <int MT, typename Step, typename scalar_t>
-FASTPEFT_AVX2 void gemv_rows_int16(const int16_t* xq, const float* xscale, const uint8_t* raw,
+FASTPEFT_AVX2 void gemv_rows_int16(const int16_t* xq, const float* xscale, const double* row_unit, const uint8_t* raw,
                                    const Nf4Scales& absmax, const __m256i* planes, const scalar_t* bias, scalar_t* y,
                                    int64_t m0, int64_t N, int64_t K, int shift, int64_t n0, int64_t n1) {
   const int64_t steps = K / Step::kWeights;
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
-    const int64_t e0 = n * K;
-    for (int64_t k = 0, s = 0; k < K; k += Step::kWeights, ++s) {
-      __m256i codes[Step::kRegisters];
-      Step::codes(raw + ((e0 + k) >> 1), codes);
-      __m256i sum[MT];
-      for (int r = 0; r < Step::kRegisters; ++r) {
-        __m256i w[2];
-        Int16Levels::decode(codes[r], planes, w);
-        for (int m = 0; m < MT; ++m) {
-          const __m256i* xk = reinterpret_cast<const __m256i*>(xq + (m0 + m) * K + k + 32 * r);
-          const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(xk)),
-                                             _mm256_madd_epi16(w[1], _mm256_loadu_si256(xk + 1)));
-          sum[m] = r == 0 ? p : _mm256_add_epi32(sum[m], p);
+  for (int64_t nb = n0; nb < n1; nb += 8) {
+    const int rows = static_cast<int>(std::min<int64_t>(8, n1 - nb));
+    __m256 acc[MT][8];
+    for (int j = 0; j < 8; ++j)
+      for (int m = 0; m < MT; ++m) acc[m][j] = _mm256_setzero_ps();
+    for (int j = 0; j < rows; ++j) {
+      const int64_t e0 = (nb + j) * K;
+      for (int64_t k = 0, s = 0; k < K; k += Step::kWeights, ++s) {
+        __m256i codes[Step::kRegisters];
+        Step::codes(raw + ((e0 + k) >> 1), codes);
+        __m256i sum[MT];
+        for (int r = 0; r < Step::kRegisters; ++r) {
+          __m256i w[2];
+          Int16Levels::decode(codes[r], planes, w);
+          for (int m = 0; m < MT; ++m) {
+            const __m256i* xk = reinterpret_cast<const __m256i*>(xq + (m0 + m) * K + k + 32 * r);
+            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(xk)),
+                                               _mm256_madd_epi16(w[1], _mm256_loadu_si256(xk + 1)));
+            sum[m] = r == 0 ? p : _mm256_add_epi32(sum[m], p);
+          }
         }
+        const float scale = absmax((e0 + k) >> shift);
+        for (int m = 0; m < MT; ++m)
+          acc[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]),
+                                      _mm256_set1_ps(scale * xscale[(m0 + m) * steps + s]), acc[m][j]);
       }
-      const float scale = absmax((e0 + k) >> shift);
-      for (int m = 0; m < MT; ++m)
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(scale * xscale[(m0 + m) * steps + s]),
-                                 acc[m]);
     }
     for (int m = 0; m < MT; ++m) {
-      float v = horizontal_sum(acc[m]) * (1.f / Int16Levels::kOne);
-      if (bias) v += static_cast<float>(bias[n]);
-      y[(m0 + m) * N + n] = static_cast<scalar_t>(v);
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, horizontal_sums8(acc[m]));
+      for (int j = 0; j < rows; ++j) {
+        float out = static_cast<float>(sums[j] * row_unit[m0 + m]);
+        if (bias) out += static_cast<float>(bias[nb + j]);
+        y[(m0 + m) * N + nb + j] = static_cast<scalar_t>(out);
+      }
     }
   }
 }
@@ -326,36 +343,49 @@ struct Int16StagedOrder {
 
 // x as 16-bit integers in staged order, a power-of-two unit per row and step (the largest |x| of
 // the step below 2^14 units: x is off by at most 2^-15 of that largest value, where bf16 x itself
-// carries 8 significant bits); false (nothing staged) when some x is not finite.
+// carries 8 significant bits); false (nothing staged) when some x is not finite. Row m's step s
+// unit is xscale[m · steps + s] · row_unit[m]: xscale relative to the row's largest step (<= 1, a
+// power of two; 0 for a step of zeros), so the GEMV's sums stay near |w|·2^28 whatever x's
+// magnitude, and row_unit (a double, with the levels' 1 / 16383) scales each result once.
 template <typename Step, typename scalar_t>
-bool stage_int16(const scalar_t* x, int64_t M, int64_t K, int16_t* xq, float* xscale) {
+bool stage_int16(const scalar_t* x, int64_t M, int64_t K, int16_t* xq, float* xscale, double* row_unit) {
   static const Int16StagedOrder<Step> order;
   const int64_t steps = K / Step::kWeights;
-  for (int64_t m = 0; m < M; ++m)
+  std::vector<int> exponents(steps);
+  for (int64_t m = 0; m < M; ++m) {
+    const scalar_t* row = x + m * K;
+    int row_exponent = std::numeric_limits<int>::min();
     for (int64_t s = 0; s < steps; ++s) {
-      float v[Step::kWeights];
       float largest = 0.f;
       bool finite = true;
-      for (int64_t i = 0; i < Step::kWeights; ++i) {
-        v[i] = static_cast<float>(x[m * K + s * Step::kWeights + i]);
-        finite &= std::isfinite(v[i]);
-        largest = std::max(largest, std::fabs(v[i]));
+      for (int64_t i = s * Step::kWeights; i < (s + 1) * Step::kWeights; ++i) {
+        const float v = static_cast<float>(row[i]);
+        finite &= std::isfinite(v);
+        largest = std::max(largest, std::fabs(v));
       }
       if (!finite) return false;
-      int exponent;
-      std::frexp(largest, &exponent);  // largest < 2^exponent
+      std::frexp(largest, &exponents[s]);  // largest < 2^exponent
+      if (largest > 0.f) row_exponent = std::max(row_exponent, exponents[s]);
+    }
+    if (row_exponent == std::numeric_limits<int>::min()) row_exponent = 0;  // a row of zeros
+    row_unit[m] = std::ldexp(1.0, row_exponent - 14) / Int16Levels::kOne;
+    for (int64_t s = 0; s < steps; ++s) {
+      const int exponent = exponents[s];
       int16_t* out = xq + m * K + s * Step::kWeights;
+      const scalar_t* in = row + s * Step::kWeights;
       if (exponent >= -100) {  // rounded to the nearest unit, ties to even (the default MXCSR)
         const float to_units = std::ldexp(1.f, 14 - exponent);
         for (int64_t i = 0; i < Step::kWeights; ++i)
-          out[order.at[i]] = static_cast<int16_t>(_mm_cvt_ss2si(_mm_set_ss(v[i] * to_units)));
+          out[order.at[i]] = static_cast<int16_t>(_mm_cvt_ss2si(_mm_set_ss(static_cast<float>(in[i]) * to_units)));
       } else {  // |x| below 2^-100: the reciprocal of its unit is beyond float's range
         const double to_units = std::ldexp(1.0, 14 - exponent);
         for (int64_t i = 0; i < Step::kWeights; ++i)
-          out[order.at[i]] = static_cast<int16_t>(std::nearbyint(v[i] * to_units));
+          out[order.at[i]] = static_cast<int16_t>(std::nearbyint(static_cast<float>(in[i]) * to_units));
       }
-      xscale[m * steps + s] = std::ldexp(1.f, exponent - 14);
+      // 2^(exponent - row_exponent) >= 2^-149 unless the step is negligible beside the row's largest
+      xscale[m * steps + s] = std::ldexp(1.f, exponent - row_exponent);
     }
+  }
   return true;
 }
 
@@ -366,13 +396,14 @@ bool gemv_int16(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, 
   if (!Int16Levels::takes(qmap)) return false;
   std::vector<int16_t> xq(M * K);
   std::vector<float> xscale(M * (K / Step::kWeights));
-  if (!stage_int16<Step>(x, M, K, xq.data(), xscale.data())) return false;
+  std::vector<double> row_unit(M);
+  if (!stage_int16<Step>(x, M, K, xq.data(), xscale.data(), row_unit.data())) return false;
   for_each_row_block(N, [&](int64_t n0, int64_t n1) {
     __m256i planes[Int16Levels::kPlanes];
     load_planes<Int16Levels>(qmap, planes);
     for_each_row_group(M, [&](auto rows, int64_t m0) {
-      gemv_rows_int16<rows.value, Step>(xq.data(), xscale.data(), raw, absmax, planes, bias, y, m0, N, K, shift, n0,
-                                        n1);
+      gemv_rows_int16<rows.value, Step>(xq.data(), xscale.data(), row_unit.data(), raw, absmax, planes, bias, y, m0, N,
+                                        K, shift, n0, n1);
     });
   });
   return true;
