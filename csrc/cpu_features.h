@@ -33,4 +33,8 @@ std::string nf4_cpu_path(int64_t M, int64_t K, int64_t blocksize, const std::str
 // The path the last nf4_matmul CPU call of this thread took ("" before any).
 std::string nf4_cpu_last_path();
 
+// The levels the last nf4_matmul CPU call of this thread decoded into on gemv-avx2 ("int16", "bf16"
+// or "fp32"; "" after another path).
+std::string nf4_cpu_last_levels();
+
 }  // namespace fastpeft

@@ -42,10 +42,10 @@ bool built_with_openmp() {
 
 // A CPU kernel as a Python function of the op's arguments, for an op plan's calls
 // (fastpeft/ops/_registry.py, Plan): the plan has checked every argument and chosen this face, and
-// nothing needs autograd, so the dispatcher's work is done; its boxed redispatch to the same kernel
-// cost 4.3 us a call on a 64x64 layer at M = 1 (AMD EPYC Zen 4, one thread), more than the kernel.
-// The call shows in torch.profiler under the op's name, as a dispatcher call does, and releases
-// the GIL.
+// nothing needs autograd, so the dispatcher's work is done: its boxed redispatch to the same kernel
+// took 5.0 us a call on a 64x64 NF4 layer at M = 1, this call 3.7 (AMD EPYC Zen 4, one thread).
+// The call shows in torch.profiler under the op's name, as a dispatcher call does (a redispatch
+// records nothing), and releases the GIL, as the redispatch did.
 template <typename Result, typename... Args>
 void def_cpu_kernel(pybind11::module_& m, const char* op, Result (*kernel)(Args...)) {
   m.def(
@@ -71,6 +71,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("nf4_cpu_path", &fastpeft::nf4_cpu_path, "The NF4 CPU path of a shape", pybind11::arg("M"), pybind11::arg("K"),
         pybind11::arg("blocksize"), pybind11::arg("dtype"), pybind11::arg("transposed") = false);
   m.def("nf4_cpu_last_path", &fastpeft::nf4_cpu_last_path, "The path this thread's last nf4_matmul CPU call took");
+  m.def("nf4_cpu_last_levels", &fastpeft::nf4_cpu_last_levels,
+        "The levels this thread's last nf4_matmul CPU call decoded into on gemv-avx2: int16, bf16 or fp32 "
+        "('' after another path)");
   m.def("built_with_openmp", &built_with_openmp, "True if the CPU kernels use OpenMP");
   auto cpu_kernels = m.def_submodule("cpu_kernels", "CPU kernels of ops run on op plans, by op name");
   def_cpu_kernel(cpu_kernels, "nf4_matmul", &fastpeft::nf4_matmul_cpu);

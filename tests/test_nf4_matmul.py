@@ -148,6 +148,9 @@ def run_cpu_face(isa, x, q, blocksize, N, bias, transposed):
         y = nf4_matmul(x, q.packed, q.absmax, q.quant_map, blocksize, N, bias, transposed, **nested_args(q))
     path = expected_cpu_path(isa, x.dtype, x.shape[0], q.shape[1], blocksize, transposed)
     assert ext.nf4_cpu_last_path() == path
+    # finite x and bitsandbytes' map: gemv-avx2 takes bf16 x as 16-bit integers
+    assert ext.nf4_cpu_last_levels() == (expected_levels(isa, x.dtype, bool(x.isfinite().all()))
+                                         if path == "gemv-avx2" else "")
     assert ext.nf4_cpu_path(x.shape[0], q.shape[1], blocksize, str(x.dtype).removeprefix("torch."), transposed) == path
     return y
 
@@ -181,11 +184,12 @@ def test_cpu_gemv_paths_match_the_reference(cpu_isa, dtype, double_quant, M, K, 
 @pytest.mark.parametrize("isa", ["avx2", "avx512_bf16"])
 @pytest.mark.parametrize("M,K", [(1, 4096), (3, 4096), (1, 4096 - 32)])  # 64- and 32-weight steps
 def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(monkeypatch, isa, M, K):
-    """The bf16 GEMVs (AVX2 and AVX512_BF16) decode bf16 levels apart from the absmax. Rounded to the
-    nearest bf16 each, they err the same way often enough that x of nonzero mean (SiLU outputs) adds
-    the error up K times: 2.2e-2 RMS off the exact product here, 5.8x the reference's bf16 weights.
-    Dithered over 8 tables they stay near the cost of rounding y to bf16 (2.2e-3), below the
-    reference's own error (3.8e-3)."""
+    """The bf16 GEMVs decode levels apart from the absmax: AVX512_BF16's as bf16, AVX2's as 16-bit
+    integers. Rounded to the nearest bf16 each, levels err the same way often enough that x of
+    nonzero mean (SiLU outputs) adds the error up K times: 2.2e-2 RMS off the exact product here,
+    5.8x the reference's bf16 weights. Dithered over 8 tables (AVX512_BF16), or as integers within
+    3.1e-5 (AVX2), they stay near the cost of rounding y to bf16 (2.2e-3), below the reference's
+    own error (3.8e-3)."""
     supported = backends.extension().cpu_isa_supported()
     if ISAS.index(isa) > ISAS.index(supported):
         pytest.skip(f"this CPU's kernels reach {supported}, not {isa}")
@@ -202,30 +206,54 @@ def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(monkeypatch, isa, M
     assert error < 4e-3 and error < reference_error, (error, reference_error)
 
 
+def expected_levels(isa: str, dtype: torch.dtype, integers: bool) -> str:
+    """What gemv-avx2 decodes into (nf4_cpu_last_levels): bf16 x as 16-bit integers where it takes
+    them (`integers`: finite x, a map within [-1, 1]), else bf16 levels; fp32 levels for other x."""
+    if isa != "avx2":
+        return ""
+    return ("int16" if integers else "bf16") if dtype == torch.bfloat16 else "fp32"
+
+
+def assert_rows_close(y: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, msg: str) -> None:
+    """Each row of y against the float64 product, both divided by that row's largest |exact|: a
+    row of 1e-31 is held to the tolerance of a row of ones."""
+    for row in range(y.shape[0]):
+        scale = exact[row].abs().max().clamp_min(1e-300)
+        assert_close((y[row].double() / scale).to(dtype), (exact[row] / scale).to(dtype), dtype, msg=f"{msg}, row {row}")
+
+
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K", [256, 256 - 32])  # 64- and 32-weight steps
 def test_cpu_gemvs_take_x_of_any_magnitude_and_any_levels(cpu_isa, dtype, K):
     """The AVX2 GEMV of bf16 x sums 16-bit integers: x in steps scaled by powers of two, levels
     times 16383. Steps of x that differ by up to 2^16 within a row, rows of 1e-31 and 1e31 (fp16
-    keeps to its range), a quant map beyond [-1, 1], and x that is not finite (inf, nan: those
-    rows must come out as float64's do, the others exact) all match the product in float64."""
+    keeps to its range), a row of subnormal x with a step of zeros, a quant map beyond [-1, 1],
+    and x that is not finite (inf, nan: those rows must come out as float64's do, the others
+    exact) all match the product in float64; the integers are taken where they can be."""
+    ext = backends.extension()
     N, blocksize = 24, 64
     q = varied_blocks(K, N, blocksize, True)
     spread, big = (8, 1e31) if dtype != torch.float16 else (3, 1.0)  # fp16: y within its range
-    steps = torch.randint(-spread, spread + 1, (4, K // 32)).repeat_interleave(32, dim=1)
-    x = torch.randn(4, K, dtype=torch.float64) * torch.pow(2.0, steps)
+    steps = torch.randint(-spread, spread + 1, (5, K // 32)).repeat_interleave(32, dim=1)
+    x = torch.randn(5, K, dtype=torch.float64) * torch.pow(2.0, steps)
     x[1] *= 1 / big
     x[2] *= big
+    x[4] = torch.randn(K, dtype=torch.float64) * torch.finfo(dtype).tiny / 16  # subnormal in x's dtype
+    x[4, :64] = 0
     x = x.to(dtype)
-    maps = {"nf4": q.quant_map, "wide": q.quant_map * 3}
-    for name, quant_map in maps.items():
+    assert x[4, 64:].abs().max() < torch.finfo(dtype).tiny
+    for name, quant_map in {"nf4": q.quant_map, "wide": q.quant_map * 3}.items():
         exact = nf4_matmul_reference(x.double(), q.packed, q.block_absmax().double(), quant_map.double(), blocksize,
                                      N, None, False)
         with on_face("cpu"):
             y = nf4_matmul(x, q.packed, q.absmax, quant_map, blocksize, N, None, False, **nested_args(q))
-        for row in range(x.shape[0]):  # each row to its own scale
-            assert_close(y[row], exact[row].to(dtype), dtype, msg=f"{name} map, row {row}")
+        assert ext.nf4_cpu_last_levels() == expected_levels(cpu_isa, dtype, name == "nf4"), name
+        if ext.nf4_cpu_last_path() in ("gemv-bf16-avx512", "tiles-bf16-avx512"):
+            # vdpbf16ps takes subnormal inputs as zero (the instruction's definition, whatever MXCSR says)
+            assert torch.equal(y[4], torch.zeros_like(y[4]))
+            exact[4] = 0
+        assert_rows_close(y, exact, dtype, f"{name} map")
     for row, value in [(0, float("inf")), (3, float("nan"))]:  # each alone in its call
         bad = x.clone()
         bad[row, 7] = value
@@ -233,10 +261,11 @@ def test_cpu_gemvs_take_x_of_any_magnitude_and_any_levels(cpu_isa, dtype, K):
                                      blocksize, N, None, False)
         with on_face("cpu"):
             y = nf4_matmul(bad, q.packed, q.absmax, q.quant_map, blocksize, N, None, False, **nested_args(q))
+        assert ext.nf4_cpu_last_levels() == expected_levels(cpu_isa, dtype, False), value
         assert torch.equal(y.isnan(), exact.isnan()) and torch.equal(y.isinf(), exact.isinf()), value
         assert (y[row].isinf() | y[row].isnan()).all(), value
-        for other in {0, 1, 2, 3} - {row}:
-            assert_close(y[other], exact[other].to(dtype), dtype)
+        others = [other for other in range(4) if other != row]  # row 4, subnormal, checked above
+        assert_rows_close(y[others], exact[others], dtype, f"{value} in row {row}")
 
 
 @needs_extension

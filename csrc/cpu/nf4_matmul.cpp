@@ -119,6 +119,7 @@ void tiles_portable(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& ab
 
 thread_local Path last_path = Path::kGemvPortable;
 thread_local bool any_path = false;
+thread_local const char* last_levels = "";  // what gemv_avx2 decoded into; "" after other paths
 
 constexpr const char* kPathNames[] = {"gemv-portable", "gemv-avx2",      "gemv-avx512",     "gemv-bf16-avx512",
                                       "tiles-portable", "tiles-fp32-avx2", "tiles-bf16-avx512"};
@@ -181,13 +182,14 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x_in, const at::Tensor& packed, cons
   const Path path = choose_path(cpu_isa(), M, K, blocksize, x.scalar_type(), transposed);
   last_path = path;
   any_path = true;
+  last_levels = "";
   if (M == 0) return y;
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
   const uint8_t* raw = a.raw.data_ptr<uint8_t>();
   const float* qmap = a.qmap.data_ptr<float>();
   switch (path) {
 #ifdef FASTPEFT_X86
-    case Path::kGemvAvx2: gemv_avx2(x, raw, scales, qmap, a.shift, N, K, bias_c, y); break;
+    case Path::kGemvAvx2: last_levels = gemv_avx2(x, raw, scales, qmap, a.shift, N, K, bias_c, y); break;
     case Path::kGemvAvx512: gemv_avx512(x, raw, scales, qmap, a.shift, N, K, bias_c, y); break;
     case Path::kGemvBf16Avx512: gemv_bf16_avx512(x, raw, scales, qmap, a.shift, N, K, bias_c, y); break;
     case Path::kTilesFp32Avx2: tiles_fp32_avx2(x, raw, scales, qmap, a.shift, N, K, transposed, bias_c, y); break;
@@ -217,6 +219,8 @@ std::string nf4_cpu_path(int64_t M, int64_t K, int64_t blocksize, const std::str
 }
 
 std::string nf4_cpu_last_path() { return nf4_cpu::any_path ? nf4_cpu::path_name(nf4_cpu::last_path) : ""; }
+
+std::string nf4_cpu_last_levels() { return nf4_cpu::last_levels; }
 
 }  // namespace fastpeft
 

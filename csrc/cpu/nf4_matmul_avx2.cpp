@@ -14,7 +14,7 @@
 // - Int16Levels (the GEMV of bf16 x): levels as 16-bit integers, x as 16-bit integers per step
 //   (a power-of-two unit each), two shuffles and two unpacks per 32 codes, then vpmaddwd: 16
 //   products per instruction summed exactly in 32-bit lanes, one conversion and one FMA per step.
-//   More exact than Bf16Levels (levels within 3.1e-5, x within 2^-15 of its step's largest value)
+//   More exact than Bf16Levels (levels within 3.1e-5, x within 2^-14 of its step's largest value)
 //   and 1.5x faster: on the README's AMD EPYC Zen 4 capped at AVX2 (FASTPEFT_CPU_ISA=avx2; one
 //   thread, double quant, M = 1, best of 7 interleaved rounds in one process, Bf16Levels forced
 //   by a map the int16 path refuses), 4096 x 4096 0.62-0.65 ms against 0.96-0.99; SmolLM2's 210
@@ -295,11 +295,13 @@ FASTPEFT_AVX2 void gemv_rows_int16(const int16_t* xq, const float* xscale, const
   const int64_t steps = K / Step::kWeights;
   for (int64_t nb = n0; nb < n1; nb += 8) {
     const int rows = static_cast<int>(std::min<int64_t>(8, n1 - nb));
-    __m256 acc[MT][8];
-    for (int j = 0; j < 8; ++j)
+    __m256 acc[MT][8];  // row j's sums, stored after its last step (its own stay in registers)
+    for (int j = rows; j < 8; ++j)
       for (int m = 0; m < MT; ++m) acc[m][j] = _mm256_setzero_ps();
     for (int j = 0; j < rows; ++j) {
       const int64_t e0 = (nb + j) * K;
+      __m256 a[MT];
+      for (int m = 0; m < MT; ++m) a[m] = _mm256_setzero_ps();
       for (int64_t k = 0, s = 0; k < K; k += Step::kWeights, ++s) {
         __m256i codes[Step::kRegisters];
         Step::codes(raw + ((e0 + k) >> 1), codes);
@@ -316,9 +318,10 @@ FASTPEFT_AVX2 void gemv_rows_int16(const int16_t* xq, const float* xscale, const
         }
         const float scale = absmax((e0 + k) >> shift);
         for (int m = 0; m < MT; ++m)
-          acc[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]),
-                                      _mm256_set1_ps(scale * xscale[(m0 + m) * steps + s]), acc[m][j]);
+          a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(scale * xscale[(m0 + m) * steps + s]),
+                                 a[m]);
       }
+      for (int m = 0; m < MT; ++m) acc[m][j] = a[m];
     }
     for (int m = 0; m < MT; ++m) {
       alignas(32) float sums[8];
@@ -342,7 +345,7 @@ struct Int16StagedOrder {
 };
 
 // x as 16-bit integers in staged order, a power-of-two unit per row and step (the largest |x| of
-// the step below 2^14 units: x is off by at most 2^-15 of that largest value, where bf16 x itself
+// the step below 2^14 units: x is off by at most 2^-14 of that largest value, where bf16 x itself
 // carries 8 significant bits); false (nothing staged) when some x is not finite. Row m's step s
 // unit is xscale[m · steps + s] · row_unit[m]: xscale relative to the row's largest step (<= 1, a
 // power of two; 0 for a step of zeros), so the GEMV's sums stay near |w|·2^28 whatever x's
@@ -365,13 +368,21 @@ bool stage_int16(const scalar_t* x, int64_t M, int64_t K, int16_t* xq, float* xs
       }
       if (!finite) return false;
       std::frexp(largest, &exponents[s]);  // largest < 2^exponent
-      if (largest > 0.f) row_exponent = std::max(row_exponent, exponents[s]);
+      if (largest > 0.f)
+        row_exponent = std::max(row_exponent, exponents[s]);
+      else
+        exponents[s] = std::numeric_limits<int>::min();  // a step of zeros: xscale 0
     }
     if (row_exponent == std::numeric_limits<int>::min()) row_exponent = 0;  // a row of zeros
     row_unit[m] = std::ldexp(1.0, row_exponent - 14) / Int16Levels::kOne;
     for (int64_t s = 0; s < steps; ++s) {
-      const int exponent = exponents[s];
       int16_t* out = xq + m * K + s * Step::kWeights;
+      if (exponents[s] == std::numeric_limits<int>::min()) {
+        std::fill(out, out + Step::kWeights, int16_t{0});
+        xscale[m * steps + s] = 0.f;
+        continue;
+      }
+      const int exponent = exponents[s];
       const scalar_t* in = row + s * Step::kWeights;
       if (exponent >= -100) {  // rounded to the nearest unit, ties to even (the default MXCSR)
         const float to_units = std::ldexp(1.f, 14 - exponent);
@@ -483,20 +494,25 @@ void tiles(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, con
 
 }  // namespace
 
-void gemv_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
-               int64_t N, int64_t K, const at::Tensor& bias, at::Tensor& y) {
+const char* gemv_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+                      int64_t N, int64_t K, const at::Tensor& bias, at::Tensor& y) {
+  const char* levels = "fp32";
   dispatch_simd_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (!int16_gemv(xp, raw, absmax, qmap, bp, yp, x.size(0), N, K, shift))
+      levels = "int16";
+      if (!int16_gemv(xp, raw, absmax, qmap, bp, yp, x.size(0), N, K, shift)) {
+        levels = "bf16";
         gemv_steps<Bf16Levels>(xp, raw, absmax, qmap, bp, yp, x.size(0), N, K, shift);
-    } else
-      gemv_steps<Fp32Levels>(x.data_ptr<scalar_t>(), raw, absmax, qmap, bp, y.data_ptr<scalar_t>(), x.size(0), N, K,
-                             shift);
+      }
+    } else {
+      gemv_steps<Fp32Levels>(xp, raw, absmax, qmap, bp, yp, x.size(0), N, K, shift);
+    }
   });
+  return levels;
 }
 
 void tiles_fp32_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,

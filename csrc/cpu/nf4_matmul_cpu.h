@@ -106,8 +106,10 @@ void dithered_bf16_levels(const float* qmap, uint16_t levels[kDitherTables][16])
 // ---- entry points per instruction set; x, y contiguous [M, K] / [M, N] (transposed: [M, N] /
 // [M, K]); bias undefined or [N] in x's dtype; y written whole (bias added, no LoRA term).
 
-void gemv_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
-               int64_t N, int64_t K, const at::Tensor& bias, at::Tensor& y);
+// gemv_avx2 returns the levels it decoded into: "int16", "bf16" (bf16 x it could not take as
+// integers) or "fp32".
+const char* gemv_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
+                      int64_t N, int64_t K, const at::Tensor& bias, at::Tensor& y);
 void tiles_fp32_avx2(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
                      int64_t N, int64_t K, bool transposed, const at::Tensor& bias, at::Tensor& y);
 void gemv_avx512(const at::Tensor& x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap, int shift,
