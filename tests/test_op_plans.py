@@ -15,7 +15,7 @@ from fastpeft.nn.lora import DoRAMagnitude
 from fastpeft.ops import record_faces
 from fastpeft.ops.lora_linear import lora_linear_fwd
 from fastpeft.ops.nf4_matmul import nf4_matmul
-from fastpeft.quant.nf4 import quantize_nf4
+from fastpeft.quant.nf4 import dequantize_nf4, quantize_nf4
 
 from conftest import assert_close
 
@@ -108,7 +108,7 @@ def test_a_forced_backend_runs_on_the_plan(kind):
 def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind, dtype):
     """The C++ CPU kernel a plan runs is called as the extension's plain function
     (fastpeft._C.cpu_kernels), not through the dispatcher: same output as the dispatcher's kernel,
-    bit for bit, and torch.profiler still sees the op, once."""
+    bit for bit, and torch.profiler sees the op, once."""
     if fastpeft.backends.extension() is None:
         pytest.skip(f"not built here: {fastpeft.backends.extension_error()}")
     op = lora_linear_fwd if kind == "lora" else nf4_matmul
@@ -131,6 +131,17 @@ def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind,
         expected = getattr(torch.ops.fastpeft, op.name)(x, *plan.rest)
     assert torch.equal(y, expected[0] if kind == "lora" else expected)
     assert [event.name for event in profile.events()].count(op.qualname) == 1
+
+
+def test_a_plan_made_without_the_trailing_defaults_runs_with_them():
+    """Op.plan takes what the op's call takes: arguments with defaults may be left out, and the
+    plan's kernel gets them filled as the dispatcher fills them."""
+    q = quantize_nf4(torch.randn(N, K), 64)
+    x = torch.randn(3, K)
+    plan = nf4_matmul.plan(x, q.packed, q.absmax, q.quant_map, 64, N)
+    with torch.no_grad():
+        assert_close(plan(x), nf4_matmul(x, q.packed, q.absmax, q.quant_map, 64, N))
+    assert_close(plan(x), (x.double() @ dequantize_nf4(q).double().T).float())
 
 
 # ---------------------------------------------------------------- what a plan does not take

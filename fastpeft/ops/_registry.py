@@ -348,6 +348,9 @@ class Plan:
 
     def __init__(self, op: Op, args: tuple):
         op.check(*args)
+        # Every argument held, the schema's defaults filling those not given: a direct kernel
+        # call (below) takes them all, where the dispatcher would fill them.
+        args = tuple(args) + tuple(param.default_value for param in op._overload._schema.arguments[len(args):])
         x = args[0]
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{op.name}: a plan is made with a 2-D x [tokens, features]")
@@ -361,7 +364,7 @@ class Plan:
         self._face = self.face(x)
         # The chosen face when it is a dispatcher kernel (C++, or a Python CPU kernel), as run()
         # calls it, x and the rest its arguments: a C++ CPU kernel the extension gives as a plain
-        # function (fastpeft._C.cpu_kernels: 3.7 us a call on a 64x64 layer at M = 1, against
+        # function (fastpeft._C.cpu_kernels: 3.7 us a call on a 64x64 NF4 layer at M = 1, against
         # 5.0 us for the redispatch; AMD EPYC Zen 4, one thread), else the kernel by its dispatch
         # key alone, below autograd and every other key (a redispatch with a key set of that key:
         # no thread-local state to set and restore, 0.5 us, nor OpOverload.__call__'s Python
