@@ -51,7 +51,8 @@ void def_cpu_kernel(pybind11::module_& m, const char* op, Result (*kernel)(Args.
   m.def(
       op,
       [kernel, name = std::string("fastpeft::") + op](Args... args) {
-        RECORD_FUNCTION(name, std::vector<c10::IValue>());
+        // the inputs are built only while a profiler that records them is active
+        RECORD_FUNCTION(name, (std::vector<c10::IValue>{c10::IValue(args)...}));
         return kernel(args...);
       },
       pybind11::call_guard<pybind11::gil_scoped_release>());

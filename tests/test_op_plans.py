@@ -108,7 +108,7 @@ def test_a_forced_backend_runs_on_the_plan(kind):
 def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind, dtype):
     """The C++ CPU kernel a plan runs is called as the extension's plain function
     (fastpeft._C.cpu_kernels), not through the dispatcher: same output as the dispatcher's kernel,
-    bit for bit, and torch.profiler sees the op, once."""
+    bit for bit, and torch.profiler sees the op, once, with its input shapes."""
     if fastpeft.backends.extension() is None:
         pytest.skip(f"not built here: {fastpeft.backends.extension_error()}")
     op = lora_linear_fwd if kind == "lora" else nf4_matmul
@@ -123,14 +123,15 @@ def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind,
     layer = lora_layer(dtype) if kind == "lora" else nf4_layer(dtype)
     x = torch.randn(3, K, dtype=dtype)
     with torch.no_grad():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
             y = layer(x)
         assert direct_calls == [x.shape]
         plan = held_plan(layer)
         assert plan.face(x) == "cpu"
         expected = getattr(torch.ops.fastpeft, op.name)(x, *plan.rest)
     assert torch.equal(y, expected[0] if kind == "lora" else expected)
-    assert [event.name for event in profile.events()].count(op.qualname) == 1
+    events = [event for event in profile.events() if event.name == op.qualname]
+    assert len(events) == 1 and events[0].input_shapes[0] == [3, K]
 
 
 def test_a_plan_made_without_the_trailing_defaults_runs_with_them():
