@@ -350,23 +350,36 @@ struct Int16StagedOrder {
 // unit is xscale[m · steps + s] · row_unit[m]: xscale relative to the row's largest step (<= 1, a
 // power of two; 0 for a step of zeros), so the GEMV's sums stay near |w|·2^28 whatever x's
 // magnitude, and row_unit (a double, with the levels' 1 / 16383) scales each result once.
-template <typename Step, typename scalar_t>
-bool stage_int16(const scalar_t* x, int64_t M, int64_t K, int16_t* xq, float* xscale, double* row_unit) {
+// 8 bf16 as fp32, exactly (a bf16 is a float's top half).
+FASTPEFT_AVX2 inline __m256 load8_bf16_as_fp32(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// Vectorised: a 576 x 192 layer's call at M = 1 took 7.5 us with a scalar staging, 7.1 with this one.
+template <typename Step>
+FASTPEFT_AVX2 bool stage_int16(const c10::BFloat16* x, int64_t M, int64_t K, int16_t* xq, float* xscale,
+                               double* row_unit) {
   static const Int16StagedOrder<Step> order;
+  constexpr int kVectors = Step::kWeights / 8;
+  const __m256 magnitude_bits = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 float_max = _mm256_set1_ps(std::numeric_limits<float>::max());
   const int64_t steps = K / Step::kWeights;
   std::vector<int> exponents(steps);
   for (int64_t m = 0; m < M; ++m) {
-    const scalar_t* row = x + m * K;
+    const c10::BFloat16* row = x + m * K;
     int row_exponent = std::numeric_limits<int>::min();
     for (int64_t s = 0; s < steps; ++s) {
-      float largest = 0.f;
-      bool finite = true;
-      for (int64_t i = s * Step::kWeights; i < (s + 1) * Step::kWeights; ++i) {
-        const float v = static_cast<float>(row[i]);
-        finite &= std::isfinite(v);
-        largest = std::max(largest, std::fabs(v));
+      __m256 largest8 = _mm256_setzero_ps(), finite8 = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+      for (int v = 0; v < kVectors; ++v) {
+        const __m256 magnitude = _mm256_and_ps(load8_bf16_as_fp32(row + s * Step::kWeights + 8 * v), magnitude_bits);
+        largest8 = _mm256_max_ps(largest8, magnitude);
+        finite8 = _mm256_and_ps(finite8, _mm256_cmp_ps(magnitude, float_max, _CMP_LE_OQ));  // false for inf, nan
       }
-      if (!finite) return false;
+      if (_mm256_movemask_ps(finite8) != 0xFF) return false;
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(largest8), _mm256_extractf128_ps(largest8, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      const float largest = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
       std::frexp(largest, &exponents[s]);  // largest < 2^exponent
       if (largest > 0.f)
         row_exponent = std::max(row_exponent, exponents[s]);
@@ -383,11 +396,14 @@ bool stage_int16(const scalar_t* x, int64_t M, int64_t K, int16_t* xq, float* xs
         continue;
       }
       const int exponent = exponents[s];
-      const scalar_t* in = row + s * Step::kWeights;
+      const c10::BFloat16* in = row + s * Step::kWeights;
       if (exponent >= -100) {  // rounded to the nearest unit, ties to even (the default MXCSR)
-        const float to_units = std::ldexp(1.f, 14 - exponent);
-        for (int64_t i = 0; i < Step::kWeights; ++i)
-          out[order.at[i]] = static_cast<int16_t>(_mm_cvt_ss2si(_mm_set_ss(static_cast<float>(in[i]) * to_units)));
+        const __m256 to_units = _mm256_set1_ps(std::ldexp(1.f, 14 - exponent));
+        alignas(32) int32_t units[Step::kWeights];
+        for (int v = 0; v < kVectors; ++v)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(units + 8 * v),
+                             _mm256_cvtps_epi32(_mm256_mul_ps(load8_bf16_as_fp32(in + 8 * v), to_units)));
+        for (int64_t i = 0; i < Step::kWeights; ++i) out[order.at[i]] = static_cast<int16_t>(units[i]);
       } else {  // |x| below 2^-100: the reciprocal of its unit is beyond float's range
         const double to_units = std::ldexp(1.0, 14 - exponent);
         for (int64_t i = 0; i < Step::kWeights; ++i)
