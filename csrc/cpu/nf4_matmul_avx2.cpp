@@ -84,6 +84,15 @@ struct Step64 {  // 32 bytes: K % 64 == 0 and blocksize >= 64; one shift for 64 
   }
 };
 
+// Each code's 16-bit level from two byte tables (planes[0] its low bytes, planes[1] its high
+// bytes): byte slots 0-7 and 16-23 in out[0], 8-15 and 24-31 in out[1].
+FASTPEFT_AVX2 inline void lookup_16bit_levels(__m256i codes, const __m256i* planes, __m256i out[2]) {
+  const __m256i b0 = _mm256_shuffle_epi8(planes[0], codes);
+  const __m256i b1 = _mm256_shuffle_epi8(planes[1], codes);
+  out[0] = _mm256_unpacklo_epi8(b0, b1);
+  out[1] = _mm256_unpackhi_epi8(b0, b1);
+}
+
 struct Fp32Levels {
   static constexpr int kPlanes = 4;  // bytes per level
   static constexpr int kTables = 1;  // level tables, taken in turn by 64-column groups of k
@@ -121,14 +130,13 @@ struct Bf16Levels {
     return 8 * (2 * (q >> 3) + (q & 1)) + 4 * (j >> 4) + ((q & 7) >> 1);
   }
   FASTPEFT_AVX2 static inline void decode(__m256i codes, const __m256i* planes, __m256 out[4]) {
-    const __m256i b0 = _mm256_shuffle_epi8(planes[0], codes);
-    const __m256i b1 = _mm256_shuffle_epi8(planes[1], codes);
-    const __m256i lo = _mm256_unpacklo_epi8(b0, b1), hi = _mm256_unpackhi_epi8(b0, b1);  // 16 bf16 each
+    __m256i bf16[2];  // 16 bf16 each
+    lookup_16bit_levels(codes, planes, bf16);
     const __m256i top = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
-    out[1] = _mm256_castsi256_ps(_mm256_and_si256(lo, top));
-    out[2] = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
-    out[3] = _mm256_castsi256_ps(_mm256_and_si256(hi, top));
+    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(bf16[0], 16));
+    out[1] = _mm256_castsi256_ps(_mm256_and_si256(bf16[0], top));
+    out[2] = _mm256_castsi256_ps(_mm256_slli_epi32(bf16[1], 16));
+    out[3] = _mm256_castsi256_ps(_mm256_and_si256(bf16[1], top));
   }
 };
 
@@ -156,10 +164,7 @@ struct Int16Levels {
     return 16 * (q >> 3) + 8 * (j >> 4) + (q & 7);
   }
   FASTPEFT_AVX2 static inline void decode(__m256i codes, const __m256i* planes, __m256i out[2]) {
-    const __m256i b0 = _mm256_shuffle_epi8(planes[0], codes);
-    const __m256i b1 = _mm256_shuffle_epi8(planes[1], codes);
-    out[0] = _mm256_unpacklo_epi8(b0, b1);
-    out[1] = _mm256_unpackhi_epi8(b0, b1);
+    lookup_16bit_levels(codes, planes, out);
   }
 };
 
