@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cpu_features.h"
+#include "held_call.h"
 #include "lora_linear.h"
 #include "nf4_matmul.h"
 
@@ -76,6 +77,7 @@ PYBIND11_MODULE(_C, m) {
         "The levels this thread's last nf4_matmul CPU call decoded into on gemv-avx2: int16, bf16 or fp32 "
         "('' after another path)");
   m.def("built_with_openmp", &built_with_openmp, "True if the CPU kernels use OpenMP");
+  fastpeft::def_held_call(m);
   auto cpu_kernels = m.def_submodule("cpu_kernels", "CPU kernels of ops run on op plans, by op name");
   def_cpu_kernel(cpu_kernels, "nf4_matmul", &fastpeft::nf4_matmul_cpu);
   def_cpu_kernel(cpu_kernels, "lora_linear_fwd", &fastpeft::lora_linear_fwd_cpu);

@@ -190,6 +190,12 @@ def forced_backend() -> str | None:
     return _forced
 
 
+def forced_backend_slot() -> tuple[dict, str]:
+    """Where the forced backend is held, as (a dict, its key): for a reader in C++ that checks it
+    at every call without calling :func:`forced_backend` (fastpeft._C.HeldCall)."""
+    return globals(), "_forced"
+
+
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Force every fastpeft op inside the block to run on backend `name` (None or "auto": automatic).

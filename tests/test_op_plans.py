@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-from fastpeft.nn import Linear4bit, LoRALinear
+from fastpeft.nn import Linear4bit, LoRALinear, op_plans
 from fastpeft.nn.lora import DoRAMagnitude
 from fastpeft.ops import record_faces
 from fastpeft.ops.lora_linear import lora_linear_fwd
@@ -52,6 +52,23 @@ def held_plan(layer):
     return None if held is None else held.plan
 
 
+@pytest.fixture(autouse=True, params=["cpp", "python"])
+def held_call(request, monkeypatch):
+    """Every test runs twice: the layers' held calls in C++ (fastpeft._C.HeldCall) and in Python
+    (op_plans.PyHeldCall, what runs without the extension), over the same terms."""
+    if request.param == "cpp":
+        if getattr(fastpeft.backends.extension(), "HeldCall", None) is None:
+            pytest.skip(f"not built here: {fastpeft.backends.extension_error()}")
+    else:
+        monkeypatch.setattr(op_plans, "held_call_class", lambda: op_plans.PyHeldCall)
+    return request.param
+
+
+def held_call_type(layer) -> type:
+    """The class of the object whose call the layer's held plan runs."""
+    return type(layer.__dict__["_held_plan"].call.__self__)
+
+
 @pytest.fixture
 def check_calls(monkeypatch):
     """Counts the checker calls of both planned ops: {op name: calls}."""
@@ -69,7 +86,7 @@ def check_calls(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES_PLANNED, ids=str)
 @pytest.mark.parametrize("kind", ["lora", "nf4"])
 @pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
-def test_inference_runs_on_a_plan_checked_once_and_equals_the_formula(dtype, kind, grad_off, check_calls):
+def test_inference_runs_on_a_plan_checked_once_and_equals_the_formula(dtype, kind, grad_off, check_calls, held_call):
     layer = lora_layer(dtype) if kind == "lora" else nf4_layer(dtype)
     formula = lora_formula if kind == "lora" else nf4_formula
     op = lora_linear_fwd if kind == "lora" else nf4_matmul
@@ -80,6 +97,8 @@ def test_inference_runs_on_a_plan_checked_once_and_equals_the_formula(dtype, kin
             assert y.shape == (*shape[:-1], N) and y.dtype == dtype
             assert_close(y, formula(layer, x), dtype)
     assert held_plan(layer) is not None
+    expected_type = fastpeft.backends.extension().HeldCall if held_call == "cpp" else op_plans.PyHeldCall
+    assert held_call_type(layer) is expected_type
     assert check_calls == {op.name: 1}, "the weights were checked again on a later call"
     assert [name for name, _ in taken] == [op.name] * 4
     assert {face for _, face in taken} == {op.select(torch.device("cpu"), x.reshape(-1, K), *held_plan(layer).rest)}

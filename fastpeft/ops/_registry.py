@@ -36,6 +36,7 @@ device and shape) and runs it. :func:`record_faces` tells which face each call t
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import importlib
 from typing import Callable, Iterator, Sequence
@@ -73,6 +74,15 @@ _exclude_autograd = torch._C._dispatch_tls_set_dispatch_key_excluded
 # While record_faces() is active: the (op name, face) of every call, in order. A plain module
 # global read once per call: free when nobody records, and torch.compile guards on it.
 _taken: list[tuple[str, str]] | None = None
+
+
+class Compare(enum.IntEnum):
+    """How a held call (fastpeft._C.HeldCall, fastpeft.nn.op_plans) compares a value it reads at
+    a call with the one it was made with; the numbers are the C++ side's."""
+    IDENTITY = 0  # the same object
+    VERSION = 1  # the same tensor at the same version counter
+    EQUAL = 2  # an equal value
+    ABSENT = 3  # no such key in the dict
 
 
 class Op:
@@ -419,6 +429,20 @@ class Plan:
     def __call__(self, x):
         """``op(x, *rest)``: the plan's face when x :meth:`fits`, else the op's full path."""
         return self.run(x) if not torch.compiler.is_compiling() and self.fits(x) else self.op(x, *self.rest)
+
+    def direct_kernel(self) -> tuple[Callable, tuple, list[tuple]] | None:
+        """What a caller outside Python (fastpeft._C.HeldCall) needs to call the plan's kernel as
+        :meth:`runner` does, for an x that :meth:`fits`: ``(kernel, rest, conditions)``, the
+        kernel called as ``kernel(x, *rest)`` while every condition ``(dict, key, value,
+        Compare)`` holds (nobody records faces, no wrapper of the op's run, the forced backend the
+        plan was made under); else ``runner()(x)``. None where every call takes ``runner()``: a
+        Triton or reference face, an op with a per-shape rule on this device."""
+        if self._kernel is None or self._chooser is not None:
+            return None
+        forced_dict, forced_key = backends.forced_backend_slot()
+        return self._kernel, self.rest, [(globals(), "_taken", None, Compare.IDENTITY),
+                                         (self.op.__dict__, "run", None, Compare.ABSENT),
+                                         (forced_dict, forced_key, self._forced, Compare.EQUAL)]
 
     def runner(self) -> Callable[[torch.Tensor], object]:
         """``run_if_fits(x)``: ``run(x)`` when x :meth:`fits`, else None (the caller takes its own
