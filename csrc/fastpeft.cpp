@@ -41,22 +41,60 @@ bool built_with_openmp() {
 #endif
 }
 
+// The outputs of a kernel as a list: its tensor, or each of its tuple's.
+std::vector<at::Tensor> outputs(at::Tensor y) { return {std::move(y)}; }
+template <typename... T>
+std::vector<at::Tensor> outputs(std::tuple<T...> ys) {
+  return std::apply([](auto&... y) { return std::vector<at::Tensor>{std::move(y)...}; }, ys);
+}
+
+// kernel(x, *rest) with rest converted once, as a profiled call with the GIL released.
+template <typename Result, typename X, typename... Rest>
+class BoundCpuKernel final : public fastpeft::BoundKernel {
+ public:
+  BoundCpuKernel(Result (*kernel)(X, Rest...), std::string name, std::tuple<std::decay_t<Rest>...> rest)
+      : kernel_(kernel), name_(std::move(name)), rest_(std::move(rest)) {}
+
+  std::vector<at::Tensor> run(const at::Tensor& x) override {
+    ++runs;
+    pybind11::gil_scoped_release released;
+    return std::apply(
+        [&](const auto&... rest) {
+          // the inputs are built only while a profiler that records them is active
+          RECORD_FUNCTION(name_, (std::vector<c10::IValue>{c10::IValue(x), c10::IValue(rest)...}));
+          return outputs(kernel_(x, rest...));
+        },
+        rest_);
+  }
+
+ private:
+  Result (*kernel_)(X, Rest...);
+  std::string name_;
+  std::tuple<std::decay_t<Rest>...> rest_;
+};
+
 // A CPU kernel as a Python function of the op's arguments, for an op plan's calls
-// (fastpeft/ops/_registry.py, Plan): the plan has checked every argument and chosen this face, and
-// nothing needs autograd, so the dispatcher's work is done: its boxed redispatch to the same kernel
-// took 5.0 us a call on a 64x64 NF4 layer at M = 1, this call 3.7 (AMD EPYC Zen 4, one thread).
-// The call shows in torch.profiler under the op's name, as a dispatcher call does (a redispatch
-// records nothing), and releases the GIL, as the redispatch did.
-template <typename Result, typename... Args>
-void def_cpu_kernel(pybind11::module_& m, const char* op, Result (*kernel)(Args...)) {
+// (fastpeft/ops/_registry.py, Plan), and bind_<op>(*rest), the same with every argument after x
+// bound once, for a layer's held call (csrc/held_call.cpp). The plan has checked every argument
+// and chosen this face, and nothing needs autograd, so the dispatcher's work is done: its boxed
+// redispatch to the same kernel took 5.0 us a call on a 64x64 NF4 layer at M = 1, this call 3.7
+// (AMD EPYC Zen 4, one thread). The call shows in torch.profiler under the op's name, as a
+// dispatcher call does (a redispatch records nothing), and releases the GIL, as the redispatch did.
+template <typename Result, typename X, typename... Rest>
+void def_cpu_kernel(pybind11::module_& m, const char* op, Result (*kernel)(X, Rest...)) {
+  const std::string name = std::string("fastpeft::") + op;
   m.def(
       op,
-      [kernel, name = std::string("fastpeft::") + op](Args... args) {
+      [kernel, name](X x, Rest... rest) {
         // the inputs are built only while a profiler that records them is active
-        RECORD_FUNCTION(name, (std::vector<c10::IValue>{c10::IValue(args)...}));
-        return kernel(args...);
+        RECORD_FUNCTION(name, (std::vector<c10::IValue>{c10::IValue(x), c10::IValue(rest)...}));
+        return kernel(x, rest...);
       },
       pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def((std::string("bind_") + op).c_str(), [kernel, name](const pybind11::args& rest) {
+    return std::shared_ptr<fastpeft::BoundKernel>(new BoundCpuKernel<Result, X, Rest...>(
+        kernel, name, pybind11::cast<std::tuple<std::decay_t<Rest>...>>(rest)));
+  });
 }
 
 }  // namespace

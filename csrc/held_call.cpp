@@ -83,7 +83,8 @@ class HeldCall {
  public:
   HeldCall(const py::list& terms, const py::list& conditions, py::object kernel, py::tuple rest, py::object runner,
            py::object dtype, py::object device, int64_t in_features, int64_t out_features, int64_t output)
-      : kernel_(std::move(kernel)),
+      : bound_(py::isinstance<BoundKernel>(kernel) ? kernel.cast<std::shared_ptr<BoundKernel>>() : nullptr),
+        kernel_(std::move(kernel)),
         rest_(std::move(rest)),
         runner_(std::move(runner)),
         in_features_(in_features),
@@ -128,7 +129,14 @@ class HeldCall {
       x2 = py::reinterpret_steal<py::object>(THPVariable_Wrap(t.reshape({-1, in_features_})));
     }
     py::object out;
-    if (!kernel_.is_none() && fits(THPVariable_Unpack(x2.ptr())) && direct()) {
+    const bool direct_call = !kernel_.is_none() && fits(THPVariable_Unpack(x2.ptr())) && direct();
+    if (direct_call && bound_) {
+      const std::vector<at::Tensor> outs = bound_->run(THPVariable_Unpack(x2.ptr()));
+      const at::Tensor& y = outs.at(output_ < 0 ? 0 : output_);
+      if (t.dim() == 2) return py::reinterpret_steal<py::object>(THPVariable_Wrap(y));
+      return py::reinterpret_steal<py::object>(THPVariable_Wrap(y.reshape(output_shape(t))));
+    }
+    if (direct_call) {
       out = call_kernel(x2);
     } else {
       out = runner_(x2);  // the plan's own test of x and its face (a forced one, a Triton one...)
@@ -137,12 +145,20 @@ class HeldCall {
     py::object y = output_ < 0 ? out : py::reinterpret_borrow<py::object>(PyTuple_GetItem(out.ptr(), output_));
     if (y.ptr() == nullptr) throw py::error_already_set();
     if (t.dim() == 2) return y;
-    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
-    shape.push_back(out_features_);
-    return py::reinterpret_steal<py::object>(THPVariable_Wrap(THPVariable_Unpack(y.ptr()).reshape(shape)));
+    return py::reinterpret_steal<py::object>(THPVariable_Wrap(THPVariable_Unpack(y.ptr()).reshape(output_shape(t))));
   }
 
+  // The kernel the call runs directly: a BoundKernel, or a Python callable, or None.
+  py::object kernel() const { return kernel_; }
+
  private:
+  // [..., out_features] for an x of [..., in_features]
+  std::vector<int64_t> output_shape(const at::Tensor& x) const {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(out_features_);
+    return shape;
+  }
+
   bool term_holds(const Term& term, PyObject* source) const {
     PyObject* value = nullptr;  // borrowed, or owned by `owned`
     py::object owned;
@@ -231,6 +247,7 @@ class HeldCall {
 
   std::vector<Term> terms_;
   std::vector<Condition> conditions_;
+  std::shared_ptr<BoundKernel> bound_;
   py::object kernel_;
   py::tuple rest_;
   py::object runner_;
@@ -243,6 +260,9 @@ class HeldCall {
 }  // namespace
 
 void def_held_call(py::module_& m) {
+  py::class_<BoundKernel, std::shared_ptr<BoundKernel>>(
+      m, "BoundKernel", "A CPU kernel with every argument after x bound, for a HeldCall to run")
+      .def_readonly("runs", &BoundKernel::runs, "How many times it ran");
   py::class_<HeldCall>(m, "HeldCall",
                        "A layer's inference call on its op plan: fastpeft.nn.op_plans.HeldPlan's C++ face")
       .def(py::init<const py::list&, const py::list&, py::object, py::tuple, py::object, py::object, py::object,
@@ -250,7 +270,8 @@ void def_held_call(py::module_& m) {
            py::arg("terms"), py::arg("conditions"), py::arg("kernel"), py::arg("rest"), py::arg("runner"),
            py::arg("dtype"), py::arg("device"), py::arg("in_features"), py::arg("out_features"), py::arg("output"))
       .def("holds", &HeldCall::holds, py::arg("layer"))
-      .def("call", &HeldCall::call, py::arg("layer"), py::arg("x"));
+      .def("call", &HeldCall::call, py::arg("layer"), py::arg("x"))
+      .def_property_readonly("kernel", &HeldCall::kernel);
 }
 
 }  // namespace fastpeft

@@ -124,9 +124,10 @@ def test_a_forced_backend_runs_on_the_plan(kind):
 
 @pytest.mark.parametrize("dtype", DTYPES_PLANNED, ids=str)
 @pytest.mark.parametrize("kind", ["lora", "nf4"])
-def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind, dtype):
+def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind, dtype, held_call):
     """The C++ CPU kernel a plan runs is called as the extension's plain function
-    (fastpeft._C.cpu_kernels), not through the dispatcher: same output as the dispatcher's kernel,
+    (fastpeft._C.cpu_kernels; from the C++ held call, bound to its arguments after x:
+    fastpeft._C.BoundKernel), not through the dispatcher: same output as the dispatcher's kernel,
     bit for bit, and torch.profiler sees the op, once, with its input shapes."""
     if fastpeft.backends.extension() is None:
         pytest.skip(f"not built here: {fastpeft.backends.extension_error()}")
@@ -144,10 +145,17 @@ def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind,
     with torch.no_grad():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
             y = layer(x)
-        assert direct_calls == [x.shape]
+        bound = layer.__dict__["_held_plan"].call.__self__.kernel if held_call == "cpp" else None
+        if held_call == "cpp":  # the bound kernel ran, not the Python function
+            assert isinstance(bound, fastpeft.backends.extension().BoundKernel)
+            assert bound.runs == 1 and direct_calls == []
+        else:
+            assert direct_calls == [x.shape]
         plan = held_plan(layer)
         assert plan.face(x) == "cpu"
         expected = getattr(torch.ops.fastpeft, op.name)(x, *plan.rest)
+        layer(x.unsqueeze(0))  # a 3-D x: the same kernel, reshaped around it
+        assert bound is None or bound.runs == 2
     assert torch.equal(y, expected[0] if kind == "lora" else expected)
     events = [event for event in profile.events() if event.name == op.qualname]
     assert len(events) == 1 and events[0].input_shapes[0] == [3, K]

@@ -114,6 +114,7 @@ class Op:
         self._triton_eager: Callable | None = None
         self._loaded_device_faces: frozenset[str] = frozenset()
         self.direct_cpu_kernel: Callable | None = None
+        self.bind_cpu_kernel: Callable | None = None
 
         _LIB.define(f"{name}{schema}")
 
@@ -195,8 +196,11 @@ class Op:
             if extension is not None
             and torch._C._dispatch_has_kernel_for_dispatch_key(self.qualname, _DISPATCH_KEYS[face]))
         # The C++ CPU kernel as a plain function, where the extension gives one (for op plans)
-        self.direct_cpu_kernel = (getattr(getattr(extension, "cpu_kernels", None), self.name, None)
-                                  if "cpu" in self._loaded_device_faces and "cpu" in self.cpp_faces else None)
+        # and bound to its arguments after x (for a layer's held call: fastpeft._C.HeldCall)
+        cpu_kernels = getattr(extension, "cpu_kernels", None)
+        direct = "cpu" in self._loaded_device_faces and "cpu" in self.cpp_faces
+        self.direct_cpu_kernel = getattr(cpu_kernels, self.name, None) if direct else None
+        self.bind_cpu_kernel = getattr(cpu_kernels, f"bind_{self.name}", None) if direct else None
 
     def has_face(self, backend: str, device_type: str) -> bool:
         """Whether the face is loaded and serves `device_type` (its backend's availability aside)."""
@@ -435,14 +439,19 @@ class Plan:
         :meth:`runner` does, for an x that :meth:`fits`: ``(kernel, rest, conditions)``, the
         kernel called as ``kernel(x, *rest)`` while every condition ``(dict, key, value,
         Compare)`` holds (nobody records faces, no wrapper of the op's run, the forced backend the
-        plan was made under); else ``runner()(x)``. None where every call takes ``runner()``: a
-        Triton or reference face, an op with a per-shape rule on this device."""
+        plan was made under); else ``runner()(x)``. The C++ CPU kernel comes bound to rest
+        (``fastpeft._C.BoundKernel``: its arguments converted once, not at every call). None
+        where every call takes ``runner()``: a Triton or reference face, an op with a per-shape
+        rule on this device."""
         if self._kernel is None or self._chooser is not None:
             return None
+        kernel, op = self._kernel, self.op
+        if kernel is op.direct_cpu_kernel and op.bind_cpu_kernel is not None:
+            kernel = op.bind_cpu_kernel(*self.rest)
         forced_dict, forced_key = backends.forced_backend_slot()
-        return self._kernel, self.rest, [(globals(), "_taken", None, Compare.IDENTITY),
-                                         (self.op.__dict__, "run", None, Compare.ABSENT),
-                                         (forced_dict, forced_key, self._forced, Compare.EQUAL)]
+        return kernel, self.rest, [(globals(), "_taken", None, Compare.IDENTITY),
+                                   (op.__dict__, "run", None, Compare.ABSENT),
+                                   (forced_dict, forced_key, self._forced, Compare.EQUAL)]
 
     def runner(self) -> Callable[[torch.Tensor], object]:
         """``run_if_fits(x)``: ``run(x)`` when x :meth:`fits`, else None (the caller takes its own
