@@ -65,7 +65,10 @@ inline Nf4Args check_nf4_matmul_args(const at::Tensor& x_in, const at::Tensor& p
   a.shift = 0;
   while ((int64_t{1} << a.shift) < blocksize) ++a.shift;
   a.x = x_in.contiguous();
-  a.raw = packed.contiguous().view(at::kByte).reshape({-1});
+  // packed bytes as they are (bitsandbytes' [N·K / 2, 1] uint8): a view made per call costs two
+  // tensor allocations
+  a.raw = packed.scalar_type() == at::kByte && packed.is_contiguous() ? packed
+                                                                        : packed.contiguous().view(at::kByte).reshape({-1});
   a.absmax = absmax_in.contiguous();
   a.qmap = quant_map.contiguous();
   TORCH_CHECK(nested_absmax.has_value() == nested_map.has_value(),

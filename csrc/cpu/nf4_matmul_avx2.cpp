@@ -370,7 +370,8 @@ FASTPEFT_AVX2 bool stage_int16(const c10::BFloat16* x, int64_t M, int64_t K, int
   const __m256 magnitude_bits = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 float_max = _mm256_set1_ps(std::numeric_limits<float>::max());
   const int64_t steps = K / Step::kWeights;
-  std::vector<int> exponents(steps);
+  thread_local std::vector<int> exponents;
+  exponents.resize(steps);
   for (int64_t m = 0; m < M; ++m) {
     const c10::BFloat16* row = x + m * K;
     int row_exponent = std::numeric_limits<int>::min();
@@ -426,16 +427,24 @@ template <typename Step, typename scalar_t>
 bool gemv_int16(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
                 const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
   if (!Int16Levels::takes(qmap)) return false;
-  std::vector<int16_t> xq(M * K);
-  std::vector<float> xscale(M * (K / Step::kWeights));
-  std::vector<double> row_unit(M);
-  if (!stage_int16<Step>(x, M, K, xq.data(), xscale.data(), row_unit.data())) return false;
+  // the staged x in buffers kept by the calling thread (at most 16 rows of K): a decode step's
+  // calls are many and small, and each allocation is a trip through a busy heap. The row blocks'
+  // threads read them through these pointers (a thread_local named there is the thread's own).
+  thread_local std::vector<int16_t> xq_buffer;
+  thread_local std::vector<float> xscale_buffer;
+  thread_local std::vector<double> row_unit_buffer;
+  xq_buffer.resize(M * K);
+  xscale_buffer.resize(M * (K / Step::kWeights));
+  row_unit_buffer.resize(M);
+  const int16_t* xq = xq_buffer.data();
+  const float* xscale = xscale_buffer.data();
+  const double* row_unit = row_unit_buffer.data();
+  if (!stage_int16<Step>(x, M, K, xq_buffer.data(), xscale_buffer.data(), row_unit_buffer.data())) return false;
   for_each_row_block(N, [&](int64_t n0, int64_t n1) {
     __m256i planes[Int16Levels::kPlanes];
     load_planes<Int16Levels>(qmap, planes);
     for_each_row_group(M, [&](auto rows, int64_t m0) {
-      gemv_rows_int16<rows.value, Step>(xq.data(), xscale.data(), row_unit.data(), raw, absmax, planes, bias, y, m0, N,
-                                        K, shift, n0, n1);
+      gemv_rows_int16<rows.value, Step>(xq, xscale, row_unit, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1);
     });
   });
   return true;
