@@ -107,9 +107,16 @@ class HeldCall {
 
   // Whether `layer` holds what the plan was made from: every term, in order.
   bool holds(py::handle layer) const {
+    // each source's instance dict fetched once (terms come grouped by source)
+    PyObject* dict_of = nullptr;
+    py::object dict;
     for (const Term& term : terms_) {
       PyObject* source = term.source < 0 ? layer.ptr() : terms_[term.source].expected.ptr();
-      if (!term_holds(term, source)) return false;
+      if (term.read != Read::kAttribute && term.read != Read::kItem && source != dict_of) {
+        dict = py::reinterpret_steal<py::object>(instance_dict(source));
+        dict_of = source;
+      }
+      if (!term_holds(term, source, dict.ptr())) return false;
     }
     return true;
   }
@@ -123,23 +130,22 @@ class HeldCall {
     PyObject* xo = x.ptr();
     if (!THPVariable_CheckExact(xo) || !holds(layer) || any_autocast()) return py::none();
     const at::Tensor& t = THPVariable_Unpack(xo);
-    py::object x2 = py::reinterpret_borrow<py::object>(x);
-    if (t.dim() != 2) {
-      if (t.dim() == 0 || t.size(-1) != in_features_) return py::none();
-      x2 = py::reinterpret_steal<py::object>(THPVariable_Wrap(t.reshape({-1, in_features_})));
-    }
-    py::object out;
-    const bool direct_call = !kernel_.is_none() && fits(THPVariable_Unpack(x2.ptr())) && direct();
+    if (t.dim() != 2 && (t.dim() == 0 || t.size(-1) != in_features_)) return py::none();
+    const at::Tensor x2 = t.dim() == 2 ? t : t.reshape({-1, in_features_});
+    const bool direct_call = !kernel_.is_none() && fits(x2) && direct();
     if (direct_call && bound_) {
-      const std::vector<at::Tensor> outs = bound_->run(THPVariable_Unpack(x2.ptr()));
+      const std::vector<at::Tensor> outs = bound_->run(x2);
       const at::Tensor& y = outs.at(output_ < 0 ? 0 : output_);
-      if (t.dim() == 2) return py::reinterpret_steal<py::object>(THPVariable_Wrap(y));
-      return py::reinterpret_steal<py::object>(THPVariable_Wrap(y.reshape(output_shape(t))));
+      return py::reinterpret_steal<py::object>(THPVariable_Wrap(t.dim() == 2 ? y : y.reshape(output_shape(t))));
     }
+    // x as a Python object for a Python callee
+    const py::object x2_object = t.dim() == 2 ? py::reinterpret_borrow<py::object>(x)
+                                              : py::reinterpret_steal<py::object>(THPVariable_Wrap(x2));
+    py::object out;
     if (direct_call) {
-      out = call_kernel(x2);
+      out = call_kernel(x2_object);
     } else {
-      out = runner_(x2);  // the plan's own test of x and its face (a forced one, a Triton one...)
+      out = runner_(x2_object);  // the plan's own test of x and its face (a forced one, a Triton one...)
       if (out.is_none()) return py::none();
     }
     py::object y = output_ < 0 ? out : py::reinterpret_borrow<py::object>(PyTuple_GetItem(out.ptr(), output_));
@@ -159,32 +165,28 @@ class HeldCall {
     return shape;
   }
 
-  bool term_holds(const Term& term, PyObject* source) const {
+  // dict: source's instance dict (for the reads of a module's entries)
+  bool term_holds(const Term& term, PyObject* source, PyObject* dict) const {
     PyObject* value = nullptr;  // borrowed, or owned by `owned`
     py::object owned;
     switch (term.read) {
       case Read::kTable: {
-        py::object dict = py::reinterpret_steal<py::object>(instance_dict(source));
-        PyObject* table = dict_get(dict.ptr(), term.table.ptr());
+        PyObject* table = dict_get(dict, term.table.ptr());
         value = table == nullptr ? nullptr : dict_get(table, term.key.ptr());
         if (value == nullptr) value = Py_None;
         break;
       }
-      case Read::kInstance: {
-        py::object dict = py::reinterpret_steal<py::object>(instance_dict(source));
-        value = dict_get(dict.ptr(), term.key.ptr());
+      case Read::kInstance:
+        value = dict_get(dict, term.key.ptr());
         if (value == nullptr) return false;
         break;
-      }
-      case Read::kAbsent: {
-        py::object dict = py::reinterpret_steal<py::object>(instance_dict(source));
-        if (dict_get(dict.ptr(), term.key.ptr()) != nullptr) return false;
+      case Read::kAbsent:
+        if (dict_get(dict, term.key.ptr()) != nullptr) return false;
         for (const char* name : {"_parameters", "_buffers", "_modules"}) {
-          PyObject* table = PyDict_GetItemString(dict.ptr(), name);
+          PyObject* table = PyDict_GetItemString(dict, name);
           if (table != nullptr && dict_get(table, term.key.ptr()) != nullptr) return false;
         }
         return true;
-      }
       case Read::kAttribute:
         owned = py::reinterpret_steal<py::object>(PyObject_GetAttr(source, term.key.ptr()));
         if (!owned) throw py::error_already_set();
