@@ -208,6 +208,56 @@ def test_other_inputs_compute_as_the_full_path(kind):
 
 
 @pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_a_wrapper_of_the_ops_run_sees_every_planned_call_while_it_is_there(kind):
+    """What fastpeft bench's faces_taken installs (a run on the op object): the held call reads the
+    op's dict at every call, so a plan made before the wrapper still goes through it, and after it
+    calls its kernel directly again."""
+    layer = lora_layer() if kind == "lora" else nf4_layer()
+    op = lora_linear_fwd if kind == "lora" else nf4_matmul
+    x = torch.randn(2, K)
+    seen = []
+    run = type(op).run
+
+    def watching(backend, *args):
+        seen.append(backend)
+        return run(op, backend, *args)
+    with torch.no_grad():
+        before = layer(x)
+        op.run = watching
+        try:
+            watched = layer(x)
+        finally:
+            del op.run
+        layer(x)
+    assert seen == [held_plan(layer).face(x)]
+    assert torch.equal(watched, before)
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_a_dispatch_mode_sees_the_op_of_a_planned_layer(kind):
+    """Under a TorchDispatchMode the layer takes the op's full path, so the mode sees the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+    layer = lora_layer() if kind == "lora" else nf4_layer()
+    op = lora_linear_fwd if kind == "lora" else nf4_matmul
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        expected = layer(x)
+        with Names() as mode:
+            got = layer(x)
+    assert op.qualname in mode.names
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
 @pytest.mark.parametrize("bad", ["features", "features_3d", "not_a_tensor"])
 def test_bad_input_after_a_plan_gets_the_errors_the_full_path_gives(kind, bad):
     layer = lora_layer() if kind == "lora" else nf4_layer()

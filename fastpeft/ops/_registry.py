@@ -456,7 +456,8 @@ class Plan:
     def runner(self) -> Callable[[torch.Tensor], object]:
         """``run_if_fits(x)``: ``run(x)`` when x :meth:`fits`, else None (the caller takes its own
         path), outside torch.compile (which the caller rules out first). One Python frame for both,
-        with the plan's attributes bound once: a layer calls it on every inference call (a 64x64
+        with the plan's attributes bound once: a layer's held call runs it where it does not call
+        the kernel itself (:meth:`direct_kernel`), and on every call without the extension (a 64x64
         layer at M = 1: fits() then run() took 5.1 us, this 4.3 with the CPU's choose rule gone;
         AMD EPYC Zen 4, one thread)."""
         fits, run = self.fits, self.run
