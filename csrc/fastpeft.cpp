@@ -7,8 +7,13 @@
 #include <torch/extension.h>
 
 #include <pybind11/stl.h>
+#include <torch/csrc/autograd/python_variable.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "cpu_features.h"
 #include "held_call.h"
@@ -48,29 +53,74 @@ std::vector<at::Tensor> outputs(std::tuple<T...> ys) {
   return std::apply([](auto&... y) { return std::vector<at::Tensor>{std::move(y)...}; }, ys);
 }
 
-// kernel(x, *rest) with rest converted once, as a profiled call with the GIL released.
+// How a BoundCpuKernel holds one argument after x: a number converted once...
+template <typename T>
+struct BoundArg {
+  using Value = std::decay_t<T>;
+  static_assert(std::is_arithmetic_v<Value>, "a bound kernel takes tensors, optional tensors and numbers");
+  using Stored = Value;
+  static Stored bind(pybind11::handle object) { return object.cast<Value>(); }
+  static const Value& at_run(const Stored& stored, PyObject*) { return stored; }
+};
+
+// ...a tensor read from its Python object at each run (no C++ reference kept between runs)...
+template <>
+struct BoundArg<const at::Tensor&> {
+  struct Stored {};
+  static Stored bind(pybind11::handle object) {
+    if (!THPVariable_Check(object.ptr())) throw pybind11::type_error("a bound kernel's tensor argument is not a tensor");
+    return {};
+  }
+  static const at::Tensor& at_run(const Stored&, PyObject* object) { return THPVariable_Unpack(object); }
+};
+
+// ...and an optional tensor likewise.
+template <>
+struct BoundArg<const std::optional<at::Tensor>&> {
+  struct Stored {};
+  static Stored bind(pybind11::handle object) {
+    if (!object.is_none()) BoundArg<const at::Tensor&>::bind(object);
+    return {};
+  }
+  static std::optional<at::Tensor> at_run(const Stored&, PyObject* object) {
+    if (object == Py_None) return std::nullopt;
+    return THPVariable_Unpack(object);
+  }
+};
+
+// kernel(x, *rest), rest as BoundArg holds it, as a profiled call with the GIL released.
 template <typename Result, typename X, typename... Rest>
 class BoundCpuKernel final : public fastpeft::BoundKernel {
  public:
-  BoundCpuKernel(Result (*kernel)(X, Rest...), std::string name, std::tuple<std::decay_t<Rest>...> rest)
-      : kernel_(kernel), name_(std::move(name)), rest_(std::move(rest)) {}
+  BoundCpuKernel(Result (*kernel)(X, Rest...), std::string name, const pybind11::tuple& rest)
+      : BoundCpuKernel(kernel, std::move(name), rest, std::index_sequence_for<Rest...>{}) {}
 
-  std::vector<at::Tensor> run(const at::Tensor& x) override {
+  std::vector<at::Tensor> run(const at::Tensor& x, PyObject* rest) override {
     ++runs;
-    pybind11::gil_scoped_release released;
-    return std::apply(
-        [&](const auto&... rest) {
-          // the inputs are built only while a profiler that records them is active
-          RECORD_FUNCTION(name_, (std::vector<c10::IValue>{c10::IValue(x), c10::IValue(rest)...}));
-          return outputs(kernel_(x, rest...));
-        },
-        rest_);
+    return run(x, rest, std::index_sequence_for<Rest...>{});
   }
 
  private:
+  template <size_t... I>
+  BoundCpuKernel(Result (*kernel)(X, Rest...), std::string name, const pybind11::tuple& rest, std::index_sequence<I...>)
+      : kernel_(kernel), name_(std::move(name)), stored_{BoundArg<Rest>::bind(rest[I])...} {
+    if (rest.size() != sizeof...(Rest)) throw pybind11::type_error(name_ + ": a bound kernel takes every argument after x");
+  }
+
+  template <size_t... I>
+  std::vector<at::Tensor> run(const at::Tensor& x, PyObject* rest, std::index_sequence<I...>) {
+    // every argument read while the GIL is held, then the kernel without it
+    const std::tuple<decltype(BoundArg<Rest>::at_run(std::get<I>(stored_), nullptr))...> args{
+        BoundArg<Rest>::at_run(std::get<I>(stored_), PyTuple_GET_ITEM(rest, I))...};
+    pybind11::gil_scoped_release released;
+    // the inputs are built only while a profiler that records them is active
+    RECORD_FUNCTION(name_, (std::vector<c10::IValue>{c10::IValue(x), c10::IValue(std::get<I>(args))...}));
+    return outputs(kernel_(x, std::get<I>(args)...));
+  }
+
   Result (*kernel_)(X, Rest...);
   std::string name_;
-  std::tuple<std::decay_t<Rest>...> rest_;
+  std::tuple<typename BoundArg<Rest>::Stored...> stored_;
 };
 
 // A CPU kernel as a Python function of the op's arguments, for an op plan's calls
@@ -92,8 +142,7 @@ void def_cpu_kernel(pybind11::module_& m, const char* op, Result (*kernel)(X, Re
       },
       pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def((std::string("bind_") + op).c_str(), [kernel, name](const pybind11::args& rest) {
-    return std::shared_ptr<fastpeft::BoundKernel>(new BoundCpuKernel<Result, X, Rest...>(
-        kernel, name, pybind11::cast<std::tuple<std::decay_t<Rest>...>>(rest)));
+    return std::shared_ptr<fastpeft::BoundKernel>(new BoundCpuKernel<Result, X, Rest...>(kernel, name, rest));
   });
 }
 

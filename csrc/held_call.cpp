@@ -1,12 +1,13 @@
-// fastpeft._C.HeldCall: a layer's inference call on its op plan (fastpeft/nn/op_plans.py,
-// HeldPlan), in one C++ call: the test that the layer still holds what the plan was made from,
-// the tests of x, the reshape of a [..., in_features] x, and the kernel.
+// fastpeft._C.HeldCall: a layer's inference call on its op plan, in one C++ call: the test that the
+// layer still holds what the plan was made from, the tests of x, the reshape of a [..., K] x, and
+// the kernel.
 //
 // Written in Python (source per layer), the same call cost SmolLM2-135M's NF4 greedy generation
 // 1.5 ms of each token's 23 (210 layer calls, one thread, AMD EPYC Zen 4 capped at AVX2): each
 // layer's Python objects are cold by the time the next token comes back to it. What a call reads
 // is given by the Python side as data (terms, conditions); this file knows nothing of layers, ops
-// or backends.
+// or backends. The Python side (fastpeft/nn/op_plans.py) reads the same terms itself where the
+// extension is not built.
 #include "held_call.h"
 
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -23,17 +24,17 @@ namespace py = pybind11;
 enum class Read : int {
   kTable = 0,      // source.__dict__[table].get(key): a module's parameter, buffer or submodule
   kInstance = 1,   // source.__dict__[key]: a module's plain attribute (missing: the test fails)
-  kAbsent = 2,     // key in none of source's _parameters, _buffers, _modules, __dict__
+  kNowhere = 2,    // key in none of source's _parameters, _buffers, _modules, __dict__
   kAttribute = 3,  // getattr(source, key): a class attribute or a property
   kItem = 4,       // source.get(key): a dict's entry
 };
 
-// How a term compares what it read with what the plan was made with.
+// How a term or condition compares what it read with what the plan was made with.
 enum class Compare : int {
   kIdentity = 0,  // the same object
   kVersion = 1,   // the same tensor, at the same version (in-place writes bump it)
-  kEqual = 2,     // an equal value
-  kAbsent = 3,    // (conditions only) key not in the dict
+  kEqual = 2,     // the same object or an equal value
+  kMissing = 3,   // (conditions only) key not in the dict
 };
 
 struct Term {
@@ -52,31 +53,39 @@ struct Condition {
   Compare compare;
 };
 
-// The instance dict of `object` (new reference), or null.
-PyObject* instance_dict(PyObject* object) {
-  PyObject* dict = PyObject_GenericGetDict(object, nullptr);
-  if (dict == nullptr) throw py::error_already_set();
-  return dict;
+// torch._C._is_any_autocast_enabled, looked up once as the module loads (the device types it asks
+// about are torch's to list)
+PyObject* any_autocast_enabled = nullptr;
+
+bool any_autocast() {
+  PyObject* on = PyObject_CallNoArgs(any_autocast_enabled);
+  if (on == nullptr) throw py::error_already_set();
+  Py_DECREF(on);
+  return on == Py_True;
 }
 
-// dict.get(key) as a borrowed reference (null when absent).
+// The instance dict of `object` (a new reference); throws where it has none.
+py::object instance_dict(PyObject* object) {
+  PyObject* dict = PyObject_GenericGetDict(object, nullptr);
+  if (dict == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(dict);
+}
+
+// dict[key] as a borrowed reference, null when absent (or `dict` is not a dict).
 PyObject* dict_get(PyObject* dict, PyObject* key) {
-  if (!PyDict_Check(dict)) return nullptr;
+  if (dict == nullptr || !PyDict_Check(dict)) return nullptr;
   PyObject* value = PyDict_GetItemWithError(dict, key);
   if (value == nullptr && PyErr_Occurred()) throw py::error_already_set();
   return value;
 }
 
-bool same(PyObject* value, const py::object& expected, Compare compare) {
-  switch (compare) {
-    case Compare::kIdentity: return value == expected.ptr();
-    case Compare::kEqual: {
-      const int equal = PyObject_RichCompareBool(value, expected.ptr(), Py_EQ);
-      if (equal < 0) throw py::error_already_set();
-      return equal == 1;
-    }
-    default: return false;
-  }
+// Whether `value` is `expected` or equals it (the same object counts as equal even where == says
+// otherwise, a nan: it has not changed).
+bool same_or_equal(const py::object& value, const py::object& expected) {
+  if (value.ptr() == expected.ptr()) return true;
+  const int equal = PyObject_RichCompareBool(value.ptr(), expected.ptr(), Py_EQ);
+  if (equal < 0) throw py::error_already_set();
+  return equal == 1;
 }
 
 class HeldCall {
@@ -87,6 +96,8 @@ class HeldCall {
         kernel_(std::move(kernel)),
         rest_(std::move(rest)),
         runner_(std::move(runner)),
+        dtype_(py::cast<at::ScalarType>(dtype)),
+        device_(py::cast<at::Device>(device)),
         in_features_(in_features),
         out_features_(out_features),
         output_(output) {
@@ -99,21 +110,18 @@ class HeldCall {
       const auto c = item.cast<py::tuple>();
       conditions_.push_back(Condition{c[0].cast<py::dict>(), c[1], c[2], static_cast<Compare>(c[3].cast<int>())});
     }
-    dtype_ = py::cast<at::ScalarType>(dtype);
-    device_ = py::cast<at::Device>(device);
-    for (const auto& arg : rest_)
-      if (THPVariable_Check(arg.ptr())) rest_tensors_.push_back(THPVariable_Unpack(arg.ptr()));
   }
 
   // Whether `layer` holds what the plan was made from: every term, in order.
   bool holds(py::handle layer) const {
-    // each source's instance dict fetched once (terms come grouped by source)
+    if (cleared_) return false;
+    // a source's instance dict fetched once for its terms in a row
     PyObject* dict_of = nullptr;
     py::object dict;
     for (const Term& term : terms_) {
       PyObject* source = term.source < 0 ? layer.ptr() : terms_[term.source].expected.ptr();
       if (term.read != Read::kAttribute && term.read != Read::kItem && source != dict_of) {
-        dict = py::reinterpret_steal<py::object>(instance_dict(source));
+        dict = instance_dict(source);
         dict_of = source;
       }
       if (!term_holds(term, source, dict.ptr())) return false;
@@ -122,19 +130,20 @@ class HeldCall {
   }
 
   // The layer's output for x on the plan, or None where the plan does not take the call (the
-  // layer then takes its own path): another x than the plan's (a subclass of Tensor, another
-  // dtype or device, a [..., features] x of other features, one that needs a gradient), a
-  // dispatch mode or autocast on, or a layer that no longer holds what the plan was made from.
-  // torch.compile is the caller's to rule out (it cannot trace this call).
+  // layer then takes its own path): another x than the plan's (not a plain Tensor, another dtype
+  // or device, a [..., features] x of other features, one that needs a gradient), a dispatch mode
+  // or autocast on, or a layer that no longer holds what the plan was made from. torch.compile is
+  // the caller's to rule out (it cannot trace this call).
   py::object call(py::handle layer, py::handle x) const {
     PyObject* xo = x.ptr();
-    if (!THPVariable_CheckExact(xo) || !holds(layer) || any_autocast()) return py::none();
+    if (Py_TYPE(xo) != reinterpret_cast<PyTypeObject*>(THPVariableClass) || !holds(layer) || any_autocast())
+      return py::none();
     const at::Tensor& t = THPVariable_Unpack(xo);
     if (t.dim() != 2 && (t.dim() == 0 || t.size(-1) != in_features_)) return py::none();
     const at::Tensor x2 = t.dim() == 2 ? t : t.reshape({-1, in_features_});
     const bool direct_call = !kernel_.is_none() && fits(x2) && direct();
     if (direct_call && bound_) {
-      const std::vector<at::Tensor> outs = bound_->run(x2);
+      const std::vector<at::Tensor> outs = bound_->run(x2, rest_.ptr());
       const at::Tensor& y = outs.at(output_ < 0 ? 0 : output_);
       return py::reinterpret_steal<py::object>(THPVariable_Wrap(t.dim() == 2 ? y : y.reshape(output_shape(t))));
     }
@@ -148,14 +157,37 @@ class HeldCall {
       out = runner_(x2_object);  // the plan's own test of x and its face (a forced one, a Triton one...)
       if (out.is_none()) return py::none();
     }
-    py::object y = output_ < 0 ? out : py::reinterpret_borrow<py::object>(PyTuple_GetItem(out.ptr(), output_));
-    if (y.ptr() == nullptr) throw py::error_already_set();
+    py::object y = output_ < 0 ? out : py::reinterpret_steal<py::object>(PySequence_GetItem(out.ptr(), output_));
+    if (!y) throw py::error_already_set();
+    if (!THPVariable_Check(y.ptr())) throw py::type_error("a held call's kernel returned something other than a tensor");
     if (t.dim() == 2) return y;
     return py::reinterpret_steal<py::object>(THPVariable_Wrap(THPVariable_Unpack(y.ptr()).reshape(output_shape(t))));
   }
 
   // The kernel the call runs directly: a BoundKernel, or a Python callable, or None.
   py::object kernel() const { return kernel_; }
+
+  // Python's garbage collector: every object held, so that a cycle through a layer's plan (a hook
+  // on a checked submodule that refers back to the layer) is collected.
+  int traverse(visitproc visit, void* arg) const {
+    for (const Term& term : terms_)
+      for (const py::object* o : {&term.table, &term.key, &term.expected}) Py_VISIT(o->ptr());
+    for (const Condition& c : conditions_)
+      for (const py::object* o : {static_cast<const py::object*>(&c.dict), &c.key, &c.expected}) Py_VISIT(o->ptr());
+    for (const py::object* o : {&kernel_, static_cast<const py::object*>(&rest_), &runner_}) Py_VISIT(o->ptr());
+    return 0;
+  }
+
+  // Drops every object held (the collector breaking a cycle); the call then never takes a plan.
+  void clear() {
+    cleared_ = true;
+    terms_.clear();
+    conditions_.clear();
+    bound_.reset();
+    kernel_ = py::none();
+    rest_ = py::tuple();
+    runner_ = py::none();
+  }
 
  private:
   // [..., out_features] for an x of [..., in_features]
@@ -167,39 +199,44 @@ class HeldCall {
 
   // dict: source's instance dict (for the reads of a module's entries)
   bool term_holds(const Term& term, PyObject* source, PyObject* dict) const {
-    PyObject* value = nullptr;  // borrowed, or owned by `owned`
-    py::object owned;
+    py::object value;
     switch (term.read) {
       case Read::kTable: {
-        PyObject* table = dict_get(dict, term.table.ptr());
-        value = table == nullptr ? nullptr : dict_get(table, term.key.ptr());
-        if (value == nullptr) value = Py_None;
+        PyObject* found = dict_get(dict_get(dict, term.table.ptr()), term.key.ptr());
+        value = py::reinterpret_borrow<py::object>(found ? found : Py_None);
         break;
       }
-      case Read::kInstance:
-        value = dict_get(dict, term.key.ptr());
-        if (value == nullptr) return false;
+      case Read::kInstance: {
+        PyObject* found = dict_get(dict, term.key.ptr());
+        if (found == nullptr) return false;
+        value = py::reinterpret_borrow<py::object>(found);
         break;
-      case Read::kAbsent:
+      }
+      case Read::kNowhere:
         if (dict_get(dict, term.key.ptr()) != nullptr) return false;
-        for (const char* name : {"_parameters", "_buffers", "_modules"}) {
-          PyObject* table = PyDict_GetItemString(dict, name);
-          if (table != nullptr && dict_get(table, term.key.ptr()) != nullptr) return false;
-        }
+        for (const char* name : {"_parameters", "_buffers", "_modules"})
+          if (dict_get(PyDict_GetItemString(dict, name), term.key.ptr()) != nullptr) return false;
         return true;
       case Read::kAttribute:
-        owned = py::reinterpret_steal<py::object>(PyObject_GetAttr(source, term.key.ptr()));
-        if (!owned) throw py::error_already_set();
-        value = owned.ptr();
+        value = py::reinterpret_steal<py::object>(PyObject_GetAttr(source, term.key.ptr()));
+        if (!value) throw py::error_already_set();
         break;
       case Read::kItem:
-        value = dict_get(source, term.key.ptr());
-        if (value == nullptr) value = Py_None;
+        if (PyDict_CheckExact(source)) {
+          PyObject* found = dict_get(source, term.key.ptr());
+          value = py::reinterpret_borrow<py::object>(found ? found : Py_None);
+        } else {  // a dict subclass: its own get()
+          value = py::reinterpret_borrow<py::object>(source).attr("get")(term.key);
+        }
         break;
     }
-    if (term.compare == Compare::kVersion)
-      return value == term.expected.ptr() && THPVariable_Unpack(value)._version() == term.version;
-    return same(value, term.expected, term.compare);
+    switch (term.compare) {
+      case Compare::kIdentity: return value.ptr() == term.expected.ptr();
+      case Compare::kVersion:
+        return value.ptr() == term.expected.ptr() && THPVariable_Unpack(value.ptr())._version() == term.version;
+      case Compare::kEqual: return same_or_equal(value, term.expected);
+      default: return false;
+    }
   }
 
   // Whether x runs on the plan's kernel as it is: what the plan checked it with (Plan.fits).
@@ -208,8 +245,8 @@ class HeldCall {
       return false;
     if (at::GradMode::is_enabled()) {
       if (x.requires_grad()) return false;
-      for (const at::Tensor& t : rest_tensors_)
-        if (t.requires_grad()) return false;
+      for (const auto& arg : rest_)  // read now: requires_grad_() changes no version
+        if (THPVariable_Check(arg.ptr()) && THPVariable_Unpack(arg.ptr()).requires_grad()) return false;
     }
     return c10::impl::TorchDispatchModeTLS::stack_len() == 0;
   }
@@ -217,21 +254,16 @@ class HeldCall {
   // Whether the kernel may be called directly now (no forced backend, no recording of faces...).
   bool direct() const {
     for (const Condition& c : conditions_) {
-      PyObject* value = dict_get(c.dict.ptr(), c.key.ptr());
-      if (c.compare == Compare::kAbsent ? value != nullptr : !same(value ? value : Py_None, c.expected, c.compare))
+      PyObject* found = dict_get(c.dict.ptr(), c.key.ptr());
+      if (c.compare == Compare::kMissing) {
+        if (found != nullptr) return false;
+        continue;
+      }
+      const py::object value = py::reinterpret_borrow<py::object>(found ? found : Py_None);
+      if (c.compare == Compare::kIdentity ? value.ptr() != c.expected.ptr() : !same_or_equal(value, c.expected))
         return false;
     }
     return true;
-  }
-
-  // torch._C._is_any_autocast_enabled(): the device types it asks about are its own to list
-  static bool any_autocast() {
-    static PyObject* const enabled =  // kept for the process's life (no destructor at exit)
-        py::object(py::module_::import("torch._C").attr("_is_any_autocast_enabled")).release().ptr();
-    PyObject* on = PyObject_CallNoArgs(enabled);
-    if (on == nullptr) throw py::error_already_set();
-    Py_DECREF(on);
-    return on == Py_True;
   }
 
   // kernel(x, *rest), as a vectorcall of the arguments in place
@@ -253,27 +285,62 @@ class HeldCall {
   py::object kernel_;
   py::tuple rest_;
   py::object runner_;
-  std::vector<at::Tensor> rest_tensors_;
   at::ScalarType dtype_;
-  at::Device device_{at::kCPU};
+  at::Device device_;
   int64_t in_features_, out_features_, output_;
+  bool cleared_ = false;
 };
+
+// The HeldCall of a Python object of its class, or null before its __init__ has run.
+HeldCall* held_call_of(PyObject* self) {
+  auto* instance = reinterpret_cast<py::detail::instance*>(self);
+  if (!instance->get_value_and_holder().holder_constructed()) return nullptr;
+  return &py::cast<HeldCall&>(py::handle(self));
+}
 
 }  // namespace
 
 void def_held_call(py::module_& m) {
+  any_autocast_enabled = py::module_::import("torch._C").attr("_is_any_autocast_enabled").ptr();
+  Py_INCREF(any_autocast_enabled);  // kept for the process's life
   py::class_<BoundKernel, std::shared_ptr<BoundKernel>>(
-      m, "BoundKernel", "A CPU kernel with every argument after x bound, for a HeldCall to run")
+      m, "BoundKernel", "A CPU kernel with its arguments after x bound, for a HeldCall to run")
       .def_readonly("runs", &BoundKernel::runs, "How many times it ran");
-  py::class_<HeldCall>(m, "HeldCall",
-                       "A layer's inference call on its op plan: fastpeft.nn.op_plans.HeldPlan's C++ face")
+  py::class_<HeldCall>(
+      m, "HeldCall", "A layer's inference call on its op plan (fastpeft.nn.op_plans builds it)",
+      py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+        PyTypeObject* type = &heap_type->ht_type;
+        type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+        type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) {
+          Py_VISIT(Py_TYPE(self));  // a heap type's instances hold their type
+          const HeldCall* held = held_call_of(self);
+          return held == nullptr ? 0 : held->traverse(visit, arg);
+        };
+        type->tp_clear = [](PyObject* self) {
+          if (HeldCall* held = held_call_of(self)) held->clear();
+          return 0;
+        };
+      }))
       .def(py::init<const py::list&, const py::list&, py::object, py::tuple, py::object, py::object, py::object,
                     int64_t, int64_t, int64_t>(),
            py::arg("terms"), py::arg("conditions"), py::arg("kernel"), py::arg("rest"), py::arg("runner"),
            py::arg("dtype"), py::arg("device"), py::arg("in_features"), py::arg("out_features"), py::arg("output"))
       .def("holds", &HeldCall::holds, py::arg("layer"))
       .def("call", &HeldCall::call, py::arg("layer"), py::arg("x"))
-      .def_property_readonly("kernel", &HeldCall::kernel);
+      .def_property_readonly("kernel", &HeldCall::kernel)
+      .def_property_readonly_static("READS", [](py::object) {  // the numbers the Python side writes terms with
+        return py::dict(py::arg("TABLE") = static_cast<int>(Read::kTable),
+                        py::arg("INSTANCE") = static_cast<int>(Read::kInstance),
+                        py::arg("NOWHERE") = static_cast<int>(Read::kNowhere),
+                        py::arg("ATTRIBUTE") = static_cast<int>(Read::kAttribute),
+                        py::arg("ITEM") = static_cast<int>(Read::kItem));
+      })
+      .def_property_readonly_static("COMPARES", [](py::object) {
+        return py::dict(py::arg("IDENTITY") = static_cast<int>(Compare::kIdentity),
+                        py::arg("VERSION") = static_cast<int>(Compare::kVersion),
+                        py::arg("EQUAL") = static_cast<int>(Compare::kEqual),
+                        py::arg("MISSING") = static_cast<int>(Compare::kMissing));
+      });
 }
 
 }  // namespace fastpeft

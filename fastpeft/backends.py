@@ -192,7 +192,8 @@ def forced_backend() -> str | None:
 
 def forced_backend_slot() -> tuple[dict, str]:
     """Where the forced backend is held, as (a dict, its key): for a reader in C++ that checks it
-    at every call without calling :func:`forced_backend` (fastpeft._C.HeldCall)."""
+    at every call without calling :func:`forced_backend` (fastpeft._C.HeldCall). So the forced
+    backend stays a plain module global, set by :func:`use_backend` alone."""
     return globals(), "_forced"
 
 

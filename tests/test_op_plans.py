@@ -228,9 +228,11 @@ def test_a_wrapper_of_the_ops_run_sees_every_planned_call_while_it_is_there(kind
             watched = layer(x)
         finally:
             del op.run
-        layer(x)
+        with record_faces() as taken:
+            layer(x)
     assert seen == [held_plan(layer).face(x)]
     assert torch.equal(watched, before)
+    assert len(taken) == 1, "after the wrapper the plan's face runs again"
 
 
 @pytest.mark.parametrize("kind", ["lora", "nf4"])
@@ -503,3 +505,132 @@ def test_copies_hold_no_plan_and_compute_on_their_own_tensors(kind):
         else:
             twin.bias.mul_(2.0)
         assert torch.equal(layer(x), y) and not torch.equal(twin(x), y)
+
+
+# ---------------------------------------------------------------- the held call's own contract
+
+def test_the_held_calls_numbers_are_the_cpp_sides(held_call):
+    """op_plans.Read and ops.Compare write the terms the C++ HeldCall reads: the same numbers."""
+    cpp = getattr(fastpeft.backends.extension(), "HeldCall", None)
+    if cpp is None:
+        pytest.skip(f"not built here: {fastpeft.backends.extension_error()}")
+    assert cpp.READS == {r.name: int(r) for r in op_plans.Read}
+    assert cpp.COMPARES == {c.name: int(c) for c in fastpeft.ops.Compare}
+
+
+class Scaled(nn.Module):
+    """A toy layer whose paths read every kind of term: a parameter, a plain attribute, a dict's
+    entry, a property, a name held nowhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(N, K))
+        self.gains = {"a": 2.0}
+        self.mode = "plain"
+
+    @property
+    def doubled(self):
+        return self.gains["a"] * 2
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+PATHS = (("weight",), ("gains", "a"), ("mode",), ("doubled",), ("bias",))
+
+
+@pytest.mark.parametrize("change", ["weight", "weight_in_place", "gain", "mode", "property", "bias_appears",
+                                    "nan_gain_unchanged"])
+def test_every_kind_of_term_sees_its_change(change, held_call):
+    layer = Scaled()
+    doubled = Scaled.__dict__["doubled"]
+    if change == "nan_gain_unchanged":
+        layer.gains["a"] = float("nan")
+    nf4 = nf4_layer()
+    with torch.no_grad():
+        nf4(torch.randn(2, K))
+    # any plan of K features: the terms are the toy's (a nan's property would be a new nan each read)
+    paths = [p for p in PATHS if p != ("doubled",)] if change == "nan_gain_unchanged" else PATHS
+    held = op_plans.HeldPlan(held_plan(nf4), layer, paths, K, N)
+    assert held.holds(layer)
+    with torch.no_grad():
+        if change == "weight":
+            layer.weight = nn.Parameter(torch.randn(N, K))
+        elif change == "weight_in_place":
+            layer.weight.mul_(2)
+        elif change == "gain":
+            layer.gains["a"] = 3.0
+        elif change == "mode":
+            layer.mode = "other"
+        elif change == "property":
+            type(layer).doubled = property(lambda self: 5.0)
+        elif change == "bias_appears":
+            layer.register_buffer("bias", torch.zeros(N))
+    try:
+        # a nan that was not touched is the same value: the plan still holds
+        assert held.holds(layer) is (change == "nan_gain_unchanged")
+    finally:
+        Scaled.doubled = doubled
+
+
+def test_a_parameter_as_x_takes_the_layers_own_path(held_call):
+    """Only a plain Tensor runs on a plan (an nn.Parameter is a subclass of Tensor)."""
+    layer = nf4_layer()
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        layer(x)
+        assert layer.__dict__["_held_plan"].call(layer, nn.Parameter(x)) is None
+        assert layer.__dict__["_held_plan"].call(layer, x) is not None
+
+
+def test_eval_with_grad_on_and_adapters_needing_grad_builds_a_graph():
+    """Inference mode off, grad on, x without grad, but the adapter's weights need it: the plan
+    must not run (it has no autograd); the layer's output carries a graph to the adapter."""
+    layer = lora_layer()
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        layer(x)  # a plan is held
+    y = layer(x)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert layer.lora_A[layer.active_adapter].weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_a_layer_in_a_reference_cycle_through_its_plan_is_collected(kind, held_call):
+    """A hook on a submodule the plan checks that refers back to the layer makes a cycle through
+    the held call: the garbage collector must see into the held call to free it."""
+    import gc
+    import weakref
+
+    layer = lora_layer() if kind == "lora" else nf4_layer()
+    if kind == "lora":
+        layer.base_layer.register_forward_hook(lambda *args, _layer=layer: None)
+    else:
+        layer.weight.owner = layer  # the packed weight, which the plan holds, refers back to the layer
+    with torch.no_grad():
+        layer(torch.randn(2, K))
+    assert held_plan(layer) is not None
+    dead = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert dead() is None
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_swapping_tensors_works_while_a_plan_holds_them(kind):
+    """Module conversions under set_swap_module_params_on_conversion swap tensors in place, which
+    torch refuses for a tensor referenced from C++: a plan must hold its tensors from Python only.
+    A LoRA layer's base layer converted alone does not drop the LoRA layer's plan."""
+    layer = lora_layer() if kind == "lora" else nf4_layer()
+    with torch.no_grad():
+        layer(torch.randn(2, K))
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        (layer.base_layer if kind == "lora" else layer).to(torch.float64)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    dtype = layer.base_layer.weight.dtype if kind == "lora" else layer.bias.dtype
+    assert dtype == torch.float64
+

@@ -8,7 +8,7 @@ import torch.nn as nn
 from ..ops.nf4_matmul import dequantize_packed, nf4_linear, nf4_linear_plan
 from ..quant.nf4 import NF4Weight, dequantize_nf4, nf4_from_state_dict, quantize_nf4
 from .dtypes import autocast_enabled, compute_dtype, is_dtensor
-from .op_plans import HeldPlan, call_on_new_plan, is_compiling
+from .op_plans import HeldPlan, call_on_new_plan
 
 # The quantisation state's tensors, registered as buffers under these names; in the state dict they
 # are bitsandbytes' ``weight.<name>`` keys.
@@ -258,7 +258,7 @@ class Linear4bit(nn.Module):
         # that the layer still holds what the plan was made from, and x (HeldPlan.call: one C++
         # call, which torch.compile cannot trace).
         held = self.__dict__.get("_held_plan")
-        y = None if held is None or is_compiling() else held.call(self, x)
+        y = None if held is None or torch.compiler.is_compiling() else held.call(self, x)
         if y is None:
             y = call_on_new_plan(self, held, x)
         return y if y is not None else self.forward_unplanned(x)

@@ -16,7 +16,7 @@ from ..ops.nf4_matmul import nf4_linear, qlora_linear
 from ..quant.nf4 import quantize_nf4
 from .dtypes import compute_dtype
 from .linear4bit import Linear4bit
-from .op_plans import HeldPlan, call_on_new_plan, is_compiling
+from .op_plans import HeldPlan, call_on_new_plan
 
 DEFAULT_ADAPTER = "default"
 
@@ -337,7 +337,7 @@ class LoRALinear(nn.Module):
         # that the layer still holds what the plan was made from, and x (HeldPlan.call: one C++
         # call, which torch.compile cannot trace).
         held = self.__dict__.get("_held_plan")
-        y = None if held is None or is_compiling() else held.call(self, x)
+        y = None if held is None or torch.compiler.is_compiling() else held.call(self, x)
         if y is None:
             y = call_on_new_plan(self, held, x)
         return y if y is not None else self.forward_unplanned(x)

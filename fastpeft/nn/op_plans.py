@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 from typing import Sequence
 
 import torch
@@ -11,7 +12,18 @@ import torch.nn as nn
 from .. import backends
 from ..ops import Compare
 
-is_compiling = torch.compiler.is_compiling
+
+class Read(enum.IntEnum):
+    """How a held call's term reads its object from its source (the layer, or an object an earlier
+    term checked); the numbers are the C++ side's (``fastpeft._C.HeldCall.READS``)."""
+    TABLE = 0  # source.__dict__[table].get(key): a module's parameter, buffer or submodule
+    INSTANCE = 1  # source.__dict__[key]: a module's plain attribute (missing: the test fails)
+    NOWHERE = 2  # key in none of source's _parameters, _buffers, _modules, __dict__
+    ATTRIBUTE = 3  # getattr(source, key): a class attribute or a property
+    ITEM = 4  # source.get(key): a dict's entry
+
+
+_TABLES = ("_parameters", "_buffers", "_modules")
 
 
 class HeldPlan:
@@ -47,11 +59,13 @@ class HeldPlan:
                  output: int | None = None):
         """paths: what the plan was made from, read from `layer` (see the class). output: the index
         of the layer's output among the op's outputs (None: the op has one)."""
+        if plan.features != in_features:
+            raise ValueError(f"a held plan's x has {plan.features} features, the layer {in_features}")
         self.plan = plan
-        direct = plan.direct_kernel()
+        direct = plan.direct_call()
         kernel, rest, conditions = direct if direct is not None else (None, plan.rest, [])
-        impl = held_call_class()(guard_terms(layer, paths), conditions, kernel, rest, plan.runner(), plan.dtype, plan.device,
-                         in_features, out_features, -1 if output is None else output)
+        impl = held_call_class()(guard_terms(layer, paths), conditions, kernel, rest, plan.runner(), plan.dtype,
+                                 plan.device, in_features, out_features, -1 if output is None else output)
         # holds(layer) -> bool: whether the layer holds what the plan was made from.
         # call(layer, x) -> the layer's output, or None where the plan does not take the call
         # (autocast, a subclass of Tensor, an x the plan's op would not take as it is, a layer
@@ -71,59 +85,55 @@ def held_call_class() -> type:
 
 
 class PyHeldCall:
-    """``fastpeft._C.HeldCall`` in Python, for an extension that is not built: the same terms and
-    conditions, read the same way (see :func:`guard_terms`)."""
+    """``fastpeft._C.HeldCall`` in Python, for an extension that is not built: the same terms,
+    read the same way (see :func:`guard_terms`). Its kernel is always the plan's runner, which
+    tests x and the conditions of a direct call itself; `conditions` and `kernel` are the C++
+    side's."""
 
     def __init__(self, terms: list[tuple], conditions: list[tuple], kernel, rest: tuple, runner, dtype, device,
                  in_features: int, out_features: int, output: int):
-        self.terms, self.conditions, self.kernel, self.rest, self.runner = terms, conditions, kernel, rest, runner
+        self.terms, self.runner = terms, runner
         self.in_features, self.out_features, self.output = in_features, out_features, output
 
     def holds(self, layer) -> bool:
         for source, read, table, key, expected, compare, version in self.terms:
             obj = layer if source < 0 else self.terms[source][4]
-            entries = obj.__dict__ if read in (_TABLE, _INSTANCE, _ABSENT) else None
-            if read == _TABLE:
-                value = entries.get(table, {}).get(key)
-            elif read == _INSTANCE:
-                if key not in entries:
+            if read == Read.TABLE:
+                value = obj.__dict__.get(table, {}).get(key)
+            elif read == Read.INSTANCE:
+                if key not in obj.__dict__:
                     return False
-                value = entries[key]
-            elif read == _ABSENT:
+                value = obj.__dict__[key]
+            elif read == Read.NOWHERE:
+                entries = obj.__dict__
                 if key in entries or any(key in entries.get(t, ()) for t in _TABLES):
                     return False
                 continue
-            elif read == _ATTRIBUTE:
+            elif read == Read.ATTRIBUTE:
                 value = getattr(obj, key)
             else:
                 value = obj.get(key)
-            if not _same(value, expected, compare, version):
+            if compare == Compare.VERSION:
+                if value is not expected or value._version != version:
+                    return False
+            elif value is not expected and (compare == Compare.IDENTITY or not value == expected):
                 return False
         return True
 
     def call(self, layer, x):
         if type(x) is not torch.Tensor or not self.holds(layer) or torch._C._is_any_autocast_enabled():
             return None
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features) if x.dim() and x.shape[-1] == self.in_features \
-            else None
-        if x2 is None:
+        if x.dim() == 2:
+            x2 = x
+        elif x.dim() and x.shape[-1] == self.in_features:
+            x2 = x.reshape(-1, self.in_features)
+        else:
             return None
-        # the plan's runner tests x and calls its kernel directly where the conditions hold
         out = self.runner(x2)
         if out is None:
             return None
         y = out if self.output < 0 else out[self.output]
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-
-
-_TABLE, _INSTANCE, _ABSENT, _ATTRIBUTE, _ITEM = range(5)  # how a term reads (the C++ side's numbers)
-_TABLES = ("_parameters", "_buffers", "_modules")
-
-
-def _same(value, expected, compare: Compare, version: int) -> bool:
-    if compare == Compare.VERSION:
-        return value is expected and value._version == version
-    return value is expected if compare == Compare.IDENTITY else value == expected
 
 
 def call_on_new_plan(layer: nn.Module, held: HeldPlan | None, x):
@@ -156,7 +166,7 @@ def guard_terms(layer: nn.Module, paths: Sequence[tuple]) -> list[tuple]:
                 continue
             parent, key = values[prefix[:-1]], prefix[-1]
             read, table, value = _read(parent, key)
-            if read == _ABSENT:
+            if read == Read.NOWHERE:
                 compare, version = Compare.IDENTITY, 0
             elif isinstance(value, torch.Tensor):
                 compare, version = Compare.VERSION, int(value._version)
@@ -164,26 +174,26 @@ def guard_terms(layer: nn.Module, paths: Sequence[tuple]) -> list[tuple]:
                 compare, version = Compare.IDENTITY, 0
             else:
                 compare, version, value = Compare.EQUAL, 0, copy.copy(value)
-            terms.append((known[prefix[:-1]], read, table, key, value, int(compare), version))
+            terms.append((known[prefix[:-1]], int(read), table, key, value, int(compare), version))
             # below a checked object, read it from the term: the object it must be
             known[prefix], values[prefix] = len(terms) - 1, value
     return terms
 
 
-def _read(parent, key) -> tuple[int, str | None, object]:
+def _read(parent, key) -> tuple[Read, str | None, object]:
     """(how a term reads `key` from `parent`, the module table it reads, its value now)."""
     if isinstance(parent, nn.Module):
         for table in _TABLES:
             entries = parent.__dict__[table]
             if key in entries:
-                return _TABLE, table, entries[key]
+                return Read.TABLE, table, entries[key]
         if key in parent.__dict__:
-            return _INSTANCE, None, parent.__dict__[key]
+            return Read.INSTANCE, None, parent.__dict__[key]
         if not hasattr(type(parent), key):  # held nowhere: it must stay so
-            return _ABSENT, None, None
-        return _ATTRIBUTE, None, getattr(parent, key)  # a class's attribute or a property
+            return Read.NOWHERE, None, None
+        return Read.ATTRIBUTE, None, getattr(parent, key)  # a class's attribute or a property
     if isinstance(parent, dict):
-        return _ITEM, None, parent.get(key)
+        return Read.ITEM, None, parent.get(key)
     raise TypeError(f"a plan's path reads modules and dicts, not {type(parent).__name__}")
 
 

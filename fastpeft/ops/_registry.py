@@ -78,11 +78,11 @@ _taken: list[tuple[str, str]] | None = None
 
 class Compare(enum.IntEnum):
     """How a held call (fastpeft._C.HeldCall, fastpeft.nn.op_plans) compares a value it reads at
-    a call with the one it was made with; the numbers are the C++ side's."""
+    a call with the one it was made with; the numbers are the C++ side's (``HeldCall.COMPARES``)."""
     IDENTITY = 0  # the same object
     VERSION = 1  # the same tensor at the same version counter
-    EQUAL = 2  # an equal value
-    ABSENT = 3  # no such key in the dict
+    EQUAL = 2  # the same object or an equal value
+    MISSING = 3  # (conditions only) no such key in the dict
 
 
 class Op:
@@ -434,30 +434,31 @@ class Plan:
         """``op(x, *rest)``: the plan's face when x :meth:`fits`, else the op's full path."""
         return self.run(x) if not torch.compiler.is_compiling() and self.fits(x) else self.op(x, *self.rest)
 
-    def direct_kernel(self) -> tuple[Callable, tuple, list[tuple]] | None:
+    def direct_call(self) -> tuple[Callable, tuple, list[tuple]] | None:
         """What a caller outside Python (fastpeft._C.HeldCall) needs to call the plan's kernel as
         :meth:`runner` does, for an x that :meth:`fits`: ``(kernel, rest, conditions)``, the
         kernel called as ``kernel(x, *rest)`` while every condition ``(dict, key, value,
         Compare)`` holds (nobody records faces, no wrapper of the op's run, the forced backend the
         plan was made under); else ``runner()(x)``. The C++ CPU kernel comes bound to rest
-        (``fastpeft._C.BoundKernel``: its arguments converted once, not at every call). None
-        where every call takes ``runner()``: a Triton or reference face, an op with a per-shape
-        rule on this device."""
-        if self._kernel is None or self._chooser is not None:
+        (``fastpeft._C.BoundKernel``: its numbers converted once, not at every call). None where
+        every call takes ``runner()``: a Triton or reference face, an op with a per-shape rule on
+        this device, or a list among the arguments (whose tensors the caller's gradient test
+        would not see)."""
+        if self._kernel is None or self._chooser is not None or any(isinstance(a, (list, tuple)) for a in self.rest):
             return None
         kernel, op = self._kernel, self.op
         if kernel is op.direct_cpu_kernel and op.bind_cpu_kernel is not None:
             kernel = op.bind_cpu_kernel(*self.rest)
         forced_dict, forced_key = backends.forced_backend_slot()
         return kernel, self.rest, [(globals(), "_taken", None, Compare.IDENTITY),
-                                   (op.__dict__, "run", None, Compare.ABSENT),
+                                   (op.__dict__, "run", None, Compare.MISSING),
                                    (forced_dict, forced_key, self._forced, Compare.EQUAL)]
 
     def runner(self) -> Callable[[torch.Tensor], object]:
         """``run_if_fits(x)``: ``run(x)`` when x :meth:`fits`, else None (the caller takes its own
         path), outside torch.compile (which the caller rules out first). One Python frame for both,
         with the plan's attributes bound once: a layer's held call runs it where it does not call
-        the kernel itself (:meth:`direct_kernel`), and on every call without the extension (a 64x64
+        the kernel itself (:meth:`direct_call`), and on every call without the extension (a 64x64
         layer at M = 1: fits() then run() took 5.1 us, this 4.3 with the CPU's choose rule gone;
         AMD EPYC Zen 4, one thread)."""
         fits, run = self.fits, self.run
