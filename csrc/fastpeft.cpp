@@ -68,7 +68,8 @@ template <>
 struct BoundArg<const at::Tensor&> {
   struct Stored {};
   static Stored bind(pybind11::handle object) {
-    if (!THPVariable_Check(object.ptr())) throw pybind11::type_error("a bound kernel's tensor argument is not a tensor");
+    if (!THPVariable_Check(object.ptr()))
+      throw pybind11::type_error("a bound kernel's tensor argument is not a tensor");
     return {};
   }
   static const at::Tensor& at_run(const Stored&, PyObject* object) { return THPVariable_Unpack(object); }
@@ -104,7 +105,8 @@ class BoundCpuKernel final : public fastpeft::BoundKernel {
   template <size_t... I>
   BoundCpuKernel(Result (*kernel)(X, Rest...), std::string name, const pybind11::tuple& rest, std::index_sequence<I...>)
       : kernel_(kernel), name_(std::move(name)), stored_{BoundArg<Rest>::bind(rest[I])...} {
-    if (rest.size() != sizeof...(Rest)) throw pybind11::type_error(name_ + ": a bound kernel takes every argument after x");
+    if (rest.size() != sizeof...(Rest))
+      throw pybind11::type_error(name_ + ": a bound kernel takes every argument after x");
   }
 
   template <size_t... I>

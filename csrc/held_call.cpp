@@ -159,7 +159,8 @@ class HeldCall {
     }
     py::object y = output_ < 0 ? out : py::reinterpret_steal<py::object>(PySequence_GetItem(out.ptr(), output_));
     if (!y) throw py::error_already_set();
-    if (!THPVariable_Check(y.ptr())) throw py::type_error("a held call's kernel returned something other than a tensor");
+    if (!THPVariable_Check(y.ptr()))
+      throw py::type_error("a held call's kernel returned something other than a tensor");
     if (t.dim() == 2) return y;
     return py::reinterpret_steal<py::object>(THPVariable_Wrap(THPVariable_Unpack(y.ptr()).reshape(output_shape(t))));
   }

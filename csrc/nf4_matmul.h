@@ -67,8 +67,8 @@ inline Nf4Args check_nf4_matmul_args(const at::Tensor& x_in, const at::Tensor& p
   a.x = x_in.contiguous();
   // packed bytes as they are (bitsandbytes' [N·K / 2, 1] uint8): a view made per call costs two
   // tensor allocations
-  a.raw = packed.scalar_type() == at::kByte && packed.is_contiguous() ? packed
-                                                                        : packed.contiguous().view(at::kByte).reshape({-1});
+  const bool bytes_as_they_are = packed.scalar_type() == at::kByte && packed.is_contiguous();
+  a.raw = bytes_as_they_are ? packed : packed.contiguous().view(at::kByte).reshape({-1});
   a.absmax = absmax_in.contiguous();
   a.qmap = quant_map.contiguous();
   TORCH_CHECK(nested_absmax.has_value() == nested_map.has_value(),
