@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -376,10 +375,6 @@ def method_config(method: str, model, kind: str, fs: finetune.FinetuneSettings):
     return config  # BitFit trains the head (train_task_head), full fine-tuning everything
 
 
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def usual_rates(kind: str, model: str | None) -> dict[str, float]:
     """Each method's usual AdamW rate for a model of `kind`: ENCODER_LR for an encoder,
     PRETRAINED_CAUSAL_LR for a causal LM from a folder (real weights), finetune.DEFAULT_LR (and the
@@ -429,14 +424,15 @@ def run_method(method: str, s: CompareSettings) -> dict:
         from .methods import count_parameters
 
         row.total_params = count_parameters(model)[1]
-        base = finetune._rss_mb()
+        base = finetune.rss_mb()
+        finetune.reset_peak_rss()
         start = time.perf_counter()
         row.accuracy = icl.accuracy(model, tokenizer, task.eval_texts, task.eval_labels, task.template,
                                     task.label_words, examples=task.shots if method == ICL else (),
                                     batch_size=s.batch_size)
         row.seconds = time.perf_counter() - start
         row.step_ms = 1000 * row.seconds / len(task.eval_texts)
-        row.peak_memory_mb = _rss_peak_mb() - base
+        row.peak_memory_mb = finetune.peak_rss_mb() - base
         row.memory_kind = "process RSS above the loaded model, peak (scoring)"
         return asdict(row)
     fs = finetune.FinetuneSettings(method="layerfreeze" if method == HEAD else method, model=s.model, steps=s.steps,

@@ -223,9 +223,34 @@ def regulariser(s: FinetuneSettings):
     return None
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """The process's resident memory now, MiB."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Starts the process's peak resident memory over from now, where Linux allows it (writing 5 to
+    /proc/self/clear_refs): otherwise the peak is the process's whole life's, and a run after a
+    larger one (a test suite, a second method) would report the earlier peak as its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory since :func:`reset_peak_rss` (or its start), MiB: its
+    VmHWM, which the reset starts over (getrusage's maxrss also keeps the peaks of exited threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def train(s: FinetuneSettings, library: str) -> RunResult:
@@ -259,7 +284,8 @@ def train_model(model, batches, s: FinetuneSettings, library: str = "fastpeft", 
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated() / 2**20
     else:
-        base_mem = _rss_mb()
+        base_mem = rss_mb()  # read before the reset: the peak after it is at least this
+        reset_peak_rss()
     timed_tokens, timed_seconds = 0, 0.0
     bar = tqdm(batches, total=s.steps, desc=f"{library} {s.method}", disable=not s.progress, unit="step",
                leave=leave_bar)
@@ -289,8 +315,7 @@ def train_model(model, batches, s: FinetuneSettings, library: str = "fastpeft", 
         result.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20 - base_mem
         result.memory_kind = "CUDA memory allocated above the model, peak"
     else:
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        result.peak_memory_mb = peak_rss - base_mem
+        result.peak_memory_mb = peak_rss_mb() - base_mem
         result.memory_kind = "process RSS above the loaded model, peak"
     return result
 
