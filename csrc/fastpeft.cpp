@@ -89,6 +89,14 @@ struct BoundArg<const std::optional<at::Tensor>&> {
   }
 };
 
+// kernel(x, args...) recorded for torch.profiler under `name`, the op's: the inputs are built only
+// while a profiler that records them is active.
+template <typename Kernel, typename... Args>
+auto profiled_call(const std::string& name, Kernel kernel, const at::Tensor& x, const Args&... args) {
+  RECORD_FUNCTION(name, (std::vector<c10::IValue>{c10::IValue(x), c10::IValue(args)...}));
+  return kernel(x, args...);
+}
+
 // kernel(x, *rest), rest as BoundArg holds it, as a profiled call with the GIL released.
 template <typename Result, typename X, typename... Rest>
 class BoundCpuKernel final : public fastpeft::BoundKernel {
@@ -115,9 +123,7 @@ class BoundCpuKernel final : public fastpeft::BoundKernel {
     const std::tuple<decltype(BoundArg<Rest>::at_run(std::get<I>(stored_), nullptr))...> args{
         BoundArg<Rest>::at_run(std::get<I>(stored_), PyTuple_GET_ITEM(rest, I))...};
     pybind11::gil_scoped_release released;
-    // the inputs are built only while a profiler that records them is active
-    RECORD_FUNCTION(name_, (std::vector<c10::IValue>{c10::IValue(x), c10::IValue(std::get<I>(args))...}));
-    return outputs(kernel_(x, std::get<I>(args)...));
+    return outputs(profiled_call(name_, kernel_, x, std::get<I>(args)...));
   }
 
   Result (*kernel_)(X, Rest...);
@@ -137,11 +143,7 @@ void def_cpu_kernel(pybind11::module_& m, const char* op, Result (*kernel)(X, Re
   const std::string name = std::string("fastpeft::") + op;
   m.def(
       op,
-      [kernel, name](X x, Rest... rest) {
-        // the inputs are built only while a profiler that records them is active
-        RECORD_FUNCTION(name, (std::vector<c10::IValue>{c10::IValue(x), c10::IValue(rest)...}));
-        return kernel(x, rest...);
-      },
+      [kernel, name](X x, Rest... rest) { return profiled_call(name, kernel, x, rest...); },
       pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def((std::string("bind_") + op).c_str(), [kernel, name](const pybind11::args& rest) {
     return std::shared_ptr<fastpeft::BoundKernel>(new BoundCpuKernel<Result, X, Rest...>(kernel, name, rest));

@@ -436,10 +436,10 @@ bool gemv_int16(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, 
   xq_buffer.resize(M * K);
   xscale_buffer.resize(M * (K / Step::kWeights));
   row_unit_buffer.resize(M);
-  const int16_t* xq = xq_buffer.data();
-  const float* xscale = xscale_buffer.data();
-  const double* row_unit = row_unit_buffer.data();
-  if (!stage_int16<Step>(x, M, K, xq_buffer.data(), xscale_buffer.data(), row_unit_buffer.data())) return false;
+  int16_t* xq = xq_buffer.data();
+  float* xscale = xscale_buffer.data();
+  double* row_unit = row_unit_buffer.data();
+  if (!stage_int16<Step>(x, M, K, xq, xscale, row_unit)) return false;
   for_each_row_block(N, [&](int64_t n0, int64_t n1) {
     __m256i planes[Int16Levels::kPlanes];
     load_planes<Int16Levels>(qmap, planes);

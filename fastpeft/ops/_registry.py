@@ -358,7 +358,7 @@ class Plan:
     """
 
     __slots__ = ("op", "rest", "dtype", "device", "on_cpu", "features", "_faces", "_forced", "_face", "_kernel",
-                 "_chooser")
+                 "_chooser", "_conditions")
 
     def __init__(self, op: Op, args: tuple):
         op.check(*args)
@@ -384,6 +384,13 @@ class Plan:
         # no thread-local state to set and restore, 0.5 us, nor OpOverload.__call__'s Python
         # frame). Other faces go through Op.run.
         self._kernel = None
+        # When run() calls that kernel itself, as data (dict, key, value, Compare), each holding
+        # while dict[key] compares so with value: nobody records faces (Op.run records), no wrapper
+        # of the op's run, the forced backend the plan was made under. Read here by _conditions_hold
+        # and by fastpeft._C.HeldCall (direct_call), so the two cannot drift apart.
+        forced_dict, forced_key = backends.forced_backend_slot()
+        self._conditions = [(globals(), "_taken", None, Compare.IDENTITY), (op.__dict__, "run", None, Compare.MISSING),
+                            (forced_dict, forced_key, self._forced, Compare.EQUAL)]
         if self._face == "cpu" and op.direct_cpu_kernel is not None:
             self._kernel = op.direct_cpu_kernel
         elif self._face in op._loaded_device_faces:
@@ -420,14 +427,12 @@ class Plan:
     def run(self, x: torch.Tensor):
         """The op on x on the plan's face, x one that :meth:`fits` (recorded by :func:`record_faces`)."""
         op, rest = self.op, self.rest
-        if (self._kernel is None or backends.forced_backend() != self._forced or "run" in op.__dict__
+        if (self._kernel is None or not _conditions_hold(self._conditions)
                 or self._chooser is not None and self._chooser(self.device, x, *rest) is not None):
             # Op.run itself: another face than the plan's first (a forced one, one for the shape),
-            # a Triton or reference face, or a run a caller wrapped to watch the faces
-            # (fastpeft.bench notes the face each case ran).
+            # a Triton or reference face, faces recorded, or a run a caller wrapped to watch the
+            # faces (fastpeft.bench notes the face each case ran).
             return op.run(self.face(x), x, *rest)
-        if _taken is not None:
-            _taken.append((op.name, self._face))
         return self._kernel(x, *rest)
 
     def __call__(self, x):
@@ -449,10 +454,7 @@ class Plan:
         kernel, op = self._kernel, self.op
         if kernel is op.direct_cpu_kernel and op.bind_cpu_kernel is not None:
             kernel = op.bind_cpu_kernel(*self.rest)
-        forced_dict, forced_key = backends.forced_backend_slot()
-        return kernel, self.rest, [(globals(), "_taken", None, Compare.IDENTITY),
-                                   (op.__dict__, "run", None, Compare.MISSING),
-                                   (forced_dict, forced_key, self._forced, Compare.EQUAL)]
+        return kernel, self.rest, list(self._conditions)
 
     def runner(self) -> Callable[[torch.Tensor], object]:
         """``run_if_fits(x)``: ``run(x)`` when x :meth:`fits`, else None (the caller takes its own
@@ -462,13 +464,12 @@ class Plan:
         layer at M = 1: fits() then run() took 5.1 us, this 4.3 with the CPU's choose rule gone;
         AMD EPYC Zen 4, one thread)."""
         fits, run = self.fits, self.run
-        kernel, rest, op, choose = self._kernel, self.rest, self.op, self._chooser
+        kernel, rest, choose = self._kernel, self.rest, self._chooser
         if kernel is None:  # a Triton or reference face
             return lambda x: run(x) if fits(x) else None
-        dtype, features, device, on_cpu, forced = self.dtype, self.features, self.device, self.on_cpu, self._forced
-        forced_backend, grad_enabled = backends.forced_backend, torch.is_grad_enabled
+        dtype, features, device, on_cpu = self.dtype, self.features, self.device, self.on_cpu
+        conditions, grad_enabled = self._conditions, torch.is_grad_enabled
         any_requires_grad, dispatch_modes = torch._C._any_requires_grad, torch._C._len_torch_dispatch_stack
-        op_attributes = op.__dict__
 
         def run_if_fits(x):
             # fits(x), term for term; then run(x)'s direct kernel call where run would take it
@@ -476,11 +477,27 @@ class Plan:
                     and (x.is_cpu if on_cpu else x.device == device) and x.shape[1] == features
                     and not (grad_enabled() and any_requires_grad(x, *rest)) and not dispatch_modes()):
                 return None
-            if (_taken is None and "run" not in op_attributes and forced_backend() == forced
-                    and (choose is None or choose(device, x, *rest) is None)):
+            if _conditions_hold(conditions) and (choose is None or choose(device, x, *rest) is None):
                 return kernel(x, *rest)
             return run(x)
         return run_if_fits
+
+
+_MISSING, _IDENTITY = Compare.MISSING, Compare.IDENTITY
+
+
+def _conditions_hold(conditions: list[tuple]) -> bool:
+    """Whether every ``(dict, key, value, Compare)`` of a plan's direct kernel call holds (see
+    Plan.__init__), read as fastpeft._C.HeldCall reads them."""
+    for entries, key, value, compare in conditions:
+        if compare is _MISSING:
+            if key in entries:
+                return False
+            continue
+        current = entries.get(key)
+        if current is not value and (compare is _IDENTITY or not current == value):
+            return False
+    return True
 
 
 def below_autograd(fn, args):
