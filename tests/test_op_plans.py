@@ -48,7 +48,7 @@ def nf4_formula(layer, x):
 
 
 def held_plan(layer):
-    held = layer.__dict__.get("_held_plan")
+    held = layer.__dict__.get(op_plans.PLAN_ATTRIBUTE)
     return None if held is None else held.plan
 
 
@@ -66,7 +66,7 @@ def held_call(request, monkeypatch):
 
 def held_call_type(layer) -> type:
     """The class of the object whose call the layer's held plan runs."""
-    return type(layer.__dict__["_held_plan"].call.__self__)
+    return type(layer.__dict__[op_plans.PLAN_ATTRIBUTE].call.__self__)
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind,
     with torch.no_grad():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
             y = layer(x)
-        bound = layer.__dict__["_held_plan"].call.__self__.kernel if held_call == "cpp" else None
+        bound = layer.__dict__[op_plans.PLAN_ATTRIBUTE].call.__self__.kernel if held_call == "cpp" else None
         if held_call == "cpp":  # the bound kernel ran, not the Python function
             assert isinstance(bound, fastpeft.backends.extension().BoundKernel)
             assert bound.runs == 1 and direct_calls == []
@@ -579,8 +579,8 @@ def test_a_parameter_as_x_takes_the_layers_own_path(held_call):
     x = torch.randn(2, K)
     with torch.no_grad():
         layer(x)
-        assert layer.__dict__["_held_plan"].call(layer, nn.Parameter(x)) is None
-        assert layer.__dict__["_held_plan"].call(layer, x) is not None
+        assert layer.__dict__[op_plans.PLAN_ATTRIBUTE].call(layer, nn.Parameter(x)) is None
+        assert layer.__dict__[op_plans.PLAN_ATTRIBUTE].call(layer, x) is not None
 
 
 def test_eval_with_grad_on_and_adapters_needing_grad_builds_a_graph():
@@ -634,3 +634,38 @@ def test_swapping_tensors_works_while_a_plan_holds_them(kind):
     dtype = layer.base_layer.weight.dtype if kind == "lora" else layer.bias.dtype
     assert dtype == torch.float64
 
+
+
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+def test_a_held_call_prefetches_what_the_layer_called_after_it_last_reads(kind, held_call):
+    """Read-ahead (C++): after layer a then layer b, a's call prefetches b's reads (b, its instance
+    dict, its hook tables and plan, its tensors' objects and first bytes) and b's prefetches a's;
+    a layer called twice in a row never prefetches its own reads; once b is gone, a's prefetches are stale addresses
+    and its calls still compute."""
+    import gc
+
+    if held_call != "cpp":
+        pytest.skip("the Python held call prefetches nothing")
+    make = lora_layer if kind == "lora" else nf4_layer
+    a, b, alone = make(), make(), make()
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        alone(x), a(x), b(x), a(x), b(x)
+    call_a, call_b, call_alone = (layer.__dict__[op_plans.PLAN_ATTRIBUTE].call.__self__ for layer in (a, b, alone))
+    reads_b = call_b.reads
+    assert reads_b and call_a.reads_ahead == reads_b and call_b.reads_ahead == call_a.reads
+    addresses = {address for address, _ in reads_b}
+    for obj in (b, b.__dict__, b._forward_hooks, b._forward_pre_hooks, b.__dict__[op_plans.PLAN_ATTRIBUTE]):
+        assert id(obj) in addresses
+    weight = b.base_layer.weight if kind == "lora" else b.weight
+    assert (weight.data_ptr(), min(weight.nbytes, 2048)) in reads_b
+    with torch.no_grad():
+        alone(x), alone(x)
+    assert call_b.reads_ahead == call_alone.reads and call_alone.reads_ahead == call_a.reads  # never its own
+
+    del b, call_b, call_alone, alone, weight
+    gc.collect()
+    with torch.no_grad():
+        y = a(x)
+    formula = lora_formula if kind == "lora" else nf4_formula
+    assert_close(y, formula(a, x), y.dtype)

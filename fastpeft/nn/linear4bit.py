@@ -8,7 +8,7 @@ import torch.nn as nn
 from ..ops.nf4_matmul import dequantize_packed, nf4_linear, nf4_linear_plan
 from ..quant.nf4 import NF4Weight, dequantize_nf4, nf4_from_state_dict, quantize_nf4
 from .dtypes import autocast_enabled, compute_dtype, is_dtensor
-from .op_plans import HeldPlan, call_on_new_plan
+from .op_plans import PLAN_ATTRIBUTE, HeldPlan, call_on_new_plan
 
 # The quantisation state's tensors, registered as buffers under these names; in the state dict they
 # are bitsandbytes' ``weight.<name>`` keys.
@@ -96,7 +96,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"Linear4bit: a [{', '.join(map(str, q.shape))}] weight cannot replace this layer's "
                              f"[{self.out_features}, {self.in_features}] one")
         sharded = self.__dict__.get("quant_state_sharded", False)
-        self.__dict__.pop("_held_plan", None)
+        self.__dict__.pop(PLAN_ATTRIBUTE, None)
         self.weight = nn.Parameter(q.packed, requires_grad=False)
         self.quant_storage, self.absmax_dtype = q.packed.dtype, q.absmax.dtype
         for name in _STATE_BUFFERS:
@@ -257,7 +257,7 @@ class Linear4bit(nn.Module):
         # Inference on the held op plan: the op's checks of the weight made once; each call checks
         # that the layer still holds what the plan was made from, and x (HeldPlan.call: one C++
         # call, which torch.compile cannot trace).
-        held = self.__dict__.get("_held_plan")
+        held = self.__dict__.get(PLAN_ATTRIBUTE)
         y = None if held is None or torch.compiler.is_compiling() else held.call(self, x)
         if y is None:
             y = call_on_new_plan(self, held, x)
@@ -288,7 +288,7 @@ class Linear4bit(nn.Module):
         sharded layer). Kept while the layer holds the same tensors (:class:`HeldPlan`): a
         decode step calls hundreds of layers, and the op's checks of the weight cost about 8 us a
         call on a 64x64 layer (AMD EPYC Zen 4, one thread), more than its kernel."""
-        held = self.__dict__.get("_held_plan")
+        held = self.__dict__.get(PLAN_ATTRIBUTE)
         if held is None or not held.holds(self):
             held = self.new_held_plan(x)
         return None if held is None else held.plan
@@ -296,19 +296,19 @@ class Linear4bit(nn.Module):
     def new_held_plan(self, x: torch.Tensor) -> HeldPlan | None:
         """A new op plan made with x, held by the layer in place of any it held (None, holding none,
         where no plan applies to the layer or to x)."""
-        self.__dict__.pop("_held_plan", None)
+        self.__dict__.pop(PLAN_ATTRIBUTE, None)
         tensors = self.op_tensors()
         bias = tensors[5]
         if (x.dtype is not self.weight_dtype or bias is not None and bias.dtype is not x.dtype
                 or x.shape[-1] != self.in_features or any(is_dtensor(t) for t in tensors)):
             return None
         plan = nf4_linear_plan(x.reshape(-1, self.in_features).contiguous(), self.q, bias)
-        held = self.__dict__["_held_plan"] = HeldPlan(plan, self, self.PLAN_PATHS, self.in_features, self.out_features)
+        held = self.__dict__[PLAN_ATTRIBUTE] = HeldPlan(plan, self, self.PLAN_PATHS, self.in_features, self.out_features)
         return held
 
     def drop_op_plan(self) -> None:
         """Forget the op plan (the next inference call makes a new one)."""
-        self.__dict__.pop("_held_plan", None)
+        self.__dict__.pop(PLAN_ATTRIBUTE, None)
 
     @staticmethod
     def output_as_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from ..ops.nf4_matmul import nf4_linear, qlora_linear
 from ..quant.nf4 import quantize_nf4
 from .dtypes import compute_dtype
 from .linear4bit import Linear4bit
-from .op_plans import HeldPlan, call_on_new_plan
+from .op_plans import PLAN_ATTRIBUTE, HeldPlan, call_on_new_plan
 
 DEFAULT_ADAPTER = "default"
 
@@ -336,7 +336,7 @@ class LoRALinear(nn.Module):
         # Inference on the held op plan: the op's checks of the weights made once; each call checks
         # that the layer still holds what the plan was made from, and x (HeldPlan.call: one C++
         # call, which torch.compile cannot trace).
-        held = self.__dict__.get("_held_plan")
+        held = self.__dict__.get(PLAN_ATTRIBUTE)
         y = None if held is None or torch.compiler.is_compiling() else held.call(self, x)
         if y is None:
             y = call_on_new_plan(self, held, x)
@@ -358,7 +358,7 @@ class LoRALinear(nn.Module):
         Kept while the layer holds the same tensors, adapter, scaling and flags (:class:`HeldPlan`):
         a decode step calls hundreds of layers, and the op's checks of the weights cost about
         8 us a call on a 64x64 layer (AMD EPYC Zen 4, one thread), more than its kernels."""
-        held = self.__dict__.get("_held_plan")
+        held = self.__dict__.get(PLAN_ATTRIBUTE)
         if held is None or not held.holds(self):
             held = self.new_held_plan(x)
         return None if held is None else held.plan
@@ -366,7 +366,7 @@ class LoRALinear(nn.Module):
     def new_held_plan(self, x: torch.Tensor) -> HeldPlan | None:
         """A new op plan made with x, held by the layer in place of any it held (None, holding none,
         where no plan applies to the layer or to x)."""
-        self.__dict__.pop("_held_plan", None)
+        self.__dict__.pop(PLAN_ATTRIBUTE, None)
         name = self.active_adapter
         if self.disabled or self.merged_adapters or self.quantized or self.fan_in_fan_out:
             return None
@@ -387,13 +387,13 @@ class LoRALinear(nn.Module):
             return None
         plan = lora_linear_fwd.plan(x.reshape(-1, self.in_features).contiguous(), weight, bias, lora_a, lora_b,
                                     float(self.scaling[name]), None)
-        held = self.__dict__["_held_plan"] = HeldPlan(plan, self, self.plan_paths(name), self.in_features,
+        held = self.__dict__[PLAN_ATTRIBUTE] = HeldPlan(plan, self, self.plan_paths(name), self.in_features,
                                                       self.out_features, output=0)
         return held
 
     def drop_op_plan(self) -> None:
         """Forget the op plan (the next inference call makes a new one)."""
-        self.__dict__.pop("_held_plan", None)
+        self.__dict__.pop(PLAN_ATTRIBUTE, None)
 
     def forward_unplanned(self, x: torch.Tensor) -> torch.Tensor:
         """The forward for any x, every argument checked by the op (what a plan's call equals)."""

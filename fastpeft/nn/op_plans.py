@@ -25,6 +25,14 @@ class Read(enum.IntEnum):
 
 _TABLES = ("_parameters", "_buffers", "_modules")
 
+# Where a layer keeps its HeldPlan: its instance dict's entry of this name.
+PLAN_ATTRIBUTE = "_held_plan"
+
+# The instance-dict entries a call of a layer reads before its held call: nn.Module.__call__'s four
+# hook tables, then the plan. With the layer, its dict and the plan's tensors, what the held call
+# before it prefetches (fastpeft._C.HeldCall's read-ahead).
+_CALL_READS = ("_backward_hooks", "_backward_pre_hooks", "_forward_hooks", "_forward_pre_hooks", PLAN_ATTRIBUTE)
+
 
 class HeldPlan:
     """A :class:`~fastpeft.ops._registry.Plan` a layer made over what it holds, and the test that it
@@ -50,7 +58,10 @@ class HeldPlan:
     :class:`PyHeldCall` (the same call in Python, without it). Written in Python as source per
     layer, the call cost SmolLM2-135M's NF4 greedy generation 1.5 ms of each token (210 layer
     calls; 22.8-23.0 against 21.2-21.5 ms a token, 32 tokens, one thread, AMD EPYC Zen 4 capped
-    at AVX2): a layer's Python objects are cold when the next token reaches it.
+    at AVX2): a layer's Python objects are cold when the next token reaches it. So the C++ call
+    also prefetches what the layer called after it last time reads (its dicts, the entries of
+    ``_CALL_READS``, its tensors' objects and first bytes), while its own kernel runs: about 0.5
+    ms of a token there (csrc/held_call.cpp).
     """
 
     __slots__ = ("plan", "holds", "call")
@@ -65,7 +76,8 @@ class HeldPlan:
         direct = plan.direct_call()
         kernel, rest, conditions = direct if direct is not None else (None, plan.rest, [])
         impl = held_call_class()(guard_terms(layer, paths), conditions, kernel, rest, plan.runner(), plan.dtype,
-                                 plan.device, in_features, out_features, -1 if output is None else output)
+                                 plan.device, in_features, out_features, -1 if output is None else output,
+                                 _CALL_READS)
         # holds(layer) -> bool: whether the layer holds what the plan was made from.
         # call(layer, x) -> the layer's output, or None where the plan does not take the call
         # (autocast, a subclass of Tensor, an x the plan's op would not take as it is, a layer
@@ -87,11 +99,11 @@ def held_call_class() -> type:
 class PyHeldCall:
     """``fastpeft._C.HeldCall`` in Python, for an extension that is not built: the same terms,
     read the same way (see :func:`guard_terms`). Its kernel is always the plan's runner, which
-    tests x and the conditions of a direct call itself; `conditions` and `kernel` are the C++
-    side's."""
+    tests x and the conditions of a direct call itself; `conditions`, `kernel` and `read_keys`
+    (what to prefetch, which Python cannot) are the C++ side's."""
 
     def __init__(self, terms: list[tuple], conditions: list[tuple], kernel, rest: tuple, runner, dtype, device,
-                 in_features: int, out_features: int, output: int):
+                 in_features: int, out_features: int, output: int, read_keys: tuple):
         self.terms, self.runner = terms, runner
         self.in_features, self.out_features, self.output = in_features, out_features, output
 
