@@ -251,26 +251,27 @@ FASTPEFT_AVX2 void gemv_rows(const float* xs, const uint8_t* raw, const Nf4Scale
 // All M rows, 4 at a time (the rest 1..3): the packed weight is read ceil(M / 4) times, from cache
 // after the first when the row range is small.
 template <typename Step, typename Levels, typename scalar_t>
-void gemv_row_range(const float* xs, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
+void gemv_row_range(const float* xs, const uint8_t* raw, const Nf4Scales& absmax, const __m256i* planes,
                     const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift, int64_t n0,
                     int64_t n1) {
-  __m256i planes[Levels::kTables * Levels::kPlanes];
-  load_planes<Levels>(qmap, planes);
   for_each_row_group(M, [&](auto rows, int64_t m0) {
     gemv_rows<rows.value, Step, Levels>(xs, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1);
   });
 }
 
 // x rows converted to fp32 once, in staged order ([M, K]: M·K·4 bytes, at most 256 KiB for
-// M = 16, K = 4096), then the weight streamed once.
+// M = 16, K = 4096), then the weight streamed once. The level tables are built once per call and
+// read by every row block's thread.
 template <typename Step, typename Levels, typename scalar_t>
 void gemv_staged(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, const float* qmap,
                  const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift) {
   std::vector<float> xs(M * K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xs[m * K + staged_position<Step, Levels>(k)] = static_cast<float>(x[m * K + k]);
+  __m256i planes[Levels::kTables * Levels::kPlanes];
+  load_planes<Levels>(qmap, planes);
   for_each_row_block(N, [&](int64_t n0, int64_t n1) {
-    gemv_row_range<Step, Levels, scalar_t>(xs.data(), raw, absmax, qmap, bias, y, M, N, K, shift, n0, n1);
+    gemv_row_range<Step, Levels, scalar_t>(xs.data(), raw, absmax, planes, bias, y, M, N, K, shift, n0, n1);
   });
 }
 
@@ -440,9 +441,9 @@ bool gemv_int16(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, 
   float* xscale = xscale_buffer.data();
   double* row_unit = row_unit_buffer.data();
   if (!stage_int16<Step>(x, M, K, xq, xscale, row_unit)) return false;
+  __m256i planes[Int16Levels::kPlanes];  // built once per call, read by every row block's thread
+  load_planes<Int16Levels>(qmap, planes);
   for_each_row_block(N, [&](int64_t n0, int64_t n1) {
-    __m256i planes[Int16Levels::kPlanes];
-    load_planes<Int16Levels>(qmap, planes);
     for_each_row_group(M, [&](auto rows, int64_t m0) {
       gemv_rows_int16<rows.value, Step>(xq, xscale, row_unit, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1);
     });
