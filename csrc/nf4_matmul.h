@@ -31,6 +31,31 @@ struct Nf4Scales {
   }
 };
 
+// Nf4Scales with its kind fixed, for loops that read a scale per step of a few dozen weights: which
+// kind it is gets tested once per call (with_fixed_scales), not at every step.
+struct SingleScales {
+  const float* absmax;
+  FASTPEFT_HOST_DEVICE inline float operator()(int64_t b) const { return absmax[b]; }
+};
+struct NestedScales {
+  const uint8_t* codes;
+  const float* nested_absmax;
+  const float* nested_map;
+  float offset;
+  FASTPEFT_HOST_DEVICE inline float operator()(int64_t b) const {
+    return nested_map[codes[b]] * nested_absmax[b >> kNestedShift] + offset;
+  }
+};
+
+// fn(SingleScales) or fn(NestedScales), as `scales` holds them.
+template <typename F>
+void with_fixed_scales(const Nf4Scales& scales, const F& fn) {
+  if (scales.codes == nullptr)
+    fn(SingleScales{scales.absmax});
+  else
+    fn(NestedScales{scales.codes, scales.nested_absmax, scales.nested_map, scales.offset});
+}
+
 struct Nf4Args {
   at::Tensor x, raw, absmax, qmap;   // contiguous; raw: the packed weight as flat bytes
   at::Tensor nested_absmax, nested_map;  // defined when double-quantised (absmax then holds codes)

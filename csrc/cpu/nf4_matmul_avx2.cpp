@@ -208,8 +208,8 @@ FASTPEFT_AVX2 inline float horizontal_sum(__m256 v) {
 // accumulator array lives on the stack, and the store-to-load round trip per step made the loop 2x
 // slower). Each step's partial sum is one chain of FMAs; steps are independent, so out-of-order
 // execution overlaps them and only the scaled accumulate is carried from step to step.
-template <int MT, typename Step, typename Levels, typename scalar_t>
-FASTPEFT_AVX2 void gemv_rows(const float* xs, const uint8_t* raw, const Nf4Scales& absmax, const __m256i* planes,
+template <int MT, typename Step, typename Levels, typename Scales, typename scalar_t>
+FASTPEFT_AVX2 void gemv_rows(const float* xs, const uint8_t* raw, const Scales& absmax, const __m256i* planes,
                              const scalar_t* bias, scalar_t* y, int64_t m0, int64_t N, int64_t K, int shift,
                              int64_t n0, int64_t n1) {
   // one row alone gets a chain per code register (two FMA chains in flight within a step)
@@ -250,8 +250,8 @@ FASTPEFT_AVX2 void gemv_rows(const float* xs, const uint8_t* raw, const Nf4Scale
 
 // All M rows, 4 at a time (the rest 1..3): the packed weight is read ceil(M / 4) times, from cache
 // after the first when the row range is small.
-template <typename Step, typename Levels, typename scalar_t>
-void gemv_row_range(const float* xs, const uint8_t* raw, const Nf4Scales& absmax, const __m256i* planes,
+template <typename Step, typename Levels, typename Scales, typename scalar_t>
+void gemv_row_range(const float* xs, const uint8_t* raw, const Scales& absmax, const __m256i* planes,
                     const scalar_t* bias, scalar_t* y, int64_t M, int64_t N, int64_t K, int shift, int64_t n0,
                     int64_t n1) {
   for_each_row_group(M, [&](auto rows, int64_t m0) {
@@ -270,8 +270,10 @@ void gemv_staged(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax,
     for (int64_t k = 0; k < K; ++k) xs[m * K + staged_position<Step, Levels>(k)] = static_cast<float>(x[m * K + k]);
   __m256i planes[Levels::kTables * Levels::kPlanes];
   load_planes<Levels>(qmap, planes);
-  for_each_row_block(N, [&](int64_t n0, int64_t n1) {
-    gemv_row_range<Step, Levels, scalar_t>(xs.data(), raw, absmax, planes, bias, y, M, N, K, shift, n0, n1);
+  with_fixed_scales(absmax, [&](const auto& scales) {
+    for_each_row_block(N, [&](int64_t n0, int64_t n1) {
+      gemv_row_range<Step, Levels>(xs.data(), raw, scales, planes, bias, y, M, N, K, shift, n0, n1);
+    });
   });
 }
 
@@ -294,10 +296,11 @@ FASTPEFT_AVX2 inline __m256 horizontal_sums8(const __m256 v[8]) {
 // y[m0:m0+MT, n0:n1] = x·Wᵀ with Int16Levels. xq, xscale, row_unit: x as stage_int16 stages it.
 // Weight rows are reduced eight at a time: one by one, the horizontal sum and the scalar tail took
 // about a sixth of the time of K = 576 rows (9 steps each; perf, SmolLM2's generation).
-template <int MT, typename Step, typename scalar_t>
+template <int MT, typename Step, typename Scales, typename scalar_t>
 FASTPEFT_AVX2 void gemv_rows_int16(const int16_t* xq, const float* xscale, const double* row_unit, const uint8_t* raw,
-                                   const Nf4Scales& absmax, const __m256i* planes, const scalar_t* bias, scalar_t* y,
+                                   const Scales& absmax_in, const __m256i* planes, const scalar_t* bias, scalar_t* y,
                                    int64_t m0, int64_t N, int64_t K, int shift, int64_t n0, int64_t n1) {
+  const Scales absmax = absmax_in;  // its pointers in registers, not reloaded per step
   const int64_t steps = K / Step::kWeights;
   for (int64_t nb = n0; nb < n1; nb += 8) {
     const int rows = static_cast<int>(std::min<int64_t>(8, n1 - nb));
@@ -443,9 +446,11 @@ bool gemv_int16(const scalar_t* x, const uint8_t* raw, const Nf4Scales& absmax, 
   if (!stage_int16<Step>(x, M, K, xq, xscale, row_unit)) return false;
   __m256i planes[Int16Levels::kPlanes];  // built once per call, read by every row block's thread
   load_planes<Int16Levels>(qmap, planes);
-  for_each_row_block(N, [&](int64_t n0, int64_t n1) {
-    for_each_row_group(M, [&](auto rows, int64_t m0) {
-      gemv_rows_int16<rows.value, Step>(xq, xscale, row_unit, raw, absmax, planes, bias, y, m0, N, K, shift, n0, n1);
+  with_fixed_scales(absmax, [&](const auto& scales) {
+    for_each_row_block(N, [&](int64_t n0, int64_t n1) {
+      for_each_row_group(M, [&](auto rows, int64_t m0) {
+        gemv_rows_int16<rows.value, Step>(xq, xscale, row_unit, raw, scales, planes, bias, y, m0, N, K, shift, n0, n1);
+      });
     });
   });
   return true;
