@@ -136,14 +136,23 @@ void add_spans_of(PyObject* object, std::vector<Span>& spans) {
   }
 }
 
+// Prefetching never faults (GCC and Clang's __builtin_prefetch on x86 and AArch64), so a span of
+// an object freed since it was recorded costs a wasted prefetch and nothing else.
 void prefetch(const std::vector<Span>& spans) {
   for (const Span& span : spans)
     for (int64_t at = 0; at < span.bytes; at += 64) __builtin_prefetch(reinterpret_cast<const char*>(span.address + at));
 }
 
 class HeldCall;
-HeldCall* last_called = nullptr;  // the HeldCall that ran last (read and written with the GIL held)
-uint64_t held_calls_made = 0;     // each HeldCall's serial number, as read-ahead knows it
+// The HeldCall that ran last, and the count of HeldCalls made (each one's serial number): read and
+// written with the GIL held. Free-threaded Python has no GIL to guard them: read-ahead is off there.
+HeldCall* last_called = nullptr;
+uint64_t held_calls_made = 0;
+#ifdef Py_GIL_DISABLED
+constexpr bool kReadAhead = false;
+#else
+constexpr bool kReadAhead = true;
+#endif
 
 class HeldCall {
  public:
@@ -168,12 +177,22 @@ class HeldCall {
     }
     for (const auto& item : conditions) {
       const auto c = item.cast<py::tuple>();
-      conditions_.push_back(Condition{c[0].cast<py::dict>(), c[1], c[2], static_cast<Compare>(c[3].cast<int>())});
+      const auto compare = static_cast<Compare>(c[3].cast<int>());
+      if (compare != Compare::kIdentity && compare != Compare::kEqual && compare != Compare::kMissing)
+        throw py::value_error("a held call's condition compares by identity, equality or a missing key");
+      conditions_.push_back(Condition{c[0].cast<py::dict>(), c[1], c[2], compare});
     }
   }
 
   ~HeldCall() {
     if (last_called == this) last_called = nullptr;
+  }
+  HeldCall(const HeldCall&) = delete;  // one object per serial number, as last_called knows it
+  HeldCall& operator=(const HeldCall&) = delete;
+
+  uint64_t serial() const { return serial_; }
+  static py::object last_called_serial() {
+    return last_called == nullptr ? py::none() : py::object(py::int_(last_called->serial_));
   }
 
   // Whether `layer` holds what the plan was made from: every term, in order.
@@ -361,29 +380,20 @@ class HeldCall {
   }
 
   // What the next call reads, prefetched; this call's reads handed to the call before it. The
-  // layer's reads are taken at its first call (its instance dict as it is once it holds its plan).
+  // layer's reads are taken at its first call (its instance dict as it is once it holds its plan)
+  // and kept for the HeldCall's life: what changes after (a dict grown, tensors swapped) is
+  // prefetched from where it was, a wasted prefetch. Nothing read here may fail the call: an
+  // object whose spans cannot be read (a tensor subclass without storage) ends the list there.
   void read_ahead(py::handle layer) {
-    if (cleared_) return;
+    if (!kReadAhead || cleared_) return;
     if (!reads_known_) {
-      add_spans_of(layer.ptr(), reads_);
-      const py::object dict = instance_dict(layer.ptr());
-      add_spans_of(dict.ptr(), reads_);
-      for (const auto& key : read_keys_) add_spans_of(dict_get(dict.ptr(), key.ptr()), reads_);
-      for (const Term& term : terms_) {  // what holds() reads: each source's dicts, then the value
-        PyObject* source = term.source < 0 ? layer.ptr() : terms_[term.source].expected.ptr();
-        if (term.read != Read::kAttribute && term.read != Read::kItem) {
-          const py::object source_dict = instance_dict(source);
-          add_spans_of(source_dict.ptr(), reads_);
-          if (term.read == Read::kTable) add_spans_of(dict_get(source_dict.ptr(), term.table.ptr()), reads_);
-        }
-        add_spans_of(term.expected.ptr(), reads_);
-      }
-      for (const auto& arg : rest_) add_spans_of(arg.ptr(), reads_);
-      for (const Span& span : {Span{reinterpret_cast<uintptr_t>(this), sizeof(HeldCall)},
-                               Span{reinterpret_cast<uintptr_t>(terms_.data()), int64_t(terms_.size() * sizeof(Term))},
-                               Span{reinterpret_cast<uintptr_t>(bound_.get()), bound_ ? 64 : 0}})
-        if (span.address != 0 && span.bytes > 0) reads_.push_back(span);
       reads_known_ = true;
+      try {
+        collect_reads(layer);
+      } catch (const py::error_already_set&) {
+        PyErr_Clear();
+      } catch (const std::exception&) {
+      }
     }
     if (last_called != nullptr && last_called != this && last_called->ahead_serial_ != serial_) {
       last_called->ahead_ = reads_;
@@ -391,6 +401,28 @@ class HeldCall {
     }
     last_called = this;
     prefetch(ahead_);
+  }
+
+  // The spans of what a call of `layer` reads, in the order it reads them.
+  void collect_reads(py::handle layer) {
+    add_spans_of(layer.ptr(), reads_);
+    const py::object dict = instance_dict(layer.ptr());
+    add_spans_of(dict.ptr(), reads_);
+    for (const auto& key : read_keys_) add_spans_of(dict_get(dict.ptr(), key.ptr()), reads_);
+    for (const Term& term : terms_) {  // what holds() reads: each source's dicts, then the value
+      PyObject* source = term.source < 0 ? layer.ptr() : terms_[term.source].expected.ptr();
+      if (term.read != Read::kAttribute && term.read != Read::kItem) {
+        const py::object source_dict = instance_dict(source);
+        add_spans_of(source_dict.ptr(), reads_);
+        if (term.read == Read::kTable) add_spans_of(dict_get(source_dict.ptr(), term.table.ptr()), reads_);
+      }
+      add_spans_of(term.expected.ptr(), reads_);
+    }
+    for (const auto& arg : rest_) add_spans_of(arg.ptr(), reads_);
+    for (const Span& span : {Span{reinterpret_cast<uintptr_t>(this), sizeof(HeldCall)},
+                             Span{reinterpret_cast<uintptr_t>(terms_.data()), int64_t(terms_.size() * sizeof(Term))},
+                             Span{reinterpret_cast<uintptr_t>(bound_.get()), bound_ ? 64 : 0}})
+      if (span.address != 0 && span.bytes > 0) reads_.push_back(span);
   }
 
   uint64_t serial_;
@@ -450,6 +482,9 @@ void def_held_call(py::module_& m) {
       .def_property_readonly("kernel", &HeldCall::kernel)
       .def_property_readonly("reads", &HeldCall::reads)
       .def_property_readonly("reads_ahead", &HeldCall::reads_ahead)
+      .def_property_readonly("serial", &HeldCall::serial)
+      .def_static("last_called_serial", &HeldCall::last_called_serial,
+                  "The serial number of the HeldCall that ran last, or None (none, or it is gone)")
       .def_property_readonly_static("READS", [](py::object) {  // the numbers the Python side writes terms with
         return py::dict(py::arg("TABLE") = static_cast<int>(Read::kTable),
                         py::arg("INSTANCE") = static_cast<int>(Read::kInstance),

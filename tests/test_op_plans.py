@@ -208,12 +208,21 @@ def test_other_inputs_compute_as_the_full_path(kind):
 
 
 @pytest.mark.parametrize("kind", ["lora", "nf4"])
-def test_a_wrapper_of_the_ops_run_sees_every_planned_call_while_it_is_there(kind):
+def test_a_wrapper_of_the_ops_run_sees_every_planned_call_while_it_is_there(kind, held_call, monkeypatch):
     """What fastpeft bench's faces_taken installs (a run on the op object): the held call reads the
     op's dict at every call, so a plan made before the wrapper still goes through it, and after it
-    calls its kernel directly again."""
-    layer = lora_layer() if kind == "lora" else nf4_layer()
+    calls its kernel directly again (the C++ held call's bound kernel, or the plain function)."""
+    if fastpeft.backends.extension() is None:
+        pytest.skip(f"not built here: {fastpeft.backends.extension_error()}")
     op = lora_linear_fwd if kind == "lora" else nf4_matmul
+    direct_calls = []
+    kernel = op.direct_cpu_kernel
+
+    def counting(*args):
+        direct_calls.append(args[0].shape)
+        return kernel(*args)
+    monkeypatch.setattr(op, "direct_cpu_kernel", counting)
+    layer = lora_layer() if kind == "lora" else nf4_layer()
     x = torch.randn(2, K)
     seen = []
     run = type(op).run
@@ -221,18 +230,23 @@ def test_a_wrapper_of_the_ops_run_sees_every_planned_call_while_it_is_there(kind
     def watching(backend, *args):
         seen.append(backend)
         return run(op, backend, *args)
+    def direct_runs():
+        if held_call == "cpp":
+            return layer.__dict__[op_plans.PLAN_ATTRIBUTE].call.__self__.kernel.runs
+        return len(direct_calls)
     with torch.no_grad():
         before = layer(x)
+        runs_before = direct_runs()
         op.run = watching
         try:
             watched = layer(x)
         finally:
             del op.run
-        with record_faces() as taken:
-            layer(x)
+        assert direct_runs() == runs_before, "the wrapper's call ran the kernel directly"
+        layer(x)
     assert seen == [held_plan(layer).face(x)]
     assert torch.equal(watched, before)
-    assert len(taken) == 1, "after the wrapper the plan's face runs again"
+    assert direct_runs() == runs_before + 1, "after the wrapper the kernel is called directly again"
 
 
 @pytest.mark.parametrize("kind", ["lora", "nf4"])
@@ -663,8 +677,13 @@ def test_a_held_call_prefetches_what_the_layer_called_after_it_last_reads(kind, 
         alone(x), alone(x)
     assert call_b.reads_ahead == call_alone.reads and call_alone.reads_ahead == call_a.reads  # never its own
 
-    del b, call_b, call_alone, alone, weight
+    last_called = type(call_a).last_called_serial
+    with torch.no_grad():
+        b(x)
+    assert last_called() == call_b.serial
+    del b, call_b, call_alone, alone, weight, obj
     gc.collect()
+    assert last_called() is None, "a freed held call is still the last called"
     with torch.no_grad():
         y = a(x)
     formula = lora_formula if kind == "lora" else nf4_formula

@@ -29,8 +29,9 @@ _TABLES = ("_parameters", "_buffers", "_modules")
 PLAN_ATTRIBUTE = "_held_plan"
 
 # The instance-dict entries a call of a layer reads before its held call: nn.Module.__call__'s four
-# hook tables, then the plan. With the layer, its dict and the plan's tensors, what the held call
-# before it prefetches (fastpeft._C.HeldCall's read-ahead).
+# hook tables (torch's names: were they renamed, read-ahead would only miss them), then the plan.
+# With the layer, its dict and the plan's tensors, what the held call before it prefetches
+# (fastpeft._C.HeldCall's read-ahead).
 _CALL_READS = ("_backward_hooks", "_backward_pre_hooks", "_forward_hooks", "_forward_pre_hooks", PLAN_ATTRIBUTE)
 
 
