@@ -202,8 +202,8 @@ class HeldCall {
     PyObject* dict_of = nullptr;
     py::object dict;
     for (const Term& term : terms_) {
-      PyObject* source = term.source < 0 ? layer.ptr() : terms_[term.source].expected.ptr();
-      if (term.read != Read::kAttribute && term.read != Read::kItem && source != dict_of) {
+      PyObject* source = source_of(term, layer);
+      if (reads_instance_dict(term.read) && source != dict_of) {
         dict = instance_dict(source);
         dict_of = source;
       }
@@ -290,6 +290,14 @@ class HeldCall {
   }
 
  private:
+  // The object a term reads from: the layer, or the object an earlier term checked.
+  PyObject* source_of(const Term& term, py::handle layer) const {
+    return term.source < 0 ? layer.ptr() : terms_[term.source].expected.ptr();
+  }
+
+  // Whether a term's read goes through its source's instance dict (all but a getattr and a dict's get).
+  static bool reads_instance_dict(Read read) { return read != Read::kAttribute && read != Read::kItem; }
+
   // [..., out_features] for an x of [..., in_features]
   std::vector<int64_t> output_shape(const at::Tensor& x) const {
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
@@ -410,8 +418,8 @@ class HeldCall {
     add_spans_of(dict.ptr(), reads_);
     for (const auto& key : read_keys_) add_spans_of(dict_get(dict.ptr(), key.ptr()), reads_);
     for (const Term& term : terms_) {  // what holds() reads: each source's dicts, then the value
-      PyObject* source = term.source < 0 ? layer.ptr() : terms_[term.source].expected.ptr();
-      if (term.read != Read::kAttribute && term.read != Read::kItem) {
+      PyObject* source = source_of(term, layer);
+      if (reads_instance_dict(term.read)) {
         const py::object source_dict = instance_dict(source);
         add_spans_of(source_dict.ptr(), reads_);
         if (term.read == Read::kTable) add_spans_of(dict_get(source_dict.ptr(), term.table.ptr()), reads_);

@@ -230,6 +230,7 @@ def test_a_wrapper_of_the_ops_run_sees_every_planned_call_while_it_is_there(kind
     def watching(backend, *args):
         seen.append(backend)
         return run(op, backend, *args)
+
     def direct_runs():
         if held_call == "cpp":
             return layer.__dict__[op_plans.PLAN_ATTRIBUTE].call.__self__.kernel.runs
@@ -649,13 +650,12 @@ def test_swapping_tensors_works_while_a_plan_holds_them(kind):
     assert dtype == torch.float64
 
 
-
 @pytest.mark.parametrize("kind", ["lora", "nf4"])
 def test_a_held_call_prefetches_what_the_layer_called_after_it_last_reads(kind, held_call):
     """Read-ahead (C++): after layer a then layer b, a's call prefetches b's reads (b, its instance
     dict, its hook tables and plan, its tensors' objects and first bytes) and b's prefetches a's;
-    a layer called twice in a row never prefetches its own reads; once b is gone, a's prefetches are stale addresses
-    and its calls still compute."""
+    a layer called twice in a row never prefetches its own reads; once b is gone, no held call
+    knows it as the last called, a's prefetches are stale addresses, and its calls still compute."""
     import gc
 
     if held_call != "cpp":
