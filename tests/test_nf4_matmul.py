@@ -181,6 +181,28 @@ def test_cpu_gemv_paths_match_the_reference(cpu_isa, dtype, double_quant, M, K, 
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,N", [(1, 1), (1, 17), (3, 200), (1, 1003)])
+def test_cpu_gemv_rows_shared_among_threads_are_each_computed_once(cpu_isa, dtype, M, N):
+    """The GEMVs give each thread a contiguous share of the row blocks, and a thread done with its
+    own takes blocks from the back of the others': every row is computed by one thread with the
+    same arithmetic whatever the thread count, so each count gives the one-thread result bit for
+    bit (a block skipped would leave the output's uninitialised memory, one taken twice is raced)."""
+    q = varied_blocks(128, N, 64, True)
+    x = torch.randn(M, 128, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for count in (1, 2, 3, 5, 8):
+            torch.set_num_threads(count)
+            results[count] = run_cpu_face(cpu_isa, x, q, 64, N, None, False)
+    finally:
+        torch.set_num_threads(threads)
+    for count, y in results.items():
+        assert torch.equal(y, results[1]), f"{count} threads"
+
+
+@needs_extension
 @pytest.mark.parametrize("isa", ["avx2", "avx512_bf16"])
 @pytest.mark.parametrize("M,K", [(1, 4096), (3, 4096), (1, 4096 - 32)])  # 64- and 32-weight steps
 def test_cpu_bf16_gemv_is_as_accurate_as_the_output_rounding(monkeypatch, isa, M, K):
