@@ -175,12 +175,13 @@ def test_a_plan_made_without_the_trailing_defaults_runs_with_them():
 # ---------------------------------------------------------------- what a plan does not take
 
 @pytest.mark.parametrize("kind", ["lora", "nf4"])
-def test_an_input_needing_a_gradient_trains_through_the_full_path(kind):
+@pytest.mark.parametrize("shape", [(3, K), (1, 3, K)])  # 3-D: the held call's view of its rows needs no grad
+def test_an_input_needing_a_gradient_trains_through_the_full_path(kind, shape, held_call):
     layer = lora_layer() if kind == "lora" else nf4_layer()
     formula = lora_formula if kind == "lora" else nf4_formula
     with torch.no_grad():
         layer(torch.randn(1, K))
-    x = torch.randn(3, K, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
     y = layer(x)
     assert y.grad_fn is not None
     dy = torch.randn_like(y)
@@ -192,11 +193,13 @@ def test_an_input_needing_a_gradient_trains_through_the_full_path(kind):
 
 @pytest.mark.parametrize("kind", ["lora", "nf4"])
 def test_other_inputs_compute_as_the_full_path(kind):
-    """x of another dtype (cast), non-contiguous, under autocast: what the full path computes."""
+    """x of another dtype (cast), non-contiguous, under autocast, rows further into their storage:
+    what the full path computes."""
     layer = lora_layer() if kind == "lora" else nf4_layer()
     with torch.no_grad():
         layer(torch.randn(1, K))
-        for x in [torch.randn(3, K, dtype=torch.bfloat16), torch.randn(K, 3).t(), torch.randn(4, 2 * K)[:, ::2]]:
+        for x in [torch.randn(3, K, dtype=torch.bfloat16), torch.randn(K, 3).t(), torch.randn(4, 2 * K)[:, ::2],
+                  torch.randn(3, 2, K)[1:], torch.randn(2, K, 3).transpose(1, 2)]:
             expected = layer.forward_unplanned(x)
             got = layer(x)
             assert got.dtype == expected.dtype
