@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -89,28 +90,37 @@ struct BoundArg<const std::optional<at::Tensor>&> {
   }
 };
 
-// The bytes of a kernel's tensor arguments: how much it reads, so about how long it runs.
-int64_t tensor_bytes(const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : 0; }
-int64_t tensor_bytes(const std::optional<at::Tensor>& t) { return t ? tensor_bytes(*t) : 0; }
-template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+// The bytes of a kernel's tensor arguments (0 for its numbers).
+template <typename T>
 int64_t tensor_bytes(const T&) {
   return 0;
 }
+int64_t tensor_bytes(const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : 0; }
+int64_t tensor_bytes(const std::optional<at::Tensor>& t) { return t ? tensor_bytes(*t) : 0; }
 
-// The GIL released while a kernel runs where its tensors hold 4 MiB or more (about 0.2 ms of memory
-// traffic, 4 % of the interpreter's 5 ms switch interval), held through shorter ones: releasing and
-// taking it back costs more than such a kernel gives another Python thread. SmolLM2-135M's NF4
-// greedy generation (210 kernels a token, each under 0.5 MB) with the GIL held and released in
-// alternating rounds in one process, AMD EPYC Zen 4 capped at AVX2, one thread, 32 tokens: medians
-// 19.98 against 20.25 and 20.15 against 20.30 ms a token (14 and 16 rounds).
+// A kernel's work, about: the bytes of its other tensors (the weights) read once per row of x, and x.
+// Of a GEMV, what it streams; of a GEMM over many rows, its multiply-adds up to a constant.
+template <typename... Rest>
+int64_t kernel_work(const at::Tensor& x, const Rest&... rest) {
+  const int64_t rows = x.dim() >= 1 ? std::max<int64_t>(x.size(0), 1) : 1;
+  return rows * (tensor_bytes(rest) + ... + 0) + tensor_bytes(x);
+}
+
+// The GIL released while a kernel runs where its work (kernel_work) is 4 MiB or more (a GEMV that
+// streams 4 MiB takes about 0.2 ms here, 4 % of the interpreter's 5 ms switch interval), held
+// through shorter ones: releasing and taking it back costs more than such a kernel gives another
+// Python thread. SmolLM2-135M's NF4 greedy generation (210 kernels a token, each under 0.5 MB at one
+// row) with the GIL held and released in alternating rounds in one process, AMD EPYC Zen 4 capped
+// at AVX2, one thread, 32 tokens: medians 19.98 against 20.25 and 20.15 against 20.30 ms a token
+// (14 and 16 rounds).
 class GilReleasedForLongKernels {
  public:
-  explicit GilReleasedForLongKernels(int64_t bytes) {
-    if (bytes >= kBytes) released_.emplace();
+  explicit GilReleasedForLongKernels(int64_t work) {
+    if (work >= kWork) released_.emplace();
   }
 
  private:
-  static constexpr int64_t kBytes = int64_t{4} << 20;
+  static constexpr int64_t kWork = int64_t{4} << 20;
   std::optional<pybind11::gil_scoped_release> released_;
 };
 
@@ -144,10 +154,10 @@ class BoundCpuKernel final : public fastpeft::BoundKernel {
 
   template <size_t... I>
   std::vector<at::Tensor> run(const at::Tensor& x, PyObject* rest, std::index_sequence<I...>) {
-    // every argument read while the GIL is held, then the kernel without it
+    // every argument read while the GIL is held, then the kernel (without it, if long)
     const std::tuple<decltype(BoundArg<Rest>::at_run(std::get<I>(stored_), nullptr))...> args{
         BoundArg<Rest>::at_run(std::get<I>(stored_), PyTuple_GET_ITEM(rest, I))...};
-    const GilReleasedForLongKernels gil(tensor_bytes(x) + (tensor_bytes(std::get<I>(args)) + ... + 0));
+    const GilReleasedForLongKernels gil(kernel_work(x, std::get<I>(args)...));
     return outputs(profiled_call(name_, kernel_, x, std::get<I>(args)...));
   }
 
@@ -168,7 +178,7 @@ template <typename Result, typename X, typename... Rest>
 void def_cpu_kernel(pybind11::module_& m, const char* op, Result (*kernel)(X, Rest...)) {
   const std::string name = std::string("fastpeft::") + op;
   m.def(op, [kernel, name](X x, Rest... rest) {
-    const GilReleasedForLongKernels gil(tensor_bytes(x) + (tensor_bytes(rest) + ... + 0));
+    const GilReleasedForLongKernels gil(kernel_work(x, rest...));
     return profiled_call(name, kernel, x, rest...);
   });
   m.def((std::string("bind_") + op).c_str(), [kernel, name](const pybind11::args& rest) {

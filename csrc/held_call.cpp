@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <typeinfo>
 #include <vector>
 
 namespace fastpeft {
@@ -224,7 +225,8 @@ class HeldCall {
       return py::none();
     const at::Tensor& t = THPVariable_Unpack(xo);
     if (t.dim() != 2 && (t.dim() == 0 || t.size(-1) != in_features_)) return py::none();
-    const bool rows_view = t.dim() != 2 && t.is_contiguous();  // x2 then a view made here (rows_of)
+    // x2 a view made here for the bound kernel where x is a plain contiguous tensor (rows_of)
+    const bool rows_view = bound_ && t.dim() != 2 && in_features_ > 0 && t.is_contiguous() && plain(t);
     const at::Tensor x2 = t.dim() == 2 ? t : rows_view ? rows_of(t) : t.reshape({-1, in_features_});
     const bool direct_call = !kernel_.is_none() && fits(x2, t) && direct();
     if (direct_call && bound_) {
@@ -306,6 +308,12 @@ class HeldCall {
   // 3.35 us held call of a [1, 1, 64] x (AMD EPYC Zen 4 capped at AVX2, one thread), and a decode
   // step makes a call per layer. For the kernel alone: autograd does not know it as x's view
   // (fits() reads requires_grad from x), and it shares no version counter with x.
+  // Whether x is a TensorImpl itself (not a wrapper: functionalization, functorch, sparse...) with
+  // no negation or conjugation pending, so a TensorImpl on its storage reads what x holds.
+  static bool plain(const at::Tensor& x) {
+    return typeid(*x.unsafeGetTensorImpl()) == typeid(c10::TensorImpl) && !x.is_neg() && !x.is_conj();
+  }
+
   at::Tensor rows_of(const at::Tensor& x) const {
     at::Tensor rows = at::detail::make_tensor<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(x.storage()),
                                                                 x.key_set(), x.dtype());
@@ -315,10 +323,11 @@ class HeldCall {
   }
 
   // The kernel's [M, out_features] y as [..., out_features]: its own sizes changed where nothing
-  // else holds it (a new output), else a reshape.
+  // else holds it (a new output), else a reshape (which also refuses a y of another size).
   at::Tensor shaped_as_output(at::Tensor y, const at::Tensor& x) const {
     c10::TensorImpl* impl = y.unsafeGetTensorImpl();
-    if (y.use_count() == 1 && y.is_contiguous() && impl->allow_tensor_metadata_change()) {
+    const bool rows_of_x = y.dim() == 2 && y.size(1) == out_features_ && y.size(0) * in_features_ == x.numel();
+    if (rows_of_x && y.use_count() == 1 && y.is_contiguous() && impl->allow_tensor_metadata_change()) {
       impl->set_sizes_contiguous(output_shape(x));
       return y;
     }
@@ -377,7 +386,8 @@ class HeldCall {
   // Whether x's rows x2 run on the plan's kernel as they are: what the plan checked x with
   // (Plan.fits); requires_grad read from x itself.
   bool fits(const at::Tensor& x2, const at::Tensor& x) const {
-    if (x2.scalar_type() != dtype_ || !x2.is_contiguous() || x2.device() != device_ || x2.size(1) != in_features_)
+    if (x2.scalar_type() != dtype_ || !x2.is_contiguous() || x2.device() != device_ || x2.size(1) != in_features_ ||
+        x2.is_neg() || x2.is_conj())  // a kernel reads the stored values; the dispatcher resolves these first
       return false;
     if (at::GradMode::is_enabled()) {
       if (x.requires_grad()) return false;

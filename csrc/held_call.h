@@ -17,7 +17,7 @@ class BoundKernel {
  public:
   virtual ~BoundKernel() = default;
   // The kernel's outputs for x and `rest`, the tuple it was bound with: its tensor, or each of its
-  // tuple's. Called with the GIL held; releases it around the kernel.
+  // tuple's. Called with the GIL held; releases it around a long kernel.
   virtual std::vector<at::Tensor> run(const at::Tensor& x, PyObject* rest) = 0;
   // How many times run() was called: the tests' proof of which face ran, at the cost of an add.
   int64_t runs = 0;

@@ -154,9 +154,10 @@ def test_a_plan_on_the_cpu_face_calls_its_cpp_kernel_directly(monkeypatch, kind,
         plan = held_plan(layer)
         assert plan.face(x) == "cpu"
         expected = getattr(torch.ops.fastpeft, op.name)(x, *plan.rest)
-        layer(x.unsqueeze(0))  # a 3-D x: the same kernel, reshaped around it
+        y3 = layer(x.unsqueeze(0))  # a 3-D x: the same kernel, its rows and output shaped around it
         assert bound is None or bound.runs == 2
     assert torch.equal(y, expected[0] if kind == "lora" else expected)
+    assert torch.equal(y3, y.unsqueeze(0))
     events = [event for event in profile.events() if event.name == op.qualname]
     assert len(events) == 1 and events[0].input_shapes[0] == [3, K]
 
@@ -170,6 +171,43 @@ def test_a_plan_made_without_the_trailing_defaults_runs_with_them():
     with torch.no_grad():
         assert_close(plan(x), nf4_matmul(x, q.packed, q.absmax, q.quant_map, 64, N))
     assert_close(plan(x), (x.double() @ dequantize_nf4(q).double().T).float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES_PLANNED, ids=str)
+@pytest.mark.parametrize("kind", ["lora", "nf4"])
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_an_nd_x_runs_on_the_plan_and_comes_back_in_its_shape(dtype, kind, grad_off, held_call):
+    """A [..., K] x on the direct kernel (in C++: its rows viewed and the output's sizes set in place,
+    no reshape): what the full path computes, bit for bit, as a new contiguous [..., N] tensor; x
+    untouched; no rows at all; a negated view of x (torch._neg_view) read as its values."""
+    layer = lora_layer(dtype) if kind == "lora" else nf4_layer(dtype)
+    with grad_off():
+        layer(torch.randn(1, K, dtype=dtype))
+        bound = layer.__dict__[op_plans.PLAN_ATTRIBUTE].call.__self__.kernel if held_call == "cpp" else None
+        runs = bound.runs if bound is not None else 0
+        for shape in [(2, 3, K), (4, 1, 1, K), (0, 3, K), (K,)]:
+            x = torch.randn(*shape, dtype=dtype)
+            before = x.clone()
+            y = layer(x)
+            assert y.shape == (*shape[:-1], N) and y.is_contiguous() and torch.equal(x, before)
+            assert torch.equal(y, layer.forward_unplanned(x))
+        assert bound is None or bound.runs == runs + 4, "the bound kernel did not run"
+        x = torch.randn(2, 3, K, dtype=dtype)
+        assert torch.equal(layer(torch._neg_view(x)), layer.forward_unplanned(-x))
+
+
+def test_a_long_kernel_runs_without_the_gil_and_computes_as_the_full_path(held_call):
+    """The CPU kernels plans call keep the GIL through short kernels and release it for long ones
+    (x's rows times the weights' bytes from 4 MiB): both sides compute what the full path does."""
+    layer = Linear4bit.from_linear(torch.nn.Linear(2048, 1024).to(torch.bfloat16), 64, double_quant=True).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 2048, dtype=torch.bfloat16))
+        bound = layer.__dict__[op_plans.PLAN_ATTRIBUTE].call.__self__.kernel if held_call == "cpp" else None
+        runs = bound.runs if bound is not None else 0
+        for rows in (1, 8):  # 1 MiB of packed weight: 1 MiB and 8 MiB of work
+            x = torch.randn(rows, 1, 2048, dtype=torch.bfloat16)
+            assert torch.equal(layer(x), layer.forward_unplanned(x))
+    assert bound is None or bound.runs == runs + 2, "the bound kernel did not run"
 
 
 # ---------------------------------------------------------------- what a plan does not take

@@ -421,8 +421,11 @@ class Plan:
         # Cheapest first (x.shape costs 0.25 us, x.device 0.1 us, x.is_cpu 0.06): each term a
         # condition without which the checks made with the plan's x may not hold for this one, or
         # something other than a face must run.
+        # A negated view (torch._neg_view) goes to the op: the dispatcher resolves it, a face would
+        # read the stored values (the plan's real dtypes carry no conjugation).
         return (type(x) is torch.Tensor and x.dtype is self.dtype and x.dim() == 2 and x.is_contiguous()
                 and (x.is_cpu if self.on_cpu else x.device == self.device) and x.shape[1] == self.features
+                and not x.is_neg()
                 and not (torch.is_grad_enabled() and torch._C._any_requires_grad(x, *self.rest))
                 and not torch._C._len_torch_dispatch_stack())
 
@@ -477,7 +480,7 @@ class Plan:
         def run_if_fits(x):
             # fits(x), term for term; then run(x)'s direct kernel call where run would take it
             if not (type(x) is torch.Tensor and x.dtype is dtype and x.dim() == 2 and x.is_contiguous()
-                    and (x.is_cpu if on_cpu else x.device == device) and x.shape[1] == features
+                    and (x.is_cpu if on_cpu else x.device == device) and x.shape[1] == features and not x.is_neg()
                     and not (grad_enabled() and any_requires_grad(x, *rest)) and not dispatch_modes()):
                 return None
             if _conditions_hold(conditions) and (choose is None or choose(device, x, *rest) is None):
