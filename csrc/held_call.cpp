@@ -303,17 +303,17 @@ class HeldCall {
   // Whether a term's read goes through its source's instance dict (all but a getattr and a dict's get).
   static bool reads_instance_dict(Read read) { return read != Read::kAttribute && read != Read::kItem; }
 
-  // The rows of a contiguous x, [M, in_features], as a TensorImpl on x's storage made here: through
-  // the dispatcher (reshape), this and the output's reshape cost 0.75 us of a 64 x 64 NF4 layer's
-  // 3.35 us held call of a [1, 1, 64] x (AMD EPYC Zen 4 capped at AVX2, one thread), and a decode
-  // step makes a call per layer. For the kernel alone: autograd does not know it as x's view
-  // (fits() reads requires_grad from x), and it shares no version counter with x.
   // Whether x is a TensorImpl itself (not a wrapper: functionalization, functorch, sparse...) with
   // no negation or conjugation pending, so a TensorImpl on its storage reads what x holds.
   static bool plain(const at::Tensor& x) {
     return typeid(*x.unsafeGetTensorImpl()) == typeid(c10::TensorImpl) && !x.is_neg() && !x.is_conj();
   }
 
+  // The rows of a contiguous plain x, [M, in_features], as a TensorImpl on x's storage made here:
+  // through the dispatcher (reshape), this and the output's reshape cost 0.75 us of a 64 x 64 NF4
+  // layer's 3.35 us held call of a [1, 1, 64] x (AMD EPYC Zen 4 capped at AVX2, one thread), and a
+  // decode step makes a call per layer. For the kernel alone: autograd does not know it as x's view
+  // (fits() reads requires_grad from x), and it shares no version counter with x.
   at::Tensor rows_of(const at::Tensor& x) const {
     at::Tensor rows = at::detail::make_tensor<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(x.storage()),
                                                                 x.key_set(), x.dtype());
