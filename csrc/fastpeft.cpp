@@ -124,15 +124,16 @@ class GilReleasedForLongKernels {
   std::optional<pybind11::gil_scoped_release> released_;
 };
 
-// kernel(x, args...) recorded for torch.profiler under `name`, the op's: the inputs are built only
-// while a profiler that records them is active.
+// kernel(x, args...) recorded for torch.profiler under `name`, the op's (the inputs are built only
+// while a profiler that records them is active), the GIL released if the kernel is long.
 template <typename Kernel, typename... Args>
 auto profiled_call(const std::string& name, Kernel kernel, const at::Tensor& x, const Args&... args) {
+  const GilReleasedForLongKernels gil(kernel_work(x, args...));
   RECORD_FUNCTION(name, (std::vector<c10::IValue>{c10::IValue(x), c10::IValue(args)...}));
   return kernel(x, args...);
 }
 
-// kernel(x, *rest), rest as BoundArg holds it, as a profiled call (the GIL released for long ones).
+// kernel(x, *rest), rest as BoundArg holds it, as a profiled call.
 template <typename Result, typename X, typename... Rest>
 class BoundCpuKernel final : public fastpeft::BoundKernel {
  public:
@@ -157,7 +158,6 @@ class BoundCpuKernel final : public fastpeft::BoundKernel {
     // every argument read while the GIL is held, then the kernel (without it, if long)
     const std::tuple<decltype(BoundArg<Rest>::at_run(std::get<I>(stored_), nullptr))...> args{
         BoundArg<Rest>::at_run(std::get<I>(stored_), PyTuple_GET_ITEM(rest, I))...};
-    const GilReleasedForLongKernels gil(kernel_work(x, std::get<I>(args)...));
     return outputs(profiled_call(name_, kernel_, x, std::get<I>(args)...));
   }
 
@@ -177,10 +177,7 @@ class BoundCpuKernel final : public fastpeft::BoundKernel {
 template <typename Result, typename X, typename... Rest>
 void def_cpu_kernel(pybind11::module_& m, const char* op, Result (*kernel)(X, Rest...)) {
   const std::string name = std::string("fastpeft::") + op;
-  m.def(op, [kernel, name](X x, Rest... rest) {
-    const GilReleasedForLongKernels gil(kernel_work(x, rest...));
-    return profiled_call(name, kernel, x, rest...);
-  });
+  m.def(op, [kernel, name](X x, Rest... rest) { return profiled_call(name, kernel, x, rest...); });
   m.def((std::string("bind_") + op).c_str(), [kernel, name](const pybind11::args& rest) {
     return std::shared_ptr<fastpeft::BoundKernel>(new BoundCpuKernel<Result, X, Rest...>(kernel, name, rest));
   });
