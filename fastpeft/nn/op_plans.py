@@ -61,8 +61,8 @@ class HeldPlan:
     calls; 22.8-23.0 against 21.2-21.5 ms a token, 32 tokens, one thread, AMD EPYC Zen 4 capped
     at AVX2): a layer's Python objects are cold when the next token reaches it. So the C++ call
     also prefetches what the layer called after it last time reads (its dicts, the entries of
-    ``_CALL_READS``, its tensors' objects and first bytes), while its own kernel runs: about 0.5
-    ms of a token there (csrc/held_call.cpp).
+    ``_CALL_READS``, its tensors' objects and first bytes), before its own kernel and again after
+    it: about 0.6 ms of a token there (csrc/held_call.cpp).
     """
 
     __slots__ = ("plan", "holds", "call")
