@@ -388,10 +388,12 @@ class HeldCall {
     }
     switch (term.compare) {
       case Compare::kIdentity: return value.ptr() == term.expected.ptr();
-      case Compare::kVersion:
-        // the counter read as Tensor::_version() reads it, without its call through the autograd hooks
-        return value.ptr() == term.expected.ptr() &&
-               THPVariable_Unpack(value.ptr()).unsafeGetTensorImpl()->version_counter().current_version() == term.version;
+      case Compare::kVersion: {
+        if (value.ptr() != term.expected.ptr()) return false;
+        // the counter Tensor::_version() reads, without its call through the autograd hooks
+        const c10::TensorImpl* impl = THPVariable_Unpack(value.ptr()).unsafeGetTensorImpl();
+        return impl->version_counter().current_version() == term.version;
+      }
       case Compare::kEqual: return same_or_equal(value, term.expected);
       default: return false;
     }
