@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "cpu_features.h"
+#include "dense_linear.h"
 #include "held_call.h"
 #include "lora_linear.h"
 #include "nf4_matmul.h"
@@ -200,6 +201,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("nf4_cpu_last_levels", &fastpeft::nf4_cpu_last_levels,
         "The levels this thread's last nf4_matmul CPU call decoded into on gemv-avx2: int16, bf16 or fp32 "
         "('' after another path)");
+  m.def("dense_cpu_path", &fastpeft::dense_cpu_path, "The dense_linear CPU path of an [M, K] x", pybind11::arg("M"),
+        pybind11::arg("dtype"));
+  m.def("dense_cpu_last_path", &fastpeft::dense_cpu_last_path,
+        "The path this thread's last dense_linear CPU call took");
   m.def("built_with_openmp", &built_with_openmp, "True if the CPU kernels use OpenMP");
   fastpeft::def_held_call(m);
   auto cpu_kernels = m.def_submodule("cpu_kernels", "CPU kernels of ops run on op plans, by op name");

@@ -175,7 +175,7 @@ def test_e2e_runs_in_quick_runs_and_in_full_runs_only_when_named():
 def test_e2e_quick_runs_each_path_beside_its_peer():
     """The e2e code path on the tiny Llama: every variant timed in one run, generation times also
     per new token, the peers present (bitsandbytes where it is installed), the 4-bit model's body
-    4-bit and its output layer not, and the pool's requests each routed to their own adapter."""
+    4-bit and its output layer not (a DenseLinear), and the pool's requests each routed to their own adapter."""
     rows = runner.run_op(e2e.BENCH, "cpu", quick=True)
     by_label = {row["label"]: row for row in rows}
     assert set(by_label) == {e2e.GENERATE, e2e.ADAPTER_GENERATE, e2e.QLORA_STEP}
@@ -199,12 +199,12 @@ def test_e2e_quick_runs_each_path_beside_its_peer():
     folder = e2e.model_folder(True)
     model = e2e.load_fastpeft_nf4(folder, "cpu")
     assert isinstance(model.model.layers[0].mlp.down_proj, fastpeft.nn.Linear4bit)
-    assert type(model.lm_head) is torch.nn.Linear
-    # the floor: the same layers answer zeros, the output layer is the bf16 model's
+    assert type(model.lm_head) is fastpeft.nn.DenseLinear
+    # the floor: the same layers answer zeros, the output layer is fastpeft's model's
     floor = e2e.load_floor(folder, "cpu")
     quantised = {n for n, m in model.named_modules() if isinstance(m, fastpeft.nn.Linear4bit)}
     assert quantised and quantised == {n for n, m in floor.named_modules() if isinstance(m, e2e.ZeroLinear)}
-    assert type(floor.lm_head) is torch.nn.Linear
+    assert type(floor.lm_head) is fastpeft.nn.DenseLinear
     x = torch.randn(2, 3, model.config.intermediate_size)
     assert torch.equal(floor.model.layers[0].mlp.down_proj(x), torch.zeros(2, 3, model.config.hidden_size))
     [case] = [c for c in e2e.cases("cpu", quick=True) if c.label == e2e.ADAPTER_GENERATE]

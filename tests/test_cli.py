@@ -101,6 +101,8 @@ def test_info_and_a_quick_bench_with_its_chart(tmp_path, capsys):
         assert f"CPU kernels: {ext.cpu_isa()}" in out and "NF4 CPU paths" in out
         assert all(f" {name}" in out for name in ext.cpu_features())
         assert ext.nf4_cpu_path(1, 4096, 64, "bfloat16") in out and ext.nf4_cpu_path(64, 4096, 64, "float32") in out
+        dense = out.split("dense_linear CPU paths", 1)[1]
+        assert f"M = 1       {ext.dense_cpu_path(1, 'float32'):<20}" in dense and "M = 5       aten" in dense
     path, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert cli.main(["bench", "--quick", "--no-progress", "--json", str(path), "--plot", str(png)]) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.nn import Linear4bit, LoRALinear
+from fastpeft.nn import DenseLinear, Linear4bit, LoRALinear
 
 from conftest import DTYPES, assert_close, peak_cpu_bytes_above_start
 import models
@@ -182,13 +182,15 @@ def _linears(model):
 @pytest.mark.parametrize("kind", list(KEPT))
 def test_quantize_model_keeps_output_layer_task_heads_and_pooler_in_full_precision(kind):
     """As transformers + bitsandbytes keep the output layer: the body is 4-bit, the output layer, a
-    classifier's head and a BERT pooler stay nn.Linear with their own weights, and the logits are
-    the reference path's (every 4-bit layer computed as its dequantised weight, the rest as before)."""
+    classifier's head and a BERT pooler stay nn.Linear with their own weights (the output layer a
+    DenseLinear), and the logits are the reference path's (every 4-bit layer computed as its
+    dequantised weight, the rest as before)."""
     model = _fresh_model(kind)
     original = {n: m.weight.detach().clone() for n, m in _linears(model).items()}
     fastpeft.quantize_model(model)
     layers = _linears(model)
-    assert sorted(n for n, m in layers.items() if type(m) is torch.nn.Linear) == KEPT[kind]
+    assert sorted(n for n, m in layers.items() if type(m) in (torch.nn.Linear, DenseLinear)) == KEPT[kind]
+    assert [n for n, m in layers.items() if type(m) is DenseLinear] == (["lm_head"] if kind == "llama" else [])
     body = [n for n in layers if n not in KEPT[kind]]
     assert body and all(isinstance(layers[n], Linear4bit) for n in body)
     assert all(torch.equal(layers[n].weight, original[n]) for n in KEPT[kind])

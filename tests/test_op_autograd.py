@@ -17,7 +17,7 @@ from conftest import assert_close, face_params, on_face
 
 # The ops that compute a layer's forward: each must declare its derivative. (Ops that compute
 # gradients, *_bwd and sgmv_outer, are differentiated by the op that calls them.)
-FORWARD_OPS = ("lora_linear_fwd", "dora_linear_fwd", "phm_linear_fwd", "adapter_block_fwd", "nf4_matmul", "bgmv_shrink", "bgmv_expand",
+FORWARD_OPS = ("dense_linear", "lora_linear_fwd", "dora_linear_fwd", "phm_linear_fwd", "adapter_block_fwd", "nf4_matmul", "bgmv_shrink", "bgmv_expand",
                "sgmv_shrink", "sgmv_expand")
 
 IDS = [0, 1, -1, 5, 5, 2, 2, 2, -1, 3, 4, 0, 3]  # 13 tokens, every slot, two base-model rows
@@ -101,6 +101,8 @@ def _sgmv_expand(g):
 
 # op name -> {case id: builder(generator) -> args}; fp32, ragged shapes, differentiable inputs requiring grad
 CASES = {
+    "dense_linear": {"bias": lambda g: (_g(3, 23, generator=g), _g(19, 23, generator=g), _g(19, generator=g)),
+                     "no_bias": lambda g: (_g(5, 23, generator=g), _g(19, 23, generator=g), None)},
     "lora_linear_fwd": {"x": lambda g: _lora(False, g), "x_lora": lambda g: _lora(True, g)},
     "dora_linear_fwd": {"x": lambda g: _dora(False, g), "x_lora": lambda g: _dora(True, g)},
     "phm_linear_fwd": {"full": lambda g: _phm(False, g), "low_rank": lambda g: _phm(True, g)},

@@ -2,7 +2,7 @@
 
 Used by ``fastpeft bench`` (a table per op, JSON, optional chart) and by the pytest-benchmark
 harness in ``benchmarks/``. An op's module (``lora_linear``, ``dora_linear``, ``multi_lora``,
-``nf4_matmul``, ``phm_linear``, ``adapter_block``) declares its :class:`Case` list per device, the
+``nf4_matmul``, ``dense_linear``, ``phm_linear``, ``adapter_block``) declares its :class:`Case` list per device, the
 targets each case is held to and where they were set, and how to build the variants of a case; one runner
 (:mod:`.runner`) times every variant of a case interleaved in the same run, so the ratios compare
 like with like. Whole-model benchmarks (:mod:`.e2e`: generation and a QLoRA step on SmolLM2, each
@@ -12,14 +12,14 @@ they load a real model), a quick run always (on a tiny random Llama).
 
 from __future__ import annotations
 
-from . import adapter_block, dora_linear, e2e, lora_linear, multi_lora, nf4_matmul, overhead, phm_linear
+from . import adapter_block, dense_linear, dora_linear, e2e, lora_linear, multi_lora, nf4_matmul, overhead, phm_linear
 from .case import AT_LEAST, AT_MOST, BenchOp, Case, Target
 from .report import environment, format_tables, plot, write_json
 from .runner import check_labels, chosen_cases, run, run_op, time_variants_ms
 
 # what `fastpeft bench --op` picks from, in the order the report shows them
 OPS: dict[str, BenchOp] = {m.BENCH.name: m.BENCH for m in (lora_linear, dora_linear, multi_lora, nf4_matmul,
-                                                          phm_linear, adapter_block, overhead)}
+                                                          dense_linear, phm_linear, adapter_block, overhead)}
 
 
 # whole-model benchmarks: in a full run only when named (they load SmolLM2), in every quick run

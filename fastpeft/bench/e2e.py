@@ -6,9 +6,10 @@ each of fastpeft's paths beside its peer on the same weights, timed interleaved 
   double quantisation, computing in bf16) and loaded by transformers with bitsandbytes NF4
   (``bitsandbytes``: the same settings, in eval mode, its fastest CPU path: it repacks its weights
   for its AVX512_BF16 kernel outside training only). ``floor``: the bf16 model with every layer
-  quantize_model would quantise answering zeros at once: what the rest of a token costs (attention,
-  norms, the output layer, generate's own work), the least any 4-bit model could take; bf16/floor
-  is the most a faster quantised layer could gain over bf16 on this machine.
+  quantize_model would quantise answering zeros at once and its output layer as quantize_model
+  leaves it (a :class:`~fastpeft.nn.DenseLinear`): what the rest of fastpeft's token costs
+  (attention, norms, the output layer, generate's own work), the least its 4-bit model could take;
+  bf16/floor is the most faster 4-bit layers could gain over bf16 on this machine.
 * ``8-adapter generation``: a batch of 8 requests, each with its own of 8 LoRA adapters (r = 16,
   every linear layer), 64 new tokens each: the base model without adapters (``bf16``), a
   :class:`fastpeft.AdapterPool` and PEFT's ``generate(..., adapter_names=[...])`` (``peft``; its
@@ -132,13 +133,15 @@ class ZeroLinear(torch.nn.Module):
 
 def load_floor(folder: str, device: str):
     """The bf16 model with every linear layer quantize_model would quantise (the output layer and
-    heads kept, by the same rule) replaced by a ZeroLinear."""
-    from ..quantize import full_precision_modules, quantized_module_names
+    heads kept, by the same rule) replaced by a ZeroLinear, and the output layer as quantize_model
+    leaves it (a DenseLinear): fastpeft's model without the cost of its 4-bit layers."""
+    from ..quantize import dense_output_layers, full_precision_modules, quantized_module_names
     from ..targeting import replace_module
 
     model = load_bf16(folder, device)
     for name in quantized_module_names(model, full_precision_modules(model)):
         replace_module(model, name, ZeroLinear(model.get_submodule(name).out_features))
+    dense_output_layers(model)
     return model
 
 
@@ -272,7 +275,7 @@ def variants(case: Case, device: str) -> Variants:
 
 def derive_ratios(rows: list[dict]) -> None:
     """Per-token times of the generations: a call's time over its new tokens; where the floor ran,
-    bf16/floor, the most any quantised layer could speed bf16's generation up here."""
+    bf16/floor, the most faster 4-bit layers could speed bf16's generation up here."""
     for row in rows:
         if "new_tokens" in row:
             row["ms_per_token"] = {name: ms / row["new_tokens"] for name, ms in row["times_ms"].items()}

@@ -163,6 +163,11 @@ def _phm(case: Case, dt):
     _face("phm_linear_bwd")(_meta(M, N, dtype=dt), x, rule, *factors)
 
 
+def _dense(case: Case, dt):
+    M, K, N = (case.dims[k] for k in "MKN")
+    _face("dense_linear")(_meta(M, K, dtype=dt), _meta(N, K, dtype=dt), None)
+
+
 def _adapter_block(case: Case, dt):
     M, D, R, act = (case.dims[k] for k in ("M", "D", "R", "act"))
     x, wd, bd, wu, bu = _meta(M, D, dtype=dt), _meta(R, D, dtype=dt), _meta(R, dtype=dt), _meta(D, R, dtype=dt), \
@@ -186,8 +191,8 @@ def _dora(case: Case, dt):
 # under its label is dropped).
 VARIANTS = {"lora_linear": _lora_variants}
 
-PLANS = {"dora_linear": _dora, "nf4_matmul": _nf4, "lora_linear": _lora, "multi_lora": _multi_lora, "phm_linear": _phm,
-         "adapter_block": _adapter_block}
+PLANS = {"dense_linear": _dense, "dora_linear": _dora, "nf4_matmul": _nf4, "lora_linear": _lora,
+         "multi_lora": _multi_lora, "phm_linear": _phm, "adapter_block": _adapter_block}
 
 # bench groups that time no single kernel, so there is no launch to compile: what they measure is
 # host work per call (overhead) or whole models (e2e)
