@@ -46,7 +46,7 @@ limit() {
   l=$(left)
   if [ "$l" -lt "$own" ]; then echo $((l > 5 ? l : 5)); else echo "$own"; fi
 }
-OPS=${FASTPEFT_DEVICE_CHECK_OPS:-nf4_matmul lora_linear multi_lora phm_linear adapter_block dora_linear}
+OPS=${FASTPEFT_DEVICE_CHECK_OPS:-nf4_matmul lora_linear multi_lora phm_linear adapter_block dora_linear dense_linear}
 
 if [ "${FASTPEFT_DEVICE_CHECK_CPU:-0}" != "0" ]; then
   DEVICE=cpu; SMOKE=(--device cpu --quick); BENCH=(--device cpu --quick)

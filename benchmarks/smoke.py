@@ -110,6 +110,14 @@ def phm_case(M, K, N, n, rank):
     return f"M={M} K={K} N={N} n={n} rank={rank}", run
 
 
+def dense_case(M, K, N):
+    def run(device, dtype):
+        x = _randn(M, K, device=device, dtype=dtype)
+        w, bias = _randn(N, K, device=device, dtype=dtype, scale=K ** -0.5), _randn(N, device=device, dtype=dtype)
+        return lambda: [fastpeft.ops.dense_linear(x, w, bias)]
+    return f"M={M} K={K} N={N}", run
+
+
 def adapter_block_case(M, D, R):
     def run(device, dtype):
         x = _randn(M, D, device=device, dtype=dtype, grad=True)
@@ -134,7 +142,7 @@ def cases(op: str, quick: bool) -> list[tuple[str, Callable]]:
     ragged = {"lora_linear": [lora_case(5, 70, 33, 3)], "dora_linear": [dora_case(5, 70, 33, 3)],
               "nf4_matmul": [nf4_case(3, 192, 33), nf4_case(3, 192, 33, True)],
               "multi_lora": [multi_lora_case(9, 96, 40, 4, 3)], "phm_linear": [phm_case(7, 48, 24, 4, 1)],
-              "adapter_block": [adapter_block_case(9, 40, 6)]}[op]
+              "adapter_block": [adapter_block_case(9, 40, 6)], "dense_linear": [dense_case(3, 70, 33)]}[op]
     if quick:
         return ragged
     bench = {"lora_linear": [lora_case(16, 4096, 4096, 16), lora_case(4096, 4096, 4096, 16)],
@@ -143,7 +151,8 @@ def cases(op: str, quick: bool) -> list[tuple[str, Callable]]:
                             nf4_case(512, 4096, 14336, True)],
              "multi_lora": [multi_lora_case(64, 4096, 4096, 16, 8), multi_lora_case(512, 4096, 4096, 16, 8)],
              "phm_linear": [phm_case(4096, 4096, 4096, 8, 1), phm_case(4096, 4096, 4096, 8, None)],
-             "adapter_block": [adapter_block_case(4096, 4096, 64), adapter_block_case(4096, 4096, 256)]}[op]
+             "adapter_block": [adapter_block_case(4096, 4096, 64), adapter_block_case(4096, 4096, 256)],
+             "dense_linear": [dense_case(1, 576, 49152), dense_case(4, 576, 49152)]}[op]
     return ragged + bench
 
 
@@ -198,7 +207,7 @@ def check(op: str, device: str, dtypes, quick: bool, out, wanted=FACES) -> int:
     return failures
 
 
-OPS = ("lora_linear", "dora_linear", "nf4_matmul", "multi_lora", "phm_linear", "adapter_block")
+OPS = ("lora_linear", "dora_linear", "nf4_matmul", "multi_lora", "phm_linear", "adapter_block", "dense_linear")
 
 
 def main(argv=None) -> int:

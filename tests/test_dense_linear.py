@@ -20,10 +20,10 @@ from conftest import (DTYPES, assert_close, assert_refused_before_any_face, face
 
 needs_extension = pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C not built")
 
-# (M, K, N): one token and K = 1; sizes off every block and vector width (8, 16, 32, 64); the CPU
-# GEMV's row counts 1-4 and one above them (torch's matmul); more rows than the Triton face's
-# decode tile (16).
-SHAPES = [(1, 1, 3), (1, 7, 5), (2, 33, 70), (3, 100, 19), (4, 576, 130), (5, 64, 64), (17, 40, 33)]
+# (M, K, N): one token, K = 1 and K = 0 (y is the bias); sizes off every block and vector width
+# (8, 16, 32, 64); the CPU GEMV's row counts 1-4 and one above them (torch's matmul); more rows
+# than the Triton face's decode tile (16).
+SHAPES = [(1, 1, 3), (2, 0, 3), (1, 7, 5), (2, 33, 70), (3, 100, 19), (4, 576, 130), (5, 64, 64), (17, 40, 33)]
 ISAS = ["portable", "avx2", "avx512", "avx512_bf16"]
 
 
@@ -31,7 +31,7 @@ def make_inputs(M, K, N, dtype, bias=True, seed=None):
     """Fresh random inputs scaled so that every output is O(1)."""
     g = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
     x = torch.randn(M, K, generator=g).to(dtype)
-    w = (torch.randn(N, K, generator=g) * K ** -0.5).to(dtype)
+    w = (torch.randn(N, K, generator=g) * max(K, 1) ** -0.5).to(dtype)
     b = torch.randn(N, generator=g).to(dtype) if bias else None
     return x, w, b
 
