@@ -2,13 +2,14 @@
 // dtype. Schema, checks and the reference: fastpeft/ops/dense_linear.py.
 //
 // One of two paths runs each call (dense_cpu_path, reported by `fastpeft info`):
-// - "gemv-avx2": few rows (M <= kGemvRows, or kBf16DotGemvRows) with AVX2 + FMA + F16C: each weight row streamed once,
-//   converted to fp32 in registers and multiplied into every row of x (staged as fp32 once), fp32
-//   sums rounded once to x's dtype. A decode step's output layer is this shape, and torch's own
-//   kernels are far from the memory's speed there: SmolLM2's bf16 output layer (49152 x 576, 56.6
-//   MB) at M = 1 took 3.4-3.6 ms in torch capped at AVX2 and 6.2-6.7 ms uncapped (oneDNN), against
-//   2.1-2.4 ms for this loop, on the README's AMD EPYC Zen 4 (one thread; an fp32 sum streams
-//   27-29 GB/s there, this loop 24-27).
+// - "gemv-avx2": few rows (M <= kGemvRows, or kBf16DotGemvRows) with AVX2 + FMA + F16C: each
+//   weight row streamed once, converted to fp32 in registers and multiplied into every row of x
+//   (staged as fp32 once), fp32 sums rounded once to x's dtype. A decode step's output layer is
+//   this shape, and torch's own kernels are far from the memory's speed there: SmolLM2's bf16
+//   output layer (49152 x 576, 56.6 MB) at M = 1 took 3.3-3.8 ms in torch capped at AVX2 and
+//   6.2-6.9 ms uncapped (oneDNN), against 2.0-3.0 ms for this loop, on the README's AMD EPYC Zen 4
+//   (one thread, runs on several days' VM; an fp32 sum streams 27-29 GB/s there); two threads,
+//   capped, 1.0-1.2 against 1.6-2.1 ms.
 // - "aten": everything else, torch's own matmul (more rows, where the GEMM's blocking wins, and
 //   CPUs without AVX2).
 #include <ATen/ATen.h>
@@ -34,8 +35,8 @@ namespace {
 // x rows a GEMV call takes: each weight element is converted once and multiplied into M rows, so
 // above a few rows the loop is bound by its multiply-adds, not by the weight's bytes. bf16 x on a
 // CPU with AVX512_BF16 takes fewer: torch's bf16 dot products catch up from 3 rows. SmolLM2's
-// output layer (49152 x 576), one thread, AMD EPYC Zen 4: bf16 M = 4 7.4-7.6 ms against torch's
-// 7.2-7.6; capped at AVX2, 5.1-6.2 against 11.6 (M = 1: 2.0-2.6 against 3.3-6.9 either way).
+// output layer (49152 x 576), one thread, AMD EPYC Zen 4: bf16 M = 4 5.1-7.6 ms against torch's
+// 7.2-7.6 (three runs); capped at AVX2, 6.2-6.9 against 11.6-14.5.
 constexpr int64_t kGemvRows = 4;
 constexpr int64_t kBf16DotGemvRows = 2;
 
@@ -44,8 +45,8 @@ constexpr const char* kDensePathNames[] = {"gemv-avx2", "aten"};
 
 thread_local const char* last_path = "";
 
-DensePath choose_dense_path(CpuIsa isa, int64_t M, at::ScalarType dtype) {
-  const bool float_dtype = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+DensePath choose_dense_path([[maybe_unused]] CpuIsa isa, [[maybe_unused]] int64_t M, at::ScalarType dtype) {
+  [[maybe_unused]] const bool float_dtype = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
 #ifdef FASTPEFT_X86
   const int64_t rows = dtype == at::kBFloat16 && isa >= CpuIsa::kAvx512Bf16 ? kBf16DotGemvRows : kGemvRows;
   if (M <= rows && float_dtype && isa >= CpuIsa::kAvx2) return DensePath::kGemvAvx2;
@@ -73,8 +74,9 @@ FASTPEFT_DENSE_AVX2 inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(h);
 }
 
-// y[:, n0:n1] = x·W[n0:n1]ᵀ (+ bias) for MT rows of x (fp32 xs, [MT, K]). Four chains of FMAs per
-// row at one row, two at more (the loads, not the FMAs' latency, bound it then).
+// y[:, n0:n1] = x·W[n0:n1]ᵀ (+ bias) for MT rows of x (fp32 xs, [MT, K]). Independent chains of
+// FMAs, so that no sum waits on the one before it: four for one row, two per row for more (at most
+// eight accumulators, which stay in registers).
 template <int MT, typename scalar_t>
 FASTPEFT_DENSE_AVX2 void gemv_rows(const float* xs, const scalar_t* w, int64_t w_row_stride, const scalar_t* bias,
                                    scalar_t* y, int64_t y_row_stride, int64_t K, int64_t n0, int64_t n1) {
@@ -90,7 +92,8 @@ FASTPEFT_DENSE_AVX2 void gemv_rows(const float* xs, const scalar_t* w, int64_t w
     for (; k < k_vectors; k += 8 * kChains)
       for (int c = 0; c < kChains; ++c) {
         const __m256 wv = load8(wn + k + 8 * c);
-        for (int m = 0; m < MT; ++m) acc[m][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs + m * K + k + 8 * c), acc[m][c]);
+        for (int m = 0; m < MT; ++m)
+          acc[m][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs + m * K + k + 8 * c), acc[m][c]);
       }
     for (; k < k_eights; k += 8) {
       const __m256 wv = load8(wn + k);
