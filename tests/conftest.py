@@ -101,6 +101,21 @@ def assert_refused_before_any_face(monkeypatch, op, call, exc, pattern):
         call()
 
 
+# The CPU kernels' instruction-set levels, each a superset of the one before.
+ISAS = ["portable", "avx2", "avx512", "avx512_bf16"]
+needs_extension = pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request, monkeypatch):
+    """Each level the CPU has, forced through FASTPEFT_CPU_ISA; a level above the CPU's is skipped."""
+    supported = backends.extension().cpu_isa_supported()
+    if ISAS.index(request.param) > ISAS.index(supported):
+        pytest.skip(f"this CPU's kernels reach {supported}, not {request.param}")
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", request.param)
+    return request.param
+
+
 def fresh_seed() -> int:
     """A seed drawn from torch's global generator: fresh inputs each run, reproducible within it."""
     return int(torch.randint(2**31 - 1, ()))

@@ -15,16 +15,13 @@ from fastpeft.ops import dense_linear, record_faces
 from fastpeft.ops.dense_linear import dense_linear_reference
 
 import models
-from conftest import (DTYPES, assert_close, assert_refused_before_any_face, face_params, fresh_seed, on_face,
-                      wide_rows)
-
-needs_extension = pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C not built")
+from conftest import (DTYPES, assert_close, assert_refused_before_any_face, face_params, fresh_seed,
+                      needs_extension, on_face, wide_rows)
 
 # (M, K, N): one token, K = 1 and K = 0 (y is the bias); sizes off every block and vector width
 # (8, 16, 32, 64); the CPU GEMV's row counts 1-4 and one above them (torch's matmul); more rows
 # than the Triton face's decode tile (16).
 SHAPES = [(1, 1, 3), (2, 0, 3), (1, 7, 5), (2, 33, 70), (3, 100, 19), (4, 576, 130), (5, 64, 64), (17, 40, 33)]
-ISAS = ["portable", "avx2", "avx512", "avx512_bf16"]
 
 
 def make_inputs(M, K, N, dtype, bias=True, seed=None):
@@ -51,16 +48,6 @@ def test_every_face_matches_the_reference(device, backend, dtype, M, K, N, bias)
 def test_the_reference_is_torch_linear():
     x, w, b = make_inputs(3, 10, 6, torch.float64)
     assert torch.equal(dense_linear_reference(x, w, b), x @ w.T + b)
-
-
-@pytest.fixture(params=ISAS)
-def cpu_isa(request, monkeypatch):
-    """Each level the CPU has, forced through FASTPEFT_CPU_ISA; a level above the CPU's is skipped."""
-    supported = backends.extension().cpu_isa_supported()
-    if ISAS.index(request.param) > ISAS.index(supported):
-        pytest.skip(f"this CPU's kernels reach {supported}, not {request.param}")
-    monkeypatch.setenv("FASTPEFT_CPU_ISA", request.param)
-    return request.param
 
 
 @needs_extension

@@ -10,7 +10,8 @@ from fastpeft.nn import Linear4bit
 from fastpeft.ops import nf4_matmul
 from fastpeft.ops.nf4_matmul import nf4_matmul_reference
 
-from conftest import DTYPES, assert_close, face_params, gpu_face_params, offset_view, on_face, wide_rows
+from conftest import (DTYPES, ISAS, assert_close, face_params, gpu_face_params, needs_extension, offset_view, on_face,
+                      wide_rows)
 
 
 def nested_args(q) -> dict:
@@ -72,8 +73,6 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-ISAS = ["portable", "avx2", "avx512", "avx512_bf16"]  # the CPU kernels' levels, each a superset of the one before
-needs_extension = pytest.mark.skipif(backends.extension() is None, reason="fastpeft._C is not built")
 
 
 def _level_of_flags(flags: set[str]) -> str:
@@ -85,16 +84,6 @@ def _level_of_flags(flags: set[str]) -> str:
             if "avx512_bf16" in flags:
                 level = "avx512_bf16"
     return level
-
-
-@pytest.fixture(params=ISAS)
-def cpu_isa(request, monkeypatch):
-    """Each level the CPU has, forced through FASTPEFT_CPU_ISA; a level above the CPU's is skipped."""
-    supported = backends.extension().cpu_isa_supported()
-    if ISAS.index(request.param) > ISAS.index(supported):
-        pytest.skip(f"this CPU's kernels reach {supported}, not {request.param}")
-    monkeypatch.setenv("FASTPEFT_CPU_ISA", request.param)
-    return request.param
 
 
 @needs_extension
