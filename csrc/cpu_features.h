@@ -8,7 +8,8 @@
 
 namespace fastpeft {
 
-// Levels of the CPU kernels, each a superset of the one below. kAvx512: AVX-512 F, BW, VL and DQ
+// Levels of the CPU kernels, each a superset of the one below. kAvx2: AVX2, FMA and F16C (Haswell,
+// Zen 1 and later). kAvx512: AVX-512 F, BW, VL and DQ
 // (Skylake-SP and later, Zen 4). kAvx512Bf16: also AVX512_BF16 (bf16 dot products: Cooper Lake,
 // Sapphire Rapids, Zen 4), where bf16 matmuls are 4-5x fp32 ones.
 enum class CpuIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };

@@ -9,7 +9,7 @@
 
 namespace fastpeft {
 
-// The dispatcher's CPU kernel of fastpeft::dense_linear, and fastpeft._C.cpu_kernels.dense_linear.
+// The dispatcher's CPU kernel of fastpeft::dense_linear.
 at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
 // The path dense_linear's CPU face takes for an [M, K] x of `dtype` ("float32", "float16" or

@@ -64,7 +64,7 @@ def info() -> int:
 # Shapes `fastpeft info` shows the NF4 CPU path of: decode (1, 4), the GEMV's last row count (16),
 # prefill (64), with a 4096-wide layer in blocks of 64.
 NF4_INFO_ROWS = (1, 4, 5, 16, 17, 64)
-NF4_INFO_DTYPES = ("float32", "float16", "bfloat16")
+INFO_DTYPES = ("float32", "float16", "bfloat16")
 # ...and the dense_linear CPU path of: decode, and each side of the GEMV's row limits (2, 4).
 DENSE_INFO_ROWS = (1, 2, 3, 4, 5)
 
@@ -83,16 +83,16 @@ def _print_cpu(ext) -> None:
     print(f"CPU kernels: {isa} (the CPU supports {ext.cpu_isa_supported()}"
           + (f"; FASTPEFT_CPU_ISA={cap} caps it)" if cap else "; FASTPEFT_CPU_ISA caps it)"))
     print("NF4 CPU paths (K = 4096, blocksize 64):")
-    print("  " + f"{'rows':<12}" + "".join(f"{d:<20}" for d in NF4_INFO_DTYPES))
+    print("  " + f"{'rows':<12}" + "".join(f"{d:<20}" for d in INFO_DTYPES))
     rows = [(f"M = {m}", m, False) for m in NF4_INFO_ROWS] + [("backward", 64, True)]
     for label, m, transposed in rows:
-        paths = (ext.nf4_cpu_path(m, 4096, 64, d, transposed) for d in NF4_INFO_DTYPES)
+        paths = (ext.nf4_cpu_path(m, 4096, 64, d, transposed) for d in INFO_DTYPES)
         print(f"  {label:<12}" + "".join(f"{p:<20}" for p in paths))
     print("  (K % 32 != 0, blocksize < 32 or float64: gemv-portable, tiles-portable)")
     print("dense_linear CPU paths (a full-precision layer: DenseLinear, a 4-bit model's output layer):")
-    print("  " + f"{'rows':<12}" + "".join(f"{d:<20}" for d in NF4_INFO_DTYPES))
+    print("  " + f"{'rows':<12}" + "".join(f"{d:<20}" for d in INFO_DTYPES))
     for m in DENSE_INFO_ROWS:
-        print(f"  {f'M = {m}':<12}" + "".join(f"{ext.dense_cpu_path(m, d):<20}" for d in NF4_INFO_DTYPES))
+        print(f"  {f'M = {m}':<12}" + "".join(f"{ext.dense_cpu_path(m, d):<20}" for d in INFO_DTYPES))
 
 
 def _device(args) -> str:

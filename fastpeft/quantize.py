@@ -79,13 +79,15 @@ def quantize_model(model: nn.Module, double_quant: bool = False, blocksize: int 
 
 def dense_output_layers(model: nn.Module) -> list[str]:
     """Make each output layer (``get_output_embeddings()``) that is a plain ``nn.Linear`` a
-    :class:`~fastpeft.nn.DenseLinear` holding the same parameters (a tied weight stays tied); the
-    names replaced. A 4-bit model reads this layer's full-precision weight whole at every generated
-    token: SmolLM2-135M's is 56.6 MB, more than its 210 NF4 layers together."""
+    :class:`~fastpeft.nn.DenseLinear`, in place (the same module and parameters: a tied weight
+    stays tied, hooks stay); the names converted. A 4-bit model reads this layer's full-precision
+    weight whole at every generated token: SmolLM2-135M's is 56.6 MB, more than its 210 NF4 layers
+    together. transformers' ``resize_token_embeddings`` builds a new ``nn.Linear``: call this
+    again after it."""
     own = {n for n, _ in own_modules(model)}  # not inside fastpeft's wrappers, which hold their base themselves
     names = sorted(n for n in output_layer_names(model) & own if type(model.get_submodule(n)) is nn.Linear)
     for name in names:
-        replace_module(model, name, DenseLinear.from_linear(model.get_submodule(name)))
+        DenseLinear.make_dense(model.get_submodule(name))
     return names
 
 

@@ -73,11 +73,9 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-
-
 def _level_of_flags(flags: set[str]) -> str:
     level = "portable"
-    if {"avx2", "fma"} <= flags:
+    if {"avx2", "fma", "f16c"} <= flags:
         level = "avx2"
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
             level = "avx512"

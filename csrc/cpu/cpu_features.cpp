@@ -31,13 +31,13 @@ uint64_t xcr0() {  // which register states the OS saves on a context switch
 Detected detect() {
   Detected d;
   auto& f = d.features;
-  for (const char* name : {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vnni",
+  for (const char* name : {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vnni",
                            "avx512_bf16", "amx_tile", "amx_bf16"})
     f[name] = false;
 #ifdef FASTPEFT_X86
   uint32_t a, b, c, e;
   if (!__get_cpuid(1, &a, &b, &c, &e)) return d;
-  const bool osxsave = c & (1u << 27), fma = c & (1u << 12);
+  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
   const uint64_t xcr = osxsave ? xcr0() : 0;
   const bool os_avx = (xcr & 0x6) == 0x6;                // XMM and YMM state
   const bool os_avx512 = os_avx && (xcr & 0xE0) == 0xE0;  // opmask, ZMM0-15 upper halves, ZMM16-31
@@ -48,6 +48,7 @@ Detected detect() {
   __cpuid_count(7, 1, a, b, c, e);
   const uint32_t leaf7_1_eax = a;
   f["fma"] = os_avx && fma;
+  f["f16c"] = os_avx && f16c;
   f["avx2"] = os_avx && (leaf7_ebx & (1u << 5));
   f["avx512f"] = os_avx512 && (leaf7_ebx & (1u << 16));
   f["avx512dq"] = os_avx512 && (leaf7_ebx & (1u << 17));
@@ -58,7 +59,8 @@ Detected detect() {
   f["avx512_bf16"] = os_avx512 && (leaf7_1_eax & (1u << 5));
   f["amx_bf16"] = os_amx && (leaf7_edx & (1u << 22));
   f["amx_tile"] = os_amx && (leaf7_edx & (1u << 24));
-  if (f["avx2"] && f["fma"]) d.isa = CpuIsa::kAvx2;
+  // F16C (fp16 <-> fp32 conversions) came with AVX2 on every CPU that has both; a VM can hide it.
+  if (f["avx2"] && f["fma"] && f["f16c"]) d.isa = CpuIsa::kAvx2;
   if (d.isa == CpuIsa::kAvx2 && f["avx512f"] && f["avx512bw"] && f["avx512vl"] && f["avx512dq"])
     d.isa = CpuIsa::kAvx512;
   if (d.isa == CpuIsa::kAvx512 && f["avx512_bf16"]) d.isa = CpuIsa::kAvx512Bf16;

@@ -8,8 +8,8 @@
 //   this shape, and torch's own kernels are far from the memory's speed there: SmolLM2's bf16
 //   output layer (49152 x 576, 56.6 MB) at M = 1 took 3.3-3.8 ms in torch capped at AVX2 and
 //   6.2-6.9 ms uncapped (oneDNN), against 2.0-3.0 ms for this loop, on the README's AMD EPYC Zen 4
-//   (one thread, runs on several days' VM; an fp32 sum streams 27-29 GB/s there); two threads,
-//   capped, 1.0-1.2 against 1.6-2.1 ms.
+//   (one thread, several runs on a VM whose speed drifts; an fp32 sum streams 27-29 GB/s there);
+//   two threads, capped, 1.0-1.2 against 1.6-2.1 ms.
 // - "aten": everything else, torch's own matmul (more rows, where the GEMM's blocking wins, and
 //   CPUs without AVX2).
 #include <ATen/ATen.h>

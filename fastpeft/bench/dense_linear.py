@@ -18,6 +18,7 @@ OUTPUT_LAYER = dict(K=576, N=49152)
 
 
 def dims(M: int, K: int, N: int) -> dict:
+    """M rows of x, K in_features, N out_features."""
     return dict(M=M, K=K, N=N)
 
 

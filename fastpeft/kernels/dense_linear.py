@@ -20,12 +20,12 @@ from ._common import TRITON_DTYPES, bf16_via_fp32, cdiv, dot, input_precision, n
 def _dense_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_wn, stride_ym,
+    stride_xm, stride_wn, stride_b, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BF16_VIA_FP32: tl.constexpr,
 ):
     """y[m, n] = Σ_k x[m, k]·w[n, k] (+ b[n]) for one [BLOCK_M, BLOCK_N] tile; grid (⌈N/BLOCK_N⌉,
-    ⌈M/BLOCK_M⌉). x and w rows are unit-stride (the op's checker)."""
+    ⌈M/BLOCK_M⌉). x and w rows are unit-stride (the op's checker); the bias any stride."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -40,7 +40,7 @@ def _dense_linear_kernel(
         w = tl.load(w_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = dot(a, w, acc, INPUT_PRECISION, BF16_VIA_FP32)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + offs_n * stride_b, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -71,7 +71,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         note_short_grid(f"{grid[0]} blocks of {bn} outputs x {grid[1]} of {bm} rows: each program sums all of K "
                         "(no split of K)")
     wrap_triton(_dense_linear_kernel)[grid](
-        x, weight, bias if bias is not None else x, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        x, weight, bias if bias is not None else x, y, M, N, K, x.stride(0), weight.stride(0),
+        bias.stride(0) if bias is not None else 0, y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INPUT_PRECISION=input_precision(x.dtype),
         BF16_VIA_FP32=bf16_via_fp32(x.dtype), num_warps=4)
     return y
@@ -85,7 +86,7 @@ def aot_configs():
             for bm, bn, bk in _TILES["gpu"].values():
                 for has_bias in (False, True):
                     sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "M": "i32", "N": "i32", "K": "i32",
-                           "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+                           "stride_xm": "i32", "stride_wn": "i32", "stride_b": "i32", "stride_ym": "i32"}
                     yield _dense_linear_kernel, sig, dict(HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                                           INPUT_PRECISION=precision, BF16_VIA_FP32=False), \
                         dict(num_warps=4)

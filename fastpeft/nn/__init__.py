@@ -9,5 +9,5 @@ from .modules_to_save import ModulesToSaveWrapper
 from .multi_lora import MultiLoRALinear, use_adapter_batch
 from .phm import PHMLinear
 
-__all__ = ["DenseLinear", "LoRALinear", "QLoRALinear", "Linear4bit", "MultiLoRALinear", "PHMLinear", "ModulesToSaveWrapper",
-           "use_adapter_batch"]
+__all__ = ["DenseLinear", "LoRALinear", "QLoRALinear", "Linear4bit", "MultiLoRALinear", "PHMLinear",
+           "ModulesToSaveWrapper", "use_adapter_batch"]

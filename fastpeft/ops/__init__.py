@@ -20,7 +20,7 @@ all_ops = _registry.all_ops
 record_faces = _registry.record_faces
 Compare = _registry.Compare
 
-__all__ = ["dense_linear", "lora_linear", "lora_linear_fwd", "lora_linear_bwd", "dora_linear", "dora_linear_fwd", "dora_linear_bwd",
-           "bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand", "sgmv_outer",
+__all__ = ["dense_linear", "lora_linear", "lora_linear_fwd", "lora_linear_bwd", "dora_linear", "dora_linear_fwd",
+           "dora_linear_bwd", "bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand", "sgmv_outer",
            "nf4_matmul", "phm_linear", "phm_linear_fwd", "phm_linear_bwd", "adapter_block",
            "adapter_block_fwd", "adapter_block_bwd", "AdapterBatch", "all_ops", "record_faces", "Compare"]
