@@ -65,7 +65,7 @@ def info() -> int:
 # prefill (64), with a 4096-wide layer in blocks of 64.
 NF4_INFO_ROWS = (1, 4, 5, 16, 17, 64)
 INFO_DTYPES = ("float32", "float16", "bfloat16")
-# ...and the dense_linear CPU path of: decode, and each side of the GEMV's row limits (2, 4).
+# ...and the dense_linear CPU path of: decode, and each side of the GEMV's row limits (3, 4).
 DENSE_INFO_ROWS = (1, 2, 3, 4, 5)
 
 

@@ -34,11 +34,12 @@ namespace {
 
 // x rows a GEMV call takes: each weight element is converted once and multiplied into M rows, so
 // above a few rows the loop is bound by its multiply-adds, not by the weight's bytes. bf16 x on a
-// CPU with AVX512_BF16 takes fewer: torch's bf16 dot products catch up from 3 rows. SmolLM2's
-// output layer (49152 x 576), one thread, AMD EPYC Zen 4: bf16 M = 4 5.1-7.6 ms against torch's
-// 7.2-7.6 (three runs); capped at AVX2, 6.2-6.9 against 11.6-14.5.
+// CPU with AVX512_BF16 takes fewer: torch's bf16 dot products catch up at 4 rows. SmolLM2's output
+// layer (49152 x 576), one thread, AMD EPYC Zen 4, medians of 30 alternating calls, two runs: bf16
+// M = 2 2.8-3.7 ms against torch's 6.0-6.2, M = 3 4.5 against 6.4, M = 4 7.4 against 6.9-7.1;
+// capped at AVX2, M = 4 6.2-6.9 against 11.6-14.5.
 constexpr int64_t kGemvRows = 4;
-constexpr int64_t kBf16DotGemvRows = 2;
+constexpr int64_t kBf16DotGemvRows = 3;
 
 enum class DensePath { kGemvAvx2, kAten };
 constexpr const char* kDensePathNames[] = {"gemv-avx2", "aten"};
