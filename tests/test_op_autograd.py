@@ -17,8 +17,8 @@ from conftest import assert_close, face_params, on_face
 
 # The ops that compute a layer's forward: each must declare its derivative. (Ops that compute
 # gradients, *_bwd and sgmv_outer, are differentiated by the op that calls them.)
-FORWARD_OPS = ("dense_linear", "lora_linear_fwd", "dora_linear_fwd", "phm_linear_fwd", "adapter_block_fwd", "nf4_matmul", "bgmv_shrink", "bgmv_expand",
-               "sgmv_shrink", "sgmv_expand")
+FORWARD_OPS = ("dense_linear", "lora_linear_fwd", "dora_linear_fwd", "phm_linear_fwd", "adapter_block_fwd",
+               "nf4_matmul", "bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand")
 
 IDS = [0, 1, -1, 5, 5, 2, 2, 2, -1, 3, 4, 0, 3]  # 13 tokens, every slot, two base-model rows
 

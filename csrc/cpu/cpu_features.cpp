@@ -31,8 +31,8 @@ uint64_t xcr0() {  // which register states the OS saves on a context switch
 Detected detect() {
   Detected d;
   auto& f = d.features;
-  for (const char* name : {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vnni",
-                           "avx512_bf16", "amx_tile", "amx_bf16"})
+  for (const char* name : {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi",
+                           "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"})
     f[name] = false;
 #ifdef FASTPEFT_X86
   uint32_t a, b, c, e;

@@ -144,10 +144,11 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
               "dense_linear: x, weight and bias must share one dtype");
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "dense_linear: bias must be [",
               weight.size(0), "]");
-  const DensePath path = choose_dense_path(cpu_isa(), x.size(0), x.scalar_type());
+  DensePath path = choose_dense_path(cpu_isa(), x.size(0), x.scalar_type());
+  if (weight.stride(1) != 1 || x.stride(1) != 1) path = DensePath::kAten;  // the GEMV reads rows as they lie
   last_path = kDensePathNames[static_cast<int>(path)];
 #ifdef FASTPEFT_X86
-  if (path == DensePath::kGemvAvx2 && weight.stride(1) == 1 && x.stride(1) == 1) {
+  if (path == DensePath::kGemvAvx2) {
     at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
     const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
     if (x.size(0) == 0) return y;
@@ -159,7 +160,6 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
     return y;
   }
 #endif
-  last_path = kDensePathNames[static_cast<int>(DensePath::kAten)];
   return at::linear(x, weight, bias);
 }
 
