@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from fastpeft.ops import lora_linear, record_faces
+from fastpeft import backends
+from fastpeft.ops import dense_linear, lora_linear, record_faces
 from fastpeft.ops.lora_linear import (lora_linear_bwd_reference, lora_linear_fwd,
                                       lora_linear_fwd_reference)
 
 from conftest import (ROWS_PAST_INT32, DTYPES, assert_close, device_params, face_params, fresh_seed, gpu_face_params,
-                      offset_view, on_face, wide_rows)
+                      needs_extension, offset_view, on_face, wide_rows)
 
 # (M, K, N, r): one token; sizes that are not multiples of any block (32, 64, 128); r = 1 and r = 128
 # (128 > the 64-wide rank chunk: the rank loop runs twice); K smaller than r.
@@ -271,6 +272,31 @@ def test_face_reads_offset_and_strided_rows(device, backend, dtype, M, layout):
     for name, got, exp in zip(NAMES, actual, expected):
         assert got.shape == exp.shape, name
         assert_close(got, exp, dtype, msg=f"{name} ({backend}, {layout.__name__})")
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,r", [(1, 300, 130, 1), (3, 129, 300, 8), (4, 576, 67, 16), (5, 300, 70, 4)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_cpu_face_above_one_pass_takes_its_base_from_dense_linear(cpu_isa, dtype, M, K, N, r, bias):
+    """A layer too large for the CPU face's one-pass loop (M·K·(N + r) > 2^15) computes its base
+    through dense_linear's CPU face, whose path (the GEMV for a few rows with AVX2, torch's matmul
+    otherwise) it then reports. Forward and backward against the reference. dense_linear is called
+    first on the other path, so the path read afterwards is this call's (on the portable level both
+    paths are torch's: only the values are checked there)."""
+    ext = backends.extension()
+    assert M * K * (N + r) > 2 ** 15
+    x, w, b, a, bb = make_inputs(M, K, N, r, dtype, "cpu", bias=bias)
+    expected = run_op(x, w, b, a, bb, 2.0, "torch")
+    path = ext.dense_cpu_path(M, str(dtype).removeprefix("torch."))
+    with on_face("cpu"):  # one row takes the GEMV with AVX2, 64 rows torch's matmul
+        dense_linear(torch.randn(64 if path == "gemv-avx2" else 1, 8, dtype=dtype), torch.randn(3, 8, dtype=dtype))
+    assert cpu_isa == "portable" or ext.dense_cpu_last_path() != path
+    actual = run_op(x, w, b, a, bb, 2.0, "cpu")
+    assert ext.dense_cpu_last_path() == path
+    for name, got, exp in zip(NAMES, actual, expected):
+        assert got.dtype == exp.dtype and got.shape == exp.shape, name
+        assert_close(got, exp, dtype, msg=f"{name} (cpu vs reference)")
 
 
 @pytest.mark.parametrize("device,backend", gpu_face_params(lora_linear_fwd))
