@@ -163,9 +163,10 @@ def test_e2e_runs_in_quick_runs_and_in_full_runs_only_when_named():
     before = e2e.model_folder.cache_info().misses
     full = e2e.cases("cpu", quick=False)
     assert e2e.model_folder.cache_info().misses == before
-    assert [c.label for c in full] == [e2e.GENERATE, e2e.ADAPTER_GENERATE, e2e.QLORA_STEP]
+    assert [c.label for c in full] == [e2e.GENERATE, e2e.LORA_GENERATE, e2e.ADAPTER_GENERATE, e2e.QLORA_STEP]
     assert all(c.dims["model"] == "SmolLM2-135M" for c in full)
-    assert full[0].dims["new_tokens"] == 64 and full[1].dims["adapters"] == full[1].dims["batch"] == 8
+    assert full[0].dims["new_tokens"] == full[1].dims["new_tokens"] == 64 and full[1].dims["r"] == 16
+    assert full[2].dims["adapters"] == full[2].dims["batch"] == 8
     targets = {(t.ratio, t.direction, t.limit) for c in full for t in c.targets}
     assert targets == {("fastpeft/bitsandbytes", AT_MOST, 1.0), ("bf16/fastpeft", AT_LEAST, 1.5),
                        ("peft/fastpeft", AT_LEAST, 1.5)}
@@ -178,13 +179,14 @@ def test_e2e_quick_runs_each_path_beside_its_peer():
     4-bit and its output layer not (a DenseLinear), and the pool's requests each routed to their own adapter."""
     rows = runner.run_op(e2e.BENCH, "cpu", quick=True)
     by_label = {row["label"]: row for row in rows}
-    assert set(by_label) == {e2e.GENERATE, e2e.ADAPTER_GENERATE, e2e.QLORA_STEP}
+    assert set(by_label) == {e2e.GENERATE, e2e.LORA_GENERATE, e2e.ADAPTER_GENERATE, e2e.QLORA_STEP}
     has_bnb = "bitsandbytes" in by_label[e2e.GENERATE]["times_ms"]
     assert has_bnb == (importlib.util.find_spec("bitsandbytes") is not None)
     assert {"bf16", "fastpeft", "floor"} <= set(by_label[e2e.GENERATE]["times_ms"])
     generate = by_label[e2e.GENERATE]
     assert generate["ratios"]["bf16/floor"] == generate["times_ms"]["bf16"] / generate["times_ms"]["floor"]
-    assert set(by_label[e2e.ADAPTER_GENERATE]["times_ms"]) == {"bf16", "fastpeft", "peft"}
+    assert set(by_label[e2e.ADAPTER_GENERATE]["times_ms"]) == set(by_label[e2e.LORA_GENERATE]["times_ms"]) == {
+        "bf16", "fastpeft", "peft"}
     assert set(by_label[e2e.QLORA_STEP]["times_ms"]) == {"bf16", "fastpeft"} | ({"peft+bitsandbytes"} if has_bnb else set())
     for row in rows:
         assert all(ms > 0 for ms in row["times_ms"].values())
@@ -195,6 +197,7 @@ def test_e2e_quick_runs_each_path_beside_its_peer():
             assert "ms_per_token" not in row
     assert "nf4_matmul" in by_label[e2e.GENERATE]["faces_taken"]
     assert set(by_label[e2e.ADAPTER_GENERATE]["faces_taken"]) & {"bgmv_shrink", "sgmv_shrink"}
+    assert "lora_linear_fwd" in by_label[e2e.LORA_GENERATE]["faces_taken"]
 
     folder = e2e.model_folder(True)
     model = e2e.load_fastpeft_nf4(folder, "cpu")
@@ -216,6 +219,12 @@ def test_e2e_quick_runs_each_path_beside_its_peer():
     assert not torch.equal(pool, base)
     first = base.shape[1] - tokens
     assert torch.equal(pool[:, first], peft_out[:, first])
+    # one adapter: fastpeft's LoRA layers on PEFT's checkpoint, and PEFT's own, change the same first token
+    [case] = [c for c in e2e.cases("cpu", quick=True) if c.label == e2e.LORA_GENERATE]
+    base, lora, peft_out = (e2e.lora_variants(case, "cpu", quick=True)[n]() for n in ("bf16", "fastpeft", "peft"))
+    assert not torch.equal(lora, base)
+    first = base.shape[1] - case.dims["new_tokens"]
+    assert torch.equal(lora[:, first], peft_out[:, first])
 
 
 def test_a_variant_forcing_a_face_the_layer_lacks_is_left_out_with_its_reason():

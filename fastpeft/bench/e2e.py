@@ -10,6 +10,10 @@ each of fastpeft's paths beside its peer on the same weights, timed interleaved 
   leaves it (a :class:`~fastpeft.nn.DenseLinear`): what the rest of fastpeft's token costs
   (attention, norms, the output layer, generate's own work), the least its 4-bit model could take;
   bf16/floor is the most faster 4-bit layers could gain over bf16 on this machine.
+* ``LoRA generation``: greedy generation of 64 new tokens for one prompt with one LoRA adapter
+  (r = 16, every linear layer) kept unmerged, as a model that switches adapters keeps it: the bf16
+  model without it (``bf16``), fastpeft's LoRA layers (:func:`fastpeft.load_adapter`) and PEFT's
+  (``peft``, adapters in bf16), both reading the same PEFT checkpoint.
 * ``8-adapter generation``: a batch of 8 requests, each with its own of 8 LoRA adapters (r = 16,
   every linear layer), 64 new tokens each: the base model without adapters (``bf16``), a
   :class:`fastpeft.AdapterPool` and PEFT's ``generate(..., adapter_names=[...])`` (``peft``; its
@@ -50,7 +54,8 @@ STEP_BATCH, STEP_SEQ = 4, 128
 QUICK_CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
-GENERATE, ADAPTER_GENERATE, QLORA_STEP = "4-bit generation", "8-adapter generation", "QLoRA step"
+GENERATE, LORA_GENERATE, ADAPTER_GENERATE, QLORA_STEP = ("4-bit generation", "LoRA generation", "8-adapter generation",
+                                                         "QLoRA step")
 
 
 def cases(device: str, quick: bool) -> list[Case]:
@@ -58,6 +63,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     tokens = 4 if quick else NEW_TOKENS
     if quick:
         return [Case(GENERATE, "fwd", "bf16", dict(model=model, batch=1, new_tokens=tokens), modules="eval"),
+                Case(LORA_GENERATE, "fwd", "bf16", dict(model=model, batch=1, new_tokens=tokens, r=4), modules="eval"),
                 Case(ADAPTER_GENERATE, "fwd", "bf16", dict(model=model, batch=4, new_tokens=tokens, adapters=4, r=4),
                      modules="eval"),
                 Case(QLORA_STEP, "fwd+bwd", "bf16", dict(model=model, batch=2, seq=8, r=4), modules="train")]
@@ -67,6 +73,7 @@ def cases(device: str, quick: bool) -> list[Case]:
                    "SmolLM2, greedy, 64 tokens", ISSUE_18),
             Target("bf16/fastpeft", AT_LEAST, 1.5, "the bf16 model's generation over fastpeft NF4's, SmolLM2, greedy, "
                    "64 tokens", ISSUE_18)), modules="eval"),
+        Case(LORA_GENERATE, "fwd", "bf16", dict(model=model, batch=1, new_tokens=tokens, r=RANK), modules="eval"),
         Case(ADAPTER_GENERATE, "fwd", "bf16",
              dict(model=model, batch=ADAPTERS, new_tokens=tokens, adapters=ADAPTERS, r=RANK), (
                  Target("peft/fastpeft", AT_LEAST, 1.5, "PEFT's generate(adapter_names=) over fastpeft's AdapterPool, "
@@ -189,25 +196,47 @@ def peft_lora_config(r: int, **kwargs):
     return peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", **kwargs)
 
 
-def adapter_variants(case: Case, device: str, quick: bool) -> Variants:
-    """8 (--quick: 4) random LoRA adapters made with PEFT and saved as checkpoints; PEFT serves them
-    by adapter_names, an AdapterPool loads the same checkpoints."""
+def peft_with_adapters(folder: str, device: str, names: list[str], r: int):
+    """The bf16 model with PEFT's random LoRA adapters `names` (seed 0), in eval mode, the adapters
+    in bf16 (``autocast_adapter_dtype=False``: PEFT's faster setting)."""
     import peft
 
+    torch.manual_seed(0)
+    # init_lora_weights=False: A and B random, so every adapter changes the model
+    config = peft_lora_config(r, init_lora_weights=False)
+    model = peft.get_peft_model(load_bf16(folder, device), config, adapter_name=names[0], autocast_adapter_dtype=False)
+    for name in names[1:]:
+        model.add_adapter(name, config, autocast_adapter_dtype=False)
+    return model.eval()
+
+
+def lora_variants(case: Case, device: str, quick: bool) -> Variants:
+    """One random LoRA adapter made with PEFT and saved; fastpeft loads the same checkpoint."""
+    from ..checkpoint import load_adapter
+
+    folder = model_folder(quick)
+    ids = prompt_ids(folder, case.dims["batch"], device, quick)
+    tokens = case.dims["new_tokens"]
+    peft_model = peft_with_adapters(folder, device, ["default"], case.dims["r"])
+    with tempfile.TemporaryDirectory(prefix="fastpeft-e2e-adapter-") as checkpoint:
+        peft_model.save_pretrained(checkpoint)
+        model = load_adapter(load_bf16(folder, device), checkpoint)
+    return {"bf16": generation(load_bf16(folder, device), ids, tokens),
+            "fastpeft": generation(model, ids, tokens),
+            "peft": generation(peft_model, ids, tokens)}
+
+
+def adapter_variants(case: Case, device: str, quick: bool) -> Variants:
+    """8 (--quick: 4) random LoRA adapters made with PEFT and saved as checkpoints; PEFT serves them
+    by adapter_names (its mixed batch is an inference path only), an AdapterPool loads the same
+    checkpoints."""
     from ..pool import AdapterPool
 
     folder = model_folder(quick)
     batch, tokens, count, r = (case.dims[k] for k in ("batch", "new_tokens", "adapters", "r"))
     ids = prompt_ids(folder, batch, device, quick)
     names = [f"adapter{i}" for i in range(count)]
-    torch.manual_seed(0)
-    # init_lora_weights=False: A and B random, so every adapter changes the model
-    config = peft_lora_config(r, init_lora_weights=False)
-    peft_model = peft.get_peft_model(load_bf16(folder, device), config, adapter_name=names[0],
-                                     autocast_adapter_dtype=False)
-    for name in names[1:]:
-        peft_model.add_adapter(name, config, autocast_adapter_dtype=False)
-    peft_model.eval()  # PEFT's mixed batch is an inference path only
+    peft_model = peft_with_adapters(folder, device, names, r)
     pool_model = load_bf16(folder, device)
     pool = AdapterPool(pool_model, max_adapters=count, max_rank=r)
     with tempfile.TemporaryDirectory(prefix="fastpeft-e2e-adapters-") as checkpoints:
@@ -266,7 +295,8 @@ def load_config_vocab(folder: str) -> int:
     return tf.AutoConfig.from_pretrained(folder).vocab_size
 
 
-BUILDERS = {GENERATE: generate_variants, ADAPTER_GENERATE: adapter_variants, QLORA_STEP: qlora_variants}
+BUILDERS = {GENERATE: generate_variants, LORA_GENERATE: lora_variants, ADAPTER_GENERATE: adapter_variants,
+            QLORA_STEP: qlora_variants}
 
 
 def variants(case: Case, device: str) -> Variants:
