@@ -9,7 +9,8 @@
 
 namespace fastpeft {
 
-// Device-generic ATen composition (CPU face, and the CUDA face above decode sizes):
+// Device-generic ATen composition (the CUDA face above decode sizes; the CPU face takes the same
+// steps with dense_linear's CPU face for the base):
 // the LoRA delta is added into the base output with one in-place addmm, so no [M, N] delta tensor,
 // no separate scale and no separate add are ever made (PEFT's layer makes all three).
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_aten(const at::Tensor& x, const at::Tensor& weight,

@@ -1,5 +1,5 @@
 // CPU face of fastpeft::lora_linear_fwd / lora_linear_bwd (registered below), and the
-// device-generic ATen composition the CUDA face also uses above decode sizes.
+// device-generic ATen composition the CUDA face uses above decode sizes.
 #include "../dense_linear.h"
 #include "../lora_linear.h"
 
@@ -33,15 +33,26 @@ void check_lora_linear_shapes(const at::Tensor& x, const at::Tensor& weight, con
   }
 }
 
+namespace {
+
+// y += scaling·s·Bᵀ in place, s = x_lora·Aᵀ [M, r] (x_lora: x where absent); returns {y, s}.
+std::tuple<at::Tensor, at::Tensor> add_lora_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& lora_a,
+                                                  const at::Tensor& lora_b, double scaling,
+                                                  const std::optional<at::Tensor>& x_lora) {
+  at::Tensor s = at::mm(x_lora ? *x_lora : x, lora_a.t());
+  y.addmm_(s, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+  return {y, s};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_aten(const at::Tensor& x, const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias,
                                                         const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                         double scaling, const std::optional<at::Tensor>& x_lora) {
   check_lora_linear_shapes(x, weight, bias, lora_a, lora_b, x_lora);
-  at::Tensor s = at::mm(x_lora ? *x_lora : x, lora_a.t());                   // [M, r]
   at::Tensor y = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(s, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);                     // y += scaling·s·Bᵀ, in place
-  return {y, s};
+  return add_lora_delta(y, x, lora_a, lora_b, scaling, x_lora);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_aten(
@@ -138,17 +149,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
                         (x.stride(1) == 1 || K == 1) && (!x_lora || x_lora->stride(1) == 1 || K == 1) &&
                         weight.is_contiguous() && lora_a.is_contiguous() && lora_b.is_contiguous() &&
                         (!bias || bias->is_contiguous());
-  if (!one_pass) {
-    // The base through dense_linear's CPU face: at decode (a few rows) its GEMV streams W once where
-    // torch's GEMM does not reach the memory's speed. SmolLM2's layer shapes at M = 1, one thread,
-    // AMD EPYC Zen 4 with AVX512_BF16 (30 layers each, alternating, medians): bf16 576x576 45.8 ->
-    // 23.6 us, 576x1536 84.5 -> 56.0, 4096x4096 2987 -> 1708; fp32 576x576 32.2 -> 27.6. More rows
-    // take torch's matmul there as here.
-    at::Tensor s = at::mm(x_lora ? *x_lora : x, lora_a.t());  // [M, r]
-    at::Tensor y = dense_linear_cpu(x, weight, bias);
-    y.addmm_(s, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
-    return {y, s};
-  }
+  // Above one pass, the base through dense_linear's CPU face: at decode (a few rows) its GEMV streams
+  // W once where torch's GEMM does not reach the memory's speed. SmolLM2's layer shapes at M = 1, one
+  // thread, AMD EPYC Zen 4 with AVX512_BF16 (30 layers each, alternating, medians): bf16 576x576
+  // 45.8 -> 23.6 us, 576x1536 84.5 -> 56.0, 4096x4096 2987 -> 1708; fp32 576x576 32.2 -> 27.6. More
+  // rows take torch's matmul there as here.
+  if (!one_pass) return add_lora_delta(dense_linear_cpu(x, weight, bias), x, lora_a, lora_b, scaling, x_lora);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor s = at::empty({M, r}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lora_linear_fwd_one_pass", [&] {
